@@ -1,0 +1,134 @@
+"""U-Net and UNet++ (NestedUNet) with the reference topology, and a name -> class registry."""
+import torch
+from torch import nn
+
+NB_FILTER = [32, 64, 128, 256, 512]  # channels at depth 0..4, as in the reference
+
+
+class VGGBlock(nn.Module):
+    """(convolution => BN => ReLU) * 2"""
+
+    def __init__(self, in_channels, middle_channels, out_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, middle_channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(middle_channels)
+        self.conv2 = nn.Conv2d(middle_channels, out_channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(x)))
+
+
+def check_input_size(x):
+    """Four 2x poolings need H and W divisible by 16; say so instead of failing in torch.cat."""
+    h, w = x.shape[-2:]
+    if h % 16 or w % 16:
+        raise ValueError(f"input size {h}x{w} is not divisible by 16, which the four poolings of "
+                         "U-Net/UNet++ need; use --input_h/--input_w multiples of 16 (e.g. 96)")
+
+
+class UNet(nn.Module):
+    """U-Net: four VGG-block encoder stages, a bottleneck, four decoder stages with skips."""
+
+    def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
+        super().__init__()
+        if deep_supervision:
+            raise ValueError("UNet has a single output head; deep supervision needs NestedUNet")
+        f = NB_FILTER
+        self.pool = nn.MaxPool2d(2, 2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
+        self.conv1_0 = VGGBlock(f[0], f[1], f[1])
+        self.conv2_0 = VGGBlock(f[1], f[2], f[2])
+        self.conv3_0 = VGGBlock(f[2], f[3], f[3])
+        self.conv4_0 = VGGBlock(f[3], f[4], f[4])
+        self.conv3_1 = VGGBlock(f[3] + f[4], f[3], f[3])
+        self.conv2_2 = VGGBlock(f[2] + f[3], f[2], f[2])
+        self.conv1_3 = VGGBlock(f[1] + f[2], f[1], f[1])
+        self.conv0_4 = VGGBlock(f[0] + f[1], f[0], f[0])
+        self.final = nn.Conv2d(f[0], num_classes, kernel_size=1)
+
+    def forward(self, x):  # x: (B, C_in, H, W), H and W divisible by 16
+        check_input_size(x)
+        x0_0 = self.conv0_0(x)                      # (B, 32, H, W)
+        x1_0 = self.conv1_0(self.pool(x0_0))        # (B, 64, H/2, W/2)
+        x2_0 = self.conv2_0(self.pool(x1_0))        # (B, 128, H/4, W/4)
+        x3_0 = self.conv3_0(self.pool(x2_0))        # (B, 256, H/8, W/8)
+        x4_0 = self.conv4_0(self.pool(x3_0))        # (B, 512, H/16, W/16)
+        x3_1 = self.conv3_1(torch.cat([x3_0, self.up(x4_0)], 1))
+        x2_2 = self.conv2_2(torch.cat([x2_0, self.up(x3_1)], 1))
+        x1_3 = self.conv1_3(torch.cat([x1_0, self.up(x2_2)], 1))
+        x0_4 = self.conv0_4(torch.cat([x0_0, self.up(x1_3)], 1))
+        return self.final(x0_4)                     # (B, num_classes, H, W) logits
+
+
+class NestedUNet(nn.Module):
+    """UNet++: dense skip nodes X(i,j); with deep supervision, a head on each of X(0,1..4)."""
+
+    def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
+        super().__init__()
+        f = NB_FILTER
+        self.deep_supervision = deep_supervision
+        self.pool = nn.MaxPool2d(2, 2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+        self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
+        self.conv1_0 = VGGBlock(f[0], f[1], f[1])
+        self.conv2_0 = VGGBlock(f[1], f[2], f[2])
+        self.conv3_0 = VGGBlock(f[2], f[3], f[3])
+        self.conv4_0 = VGGBlock(f[3], f[4], f[4])
+
+        # node X(i,j) sees j same-depth predecessors and the upsampled X(i+1,j-1)
+        self.conv0_1 = VGGBlock(f[0] + f[1], f[0], f[0])
+        self.conv1_1 = VGGBlock(f[1] + f[2], f[1], f[1])
+        self.conv2_1 = VGGBlock(f[2] + f[3], f[2], f[2])
+        self.conv3_1 = VGGBlock(f[3] + f[4], f[3], f[3])
+        self.conv0_2 = VGGBlock(f[0] * 2 + f[1], f[0], f[0])
+        self.conv1_2 = VGGBlock(f[1] * 2 + f[2], f[1], f[1])
+        self.conv2_2 = VGGBlock(f[2] * 2 + f[3], f[2], f[2])
+        self.conv0_3 = VGGBlock(f[0] * 3 + f[1], f[0], f[0])
+        self.conv1_3 = VGGBlock(f[1] * 3 + f[2], f[1], f[1])
+        self.conv0_4 = VGGBlock(f[0] * 4 + f[1], f[0], f[0])
+
+        if deep_supervision:
+            self.final1 = nn.Conv2d(f[0], num_classes, kernel_size=1)
+            self.final2 = nn.Conv2d(f[0], num_classes, kernel_size=1)
+            self.final3 = nn.Conv2d(f[0], num_classes, kernel_size=1)
+            self.final4 = nn.Conv2d(f[0], num_classes, kernel_size=1)
+        else:
+            self.final = nn.Conv2d(f[0], num_classes, kernel_size=1)
+
+    def forward(self, x):  # x: (B, C_in, H, W), H and W divisible by 16
+        check_input_size(x)
+        x0_0 = self.conv0_0(x)
+        x1_0 = self.conv1_0(self.pool(x0_0))
+        x0_1 = self.conv0_1(torch.cat([x0_0, self.up(x1_0)], 1))
+
+        x2_0 = self.conv2_0(self.pool(x1_0))
+        x1_1 = self.conv1_1(torch.cat([x1_0, self.up(x2_0)], 1))
+        x0_2 = self.conv0_2(torch.cat([x0_0, x0_1, self.up(x1_1)], 1))
+
+        x3_0 = self.conv3_0(self.pool(x2_0))
+        x2_1 = self.conv2_1(torch.cat([x2_0, self.up(x3_0)], 1))
+        x1_2 = self.conv1_2(torch.cat([x1_0, x1_1, self.up(x2_1)], 1))
+        x0_3 = self.conv0_3(torch.cat([x0_0, x0_1, x0_2, self.up(x1_2)], 1))
+
+        x4_0 = self.conv4_0(self.pool(x3_0))
+        x3_1 = self.conv3_1(torch.cat([x3_0, self.up(x4_0)], 1))
+        x2_2 = self.conv2_2(torch.cat([x2_0, x2_1, self.up(x3_1)], 1))
+        x1_3 = self.conv1_3(torch.cat([x1_0, x1_1, x1_2, self.up(x2_2)], 1))
+        x0_4 = self.conv0_4(torch.cat([x0_0, x0_1, x0_2, x0_3, self.up(x1_3)], 1))
+
+        if self.deep_supervision:  # list of 4 x (B, num_classes, H, W); the last is the prediction
+            return [self.final1(x0_1), self.final2(x0_2), self.final3(x0_3), self.final4(x0_4)]
+        return self.final(x0_4)    # (B, num_classes, H, W) logits
+
+
+ARCHS = {"UNet": UNet, "NestedUNet": NestedUNet}
+
+
+def build_model(cfg):
+    """The network a config names, with its class count, input channels and deep supervision."""
+    return ARCHS[cfg["arch"]](cfg["num_classes"], cfg["input_channels"], cfg["deep_supervision"])

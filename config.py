@@ -1,0 +1,201 @@
+"""The training config: defaults -> config.yml (--config) -> command-line flags -> one validated dict.
+
+Every setting is declared once in OPTIONS (name, default, type, help). The same table builds the
+argparse flags, checks a config file's keys and types, and is what models/<name>/config.yml holds.
+"""
+import argparse
+import difflib
+
+from archs import ARCHS
+from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
+from utils import UserError, load_yaml, str2bool
+
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
+
+# name, default, type, choices, help. Types: int, float, str, bool, "int_list".
+OPTIONS = [
+    ("name", None, str, None, "run name: models/<name>/ (default <dataset>_<arch>_wDS|_woDS)"),
+    ("epochs", 100, int, None, "number of epochs"),
+    ("batch_size", 16, int, None, "images per batch (-b)"),
+    # model
+    ("arch", "NestedUNet", str, tuple(ARCHS), "network (-a)"),
+    ("deep_supervision", False, bool, None, "NestedUNet: a loss on each of its 4 heads"),
+    ("input_channels", 3, int, (1, 3), "1 = grayscale, 3 = RGB (grayscale images are replicated)"),
+    ("num_classes", 1, int, None, "number of mask classes (folders masks/0 .. masks/<n-1>)"),
+    ("input_w", 96, int, None, "network input width (multiple of 16)"),
+    ("input_h", 96, int, None, "network input height (multiple of 16)"),
+    ("class_mode", "sigmoid", str, ("sigmoid", "softmax"),
+     "sigmoid: independent per-class masks; softmax: mutually exclusive classes (argmax)"),
+    # loss
+    ("loss", "BCEDiceLoss", str, tuple(LOSSES), "loss function"),
+    # data
+    ("dataset", "dsb2018_96", str, None, "data set folder name under --data_dir"),
+    ("data_dir", "inputs", str, None, "folder that holds the data sets"),
+    ("img_ext", ".png", str, None, "image file extension"),
+    ("mask_ext", ".png", str, None, "mask file extension"),
+    ("val_split", 0.2, float, None, "fraction of images held out for validation"),
+    ("split_seed", 41, int, None, "random_state of the train/validation split"),
+    ("num_workers", 4, int, None, "DataLoader worker processes"),
+    # optimizer
+    ("optimizer", "SGD", str, OPTIMIZERS, "optimizer"),
+    ("lr", 1e-3, float, None, "initial learning rate"),
+    ("momentum", 0.9, float, None, "SGD/RMSprop momentum"),
+    ("weight_decay", 1e-4, float, None, "weight decay"),
+    ("nesterov", False, bool, None, "SGD Nesterov momentum"),
+    # scheduler
+    ("scheduler", "CosineAnnealingLR", str, SCHEDULERS, "learning-rate schedule"),
+    ("min_lr", 1e-5, float, None, "CosineAnnealingLR floor / ReduceLROnPlateau floor"),
+    ("factor", 0.1, float, None, "ReduceLROnPlateau factor"),
+    ("patience", 2, int, None, "ReduceLROnPlateau patience (epochs)"),
+    ("milestones", [1, 2], "int_list", None, "MultiStepLR epochs, e.g. 30,60"),
+    ("gamma", 2 / 3, float, None, "MultiStepLR factor"),
+    ("early_stopping", -1, int, None, "stop after this many epochs without a better val_iou (-1: never)"),
+    # run
+    ("device", "auto", str, None, "auto | cpu | cuda | cuda:N"),
+    ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a capable GPU, off on CPU)"),
+    ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
+    ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
+]
+DEFAULTS = {name: default for name, default, *_ in OPTIONS}
+TYPES = {name: typ for name, _, typ, *_ in OPTIONS}
+CHOICES = {name: choices for name, _, _, choices, _ in OPTIONS if choices}
+SHORT = {"batch_size": "-b", "arch": "-a"}
+
+
+def parse_int_list(v):
+    """[30, 60], '30,60' or 30 -> [30, 60]."""
+    if isinstance(v, (list, tuple)):
+        items = list(v)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        items = [v]
+    else:
+        items = [s for s in str(v).replace(" ", "").split(",") if s]
+    if any(isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()) for x in items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {v!r}")
+    try:
+        return [int(x) for x in items]
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {v!r}") from None
+
+
+def coerce(key, value):
+    """A value from YAML or the command line -> the key's type; raises ValueError/TypeError if it cannot be."""
+    typ = TYPES[key]
+    if value is None:
+        if key == "name":
+            return None
+        raise TypeError(key)
+    if typ == "int_list":
+        return parse_int_list(value)
+    if typ is bool:
+        return str2bool(value)
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError(key)
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool):
+            raise TypeError(key)
+        return float(value)   # also takes '1e-3', which YAML reads as a string
+    if isinstance(value, (dict, list)):
+        raise TypeError(key)
+    return str(value)
+
+
+def suggest(key):
+    close = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def build_parser(description):
+    """Flags for every option; none has an argparse default, so only what the user typed appears."""
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a saved models/<name>/config.yml to rerun; flags given here override it")
+    p.add_argument("--resume", action="store_true", help="continue models/<name>/ from its last.pth")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing models/<name>/")
+    for name, default, typ, choices, help_text in OPTIONS:
+        flags = [f"--{name}"] + ([SHORT[name]] if name in SHORT else [])
+        help_text = f"{help_text} (default: {default})"
+        if typ is bool:   # '--flag' alone or '--flag true/false' as the reference writes it
+            p.add_argument(*flags, type=str2bool, nargs="?", const=True, help=help_text)
+        elif typ == "int_list":
+            p.add_argument(*flags, type=parse_int_list, help=help_text)
+        else:
+            p.add_argument(*flags, type=typ, choices=choices, help=help_text)
+    return p
+
+
+def merge(file_cfg, source, overrides):
+    """Defaults, then a config file's keys (checked), then the command-line overrides."""
+    cfg = dict(DEFAULTS)
+    for key, value in file_cfg.items():
+        if key not in DEFAULTS:
+            raise UserError(f"{source}: unknown key '{key}'.{suggest(key)} Remove or rename it.")
+        try:
+            cfg[key] = coerce(key, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f"{source}: key '{key}' has the value {value!r}, but it must be {describe_type(key)} "
+                            f"(e.g. {key}: {DEFAULTS[key]!r}). Fix that line.") from None
+    cfg.update(overrides)
+    return cfg
+
+
+def describe_type(key):
+    typ = TYPES[key]
+    return {"int_list": "a list of whole numbers", bool: "true or false", int: "a whole number",
+            float: "a number", str: "a string"}[typ]
+
+
+def validate(cfg, source="the command line"):
+    """Cross-field and range checks; raises a UserError naming the key and the fix."""
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            raise UserError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, not {cfg[key]!r}")
+    for key in ("epochs", "batch_size", "num_classes", "input_w", "input_h"):
+        if cfg[key] < 1:
+            raise UserError(f"{source}: {key} must be at least 1, not {cfg[key]}")
+    for key in ("input_w", "input_h"):
+        if cfg[key] % 16:
+            raise UserError(f"{source}: {key} {cfg[key]} is not a multiple of 16, which the network's four 2x "
+                            f"poolings need; use e.g. {max(16, round(cfg[key] / 16) * 16)}")
+    if not 0 < cfg["val_split"] < 1:
+        raise UserError(f"{source}: val_split must be between 0 and 1 (exclusive), not {cfg['val_split']}")
+    if cfg["lr"] <= 0:
+        raise UserError(f"{source}: lr must be positive, not {cfg['lr']}")
+    if cfg["deep_supervision"] and cfg["arch"] != "NestedUNet":
+        raise UserError(f"{source}: deep_supervision needs --arch NestedUNet ({cfg['arch']} has one output head)")
+    if cfg["class_mode"] == "softmax":
+        if cfg["loss"] not in SOFTMAX_LOSSES:
+            raise UserError(f"{source}: class_mode softmax needs a softmax loss ({', '.join(SOFTMAX_LOSSES)}), "
+                            f"not {cfg['loss']}")
+        if cfg["num_classes"] < 2:
+            raise UserError(f"{source}: class_mode softmax needs num_classes >= 2 (one mask folder per class, "
+                            "background included)")
+    elif cfg["loss"] not in SIGMOID_LOSSES:
+        raise UserError(f"{source}: loss {cfg['loss']} is for --class_mode softmax; with sigmoid classes use one of "
+                        f"{', '.join(SIGMOID_LOSSES)}")
+    if cfg["num_workers"] < 0:
+        raise UserError(f"{source}: num_workers must be 0 or more")
+    return cfg
+
+
+def default_name(cfg):
+    return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}"
+
+
+def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
+    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config'})."""
+    args = vars(build_parser(description).parse_args(argv))
+    run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False))}
+    source = run["config"] or "the command line"
+    file_cfg = load_yaml(run["config"]) if run["config"] else {}
+    cfg = validate(merge(file_cfg, source, args), source)
+    if cfg["name"] is None:
+        cfg["name"] = default_name(cfg)
+    return cfg, run
+
+
+def load_run_config(path):
+    """A saved models/<name>/config.yml, checked the same way as at training time."""
+    return validate(merge(load_yaml(path), path, {}), path)

@@ -1,0 +1,101 @@
+"""Segmentation losses on logits (B, C, H, W) and 0/1 targets (B, C, H, W), and a registry by name.
+
+Sigmoid losses treat each class as an independent binary problem (the reference's multi-label
+behaviour). Softmax losses (CrossEntropyLoss, CEDiceLoss) are for mutually exclusive classes:
+the target class of a pixel is the argmax over its C mask channels (pixels no mask marks fall
+to class 0), and prediction is the argmax of the logits.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMOOTH = 1e-5  # keeps soft Dice defined on empty images, as in the reference
+
+
+def soft_dice_loss(probs, target):
+    """1 - soft Dice, computed per image and class, then averaged (in float32 under autocast)."""
+    probs, target = probs.float(), target.float()
+    inter = (probs * target).sum((2, 3))
+    dice = (2 * inter + SMOOTH) / (probs.sum((2, 3)) + target.sum((2, 3)) + SMOOTH)
+    return 1 - dice.mean()
+
+
+class BCEWithLogitsLoss(nn.Module):
+    """Binary cross-entropy on logits, per pixel and class."""
+
+    def forward(self, logits, target):
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss on sigmoid probabilities, per image and class."""
+
+    def forward(self, logits, target):
+        return soft_dice_loss(torch.sigmoid(logits), target)
+
+
+class BCEDiceLoss(nn.Module):
+    """0.5 * BCE + soft Dice (the reference's default loss)."""
+
+    def forward(self, logits, target):
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return 0.5 * bce + soft_dice_loss(torch.sigmoid(logits), target)
+
+
+def lovasz_grad(gt_sorted):
+    """Gradient of the Lovász extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018, alg. 1)."""
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jaccard = 1 - intersection / union
+    jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    return jaccard
+
+
+def lovasz_hinge_flat(logits, labels):
+    """Lovász hinge for one binary image: logits and 0/1 labels, flattened to (P,)."""
+    signs = 2 * labels - 1
+    errors = 1 - logits * signs
+    errors_sorted, perm = torch.sort(errors, descending=True)
+    grad = lovasz_grad(labels[perm])
+    return torch.dot(F.relu(errors_sorted), grad)
+
+
+class LovaszHingeLoss(nn.Module):
+    """Lovász hinge (Berman, Rannen Triki, Blaschko, CVPR 2018), per image and class, averaged."""
+
+    def forward(self, logits, target):
+        logits = logits.float().flatten(2)        # (B, C, P)
+        target = target.float().flatten(2)
+        losses = [lovasz_hinge_flat(logits[b, c], target[b, c])
+                  for b in range(logits.shape[0]) for c in range(logits.shape[1])]
+        return torch.stack(losses).mean()
+
+
+class CrossEntropyLoss(nn.Module):
+    """Softmax cross-entropy over mutually exclusive classes."""
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target.argmax(1))
+
+
+class CEDiceLoss(nn.Module):
+    """Softmax cross-entropy + soft Dice on the softmax probabilities (one-hot target)."""
+
+    def forward(self, logits, target):
+        index = target.argmax(1)                                            # (B, H, W)
+        onehot = F.one_hot(index, logits.shape[1]).permute(0, 3, 1, 2)
+        return F.cross_entropy(logits, index) + soft_dice_loss(logits.softmax(1), onehot)
+
+
+SIGMOID_LOSSES = {
+    "BCEWithLogitsLoss": BCEWithLogitsLoss,
+    "BCEDiceLoss": BCEDiceLoss,
+    "LovaszHingeLoss": LovaszHingeLoss,
+    "DiceLoss": DiceLoss,
+}
+SOFTMAX_LOSSES = {
+    "CrossEntropyLoss": CrossEntropyLoss,
+    "CEDiceLoss": CEDiceLoss,
+}
+LOSSES = {**SIGMOID_LOSSES, **SOFTMAX_LOSSES}

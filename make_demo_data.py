@@ -1,0 +1,84 @@
+"""Generate a small synthetic nuclei-like data set in the toolkit's layout (no download needed).
+
+    python make_demo_data.py --out inputs/demo --n 120 --size 64
+
+Each image is a dim, noisy, uneven background with bright blurred blobs ("nuclei"); class k's
+mask marks the blobs of shape k (k = 0: ellipses, 1: squares, 2: triangles). With --exclusive,
+class 0 is the background instead, so every pixel belongs to exactly one class (softmax mode).
+"""
+import argparse
+import os
+
+import cv2
+import numpy as np
+
+SHAPES = ("ellipse", "square", "triangle")
+
+
+def draw_shape(canvas, kind, cx, cy, r, angle):
+    if kind == "ellipse":
+        cv2.ellipse(canvas, (cx, cy), (r, max(2, int(r * 0.7))), angle, 0, 360, 255, -1)
+    elif kind == "square":
+        box = cv2.boxPoints(((cx, cy), (1.6 * r, 1.6 * r), angle)).astype(np.int32)
+        cv2.fillPoly(canvas, [box], 255)
+    else:
+        t = np.deg2rad(angle) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
+        pts = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1).astype(np.int32)
+        cv2.fillPoly(canvas, [pts], 255)
+
+
+def make_sample(rng, size, num_classes, channels, exclusive):
+    """-> image uint8 (size, size[, 3]), list of num_classes uint8 masks (0/255)."""
+    shape_classes = num_classes - 1 if exclusive else num_classes
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    background = 20 + 25 * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))       # uneven lighting
+    masks = [np.zeros((size, size), np.uint8) for _ in range(shape_classes)]
+    for _ in range(rng.integers(2, 7)):
+        k = rng.integers(shape_classes)
+        r = int(rng.uniform(0.06, 0.14) * size)
+        cx, cy = rng.integers(r, size - r, 2)
+        draw_shape(masks[k], SHAPES[k % len(SHAPES)], int(cx), int(cy), max(r, 3), int(rng.integers(180)))
+    fg = np.maximum.reduce(masks) > 0
+    brightness = rng.uniform(110, 200)
+    img = background + fg * brightness
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.8) + rng.normal(0, 12, (size, size))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if channels == 3:
+        tint = rng.uniform(0.7, 1.0, 3)
+        img = np.clip(img[:, :, None] * tint, 0, 255).astype(np.uint8)
+    if exclusive:
+        masks = [np.where(fg, 0, 255).astype(np.uint8)] + masks
+    return img, masks
+
+
+def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=False, img_ext=".png"):
+    """Write n images and their masks under `out` in the images/ + masks/<class>/ layout; returns the ids."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    for c in range(num_classes):
+        os.makedirs(os.path.join(out, "masks", str(c)), exist_ok=True)
+    ids = [f"img{i:04d}" for i in range(n)]
+    for i in ids:
+        img, masks = make_sample(rng, size, num_classes, channels, exclusive)
+        cv2.imwrite(os.path.join(out, "images", i + img_ext), img)
+        for c, m in enumerate(masks):
+            cv2.imwrite(os.path.join(out, "masks", str(c), i + ".png"), m)
+    return ids
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="inputs/demo", help="output folder (default: inputs/demo)")
+    p.add_argument("--n", type=int, default=120, help="number of images (default: 120)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--num_classes", type=int, default=1, choices=(1, 2, 3), help="mask classes (default: 1)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 3)")
+    p.add_argument("--exclusive", action="store_true", help="class 0 is the background (for --class_mode softmax)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    generate(a.out, a.n, a.size, a.num_classes, a.channels, a.seed, a.exclusive)
+    print(f"wrote {a.n} images and masks to {a.out}/images and {a.out}/masks/0..{a.num_classes - 1}")
+
+
+if __name__ == "__main__":
+    main()

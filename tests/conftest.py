@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny generated data sets, and the path of the real dsb2018_96 set."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from make_demo_data import generate  # noqa: E402
+
+DSB = os.path.join(ROOT, "..", "shared", "datasets", "dsb2018_96")
+
+
+def make_data(root, name="tiny", **kw):
+    """Generate a data set at <root>/<name> and return its path (kw as in make_demo_data.generate)."""
+    kw = {"n": 10, "size": 32, **kw}
+    path = os.path.join(root, name)
+    generate(path, **kw)
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """10 RGB 32x32 images with one mask class, at tmp_path/inputs/tiny."""
+    return make_data(tmp_path / "inputs")
+
+
+@pytest.fixture
+def dsb_path():
+    if not os.path.isdir(DSB):
+        pytest.skip("../shared/datasets/dsb2018_96 is not present")
+    return DSB

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from archs import ARCHS, NestedUNet, UNet, build_model
+from utils import count_params
+
+
+@pytest.mark.parametrize("arch", ["UNet", "NestedUNet"])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("input_channels", [1, 3])
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_output_shapes(arch, deep_supervision, input_channels, num_classes):
+    if arch == "UNet" and deep_supervision:
+        with pytest.raises(ValueError, match="NestedUNet"):
+            ARCHS[arch](num_classes, input_channels, deep_supervision)
+        return
+    model = ARCHS[arch](num_classes, input_channels, deep_supervision).eval()
+    for h, w in [(96, 96), (48, 80)]:
+        with torch.no_grad():
+            out = model(torch.randn(2, input_channels, h, w))
+        outs = out if deep_supervision else [out]
+        assert len(outs) == (4 if deep_supervision else 1)
+        for o in outs:
+            assert o.shape == (2, num_classes, h, w)
+
+
+def test_positional_and_keyword_constructors_agree():
+    a = UNet(2, 1, False)
+    b = UNet(num_classes=2, input_channels=1, deep_supervision=False)
+    assert count_params(a) == count_params(b)
+    assert NestedUNet(1, 3, True).deep_supervision
+
+
+def test_parameter_counts_match_reference():
+    assert round(count_params(UNet(1, 3)) / 1e6, 2) == 7.85
+    assert round(count_params(NestedUNet(1, 3)) / 1e6, 2) == 9.16
+
+
+@pytest.mark.parametrize("arch", ["UNet", "NestedUNet"])
+def test_gradients_reach_first_layer(arch):
+    model = ARCHS[arch](1, 3)
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    g = model.conv0_0.conv1.weight.grad
+    assert g is not None and g.abs().sum() > 0
+
+
+def test_size_not_divisible_by_16_is_explained():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        UNet(1, 3)(torch.randn(1, 3, 40, 40))
+
+
+def test_build_model_from_config():
+    m = build_model({"arch": "NestedUNet", "num_classes": 2, "input_channels": 1, "deep_supervision": True})
+    assert isinstance(m, NestedUNet) and m.final4.out_channels == 2 and m.conv0_0.conv1.in_channels == 1

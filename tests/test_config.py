@@ -1,0 +1,53 @@
+import pytest
+
+import config
+from utils import UserError, save_yaml
+
+
+def test_defaults_and_reference_name():
+    cfg, run = config.resolve([])
+    assert cfg["arch"] == "NestedUNet" and cfg["batch_size"] == 16 and cfg["lr"] == 1e-3
+    assert cfg["name"] == "dsb2018_96_NestedUNet_woDS" and run == {"config": None, "resume": False, "overwrite": False}
+    cfg, _ = config.resolve(["-a", "NestedUNet", "--deep_supervision", "True", "-b", "4"])
+    assert cfg["name"] == "dsb2018_96_NestedUNet_wDS" and cfg["batch_size"] == 4
+
+
+def test_bool_flag_alone_or_with_value():
+    assert config.resolve(["--nesterov"])[0]["nesterov"] is True
+    assert config.resolve(["--nesterov", "FALSE"])[0]["nesterov"] is False
+
+
+def test_config_file_then_flags_win(tmp_path):
+    p = str(tmp_path / "config.yml")
+    save_yaml(p, {**config.DEFAULTS, "name": "a", "epochs": 7, "lr": "1e-2", "milestones": "3,5"})
+    cfg, run = config.resolve(["--config", p, "--epochs", "5", "--name", "b"])
+    assert (cfg["epochs"], cfg["name"], cfg["lr"], cfg["milestones"]) == (5, "b", 0.01, [3, 5])
+    assert run["config"] == p
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("lrr: 0.1\n", "unknown key 'lrr'.*Did you mean 'lr'"),
+    ("epochs: ten\n", "key 'epochs' has the value 'ten'.*whole number"),
+    ("epochs: 2.5\n", "key 'epochs'"),
+    ("nesterov: perhaps\n", "key 'nesterov'.*true or false"),
+    ("milestones: [1, x]\n", "key 'milestones'"),
+    ("optimizer: Adagrad\n", "optimizer must be one of SGD, Adam, AdamW, RMSprop"),
+    ("input_w: 100\n", "input_w 100 is not a multiple of 16"),
+    ("arch: UNet\ndeep_supervision: true\n", "deep_supervision needs --arch NestedUNet"),
+    ("class_mode: softmax\nnum_classes: 3\n", "softmax needs a softmax loss"),
+    ("loss: CEDiceLoss\n", "is for --class_mode softmax"),
+    ("epochs: [\n", "not valid YAML"),
+])
+def test_bad_config_files_name_the_key(tmp_path, content, pattern):
+    p = tmp_path / "config.yml"
+    p.write_text(content)
+    with pytest.raises(UserError, match=pattern) as e:
+        config.resolve(["--config", str(p)])
+    assert str(p) in str(e.value)
+
+
+def test_bad_flag_values_are_refused_by_argparse():
+    with pytest.raises(SystemExit):
+        config.resolve(["--arch", "ResNet"])
+    with pytest.raises(UserError, match="input_h 50"):
+        config.resolve(["--input_h", "50"])

@@ -1,0 +1,129 @@
+import os
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_data
+from dataset import SegDataset, SegmentationData, split_ids, train_transform, val_transform
+from utils import UserError
+
+
+def load(root, num_classes=1, input_channels=3, img_ext=".png"):
+    return SegmentationData.from_folder(str(root), img_ext, ".png", num_classes, input_channels)
+
+
+def test_loads_generated_set(tiny):
+    d = load(tiny)
+    assert d.ids == sorted(d.ids) and len(d.ids) == 10
+    assert d.images[0].shape == (32, 32, 3) and d.images[0].dtype == np.uint8
+    assert d.masks[0].shape == (32, 32, 1) and set(np.unique(d.masks[0])) <= {0, 1}
+
+
+def test_masks_binarised_at_127(tiny):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :10], mask[:, 10:20] = 100, 200      # bilinear in-between values
+    cv2.imwrite(os.path.join(tiny, "masks", "0", "img0000.png"), mask)
+    m = load(tiny).masks[0][:, :, 0]
+    assert m[:, :10].max() == 0 and m[:, 10:20].min() == 1 and m[:, 20:].max() == 0
+
+
+def test_zero_one_masks_accepted_with_warning(tiny):
+    for f in os.listdir(os.path.join(tiny, "masks", "0")):
+        p = os.path.join(tiny, "masks", "0", f)
+        cv2.imwrite(p, (cv2.imread(p, 0) > 127).astype(np.uint8))
+    with pytest.warns(UserWarning, match="only the values 0 and 1"):
+        d = load(tiny)
+    assert sum(m.sum() for m in d.masks) > 0
+
+
+def test_grayscale_rgba_and_channel_conversion(tmp_path):
+    gray = make_data(tmp_path, "gray", channels=1)
+    assert load(gray, input_channels=1).images[0].shape == (32, 32, 1)
+    rgb_from_gray = load(gray, input_channels=3).images[0]
+    assert rgb_from_gray.shape == (32, 32, 3) and (rgb_from_gray[..., 0] == rgb_from_gray[..., 2]).all()
+    rgba = make_data(tmp_path, "rgba")
+    p = os.path.join(rgba, "images", "img0000.png")
+    img = cv2.imread(p)
+    cv2.imwrite(p, np.concatenate([img, np.full(img.shape[:2] + (1,), 255, np.uint8)], 2))
+    assert cv2.imread(p, cv2.IMREAD_UNCHANGED).shape[2] == 4
+    assert load(rgba).images[0].shape == (32, 32, 3)
+    with pytest.raises(UserError, match="colour but --input_channels is 1"):
+        load(rgba, input_channels=1)
+
+
+def test_multiclass_masks_stacked(tmp_path):
+    d = load(make_data(tmp_path, "three", num_classes=3), num_classes=3)
+    assert d.masks[0].shape == (32, 32, 3)
+
+
+def corrupt(path, how):
+    if how == "zero-byte":
+        open(path, "wb").close()
+    else:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("setup, pattern", [
+    (lambda d: os.rename(d, d + "_gone"), "does not exist"),
+    (lambda d: [os.remove(os.path.join(d, "images", f)) for f in os.listdir(os.path.join(d, "images"))], "No input file found"),
+    (lambda d: os.remove(os.path.join(d, "masks", "0", "img0003.png")), "have no mask.*img0003"),
+    (lambda d: os.remove(os.path.join(d, "images", "img0004.png")), "have no image.*img0004"),
+    (lambda d: corrupt(os.path.join(d, "images", "img0002.png"), "zero-byte"), "cannot read image file .*img0002"),
+    (lambda d: corrupt(os.path.join(d, "images", "img0002.png"), "truncated"), "cannot read image file .*img0002"),
+    (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((16, 32), np.uint8)), "img0001.png is 32x16 but its image"),
+    (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((32, 32, 3), np.uint8)), "img0001.png has 3 channels"),
+    (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((32, 32), np.uint16)), "img0001.png is uint16"),
+    (lambda d: os.makedirs(os.path.join(d, "masks", "1")), r"class folders \[0, 1\] but --num_classes 1"),
+], ids=["missing", "empty", "no-mask", "no-image", "zero-byte", "truncated", "size", "rgb-mask", "16bit-mask", "classes"])
+def test_validation_errors_name_the_problem(tiny, setup, pattern):
+    setup(tiny)
+    with pytest.raises(UserError, match=pattern):
+        load(tiny)
+
+
+def test_wrong_extension_suggests_the_right_one(tiny):
+    with pytest.raises(UserError, match="--img_ext .png"):
+        load(tiny, img_ext=".tif")
+
+
+def test_split_is_the_reference_split():
+    ids = [f"{i:03d}" for i in range(50)]
+    tr, va = split_ids(ids, 0.2, 41)
+    assert len(va) == 10 and sorted(tr + va) == ids
+    assert split_ids(ids, 0.2, 41) == (tr, va)
+    with pytest.raises(UserError, match="val_split"):
+        split_ids(ids[:1], 0.2, 41)
+
+
+def test_items_are_normalised_once_and_reproducible(tiny):
+    d = load(tiny)
+    ds = SegDataset(d, train_transform(32, 32, 3), seed=5)
+    img, mask, meta = ds[3]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert meta == {"img_id": "img0003"}
+    assert img.std() > 0.2           # ~N(0,1)-scaled, not squashed by a second /255
+    assert torch.equal(ds[3][0], img) and torch.equal(ds[3][1], mask)
+    ds.set_epoch(1)
+    assert any(not torch.equal(ds[i][0], SegDataset(d, train_transform(32, 32, 3), seed=5)[i][0]) for i in range(10))
+
+
+def test_val_transform_resizes_without_augmenting(tiny):
+    d = load(tiny)
+    ds = SegDataset(d, val_transform(64, 48, 3))
+    img, mask, _ = ds[0]
+    assert img.shape == (3, 64, 48) and mask.shape == (1, 64, 48)
+    expected = (d.images[0][0, 0, 0] / 255 - 0.485) / 0.229
+    assert img[0, 0, 0].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_real_dsb2018_96_loads(dsb_path):
+    d = load(dsb_path)
+    assert len(d.ids) == 670
+    assert all(i.shape == (96, 96, 3) for i in d.images) and all(m.shape == (96, 96, 1) for m in d.masks)
+    frac = np.mean([m.mean() for m in d.masks])
+    assert 0.08 < frac < 0.2   # the README says about 14% foreground

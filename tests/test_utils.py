@@ -1,0 +1,73 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+from utils import AverageMeter, UserError, atomic_write, count_params, load_yaml, resolve_device, save_yaml, seed_everything, str2bool
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("YES", True), ("1", True),
+                                         ("false", False), ("No", False), ("0", False), (True, True)])
+def test_str2bool(text, value):
+    assert str2bool(text) is value
+
+
+def test_str2bool_refuses_other_words():
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool("maybe")
+
+
+def test_average_meter_weights_by_count():
+    m = AverageMeter()
+    m.update(1.0, 1)
+    m.update(4.0, 3)
+    assert m.avg == pytest.approx(13 / 4)
+
+
+def test_count_params():
+    assert count_params(torch.nn.Linear(3, 2)) == 8
+
+
+def test_seeding_repeats():
+    seed_everything(3)
+    a = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no usable CUDA"):
+            resolve_device("cuda")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.txt"
+    p.write_text("old")
+
+    def half_then_crash(f):
+        f.write("new, partial")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(str(p), half_then_crash)
+    assert p.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_yaml_round_trip_and_errors(tmp_path):
+    p = str(tmp_path / "c.yml")
+    save_yaml(p, {"lr": 0.001, "milestones": [1, 2], "name": None})
+    assert load_yaml(p) == {"lr": 0.001, "milestones": [1, 2], "name": None}
+    (tmp_path / "bad.yml").write_text("lr: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_yaml(str(tmp_path / "bad.yml"))
+    (tmp_path / "list.yml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="key: value"):
+        load_yaml(str(tmp_path / "list.yml"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_yaml(str(tmp_path / "none.yml"))
