@@ -5,6 +5,7 @@ argparse flags, checks a config file's keys and types, and is what models/<name>
 """
 import argparse
 import difflib
+import os
 
 from archs import ARCHS
 from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
@@ -61,6 +62,7 @@ DEFAULTS = {name: default for name, default, *_ in OPTIONS}
 TYPES = {name: typ for name, _, typ, *_ in OPTIONS}
 CHOICES = {name: choices for name, _, _, choices, _ in OPTIONS if choices}
 SHORT = {"batch_size": "-b", "arch": "-a"}
+RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
 
 
 def parse_int_list(v):
@@ -185,12 +187,19 @@ def default_name(cfg):
 
 
 def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
-    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config'})."""
+    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config'}).
+
+    With --resume and no --config, the base is the run's own models/<name>/config.yml.
+    """
     args = vars(build_parser(description).parse_args(argv))
     run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False))}
-    source = run["config"] or "the command line"
-    file_cfg = load_yaml(run["config"]) if run["config"] else {}
-    cfg = validate(merge(file_cfg, source, args), source)
+    path = run["config"]
+    if run["resume"] and not path:
+        name = args.get("name") or default_name({**DEFAULTS, **args})
+        saved = os.path.join(RUNS_DIR, name, "config.yml")
+        path = saved if os.path.isfile(saved) else None
+    source = path or "the command line"
+    cfg = validate(merge(load_yaml(path) if path else {}, source, args), source)
     if cfg["name"] is None:
         cfg["name"] = default_name(cfg)
     return cfg, run

@@ -118,7 +118,10 @@ def check_pairs(image_ids, mask_dir, mask_ext):
 
 
 class SegmentationData:
-    """A validated data set decoded into memory: ids, images (H, W, C_in) and masks (H, W, C) as uint8 0/1."""
+    """A validated data set decoded into memory: ids, images (H, W, C_in) and masks (H, W, C) as uint8 0/1.
+
+    masks is None for unlabeled images.
+    """
 
     def __init__(self, ids, images, masks):
         self.ids, self.images, self.masks = ids, images, masks
@@ -223,7 +226,11 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         self.transform.set_random_seed(hash((self.seed, self.epoch, idx)) % 2**32)
-        out = self.transform(image=self.data.images[idx], mask=self.data.masks[idx])
+        if self.data.masks is None:  # unlabeled images (val.py --images): an empty mask
+            out = self.transform(image=self.data.images[idx])
+            mask = torch.zeros(0)
+        else:
+            out = self.transform(image=self.data.images[idx], mask=self.data.masks[idx])
+            mask = torch.from_numpy(out["mask"].transpose(2, 0, 1).astype(np.float32))  # (C, H, W)
         image = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())                 # (C_in, H, W)
-        mask = torch.from_numpy(out["mask"].transpose(2, 0, 1).astype(np.float32))      # (C, H, W)
         return image, mask, {"img_id": self.data.ids[idx]}

@@ -4,6 +4,7 @@ import os
 import random
 import tempfile
 
+import cv2
 import numpy as np
 import torch
 import yaml
@@ -110,3 +111,11 @@ def load_yaml(path):
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold 'key: value' lines, not a {type(data).__name__}")
     return data
+
+
+def write_png(path, array):
+    """uint8 array (H, W) or (H, W, 3 in BGR) -> PNG file, atomically."""
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    atomic_write(path, lambda f: f.write(encoded.tobytes()), mode="wb")

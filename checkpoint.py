@@ -1,0 +1,61 @@
+"""Checkpoints: written atomically, holding only tensors and plain values, loaded with weights_only=True.
+
+model.pth is the plain state_dict of the best model (what load_state_dict takes); last.pth holds
+everything needed to resume: model, optimizer, scheduler, AMP scaler, epoch, best score,
+early-stopping counter, log rows, RNG states and the config.
+"""
+import io
+import pickle
+import random
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_write
+
+
+def save(obj, path):
+    """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
+
+
+def load(path):
+    """torch.load(weights_only=True): a file from elsewhere cannot run code; a non-checkpoint is a UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a checkpoint this toolkit can load safely ({first_line}). "
+                        "Use a model.pth/last.pth written by train.py.") from None
+
+
+def load_weights(model, state, path):
+    """load_state_dict with a clear message when the weights belong to another network."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} does not fit the network in its config.yml (arch, num_classes, input_channels, "
+                        f"deep_supervision): {str(e).splitlines()[0]}") from None
+
+
+def rng_state():
+    """Python, NumPy and torch RNG states as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

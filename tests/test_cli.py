@@ -1,0 +1,103 @@
+"""End-to-end: train.py and val.py run as a user runs them, as subprocesses, on generated data sets."""
+import csv
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, make_data
+
+FAST = ["--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0",
+        "--optimizer", "Adam", "--device", "cpu"]
+
+
+def run(script, args, cwd, ok=True):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True)
+    if ok:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_unet_train_then_val_writes_every_output(tmp_path):
+    make_data(tmp_path / "inputs", "cells", size=40)       # 40x40 images, network input 32x32
+    r = run("train.py", ["--arch", "UNet", "--dataset", "cells", *FAST], tmp_path)
+    run_dir = tmp_path / "models" / "cells_UNet_woDS"
+    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth"]
+    rows = read_csv(run_dir / "log.csv")
+    assert list(rows[0]) == ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "seconds"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])          # cosine: the lr in force, not the initial one
+    saved = yaml.safe_load(open(run_dir / "config.yml"))
+    assert saved["arch"] == "UNet" and saved["input_w"] == 32 and saved["name"] == "cells_UNet_woDS"
+    assert "best val_iou" in r.stdout
+
+    r = run("val.py", ["--name", "cells_UNet_woDS", "--tta", "--overlay", "--save_probs"], tmp_path)
+    out = tmp_path / "outputs" / "cells_UNet_woDS"
+    metrics = read_csv(out / "metrics.csv")
+    assert list(metrics[0]) == ["id", "iou_0", "dice_0"] and len(metrics) == 2   # 20% of 10 images
+    for row in metrics:
+        mask = cv2.imread(str(out / "0" / (row["id"] + ".png")), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (40, 40) and set(np.unique(mask)) <= {0, 255}       # original size, binary
+        assert cv2.imread(str(out / "probs" / "0" / (row["id"] + ".png"))).shape[:2] == (40, 40)
+        assert cv2.imread(str(out / "overlay" / (row["id"] + ".png"))).shape == (40, 40, 3)
+    mean_iou = np.mean([float(m["iou_0"]) for m in metrics])
+    assert f"{mean_iou:.4f}" in r.stdout                          # the per-image mean is printed
+
+
+@pytest.mark.parametrize("extra, data_kw, name", [
+    (["--arch", "NestedUNet"], {}, "tiny_NestedUNet_woDS"),
+    (["--arch", "NestedUNet", "--deep_supervision", "True"], {}, "tiny_NestedUNet_wDS"),
+    (["--arch", "UNet", "--num_classes", "2"], {"num_classes": 2}, "tiny_UNet_woDS"),
+    (["--arch", "UNet", "--num_classes", "3", "--class_mode", "softmax", "--loss", "CEDiceLoss"],
+     {"num_classes": 3, "exclusive": True}, "tiny_UNet_woDS"),
+    (["--arch", "UNet", "--input_channels", "1"], {"channels": 1}, "tiny_UNet_woDS"),
+], ids=["nested", "nested-ds", "two-classes", "softmax", "grayscale"])
+def test_variants_train_and_evaluate(tmp_path, extra, data_kw, name):
+    make_data(tmp_path / "inputs", **data_kw)
+    run("train.py", ["--dataset", "tiny", *FAST, *extra], tmp_path)
+    run("val.py", ["--name", name], tmp_path)
+    classes = data_kw.get("num_classes", 1)
+    metrics = read_csv(tmp_path / "outputs" / name / "metrics.csv")
+    assert list(metrics[0]) == ["id"] + [f"{m}_{c}" for c in range(classes) for m in ("iou", "dice")]
+    for c in range(classes):
+        assert len(os.listdir(tmp_path / "outputs" / name / str(c))) == 2
+    if "softmax" in extra:   # mutually exclusive: every pixel in exactly one class
+        ids = [m["id"] for m in metrics]
+        stack = np.stack([cv2.imread(str(tmp_path / "outputs" / name / str(c) / (ids[0] + ".png")), 0) for c in range(3)])
+        assert ((stack > 0).sum(0) == 1).all()
+
+
+def test_config_rerun_with_override(tmp_path):
+    make_data(tmp_path / "inputs")
+    run("train.py", ["--dataset", "tiny", "--arch", "UNet", "--name", "first", *FAST], tmp_path)
+    cfg_path = str(tmp_path / "models" / "first" / "config.yml")
+    edited = yaml.safe_load(open(cfg_path))
+    edited["lr"] = 0.0005                                          # the documented edit-and-rerun workflow
+    yaml.safe_dump(edited, open(tmp_path / "edited.yml", "w"))
+    run("train.py", ["--config", "edited.yml", "--name", "second", "--epochs", "1"], tmp_path)
+    second = yaml.safe_load(open(tmp_path / "models" / "second" / "config.yml"))
+    assert (second["lr"], second["epochs"], second["arch"], second["name"]) == (0.0005, 1, "UNet", "second")
+    assert len(read_csv(tmp_path / "models" / "second" / "log.csv")) == 1
+
+
+def test_predict_unlabeled_images(tmp_path):
+    make_data(tmp_path / "inputs")
+    run("train.py", ["--dataset", "tiny", "--arch", "UNet", "--name", "m", *FAST, "--epochs", "1"], tmp_path)
+    new = tmp_path / "new"
+    make_data(tmp_path, "new_set", n=3, size=48)
+    os.rename(tmp_path / "new_set" / "images", new)
+    r = run("val.py", ["--name", "m", "--images", str(new), "--overlay"], tmp_path)
+    pred = tmp_path / "outputs" / "m" / "predictions"
+    assert sorted(os.listdir(pred / "0")) == ["img0000.png", "img0001.png", "img0002.png"]
+    assert cv2.imread(str(pred / "0" / "img0000.png"), 0).shape == (48, 48)
+    assert len(os.listdir(pred / "overlay")) == 3
+    assert not (pred / "metrics.csv").exists() and "IoU" not in r.stdout

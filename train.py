@@ -1,0 +1,286 @@
+"""Train a U-Net / UNet++ on <data_dir>/<dataset>; everything the run produces goes to models/<name>/.
+
+    python train.py --arch NestedUNet --dataset dsb2018_96
+    python train.py --config models/<name>/config.yml --name other --epochs 5
+    python train.py --name <name> --resume
+
+Writes config.yml, log.csv, model.pth (best val_iou, plain state_dict), last.pth (full training
+state) and curves.png, each atomically, every epoch.
+"""
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+import checkpoint
+import config
+from archs import build_model
+from dataset import SegDataset, SegmentationData, split_ids, train_transform, val_transform
+from losses import LOSSES
+from metrics import SegMeter, binarize
+from runlog import plot_curves, write_log
+from utils import UserError, count_params, resolve_device, save_yaml, seed_everything
+
+RUN_FILES = ("config.yml", "log.csv", "model.pth", "last.pth", "curves.png")
+SYNC_EVERY = 10  # batches between host syncs (progress bar, NaN check): syncing each batch stalls a GPU
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf."""
+
+
+def build_optimizer(cfg, params):
+    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=wd)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.RMSprop(params, lr=lr, momentum=cfg["momentum"], weight_decay=wd)
+
+
+def build_scheduler(cfg, optimizer):
+    """Stepped once per epoch (ReduceLROnPlateau on the validation loss)."""
+    name = cfg["scheduler"]
+    if name == "CosineAnnealingLR":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"], eta_min=cfg["min_lr"])
+    if name == "ReduceLROnPlateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg["factor"], patience=cfg["patience"],
+                                                          min_lr=cfg["min_lr"])
+    if name == "MultiStepLR":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["milestones"], gamma=cfg["gamma"])
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def resolve_amp(amp, device):
+    """--amp -> autocast dtype, or None for full precision."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def forward_loss(model, images, masks, criterion, deep_supervision):
+    """-> (loss, logits of the final head). Deep supervision averages the loss over the 4 heads."""
+    outputs = model(images)
+    if deep_supervision:
+        loss = sum(criterion(o, masks) for o in outputs) / len(outputs)
+        return loss, outputs[-1]
+    return criterion(outputs, masks), outputs
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch):
+    """One pass over the training split; returns {'loss', 'iou'} (data-set-level IoU of the batches seen)."""
+    model.train()
+    meter = SegMeter()
+    batch_losses, sizes = [], []   # kept on the device; read every SYNC_EVERY batches
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, dynamic_ncols=True, disable=None)  # no bar in logs
+    for step, (images, masks, _) in enumerate(bar, 1):
+        images = images.to(device, non_blocking=True)   # (B, C_in, H, W)
+        masks = masks.to(device, non_blocking=True)     # (B, C, H, W)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, logits = forward_loss(model, images, masks, criterion, cfg["deep_supervision"])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()    # the scaler is a no-op unless --amp fp16
+        scaler.step(optimizer)
+        scaler.update()
+
+        batch_losses.append(loss.detach())
+        sizes.append(images.shape[0])
+        meter.update(binarize(logits.detach(), cfg["class_mode"]), masks)
+        if step % SYNC_EVERY == 0 or step == len(loader):
+            mean_loss = check_finite(batch_losses, sizes, epoch)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", iou=f"{meter.iou():.4f}")
+    return {"loss": check_finite(batch_losses, sizes, epoch), "iou": meter.iou()}
+
+
+def check_finite(batch_losses, sizes, epoch):
+    """Mean loss so far (weighted by batch size); raises TrainingDiverged naming the first bad batch."""
+    values = torch.stack(batch_losses).float().tolist()
+    for i, v in enumerate(values, 1):
+        if not math.isfinite(v):
+            raise TrainingDiverged(f"the loss became {v} at epoch {epoch}, batch {i}; training stopped. "
+                                   "The checkpoints on disk are from the last good epoch. Lower --lr "
+                                   "(or try --amp off), then rerun with --overwrite or --resume.")
+    return sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
+
+
+@torch.no_grad()
+def validate(model, loader, criterion, device, amp_dtype, cfg):
+    """Loss and data-set-level IoU/Dice (mean over classes) on the validation split."""
+    model.eval()
+    meter = SegMeter()
+    total_loss, count = torch.zeros((), device=device), 0
+    for images, masks, _ in loader:
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, logits = forward_loss(model, images, masks, criterion, cfg["deep_supervision"])
+        total_loss += loss.float() * images.shape[0]
+        count += images.shape[0]
+        meter.update(binarize(logits.float(), cfg["class_mode"]), masks)
+    iou, dice = meter.dataset_scores()
+    return {"val_loss": total_loss.item() / count, "val_iou": iou.mean().item(), "val_dice": dice.mean().item()}
+
+
+def load_data(cfg):
+    """Validated, decoded train and validation splits (every data problem is reported here)."""
+    root = os.path.join(cfg["data_dir"], cfg["dataset"])
+    data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], cfg["input_channels"])
+    train_ids, val_ids = split_ids(data.ids, cfg["val_split"], cfg["split_seed"])
+    if cfg["batch_size"] > len(train_ids):
+        raise UserError(f"--batch_size {cfg['batch_size']} is larger than the training split ({len(train_ids)} of "
+                        f"{len(data.ids)} images in {root}); every batch would be dropped. Use --batch_size "
+                        f"{len(train_ids)} or less.")
+    return data.subset(train_ids), data.subset(val_ids)
+
+
+def make_loaders(cfg, train_data, val_data, device):
+    """Training loader (shuffled by a generator reseeded each epoch, last partial batch dropped) and validation loader."""
+    h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
+    train_ds = SegDataset(train_data, train_transform(h, w, c), seed=cfg["seed"])
+    generator = torch.Generator()
+    common = {"batch_size": cfg["batch_size"], "num_workers": cfg["num_workers"], "pin_memory": device.type == "cuda"}
+    train_loader = DataLoader(train_ds, sampler=RandomSampler(train_ds, generator=generator), drop_last=True, **common)
+    val_loader = DataLoader(SegDataset(val_data, val_transform(h, w, c)), shuffle=False, **common)
+    return train_loader, val_loader, generator
+
+
+def prepare_run_dir(run_dir, run):
+    """Refuses to touch an existing run unless --resume or --overwrite says so."""
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if run["resume"]:
+        if not os.path.isfile(os.path.join(run_dir, "last.pth")):
+            raise UserError(f"--resume: {run_dir}/last.pth does not exist, so there is nothing to resume. "
+                            "Train without --resume (add --overwrite to replace what is there).")
+        return
+    if existing and not run["overwrite"]:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
+                        "--overwrite to replace it, or --name to train under another name.")
+    if existing:
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+
+
+def training_state(model, optimizer, scheduler, scaler, cfg, epoch, best, rows):
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best_iou": best["iou"], "best_epoch": best["epoch"],
+            "stale_epochs": best["stale"], "log": rows, "rng": checkpoint.rng_state(), "config": cfg}
+
+
+def restore(path, model, optimizer, scheduler, scaler, cfg):
+    """Loads last.pth into the objects; returns (epoch done, best dict, log rows)."""
+    state = checkpoint.load(path)
+    checkpoint.load_weights(model, state["model"], path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if hasattr(scheduler, "T_max"):
+        scheduler.T_max = cfg["epochs"]  # --epochs may be raised on resume: the cosine stretches to the new end
+    scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    best = {"iou": state["best_iou"], "epoch": state["best_epoch"], "stale": state["stale_epochs"]}
+    return state["epoch"], best, state["log"]
+
+
+def train(cfg, run):
+    """The whole run: data, model, loop, files. Returns the best validation IoU."""
+    run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
+    device = resolve_device(cfg["device"])
+    amp_dtype = resolve_amp(cfg["amp"], device)
+    train_data, val_data = load_data(cfg)           # before touching models/: bad data changes nothing
+    prepare_run_dir(run_dir, run)
+
+    seed_everything(cfg["seed"])
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not cfg["deterministic"]
+    model = build_model(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = LOSSES[cfg["loss"]]()
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train_loader, val_loader, generator = make_loaders(cfg, train_data, val_data, device)
+
+    start, best, rows = 0, {"iou": -1.0, "epoch": 0, "stale": 0}, []
+    if run["resume"]:
+        start, best, rows = restore(os.path.join(run_dir, "last.pth"), model, optimizer, scheduler, scaler, cfg)
+    save_yaml(os.path.join(run_dir, "config.yml"), cfg)
+    if not run["resume"]:  # an epoch-0 state, so that even a run stopped in its first epoch can --resume
+        checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, 0, best, rows), os.path.join(run_dir, "last.pth"))
+    print(f"{cfg['arch']} ({count_params(model) / 1e6:.2f} M parameters) on {device}"
+          f"{', ' + str(amp_dtype).replace('torch.', '') + ' autocast' if amp_dtype else ''}; "
+          f"{len(train_data.ids)} training, {len(val_data.ids)} validation images; run folder {run_dir}"
+          + (f"; resuming after epoch {start}" if run["resume"] else ""), flush=True)
+
+    for epoch in range(start + 1, cfg["epochs"] + 1):
+        if 0 < cfg["early_stopping"] <= best["stale"]:
+            break
+        t0 = time.time()
+        generator.manual_seed(hash((cfg["seed"], epoch)) % 2**63)   # the epoch's shuffle depends on (seed, epoch) only
+        train_loader.dataset.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch)
+        stats.update(validate(model, val_loader, criterion, device, amp_dtype, cfg))
+        if cfg["scheduler"] == "ReduceLROnPlateau":
+            scheduler.step(stats["val_loss"])
+        else:
+            scheduler.step()
+
+        improved = stats["val_iou"] > best["iou"]
+        best = {"iou": stats["val_iou"], "epoch": epoch, "stale": 0} if improved else {**best, "stale": best["stale"] + 1}
+        rows.append({"epoch": epoch, "lr": float(f"{lr:.6g}"), **{k: round(v, 6) for k, v in stats.items()}, "seconds": round(time.time() - t0, 3)})
+        write_log(os.path.join(run_dir, "log.csv"), rows)
+        if improved:
+            checkpoint.save(model.state_dict(), os.path.join(run_dir, "model.pth"))
+        checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, epoch, best, rows), os.path.join(run_dir, "last.pth"))
+        plot_curves(os.path.join(run_dir, "curves.png"), rows)
+        print(f"epoch {epoch}/{cfg['epochs']}  lr {lr:.2e}  loss {stats['loss']:.4f}  iou {stats['iou']:.4f}  "
+              f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
+              f"{rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}", flush=True)
+
+    if 0 < cfg["early_stopping"] <= best["stale"]:
+        print(f"early stopping: no better val_iou for {best['stale']} epochs")
+    print(f"best val_iou {best['iou']:.4f} at epoch {best['epoch']}; model: {run_dir}/model.pth; "
+          f"evaluate with: python val.py --name {cfg['name']}")
+    return best["iou"]
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, raise_interrupt)   # a scheduler's SIGTERM is handled like Ctrl-C
+    cfg = None
+    try:
+        cfg, run = config.resolve(argv)
+        print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
+        train(cfg, run)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if not isinstance(e, TrainingDiverged) else 3)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        if cfg is not None:
+            print(f"\ninterrupted: models/{cfg['name']}/last.pth holds the last finished epoch; continue with\n"
+                  f"    python train.py --name {cfg['name']} --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
