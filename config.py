@@ -193,6 +193,8 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     """
     args = vars(build_parser(description).parse_args(argv))
     run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False))}
+    if run["resume"] and run["overwrite"]:
+        raise UserError("--resume continues a run and --overwrite replaces it; pass one of them, not both")
     path = run["config"]
     if run["resume"] and not path:
         name = args.get("name") or default_name({**DEFAULTS, **args})

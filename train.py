@@ -10,9 +10,9 @@ state) and curves.png, each atomically, every epoch.
 import math
 import os
 import shutil
-import signal
 import sys
 import time
+import warnings
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -25,7 +25,7 @@ from dataset import SegDataset, SegmentationData, split_ids, train_transform, va
 from losses import LOSSES
 from metrics import SegMeter, binarize
 from runlog import plot_curves, write_log
-from utils import UserError, count_params, resolve_device, save_yaml, seed_everything
+from utils import Interrupts, UserError, count_params, plain_warning, resolve_device, save_yaml, seed_everything
 
 RUN_FILES = ("config.yml", "log.csv", "model.pth", "last.pth", "curves.png")
 SYNC_EVERY = 10  # batches between host syncs (progress bar, NaN check): syncing each batch stalls a GPU
@@ -166,6 +166,9 @@ def prepare_run_dir(run_dir, run):
         if not os.path.isfile(os.path.join(run_dir, "last.pth")):
             raise UserError(f"--resume: {run_dir}/last.pth does not exist, so there is nothing to resume. "
                             "Train without --resume (add --overwrite to replace what is there).")
+        for f in os.listdir(run_dir):   # temporary files of writes that a kill cut short
+            if f.startswith(".") and f.endswith(".tmp"):
+                os.remove(os.path.join(run_dir, f))
         return
     if existing and not run["overwrite"]:
         raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
@@ -195,8 +198,12 @@ def restore(path, model, optimizer, scheduler, scaler, cfg):
     return state["epoch"], best, state["log"]
 
 
-def train(cfg, run):
-    """The whole run: data, model, loop, files. Returns the best validation IoU."""
+def train(cfg, run, interrupts=None):
+    """The whole run: data, model, loop, files. Returns the best validation IoU.
+
+    interrupts (an installed utils.Interrupts) keeps Ctrl-C from splitting an epoch's files.
+    """
+    interrupts = interrupts or Interrupts()
     run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
     device = resolve_device(cfg["device"])
     amp_dtype = resolve_amp(cfg["amp"], device)
@@ -243,12 +250,15 @@ def train(cfg, run):
 
         improved = stats["val_iou"] > best["iou"]
         best = {"iou": stats["val_iou"], "epoch": epoch, "stale": 0} if improved else {**best, "stale": best["stale"] + 1}
-        rows.append({"epoch": epoch, "lr": float(f"{lr:.6g}"), **{k: round(v, 6) for k, v in stats.items()}, "seconds": round(time.time() - t0, 3)})
-        write_log(os.path.join(run_dir, "log.csv"), rows)
-        if improved:
-            checkpoint.save(model.state_dict(), os.path.join(run_dir, "model.pth"))
-        checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, epoch, best, rows), os.path.join(run_dir, "last.pth"))
-        plot_curves(os.path.join(run_dir, "curves.png"), rows)
+        rows.append({"epoch": epoch, "lr": float(f"{lr:.6g}"), **{k: round(v, 6) for k, v in stats.items()},
+                     "seconds": round(time.time() - t0, 3)})
+        with interrupts.deferred():   # the epoch's files are saved as a whole, even if Ctrl-C comes now
+            write_log(os.path.join(run_dir, "log.csv"), rows)
+            if improved:
+                checkpoint.save(model.state_dict(), os.path.join(run_dir, "model.pth"))
+            checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, epoch, best, rows),
+                            os.path.join(run_dir, "last.pth"))
+            plot_curves(os.path.join(run_dir, "curves.png"), rows)
         print(f"epoch {epoch}/{cfg['epochs']}  lr {lr:.2e}  loss {stats['loss']:.4f}  iou {stats['iou']:.4f}  "
               f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
               f"{rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}", flush=True)
@@ -260,22 +270,19 @@ def train(cfg, run):
     return best["iou"]
 
 
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
-    signal.signal(signal.SIGTERM, raise_interrupt)   # a scheduler's SIGTERM is handled like Ctrl-C
+    interrupts = Interrupts()
+    interrupts.install()          # Ctrl-C and SIGTERM (e.g. from a job scheduler) stop cleanly
+    warnings.formatwarning = plain_warning
     cfg = None
     try:
         cfg, run = config.resolve(argv)
         print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
-        train(cfg, run)
+        train(cfg, run, interrupts)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if not isinstance(e, TrainingDiverged) else 3)
+        sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
         if cfg is not None:
             print(f"\ninterrupted: models/{cfg['name']}/last.pth holds the last finished epoch; continue with\n"
                   f"    python train.py --name {cfg['name']} --resume", file=sys.stderr)

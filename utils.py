@@ -1,7 +1,9 @@
 """Small shared helpers: user errors, atomic file writes, YAML config I/O, seeding, device."""
 import argparse
+import contextlib
 import os
 import random
+import signal
 import tempfile
 
 import cv2
@@ -16,6 +18,44 @@ class UserError(Exception):
     The entry scripts catch it at the command-line boundary and print its message alone,
     without a traceback, then exit with status 2.
     """
+
+
+def plain_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning for users: 'warning: <message>' without a source line."""
+    return f"warning: {message}\n"
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM -> KeyboardInterrupt, held back while a group of files is being saved.
+
+    A second signal exits at once (every file is written atomically, so none is left torn).
+    """
+
+    def __init__(self):
+        self.pending = False
+        self.saving = False
+
+    def install(self):
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.pending:
+            os._exit(130)
+        self.pending = True
+        if not self.saving:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Run the block to its end even if a signal comes; raise KeyboardInterrupt after it if one did."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.pending:
+            raise KeyboardInterrupt
 
 
 class AverageMeter:

@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -23,7 +24,7 @@ import config
 from archs import build_model
 from dataset import SegDataset, SegmentationData, find_ids, read_image, split_ids, val_transform
 from metrics import SegMeter, binarize
-from utils import UserError, atomic_write, resolve_device, write_png
+from utils import UserError, atomic_write, plain_warning, resolve_device, write_png
 
 OUTPUTS_DIR = "outputs"
 OUTLINE_COLOURS = [(0, 255, 0), (0, 0, 255), (255, 0, 0), (0, 255, 255), (255, 0, 255)]  # BGR, per class
@@ -174,6 +175,7 @@ def evaluate(args):
 
 
 def main(argv=None):
+    warnings.formatwarning = plain_warning
     try:
         evaluate(parse_args(argv))
     except UserError as e:
