@@ -37,7 +37,10 @@ OPTIONS = [
     ("mask_ext", ".png", str, None, "mask file extension"),
     ("val_split", 0.2, float, None, "fraction of images held out for validation"),
     ("split_seed", 41, int, None, "random_state of the train/validation split"),
-    ("num_workers", 4, int, None, "DataLoader worker processes"),
+    ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers)"),
+    ("loader", "auto", str, ("auto", "memory", "workers"),
+     "memory: data set as tensors on the device, augmented there in batches; workers: albumentations in "
+     "DataLoader workers; auto: memory when it fits"),
     # optimizer
     ("optimizer", "SGD", str, OPTIMIZERS, "optimizer"),
     ("lr", 1e-3, float, None, "initial learning rate"),
@@ -57,6 +60,7 @@ OPTIONS = [
     ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a capable GPU, off on CPU)"),
     ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
     ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
+    ("compile", False, bool, None, "torch.compile the model (slow first epoch; pays on long GPU runs)"),
 ]
 DEFAULTS = {name: default for name, default, *_ in OPTIONS}
 TYPES = {name: typ for name, _, typ, *_ in OPTIONS}

@@ -234,3 +234,139 @@ class SegDataset(torch.utils.data.Dataset):
             mask = torch.from_numpy(out["mask"].transpose(2, 0, 1).astype(np.float32))  # (C, H, W)
         image = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())                 # (C_in, H, W)
         return image, mask, {"img_id": self.data.ids[idx]}
+
+
+def epoch_seed(seed, epoch):
+    """One integer per (seed, epoch): an epoch's shuffle and augmentation depend on nothing else."""
+    return hash((seed, epoch)) % 2**63
+
+
+class EpochLoader:
+    """A DataLoader over SegDataset (albumentations in worker processes) with set_epoch() for seeding.
+
+    The streaming path: used when the data set should not be held on the device, or when asked for.
+    """
+
+    def __init__(self, data, transform, batch_size, num_workers, device, seed, train):
+        self.dataset = SegDataset(data, transform, seed=seed)
+        self.seed, self.generator = seed, torch.Generator()
+        sampler = torch.utils.data.RandomSampler(self.dataset, generator=self.generator) if train else None
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+            num_workers=num_workers, pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class TensorLoader:
+    """The whole data set as uint8 tensors on the device, batched and augmented there.
+
+    Images are resized to the network input once, up front. Training batches get the same kinds
+    of augmentation as train_transform, computed batched in torch on the device: a random
+    rotation by a multiple of 90 degrees (180 only, for non-square inputs), horizontal and
+    vertical flips, and one colour change per image (brightness, contrast, or - for RGB - a
+    hue/saturation/value shift, approximated by a rotation in YIQ space). The random draws come
+    from a CPU generator seeded per epoch, so results depend on (seed, epoch) and not on the device.
+    """
+
+    def __init__(self, data, input_h, input_w, batch_size, device, seed, train):
+        images = np.stack([cv2.resize(i, (input_w, input_h), interpolation=cv2.INTER_LINEAR).reshape(input_h, input_w, -1)
+                           for i in data.images])
+        masks = np.stack([cv2.resize(m, (input_w, input_h), interpolation=cv2.INTER_NEAREST).reshape(input_h, input_w, -1)
+                          for m in data.masks])
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C_in, H, W) uint8
+        self.masks = torch.from_numpy(masks).permute(0, 3, 1, 2).contiguous().to(device)    # (N, C, H, W) uint8 0/1
+        mean, std = normalize_stats(self.images.shape[1])
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.ids, self.batch_size, self.device, self.seed, self.train = data.ids, batch_size, device, seed, train
+        self.square = input_h == input_w
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self):
+        n = len(self.ids)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.ids)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            images = self.images[idx.to(self.device)].float() / 255      # (B, C_in, H, W) in 0..1
+            masks = self.masks[idx.to(self.device)].float()              # (B, C, H, W)
+            if self.train:
+                images, masks = self.augment(images, masks)
+            yield (images - self.mean) / self.std, masks, {"img_id": [self.ids[i] for i in idx.tolist()]}
+
+    def draw(self, size, low=0.0, high=1.0):
+        """(size,) uniform draws from the epoch's CPU generator, moved to the device."""
+        return (torch.rand(size, generator=self.generator) * (high - low) + low).to(self.device, non_blocking=True)
+
+    def augment(self, images, masks):
+        """Batched, per-image random rot90/flips (image and mask alike) and one colour change (image)."""
+        b = images.shape[0]
+        k = torch.randint(0, 4, (b,), generator=self.generator) if self.square else 2 * torch.randint(0, 2, (b,), generator=self.generator)
+        for turns in k.unique().tolist():
+            sel = (k == turns).nonzero().flatten().to(self.device)
+            images[sel] = torch.rot90(images[sel], turns, dims=(2, 3))
+            masks[sel] = torch.rot90(masks[sel], turns, dims=(2, 3))
+        for dim in (3, 2):   # horizontal, then vertical flip, each with p = 0.5
+            flip = (self.draw(b) < 0.5).view(b, 1, 1, 1)
+            images = torch.where(flip, images.flip(dim), images)
+            masks = torch.where(flip, masks.flip(dim), masks)
+        return self.colour(images), masks
+
+    def colour(self, x):
+        """One of: brightness +-0.2, contrast x(0.8..1.2), or (RGB) hue +-40 deg / saturation / value shift."""
+        b = x.shape[0]
+        choice = torch.randint(0, 3 if x.shape[1] == 3 else 2, (b,), generator=self.generator).to(self.device).view(b, 1, 1, 1)
+        bright = x + self.draw(b, -0.2, 0.2).view(b, 1, 1, 1)
+        contrast = x * self.draw(b, 0.8, 1.2).view(b, 1, 1, 1)
+        out = torch.where(choice == 0, bright, contrast)
+        if x.shape[1] == 3:
+            out = torch.where(choice == 2, self.hsv_shift(x), out)
+        return out.clamp(0, 1)
+
+    def hsv_shift(self, x):
+        """Hue rotation (YIQ), saturation scale and value shift, per image: HueSaturationValue's defaults, roughly."""
+        b = x.shape[0]
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=self.device)
+        y = torch.einsum("ij,bjhw->bihw", yiq, x)                              # (B, 3, H, W): Y, I, Q
+        theta = self.draw(b, -40.0, 40.0) * torch.pi / 180
+        sat = 1 + self.draw(b, -30.0, 30.0) / 128
+        cos, sin = torch.cos(theta).view(b, 1, 1) * sat.view(b, 1, 1), torch.sin(theta).view(b, 1, 1) * sat.view(b, 1, 1)
+        i, q = y[:, 1] * cos - y[:, 2] * sin, y[:, 1] * sin + y[:, 2] * cos
+        y = torch.stack([y[:, 0] + self.draw(b, -20.0, 20.0).view(b, 1, 1) / 255, i, q], 1)
+        return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq), y)
+
+
+def make_loader(kind, data, cfg, device, train):
+    """'memory' -> TensorLoader on the device, 'workers' -> EpochLoader (albumentations in DataLoader workers)."""
+    h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
+    if kind == "memory":
+        return TensorLoader(data, h, w, cfg["batch_size"], device, cfg["seed"], train)
+    transform = train_transform(h, w, c) if train else val_transform(h, w, c)
+    return EpochLoader(data, transform, cfg["batch_size"], cfg["num_workers"], device, cfg["seed"], train)
+
+
+def choose_loader(kind, data, cfg, device):
+    """--loader auto: keep the data set on the device when it takes under a quarter of its free memory."""
+    if kind != "auto":
+        return kind
+    nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] + cfg["num_classes"])
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return "memory" if nbytes < free / 4 else "workers"
+    return "memory" if nbytes < 2 * 2**30 else "workers"
+

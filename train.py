@@ -15,13 +15,12 @@ import time
 import warnings
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 import checkpoint
 import config
 from archs import build_model
-from dataset import SegDataset, SegmentationData, split_ids, train_transform, val_transform
+from dataset import SegmentationData, choose_loader, make_loader, split_ids
 from losses import LOSSES
 from metrics import SegMeter, binarize
 from runlog import plot_curves, write_log
@@ -35,14 +34,16 @@ class TrainingDiverged(UserError):
     """The loss became NaN or Inf."""
 
 
-def build_optimizer(cfg, params):
-    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+def build_optimizer(cfg, params, device):
+    """The optimizer; on CUDA the fused (single-kernel) implementations where torch has them."""
+    name, lr, wd, fused = cfg["optimizer"], cfg["lr"], cfg["weight_decay"], device.type == "cuda"
     if name == "SGD":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=wd,
+                               fused=fused or None)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused or None)
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused or None)
     return torch.optim.RMSprop(params, lr=lr, momentum=cfg["momentum"], weight_decay=wd)
 
 
@@ -149,14 +150,9 @@ def load_data(cfg):
 
 
 def make_loaders(cfg, train_data, val_data, device):
-    """Training loader (shuffled by a generator reseeded each epoch, last partial batch dropped) and validation loader."""
-    h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
-    train_ds = SegDataset(train_data, train_transform(h, w, c), seed=cfg["seed"])
-    generator = torch.Generator()
-    common = {"batch_size": cfg["batch_size"], "num_workers": cfg["num_workers"], "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(train_ds, sampler=RandomSampler(train_ds, generator=generator), drop_last=True, **common)
-    val_loader = DataLoader(SegDataset(val_data, val_transform(h, w, c)), shuffle=False, **common)
-    return train_loader, val_loader, generator
+    """Training loader (reshuffled per epoch, last partial batch dropped) and validation loader, of one kind."""
+    kind = choose_loader(cfg["loader"], train_data, cfg, device)
+    return make_loader(kind, train_data, cfg, device, train=True), make_loader(kind, val_data, cfg, device, train=False)
 
 
 def prepare_run_dir(run_dir, run):
@@ -216,12 +212,13 @@ def train(cfg, run, interrupts=None):
     torch.backends.cudnn.benchmark = not cfg["deterministic"]
     model = build_model(cfg).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)   # cudnn's fastest layout for these convolutions
+    net = torch.compile(model) if cfg["compile"] else model    # net runs the steps; model's weights are saved
     criterion = LOSSES[cfg["loss"]]()
-    optimizer = build_optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model.parameters(), device)
     scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_loader, val_loader, generator = make_loaders(cfg, train_data, val_data, device)
+    train_loader, val_loader = make_loaders(cfg, train_data, val_data, device)
 
     start, best, rows = 0, {"iou": -1.0, "epoch": 0, "stale": 0}, []
     if run["resume"]:
@@ -231,18 +228,18 @@ def train(cfg, run, interrupts=None):
         checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, 0, best, rows), os.path.join(run_dir, "last.pth"))
     print(f"{cfg['arch']} ({count_params(model) / 1e6:.2f} M parameters) on {device}"
           f"{', ' + str(amp_dtype).replace('torch.', '') + ' autocast' if amp_dtype else ''}; "
-          f"{len(train_data.ids)} training, {len(val_data.ids)} validation images; run folder {run_dir}"
+          f"{len(train_data.ids)} training, {len(val_data.ids)} validation images "
+          f"({type(train_loader).__name__}); run folder {run_dir}"
           + (f"; resuming after epoch {start}" if run["resume"] else ""), flush=True)
 
     for epoch in range(start + 1, cfg["epochs"] + 1):
         if 0 < cfg["early_stopping"] <= best["stale"]:
             break
         t0 = time.time()
-        generator.manual_seed(hash((cfg["seed"], epoch)) % 2**63)   # the epoch's shuffle depends on (seed, epoch) only
-        train_loader.dataset.set_epoch(epoch)
+        train_loader.set_epoch(epoch)   # the epoch's shuffle and augmentation depend on (seed, epoch) only
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch)
-        stats.update(validate(model, val_loader, criterion, device, amp_dtype, cfg))
+        stats = train_one_epoch(net, train_loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch)
+        stats.update(validate(net, val_loader, criterion, device, amp_dtype, cfg))
         if cfg["scheduler"] == "ReduceLROnPlateau":
             scheduler.step(stats["val_loss"])
         else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_data
-from dataset import SegDataset, SegmentationData, split_ids, train_transform, val_transform
+from dataset import EpochLoader, SegDataset, SegmentationData, TensorLoader, choose_loader, split_ids, train_transform, val_transform
 from utils import UserError
 
 
@@ -127,3 +127,68 @@ def test_real_dsb2018_96_loads(dsb_path):
     assert all(i.shape == (96, 96, 3) for i in d.images) and all(m.shape == (96, 96, 1) for m in d.masks)
     frac = np.mean([m.mean() for m in d.masks])
     assert 0.08 < frac < 0.2   # the README says about 14% foreground
+
+
+def two_tone(tmp_path):
+    """A data set whose images are exactly their masks (0 or 255 in every channel)."""
+    root = make_data(tmp_path, "twotone", n=12)
+    for f in os.listdir(os.path.join(root, "images")):
+        m = cv2.imread(os.path.join(root, "masks", "0", f), 0)
+        cv2.imwrite(os.path.join(root, "images", f), np.repeat(m[:, :, None], 3, 2))
+    return load(root)
+
+
+def test_tensor_loader_keeps_masks_aligned_under_augmentation(tmp_path):
+    d = two_tone(tmp_path)
+    tl = TensorLoader(d, 32, 32, 4, torch.device("cpu"), seed=1, train=True)
+    changed = False
+    for epoch in range(3):
+        tl.set_epoch(epoch)
+        for images, masks, meta in tl:
+            raw = images * tl.std + tl.mean                            # back to 0..1
+            assert torch.equal((raw.mean(1, keepdim=True) > 0.5).float(), masks)
+            index = [d.ids.index(i) for i in meta["img_id"]]
+            original = torch.stack([torch.from_numpy(d.masks[k]).permute(2, 0, 1).float() for k in index])
+            changed |= not torch.equal(original, masks)               # geometry was really applied
+    assert changed
+
+
+def test_tensor_loader_is_seeded_per_epoch(tiny):
+    d = load(tiny)
+    tl = TensorLoader(d, 32, 32, 4, torch.device("cpu"), seed=3, train=True)
+    batches = {}
+    for epoch in (1, 2, 1):
+        tl.set_epoch(epoch)
+        got = [(x, m["img_id"]) for x, _, m in tl]
+        if epoch in batches:
+            assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(batches[epoch], got))
+        batches[epoch] = got
+    assert len(batches[1]) == 2                                        # 10 images, batch 4: last partial dropped
+    assert not torch.equal(batches[1][0][0], batches[2][0][0])
+
+
+def test_tensor_loader_validation_equals_val_transform(tiny):
+    d = load(tiny)
+    tl = TensorLoader(d, 32, 32, 4, torch.device("cpu"), seed=0, train=False)
+    images = torch.cat([x for x, _, _ in tl])
+    ids = [i for _, _, m in tl for i in m["img_id"]]
+    assert ids == d.ids and len(tl) == 3                               # in order, nothing dropped
+    ds = SegDataset(d, val_transform(32, 32, 3))
+    assert torch.allclose(images, torch.stack([ds[k][0] for k in range(10)]), atol=1e-5)
+
+
+def test_epoch_loader_is_seeded_per_epoch(tiny):
+    d = load(tiny)
+    el = EpochLoader(d, train_transform(32, 32, 3), 4, 0, torch.device("cpu"), seed=2, train=True)
+    el.set_epoch(1)
+    first = [(x, m["img_id"]) for x, _, m in el]
+    el.set_epoch(1)
+    again = [(x, m["img_id"]) for x, _, m in el]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again)) and len(first) == 2
+
+
+def test_choose_loader(tiny):
+    d = load(tiny)
+    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1}
+    assert choose_loader("auto", d, cfg, torch.device("cpu")) == "memory"
+    assert choose_loader("workers", d, cfg, torch.device("cpu")) == "workers"

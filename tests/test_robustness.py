@@ -188,9 +188,11 @@ def interrupt_when(proc, log_path, rows, sig=signal.SIGINT):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig):
-    args = FAST + ["--epochs", "5", "--seed", "7", "--scheduler", "CosineAnnealingLR"]
+@pytest.mark.parametrize("sig, loader", [(signal.SIGINT, ["--loader", "memory"]),
+                                         (signal.SIGTERM, ["--loader", "workers", "--num_workers", "2"])],
+                         ids=["sigint-memory-loader", "sigterm-worker-loader"])
+def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader):
+    args = FAST + ["--epochs", "5", "--seed", "7", "--scheduler", "CosineAnnealingLR"] + loader
     r = subprocess.run(TRAIN + args + ["--name", "straight"], cwd=workdir, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -238,12 +240,14 @@ def test_sigkill_at_random_moments_never_corrupts_files(workdir):
         first = not (run_dir / "last.pth").exists()
         proc = subprocess.Popen(TRAIN + args + ([] if first else ["--resume"]), cwd=workdir,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start_rows = log_rows(run_dir / "log.csv")
-        while log_rows(run_dir / "log.csv") <= start_rows and proc.poll() is None:   # wait until it writes
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.8))   # somewhere in the next epoch: training, or writing its files
-        proc.kill()
-        proc.wait()
+        try:
+            start_rows = log_rows(run_dir / "log.csv")
+            while log_rows(run_dir / "log.csv") <= start_rows and proc.poll() is None:   # wait until it writes
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.8))   # somewhere in the next epoch: training, or writing its files
+        finally:
+            proc.kill()                       # also when the test itself is stopped: no orphan keeps training
+            proc.wait()
         kills += 1
         for name in ("last.pth", "model.pth"):
             if (run_dir / name).exists():

@@ -49,7 +49,7 @@ def test_schedulers_change_the_logged_lr(tmp_path, monkeypatch, scheduler, lrs):
 def test_reduce_on_plateau_steps_on_validation_loss():
     model = torch.nn.Linear(1, 1)
     cfg = {**config.DEFAULTS, "scheduler": "ReduceLROnPlateau", "patience": 0, "factor": 0.5}
-    opt = train.build_optimizer(cfg, model.parameters())
+    opt = train.build_optimizer(cfg, model.parameters(), torch.device("cpu"))
     sched = train.build_scheduler(cfg, opt)
     sched.step(1.0)
     sched.step(2.0)   # worse: lr halves at once with patience 0
@@ -87,7 +87,7 @@ def test_real_dsb2018_subset_actually_learns(tmp_path, monkeypatch, dsb_path):
     cfg, _ = config.resolve(argv)
     train_data, val_data = train.load_data(cfg)
     device = torch.device("cpu")
-    _, val_loader, _ = train.make_loaders(cfg, train_data, val_data, device)
+    _, val_loader = train.make_loaders(cfg, train_data, val_data, device)
     torch.manual_seed(cfg["seed"])
     untrained = train.validate(build_model(cfg), val_loader, LOSSES[cfg["loss"]](), device, None, cfg)["val_iou"]
     trained = train_in(tmp_path, monkeypatch, argv)[1]
