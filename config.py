@@ -61,6 +61,7 @@ OPTIONS = [
     ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
     ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
     ("compile", False, bool, None, "torch.compile the model (slow first epoch; pays on long GPU runs)"),
+    ("sync_bn", False, bool, None, "under torchrun: SyncBatchNorm (batch statistics over all processes)"),
 ]
 DEFAULTS = {name: default for name, default, *_ in OPTIONS}
 TYPES = {name: typ for name, _, typ, *_ in OPTIONS}

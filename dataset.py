@@ -236,6 +236,34 @@ class SegDataset(torch.utils.data.Dataset):
         return image, mask, {"img_id": self.data.ids[idx]}
 
 
+def shard(order, rank, world, drop_remainder):
+    """This process's share of an epoch's index order: every world-th index from `rank`.
+
+    drop_remainder gives every process the same count (training: equal batch counts keep DDP in
+    step); without it (validation) every image is seen exactly once across the processes.
+    """
+    if drop_remainder:
+        order = order[: len(order) - len(order) % world]
+    return order[rank::world]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """An epoch's indices: a permutation from the loader's generator (or 0..n-1), this process's shard."""
+
+    def __init__(self, n, generator, shuffle, rank, world):
+        self.n, self.generator, self.shuffle, self.rank, self.world = n, generator, shuffle, rank, world
+
+    def indices(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        return shard(order, self.rank, self.world, drop_remainder=self.shuffle).tolist()
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return len(shard(torch.arange(self.n), self.rank, self.world, drop_remainder=self.shuffle))
+
+
 def epoch_seed(seed, epoch):
     """One integer per (seed, epoch): an epoch's shuffle and augmentation depend on nothing else."""
     return hash((seed, epoch)) % 2**63
@@ -247,12 +275,12 @@ class EpochLoader:
     The streaming path: used when the data set should not be held on the device, or when asked for.
     """
 
-    def __init__(self, data, transform, batch_size, num_workers, device, seed, train):
+    def __init__(self, data, transform, batch_size, num_workers, device, seed, train, rank=0, world=1):
         self.dataset = SegDataset(data, transform, seed=seed)
         self.seed, self.generator = seed, torch.Generator()
-        sampler = torch.utils.data.RandomSampler(self.dataset, generator=self.generator) if train else None
+        sampler = EpochSampler(len(self.dataset), self.generator, train, rank, world)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+            self.dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
             num_workers=num_workers, pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
 
     def set_epoch(self, epoch):
@@ -277,7 +305,7 @@ class TensorLoader:
     from a CPU generator seeded per epoch, so results depend on (seed, epoch) and not on the device.
     """
 
-    def __init__(self, data, input_h, input_w, batch_size, device, seed, train):
+    def __init__(self, data, input_h, input_w, batch_size, device, seed, train, rank=0, world=1):
         images = np.stack([cv2.resize(i, (input_w, input_h), interpolation=cv2.INTER_LINEAR).reshape(input_h, input_w, -1)
                            for i in data.images])
         masks = np.stack([cv2.resize(m, (input_w, input_h), interpolation=cv2.INTER_NEAREST).reshape(input_h, input_w, -1)
@@ -288,6 +316,7 @@ class TensorLoader:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.ids, self.batch_size, self.device, self.seed, self.train = data.ids, batch_size, device, seed, train
+        self.rank, self.world = rank, world
         self.square = input_h == input_w
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -295,12 +324,13 @@ class TensorLoader:
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
 
     def __len__(self):
-        n = len(self.ids)
+        n = len(shard(range(len(self.ids)), self.rank, self.world, drop_remainder=self.train))
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self):
         n = len(self.ids)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        order = shard(order, self.rank, self.world, drop_remainder=self.train)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.images[idx.to(self.device)].float() / 255      # (B, C_in, H, W) in 0..1
@@ -351,13 +381,16 @@ class TensorLoader:
         return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq), y)
 
 
-def make_loader(kind, data, cfg, device, train):
-    """'memory' -> TensorLoader on the device, 'workers' -> EpochLoader (albumentations in DataLoader workers)."""
+def make_loader(kind, data, cfg, device, train, rank=0, world=1):
+    """'memory' -> TensorLoader on the device, 'workers' -> EpochLoader (albumentations in DataLoader workers).
+
+    rank/world: under torchrun each process loads its shard of every epoch.
+    """
     h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
     if kind == "memory":
-        return TensorLoader(data, h, w, cfg["batch_size"], device, cfg["seed"], train)
+        return TensorLoader(data, h, w, cfg["batch_size"], device, cfg["seed"], train, rank, world)
     transform = train_transform(h, w, c) if train else val_transform(h, w, c)
-    return EpochLoader(data, transform, cfg["batch_size"], cfg["num_workers"], device, cfg["seed"], train)
+    return EpochLoader(data, transform, cfg["batch_size"], cfg["num_workers"], device, cfg["seed"], train, rank, world)
 
 
 def choose_loader(kind, data, cfg, device):

@@ -36,17 +36,18 @@ class SegMeter:
     """Accumulates counts over batches on the device; reads out data-set and per-image scores.
 
     keep_per_image=True keeps each image's counts (needed for per-image means and metrics.csv).
+    Sums are float64, so pixel counts stay exact on any data set size, and can be summed over
+    processes (distributed.all_reduce_sum(meter.sums)) to give the single-process figure.
     """
 
-    def __init__(self, keep_per_image=False):
+    def __init__(self, num_classes, device, keep_per_image=False):
         self.keep_per_image = keep_per_image
-        self.sums = None       # (3, C): summed inter, pred_sum, target_sum
+        self.sums = torch.zeros(3, num_classes, dtype=torch.float64, device=device)  # inter, pred_sum, target_sum
         self.per_image = []    # list of (3, B, C)
 
     def update(self, pred, target):
         c = torch.stack(counts(pred, target))    # (3, B, C)
-        s = c.sum(1)
-        self.sums = s if self.sums is None else self.sums + s
+        self.sums += c.sum(1)
         if self.keep_per_image:
             self.per_image.append(c)
 

@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 import checkpoint
 import config
+import distributed
 from archs import build_model
 from dataset import SegmentationData, choose_loader, make_loader, split_ids
 from losses import LOSSES
 from metrics import SegMeter, binarize
 from runlog import plot_curves, write_log
-from utils import Interrupts, UserError, count_params, plain_warning, resolve_device, save_yaml, seed_everything
+from utils import Interrupts, UserError, count_params, plain_warning, save_yaml, seed_everything
 
 RUN_FILES = ("config.yml", "log.csv", "model.pth", "last.pth", "curves.png")
 SYNC_EVERY = 10  # batches between host syncs (progress bar, NaN check): syncing each batch stalls a GPU
@@ -80,12 +81,14 @@ def forward_loss(model, images, masks, criterion, deep_supervision):
     return criterion(outputs, masks), outputs
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch):
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch, ctx=None):
     """One pass over the training split; returns {'loss', 'iou'} (data-set-level IoU of the batches seen)."""
+    ctx = ctx or distributed.Context()
     model.train()
-    meter = SegMeter()
+    meter = SegMeter(cfg["num_classes"], device)
     batch_losses, sizes = [], []   # kept on the device; read every SYNC_EVERY batches
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, dynamic_ncols=True, disable=None)  # no bar in logs
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, dynamic_ncols=True,
+               disable=None if ctx.main else True)   # no bar in logs, nor on other processes than the first
     for step, (images, masks, _) in enumerate(bar, 1):
         images = images.to(device, non_blocking=True)   # (B, C_in, H, W)
         masks = masks.to(device, non_blocking=True)     # (B, C, H, W)
@@ -94,7 +97,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dty
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, logits = forward_loss(model, images, masks, criterion, cfg["deep_supervision"])
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()    # the scaler is a no-op unless --amp fp16
+        scaler.scale(loss).backward()    # the scaler is a no-op unless --amp fp16; under DDP this all-reduces gradients
         scaler.step(optimizer)
         scaler.update()
 
@@ -104,7 +107,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dty
         if step % SYNC_EVERY == 0 or step == len(loader):
             mean_loss = check_finite(batch_losses, sizes, epoch)
             bar.set_postfix(loss=f"{mean_loss:.4f}", iou=f"{meter.iou():.4f}")
-    return {"loss": check_finite(batch_losses, sizes, epoch), "iou": meter.iou()}
+    loss_sum = check_finite(batch_losses, sizes, epoch) * sum(sizes)
+    mean_loss = reduce_totals(meter, loss_sum, sum(sizes), ctx)   # over all processes: then the IoU
+    return {"loss": mean_loss, "iou": meter.iou()}
 
 
 def check_finite(batch_losses, sizes, epoch):
@@ -118,11 +123,19 @@ def check_finite(batch_losses, sizes, epoch):
     return sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
 
 
+def reduce_totals(meter, loss_sum, count, ctx):
+    """Sums the metric counts, loss and image count over all processes (in place in meter); -> mean loss."""
+    totals = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64, device=meter.sums.device)
+    distributed.all_reduce_sum(meter.sums, ctx)
+    distributed.all_reduce_sum(totals, ctx)
+    return (totals[0] / totals[1]).item()
+
+
 @torch.no_grad()
-def validate(model, loader, criterion, device, amp_dtype, cfg):
-    """Loss and data-set-level IoU/Dice (mean over classes) on the validation split."""
+def validate(model, loader, criterion, device, amp_dtype, cfg, ctx=None):
+    """Loss and data-set-level IoU/Dice (mean over classes) on the validation split (all processes' shards)."""
     model.eval()
-    meter = SegMeter()
+    meter = SegMeter(cfg["num_classes"], device)
     total_loss, count = torch.zeros((), device=device), 0
     for images, masks, _ in loader:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
@@ -133,8 +146,9 @@ def validate(model, loader, criterion, device, amp_dtype, cfg):
         total_loss += loss.float() * images.shape[0]
         count += images.shape[0]
         meter.update(binarize(logits.float(), cfg["class_mode"]), masks)
+    val_loss = reduce_totals(meter, total_loss.item(), count, ctx or distributed.Context())
     iou, dice = meter.dataset_scores()
-    return {"val_loss": total_loss.item() / count, "val_iou": iou.mean().item(), "val_dice": dice.mean().item()}
+    return {"val_loss": val_loss, "val_iou": iou.mean().item(), "val_dice": dice.mean().item()}
 
 
 def load_data(cfg):
@@ -149,10 +163,12 @@ def load_data(cfg):
     return data.subset(train_ids), data.subset(val_ids)
 
 
-def make_loaders(cfg, train_data, val_data, device):
+def make_loaders(cfg, train_data, val_data, device, ctx=None):
     """Training loader (reshuffled per epoch, last partial batch dropped) and validation loader, of one kind."""
+    ctx = ctx or distributed.Context()
     kind = choose_loader(cfg["loader"], train_data, cfg, device)
-    return make_loader(kind, train_data, cfg, device, train=True), make_loader(kind, val_data, cfg, device, train=False)
+    return (make_loader(kind, train_data, cfg, device, True, ctx.rank, ctx.world),
+            make_loader(kind, val_data, cfg, device, False, ctx.rank, ctx.world))
 
 
 def prepare_run_dir(run_dir, run):
@@ -194,43 +210,64 @@ def restore(path, model, optimizer, scheduler, scaler, cfg):
     return state["epoch"], best, state["log"]
 
 
+def build_training(cfg, ctx):
+    """-> model (whose weights are saved), net (what runs the steps: DDP and/or compiled), loss, optimizer,
+    scheduler, AMP scaler."""
+    seed_everything(cfg["seed"])   # the same initial weights in every process
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not cfg["deterministic"]
+    model = build_model(cfg)
+    if ctx.active and cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)   # cudnn's fastest layout for these convolutions
+    net = distributed.wrap(model, ctx)
+    net = torch.compile(net) if cfg["compile"] else net
+    optimizer = build_optimizer(cfg, model.parameters(), ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=resolve_amp(cfg["amp"], ctx.device) == torch.float16)
+    return model, net, LOSSES[cfg["loss"]](), optimizer, build_scheduler(cfg, optimizer), scaler
+
+
 def train(cfg, run, interrupts=None):
     """The whole run: data, model, loop, files. Returns the best validation IoU.
 
     interrupts (an installed utils.Interrupts) keeps Ctrl-C from splitting an epoch's files.
+    Under torchrun every process trains its shard; only the first writes files and prints.
     """
     interrupts = interrupts or Interrupts()
-    run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
-    device = resolve_device(cfg["device"])
-    amp_dtype = resolve_amp(cfg["amp"], device)
-    train_data, val_data = load_data(cfg)           # before touching models/: bad data changes nothing
-    prepare_run_dir(run_dir, run)
+    ctx = distributed.setup(cfg["device"])
+    try:
+        return fit(cfg, run, ctx, interrupts)
+    finally:
+        distributed.cleanup(ctx)
 
-    seed_everything(cfg["seed"])
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not cfg["deterministic"]
-    model = build_model(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)   # cudnn's fastest layout for these convolutions
-    net = torch.compile(model) if cfg["compile"] else model    # net runs the steps; model's weights are saved
-    criterion = LOSSES[cfg["loss"]]()
-    optimizer = build_optimizer(cfg, model.parameters(), device)
-    scheduler = build_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_loader, val_loader = make_loaders(cfg, train_data, val_data, device)
+
+def fit(cfg, run, ctx, interrupts):
+    run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
+    device, amp_dtype = ctx.device, resolve_amp(cfg["amp"], ctx.device)
+    if cfg["sync_bn"] and ctx.active and device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
+    train_data, val_data = load_data(cfg)           # before touching models/: bad data changes nothing
+    if ctx.main:
+        prepare_run_dir(run_dir, run)
+    model, net, criterion, optimizer, scheduler, scaler = build_training(cfg, ctx)
+    train_loader, val_loader = make_loaders(cfg, train_data, val_data, device, ctx)
 
     start, best, rows = 0, {"iou": -1.0, "epoch": 0, "stale": 0}, []
     if run["resume"]:
         start, best, rows = restore(os.path.join(run_dir, "last.pth"), model, optimizer, scheduler, scaler, cfg)
-    save_yaml(os.path.join(run_dir, "config.yml"), cfg)
-    if not run["resume"]:  # an epoch-0 state, so that even a run stopped in its first epoch can --resume
-        checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, 0, best, rows), os.path.join(run_dir, "last.pth"))
-    print(f"{cfg['arch']} ({count_params(model) / 1e6:.2f} M parameters) on {device}"
-          f"{', ' + str(amp_dtype).replace('torch.', '') + ' autocast' if amp_dtype else ''}; "
-          f"{len(train_data.ids)} training, {len(val_data.ids)} validation images "
-          f"({type(train_loader).__name__}); run folder {run_dir}"
-          + (f"; resuming after epoch {start}" if run["resume"] else ""), flush=True)
+    if ctx.main:
+        save_yaml(os.path.join(run_dir, "config.yml"), cfg)
+        if not run["resume"]:  # an epoch-0 state, so that even a run stopped in its first epoch can --resume
+            checkpoint.save(training_state(model, optimizer, scheduler, scaler, cfg, 0, best, rows), os.path.join(run_dir, "last.pth"))
+        print(f"{cfg['arch']} ({count_params(model) / 1e6:.2f} M parameters) on {device}"
+              f"{f' x {ctx.world} processes' if ctx.active else ''}"
+              f"{', ' + str(amp_dtype).replace('torch.', '') + ' autocast' if amp_dtype else ''}; "
+              f"{len(train_data.ids)} training, {len(val_data.ids)} validation images "
+              f"({type(train_loader).__name__}); run folder {run_dir}"
+              + (f"; resuming after epoch {start}" if run["resume"] else ""), flush=True)
 
     for epoch in range(start + 1, cfg["epochs"] + 1):
         if 0 < cfg["early_stopping"] <= best["stale"]:
@@ -238,8 +275,8 @@ def train(cfg, run, interrupts=None):
         t0 = time.time()
         train_loader.set_epoch(epoch)   # the epoch's shuffle and augmentation depend on (seed, epoch) only
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(net, train_loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch)
-        stats.update(validate(net, val_loader, criterion, device, amp_dtype, cfg))
+        stats = train_one_epoch(net, train_loader, criterion, optimizer, scaler, device, amp_dtype, cfg, epoch, ctx)
+        stats.update(validate(net, val_loader, criterion, device, amp_dtype, cfg, ctx))
         if cfg["scheduler"] == "ReduceLROnPlateau":
             scheduler.step(stats["val_loss"])
         else:
@@ -249,6 +286,8 @@ def train(cfg, run, interrupts=None):
         best = {"iou": stats["val_iou"], "epoch": epoch, "stale": 0} if improved else {**best, "stale": best["stale"] + 1}
         rows.append({"epoch": epoch, "lr": float(f"{lr:.6g}"), **{k: round(v, 6) for k, v in stats.items()},
                      "seconds": round(time.time() - t0, 3)})
+        if not ctx.main:
+            continue
         with interrupts.deferred():   # the epoch's files are saved as a whole, even if Ctrl-C comes now
             write_log(os.path.join(run_dir, "log.csv"), rows)
             if improved:
@@ -260,10 +299,11 @@ def train(cfg, run, interrupts=None):
               f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
               f"{rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}", flush=True)
 
-    if 0 < cfg["early_stopping"] <= best["stale"]:
+    if ctx.main and 0 < cfg["early_stopping"] <= best["stale"]:
         print(f"early stopping: no better val_iou for {best['stale']} epochs")
-    print(f"best val_iou {best['iou']:.4f} at epoch {best['epoch']}; model: {run_dir}/model.pth; "
-          f"evaluate with: python val.py --name {cfg['name']}")
+    if ctx.main:
+        print(f"best val_iou {best['iou']:.4f} at epoch {best['epoch']}; model: {run_dir}/model.pth; "
+              f"evaluate with: python val.py --name {cfg['name']}")
     return best["iou"]
 
 
@@ -277,10 +317,11 @@ def main(argv=None):
         print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
         train(cfg, run, interrupts)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun every process meets the same data: one message
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
     except KeyboardInterrupt:
-        if cfg is not None:
+        if cfg is not None and os.environ.get("RANK", "0") == "0":
             print(f"\ninterrupted: models/{cfg['name']}/last.pth holds the last finished epoch; continue with\n"
                   f"    python train.py --name {cfg['name']} --resume", file=sys.stderr)
         sys.exit(130)

@@ -167,7 +167,7 @@ def evaluate(args):
         data = data.subset(split_ids(data.ids, cfg["val_split"], cfg["split_seed"])[1])
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name)
     make_dirs(out_dir, cfg["num_classes"], args)
-    meter = SegMeter(keep_per_image=True)
+    meter = SegMeter(cfg["num_classes"], device, keep_per_image=True)
     run_inference(model, data, cfg, args, device, out_dir, meter)
     if data.masks is not None:
         report(meter, data.ids, out_dir)

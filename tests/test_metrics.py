@@ -19,7 +19,7 @@ def test_per_image_and_dataset_scores_match_numpy():
     pred[2, 1] = False
     target[2, 1] = False   # both empty: 1
     target[3, 0] = False   # empty target, non-empty prediction: 0
-    meter = SegMeter(keep_per_image=True)
+    meter = SegMeter(2, "cpu", keep_per_image=True)
     for b in range(0, 6, 4):  # uneven batches: 4 + 2
         meter.update(torch.tensor(pred[b:b + 4]).float(), torch.tensor(target[b:b + 4]).float())
     iou, dice = meter.image_scores()
@@ -41,7 +41,7 @@ def test_dataset_score_does_not_depend_on_batch_size():
     target = torch.tensor(rng.random((8, 1, 8, 8)) > 0.3).float()
     results = []
     for bs in (1, 3, 8):
-        m = SegMeter()
+        m = SegMeter(1, "cpu")
         for b in range(0, 8, bs):
             m.update(pred[b:b + bs], target[b:b + bs])
         results.append(m.iou())

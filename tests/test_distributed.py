@@ -1,0 +1,78 @@
+"""torchrun with 2 CPU processes (gloo): the same run as one process, resumable, and shards that cover the data."""
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import ROOT, make_data
+from dataset import shard
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "train.py")]
+FAST = ["--dataset", "tiny", "--arch", "UNet", "-b", "4", "--input_w", "32", "--input_h", "32",
+        "--num_workers", "0", "--device", "cpu", "--optimizer", "Adam"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_processes_make_the_same_files_and_val_py_agrees(tmp_path):
+    make_data(tmp_path / "inputs", n=20)
+    r = subprocess.run(TORCHRUN + FAST + ["--epochs", "2", "--name", "ddp"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stdout and r.stdout.count("best val_iou") == 1    # one process prints
+    run_dir = tmp_path / "models" / "ddp"
+    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth"]
+    log = rows(run_dir / "log.csv")
+    assert [row["epoch"] for row in log] == ["1", "2"]
+    best = max(float(row["val_iou"]) for row in log)
+    v = subprocess.run([sys.executable, os.path.join(ROOT, "val.py"), "--name", "ddp", "--device", "cpu"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    single = float(re.search(r"^IoU: ([0-9.]+)$", v.stdout, re.M).group(1))
+    assert abs(single - best) < 1e-4        # logged (sum over 2 shards) == one process on model.pth
+
+
+def test_resume_after_interrupt_under_two_processes(tmp_path):
+    make_data(tmp_path / "inputs", n=20)
+    args = FAST + ["--epochs", "4", "--name", "ddp"]
+    proc = subprocess.Popen(TORCHRUN + args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    log = tmp_path / "models" / "ddp" / "log.csv"
+    deadline = time.time() + 180
+    while not (log.exists() and len(rows(log)) >= 1) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)      # Ctrl-C in a terminal reaches torchrun and every worker
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = len(rows(log))
+    assert done < 4
+    r = subprocess.run(TORCHRUN + args + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming after epoch {done}" in r.stdout
+    assert [row["epoch"] for row in rows(log)] == ["1", "2", "3", "4"]
+
+
+def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
+    make_data(tmp_path / "inputs", n=20)
+    r = subprocess.run(TORCHRUN + FAST + ["--epochs", "1", "--sync_bn"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--sync_bn needs CUDA GPUs" in r.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_shards_cover_validation_and_balance_training():
+    order = torch.randperm(11)
+    val = [shard(order, r, 3, drop_remainder=False) for r in range(3)]
+    assert sorted(torch.cat(val).tolist()) == list(range(11))
+    train = [shard(order, r, 3, drop_remainder=True) for r in range(3)]
+    assert {len(t) for t in train} == {3} and len(set(torch.cat(train).tolist())) == 9
