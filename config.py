@@ -38,6 +38,8 @@ OPTIONS = [
     ("val_split", 0.2, float, None, "fraction of images held out for validation"),
     ("split_seed", 41, int, None, "random_state of the train/validation split"),
     ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers)"),
+    ("cache_mb", 0, float, None, "memory for decoded images, MB; the rest is read from disk each epoch "
+     "(0: half the available memory)"),
     ("loader", "auto", str, ("auto", "memory", "workers"),
      "memory: data set as tensors on the device, augmented there in batches; workers: albumentations in "
      "DataLoader workers; auto: memory when it fits"),
@@ -184,6 +186,8 @@ def validate(cfg, source="the command line"):
                         f"{', '.join(SIGMOID_LOSSES)}")
     if cfg["num_workers"] < 0:
         raise UserError(f"{source}: num_workers must be 0 or more")
+    if cfg["cache_mb"] < 0:
+        raise UserError(f"{source}: cache_mb must be 0 (automatic) or more")
     return cfg
 
 

@@ -118,16 +118,20 @@ def check_pairs(image_ids, mask_dir, mask_ext):
 
 
 class SegmentationData:
-    """A validated data set decoded into memory: ids, images (H, W, C_in) and masks (H, W, C) as uint8 0/1.
+    """A validated data set: ids, and per image its uint8 (H, W, C_in) image and (H, W, C) 0/1 mask.
 
-    masks is None for unlabeled images.
+    Decoded images are cached in memory up to a byte budget; the rest are read from disk again
+    when asked for (image(k), mask(k)), with the same result. masks is None for unlabeled images.
     """
 
-    def __init__(self, ids, images, masks):
+    def __init__(self, ids, images, masks, paths=None, input_channels=3, threshold=127):
         self.ids, self.images, self.masks = ids, images, masks
+        self.paths = paths                    # per image: (image path, [mask path per class]), for uncached reads
+        self.input_channels, self.threshold = input_channels, threshold
 
     @classmethod
-    def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels):
+    def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
+        """Checks every file (decoding each once) and keeps the decoded arrays while they fit in cache_bytes."""
         if not os.path.isdir(root):
             raise UserError(f"data set folder {root} does not exist; create it with images/ and masks/0/ inside, "
                             "or pass --data_dir and --dataset so that <data_dir>/<dataset> is your data")
@@ -135,37 +139,71 @@ class SegmentationData:
         mask_dirs = class_folders(os.path.join(root, "masks"), num_classes)
         for d in mask_dirs:
             check_pairs(ids, d, mask_ext)
-        images, masks = [], []
+        images, masks, paths, used, peak = [], [], [], 0, 0
         for i in ids:
             img_path = os.path.join(root, "images", i + img_ext)
+            mask_paths = [os.path.join(d, i + mask_ext) for d in mask_dirs]
             img = read_image(img_path, input_channels)
-            planes = []
-            for d in mask_dirs:
-                m = read_mask(os.path.join(d, i + mask_ext))
+            planes = [read_mask(p) for p in mask_paths]
+            for p, m in zip(mask_paths, planes):
                 if m.shape != img.shape[:2]:
-                    raise UserError(f"mask {os.path.join(d, i + mask_ext)} is {m.shape[1]}x{m.shape[0]} but its image "
+                    raise UserError(f"mask {p} is {m.shape[1]}x{m.shape[0]} but its image "
                                     f"{img_path} is {img.shape[1]}x{img.shape[0]}; masks must match their image's size")
-                planes.append(m)
-            images.append(img)
-            masks.append(np.stack(planes, axis=2))             # (H, W, C) raw values
-        binarize_masks(masks, root)
-        return cls(ids, images, masks)
+            mask = np.stack(planes, axis=2)                        # (H, W, C) raw values
+            peak = max(peak, int(mask.max()))
+            keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
+            used += (img.nbytes + mask.nbytes) if keep else 0
+            images.append(img if keep else None)
+            masks.append(mask if keep else None)
+            paths.append((img_path, mask_paths))
+        threshold = mask_threshold(peak, root)
+        masks = [None if m is None else (m > threshold).astype(np.uint8) for m in masks]
+        return cls(ids, images, masks, paths, input_channels, threshold)
+
+    @property
+    def labeled(self):
+        return self.masks is not None
+
+    @property
+    def fully_cached(self):
+        return all(i is not None for i in self.images)
+
+    def image(self, k):
+        """uint8 (H, W, C_in), from the cache or decoded from disk."""
+        if self.images[k] is not None:
+            return self.images[k]
+        return read_image(self.paths[k][0], self.input_channels)
+
+    def mask(self, k):
+        """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
+        if self.masks[k] is not None:
+            return self.masks[k]
+        return (np.stack([read_mask(p) for p in self.paths[k][1]], axis=2) > self.threshold).astype(np.uint8)
 
     def subset(self, ids):
         index = {i: k for k, i in enumerate(self.ids)}
-        return SegmentationData(list(ids), [self.images[index[i]] for i in ids], [self.masks[index[i]] for i in ids])
+        pick = [index[i] for i in ids]
+        return SegmentationData(list(ids), [self.images[k] for k in pick],
+                                None if self.masks is None else [self.masks[k] for k in pick],
+                                None if self.paths is None else [self.paths[k] for k in pick],
+                                self.input_channels, self.threshold)
 
 
-def binarize_masks(masks, root):
-    """In place: raw mask values -> 0/1 at > 127; a data set whose masks only hold 0/1 is accepted with a warning."""
-    peak = max(int(m.max()) for m in masks)
-    threshold = 127
+def mask_threshold(peak, root):
+    """Foreground is > 127; a data set whose masks only hold 0/1 is accepted (> 0) with one warning."""
     if peak == 1:
         warnings.warn(f"the masks under {root}/masks hold only the values 0 and 1; reading 1 as foreground. "
-                      "(The expected format is 0 = background, 255 = foreground.)", stacklevel=2)
-        threshold = 0
-    for k, m in enumerate(masks):
-        masks[k] = (m > threshold).astype(np.uint8)
+                      "(The expected format is 0 = background, 255 = foreground.)", stacklevel=3)
+        return 0
+    return 127
+
+
+def cache_budget(cache_mb):
+    """--cache_mb -> bytes; 0 = automatic: half the memory available now, shared by this node's processes."""
+    if cache_mb > 0:
+        return int(cache_mb * 2**20)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def split_ids(ids, val_split, split_seed):
@@ -226,11 +264,11 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         self.transform.set_random_seed(hash((self.seed, self.epoch, idx)) % 2**32)
-        if self.data.masks is None:  # unlabeled images (val.py --images): an empty mask
-            out = self.transform(image=self.data.images[idx])
+        if not self.data.labeled:  # unlabeled images (val.py --images): an empty mask
+            out = self.transform(image=self.data.image(idx))
             mask = torch.zeros(0)
         else:
-            out = self.transform(image=self.data.images[idx], mask=self.data.masks[idx])
+            out = self.transform(image=self.data.image(idx), mask=self.data.mask(idx))
             mask = torch.from_numpy(out["mask"].transpose(2, 0, 1).astype(np.float32))  # (C, H, W)
         image = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())                 # (C_in, H, W)
         return image, mask, {"img_id": self.data.ids[idx]}
@@ -306,10 +344,11 @@ class TensorLoader:
     """
 
     def __init__(self, data, input_h, input_w, batch_size, device, seed, train, rank=0, world=1):
-        images = np.stack([cv2.resize(i, (input_w, input_h), interpolation=cv2.INTER_LINEAR).reshape(input_h, input_w, -1)
-                           for i in data.images])
-        masks = np.stack([cv2.resize(m, (input_w, input_h), interpolation=cv2.INTER_NEAREST).reshape(input_h, input_w, -1)
-                          for m in data.masks])
+        n = len(data.ids)
+        images = np.stack([cv2.resize(data.image(k), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
+                           .reshape(input_h, input_w, -1) for k in range(n)])
+        masks = np.stack([cv2.resize(data.mask(k), (input_w, input_h), interpolation=cv2.INTER_NEAREST)
+                          .reshape(input_h, input_w, -1) for k in range(n)])
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C_in, H, W) uint8
         self.masks = torch.from_numpy(masks).permute(0, 3, 1, 2).contiguous().to(device)    # (N, C, H, W) uint8 0/1
         mean, std = normalize_stats(self.images.shape[1])
@@ -394,9 +433,12 @@ def make_loader(kind, data, cfg, device, train, rank=0, world=1):
 
 
 def choose_loader(kind, data, cfg, device):
-    """--loader auto: keep the data set on the device when it takes under a quarter of its free memory."""
+    """--loader auto: keep the data set on the device when all of it is cached in memory and it takes
+    under a quarter of the device's free memory; otherwise stream it through DataLoader workers."""
     if kind != "auto":
         return kind
+    if not data.fully_cached:
+        return "workers"
     nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] + cfg["num_classes"])
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

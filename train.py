@@ -21,7 +21,7 @@ import checkpoint
 import config
 import distributed
 from archs import build_model
-from dataset import SegmentationData, choose_loader, make_loader, split_ids
+from dataset import SegmentationData, cache_budget, choose_loader, make_loader, split_ids
 from losses import LOSSES
 from metrics import SegMeter, binarize
 from runlog import plot_curves, write_log
@@ -154,7 +154,8 @@ def validate(model, loader, criterion, device, amp_dtype, cfg, ctx=None):
 def load_data(cfg):
     """Validated, decoded train and validation splits (every data problem is reported here)."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
-    data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], cfg["input_channels"])
+    data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], cfg["input_channels"],
+                                        cache_budget(cfg["cache_mb"]))
     train_ids, val_ids = split_ids(data.ids, cfg["val_split"], cfg["split_seed"])
     if cfg["batch_size"] > len(train_ids):
         raise UserError(f"--batch_size {cfg['batch_size']} is larger than the training split ({len(train_ids)} of "

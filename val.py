@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import checkpoint
 import config
 from archs import build_model
-from dataset import SegDataset, SegmentationData, find_ids, read_image, split_ids, val_transform
+from dataset import SegDataset, SegmentationData, cache_budget, find_ids, read_image, split_ids, val_transform
 from metrics import SegMeter, binarize
 from utils import UserError, atomic_write, plain_warning, resolve_device, write_png
 
@@ -120,13 +120,14 @@ def run_inference(model, data, cfg, args, device, out_dir, meter):
         probs = predict_probs(model, images.to(device), cfg, args.tta)                   # (B, C, h, w)
         for b, img_id in enumerate(meta["img_id"]):
             k = index[img_id]
-            h, w = data.images[k].shape[:2]
+            image = data.image(k)
+            h, w = image.shape[:2]
             full = F.interpolate(probs[b:b + 1], size=(h, w), mode="bilinear", align_corners=False)  # original size
             pred = to_prediction(full, cfg, args.threshold)                               # (1, C, H, W)
-            if data.masks is not None:
-                target = torch.from_numpy(data.masks[k]).permute(2, 0, 1)[None].float().to(device)
+            if data.labeled:
+                target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(device)
                 meter.update(pred, target)
-            write_outputs(out_dir, img_id, pred[0].cpu().numpy(), full[0].cpu().numpy(), data.images[k], args)
+            write_outputs(out_dir, img_id, pred[0].cpu().numpy(), full[0].cpu().numpy(), image, args)
 
 
 def write_metrics(path, ids, iou, dice):
@@ -163,15 +164,16 @@ def evaluate(args):
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name, "predictions")
     else:
         root = os.path.join(cfg["data_dir"], cfg["dataset"])
-        data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], cfg["input_channels"])
+        data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], cfg["input_channels"],
+                                            cache_budget(cfg["cache_mb"]))
         data = data.subset(split_ids(data.ids, cfg["val_split"], cfg["split_seed"])[1])
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name)
     make_dirs(out_dir, cfg["num_classes"], args)
     meter = SegMeter(cfg["num_classes"], device, keep_per_image=True)
     run_inference(model, data, cfg, args, device, out_dir, meter)
-    if data.masks is not None:
+    if data.labeled:
         report(meter, data.ids, out_dir)
-    print(f"{len(data.ids)} predicted masks in {out_dir}/<class>/" + (f"; metrics in {out_dir}/metrics.csv" if data.masks is not None else ""))
+    print(f"{len(data.ids)} predicted masks in {out_dir}/<class>/" + (f"; metrics in {out_dir}/metrics.csv" if data.labeled else ""))
 
 
 def main(argv=None):

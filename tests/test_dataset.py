@@ -192,3 +192,19 @@ def test_choose_loader(tiny):
     cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1}
     assert choose_loader("auto", d, cfg, torch.device("cpu")) == "memory"
     assert choose_loader("workers", d, cfg, torch.device("cpu")) == "workers"
+
+
+def test_capped_cache_reads_the_rest_from_disk_with_the_same_batches(tiny):
+    full = load(tiny)
+    capped = SegmentationData.from_folder(str(tiny), ".png", ".png", 1, 3, cache_bytes=3 * (32 * 32 * 3 + 32 * 32))
+    assert sum(i is not None for i in capped.images) == 3 and not capped.fully_cached and full.fully_cached
+    batches = []
+    for d in (full, capped):
+        loader = EpochLoader(d, train_transform(32, 32, 3), 4, 0, torch.device("cpu"), seed=4, train=True)
+        loader.set_epoch(2)
+        batches.append([(x, y, m["img_id"]) for x, y, m in loader])
+    for (x1, y1, i1), (x2, y2, i2) in zip(*batches):
+        assert i1 == i2 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1}
+    assert choose_loader("auto", capped, cfg, torch.device("cpu")) == "workers"
+    assert choose_loader("auto", full, cfg, torch.device("cpu")) == "memory"
