@@ -35,6 +35,8 @@ OPTIONS = [
     ("data_dir", "inputs", str, None, "folder that holds the data sets"),
     ("img_ext", ".png", str, None, "image file extension"),
     ("mask_ext", ".png", str, None, "mask file extension"),
+    ("crop", False, bool, None, "train on random input_h x input_w crops of full-size images instead of resizing "
+     "them (val.py then predicts whole images by tiling)"),
     ("val_split", 0.2, float, None, "fraction of images held out for validation"),
     ("split_seed", 41, int, None, "random_state of the train/validation split"),
     ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers)"),

@@ -223,8 +223,11 @@ def normalize_stats(input_channels):
     return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
 
 
-def train_transform(input_h, input_w, input_channels):
-    """The reference's training augmentation, in albumentations 2.x terms."""
+def train_transform(input_h, input_w, input_channels, crop=False):
+    """The reference's training augmentation, in albumentations 2.x terms.
+
+    crop: a random input_h x input_w crop of the full-size image (padded if smaller) instead of resizing.
+    """
     mean, std = normalize_stats(input_channels)
     colour = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.0, p=1),
               A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=1)]
@@ -235,14 +238,28 @@ def train_transform(input_h, input_w, input_channels):
         A.HorizontalFlip(),
         A.VerticalFlip(),
         A.OneOf(colour, p=1),
-        A.Resize(input_h, input_w),
+        *fit_to_input(input_h, input_w, crop, A.RandomCrop),
         A.Normalize(mean=mean, std=std),  # -> float32 (x/255 - mean) / std; no second /255
     ])
 
 
-def val_transform(input_h, input_w, input_channels):
+def val_transform(input_h, input_w, input_channels, crop=False):
+    """Resize to the input (or, for crop-trained runs, a centre crop); val.py tiles whole images instead."""
     mean, std = normalize_stats(input_channels)
-    return A.Compose([A.Resize(input_h, input_w), A.Normalize(mean=mean, std=std)])
+    return A.Compose([*fit_to_input(input_h, input_w, crop, A.CenterCrop), A.Normalize(mean=mean, std=std)])
+
+
+def normalize_transform(input_channels):
+    """Normalisation alone, for whole images predicted by tiling."""
+    mean, std = normalize_stats(input_channels)
+    return A.Compose([A.Normalize(mean=mean, std=std)])
+
+
+def fit_to_input(input_h, input_w, crop, crop_class):
+    """[Resize], or [PadIfNeeded, a crop] when training on crops of full-size images."""
+    if not crop:
+        return [A.Resize(input_h, input_w)]
+    return [A.PadIfNeeded(input_h, input_w, border_mode=cv2.BORDER_REFLECT_101), crop_class(input_h, input_w)]
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -428,16 +445,18 @@ def make_loader(kind, data, cfg, device, train, rank=0, world=1):
     h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
     if kind == "memory":
         return TensorLoader(data, h, w, cfg["batch_size"], device, cfg["seed"], train, rank, world)
-    transform = train_transform(h, w, c) if train else val_transform(h, w, c)
+    transform = train_transform(h, w, c, cfg["crop"]) if train else val_transform(h, w, c, cfg["crop"])
     return EpochLoader(data, transform, cfg["batch_size"], cfg["num_workers"], device, cfg["seed"], train, rank, world)
 
 
 def choose_loader(kind, data, cfg, device):
     """--loader auto: keep the data set on the device when all of it is cached in memory and it takes
     under a quarter of the device's free memory; otherwise stream it through DataLoader workers."""
+    if kind == "memory" and cfg["crop"]:
+        raise UserError("--loader memory resizes images to the input size; with --crop use --loader workers (or auto)")
     if kind != "auto":
         return kind
-    if not data.fully_cached:
+    if not data.fully_cached or cfg["crop"]:
         return "workers"
     nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] + cfg["num_classes"])
     if device.type == "cuda":

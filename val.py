@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 import checkpoint
 import config
 from archs import build_model
-from dataset import SegDataset, SegmentationData, cache_budget, find_ids, read_image, split_ids, val_transform
+from dataset import SegDataset, SegmentationData, cache_budget, find_ids, normalize_transform, read_image, split_ids, val_transform
 from metrics import SegMeter, binarize
+from tiling import predict_tiled
 from utils import UserError, atomic_write, plain_warning, resolve_device, write_png
 
 OUTPUTS_DIR = "outputs"
@@ -40,6 +41,10 @@ def parse_args(argv):
     p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
     p.add_argument("--save_probs", action="store_true", help="also write 8-bit probability maps to <output>/probs/")
     p.add_argument("--overlay", action="store_true", help="also write images with the predicted outline to <output>/overlay/")
+    p.add_argument("--tile", action="store_true",
+                   help="predict whole images at full resolution by overlapping tiles of the network's input size "
+                        "(always on for runs trained with --crop)")
+    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction with --tile (default: 0.5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
     args = p.parse_args(argv)
@@ -47,6 +52,8 @@ def parse_args(argv):
         p.error("--threshold must be between 0 and 1")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
+    if not 0 <= args.overlap < 1:
+        p.error("--overlap must be at least 0 and below 1")
     return args
 
 
@@ -111,23 +118,37 @@ def make_dirs(out_dir, num_classes, args):
         os.makedirs(os.path.join(out_dir, "overlay"), exist_ok=True)
 
 
-def run_inference(model, data, cfg, args, device, out_dir, meter):
-    """Predicts every image of `data`, writes its outputs, and (if labeled) adds its counts to `meter`."""
+def resized_probs(model, data, cfg, args, device):
+    """Yields (k, probabilities (1, C, H, W) at image k's original size): batches resized to the input size."""
     ds = SegDataset(data, val_transform(cfg["input_h"], cfg["input_w"], cfg["input_channels"]))
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
-    index = {i: k for k, i in enumerate(data.ids)}
-    for images, _, meta in loader:
+    k = 0
+    for images, _, _ in loader:
         probs = predict_probs(model, images.to(device), cfg, args.tta)                   # (B, C, h, w)
-        for b, img_id in enumerate(meta["img_id"]):
-            k = index[img_id]
-            image = data.image(k)
-            h, w = image.shape[:2]
-            full = F.interpolate(probs[b:b + 1], size=(h, w), mode="bilinear", align_corners=False)  # original size
-            pred = to_prediction(full, cfg, args.threshold)                               # (1, C, H, W)
-            if data.labeled:
-                target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(device)
-                meter.update(pred, target)
-            write_outputs(out_dir, img_id, pred[0].cpu().numpy(), full[0].cpu().numpy(), image, args)
+        for b in range(probs.shape[0]):
+            h, w = data.image(k).shape[:2]
+            yield k, F.interpolate(probs[b:b + 1], size=(h, w), mode="bilinear", align_corners=False)
+            k += 1
+
+
+def tiled_probs(model, data, cfg, args, device):
+    """Yields (k, probabilities (1, C, H, W)): whole images at full resolution, by overlapping tiles."""
+    normalize = normalize_transform(cfg["input_channels"])
+    for k in range(len(data.ids)):
+        image = torch.from_numpy(normalize(image=data.image(k))["image"]).permute(2, 0, 1)[None].to(device)
+        yield k, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, args.tta), image,
+                               cfg["input_h"], cfg["input_w"], args.overlap, args.batch_size)
+
+
+def run_inference(model, data, cfg, args, device, out_dir, meter):
+    """Predicts every image of `data`, writes its outputs, and (if labeled) adds its counts to `meter`."""
+    tiled = args.tile or cfg["crop"]
+    for k, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, args, device):
+        pred = to_prediction(probs, cfg, args.threshold)                                  # (1, C, H, W)
+        if data.labeled:
+            target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(device)
+            meter.update(pred, target)
+        write_outputs(out_dir, data.ids[k], pred[0].cpu().numpy(), probs[0].cpu().numpy(), data.image(k), args)
 
 
 def write_metrics(path, ids, iou, dice):

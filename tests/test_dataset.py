@@ -189,7 +189,7 @@ def test_epoch_loader_is_seeded_per_epoch(tiny):
 
 def test_choose_loader(tiny):
     d = load(tiny)
-    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1}
+    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False}
     assert choose_loader("auto", d, cfg, torch.device("cpu")) == "memory"
     assert choose_loader("workers", d, cfg, torch.device("cpu")) == "workers"
 
@@ -205,6 +205,6 @@ def test_capped_cache_reads_the_rest_from_disk_with_the_same_batches(tiny):
         batches.append([(x, y, m["img_id"]) for x, y, m in loader])
     for (x1, y1, i1), (x2, y2, i2) in zip(*batches):
         assert i1 == i2 and torch.equal(x1, x2) and torch.equal(y1, y2)
-    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1}
+    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False}
     assert choose_loader("auto", capped, cfg, torch.device("cpu")) == "workers"
     assert choose_loader("auto", full, cfg, torch.device("cpu")) == "memory"
