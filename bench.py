@@ -3,6 +3,7 @@
     python bench.py --device cuda                      # UNet and NestedUNet, the fast recipe's settings
     python bench.py --quick --device cpu               # a minute or two on 2 CPU cores
     python bench.py --device cuda --time_to_iou 0.82   # also run recipes/dsb2018_fast.yml and time it
+    python bench.py --scaling --images 40 --archs UNet --batch_size 8 --epochs 1 --device cpu   # cost vs size
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import torch
 
 import config
@@ -116,6 +118,31 @@ def time_to_iou(recipe, data_dir, dataset, device, target, extra):
     return reached, best, time.perf_counter() - t0
 
 
+def scaled(data, copies, side):
+    """The data set repeated `copies` times with every image and mask resized to side x side."""
+    resize = lambda a, interp: cv2.resize(a, (side, side), interpolation=interp).reshape(side, side, -1)  # noqa: E731
+    ids = [f"{i}_{c}" for c in range(copies) for i in data.ids]
+    images = [resize(data.image(k), cv2.INTER_LINEAR) for _ in range(copies) for k in range(len(data.ids))]
+    masks = [resize(data.mask(k), cv2.INTER_NEAREST) for _ in range(copies) for k in range(len(data.ids))]
+    return SegmentationData(ids, images, masks)
+
+
+def scaling_rows(base, data, device, args, device_name):
+    """How an epoch's cost grows with the image count (x1, x4) and the pixels per image (96, 192, 384)."""
+    for arch in args.archs.split(","):
+        for copies, side in ((1, 96), (4, 96), (1, 192), (1, 384)):
+            cfg = config.validate({**base, "device": str(device), "arch": arch, "deep_supervision": False,
+                                   "input_h": side, "input_w": side, "batch_size": args.batch_size or base["batch_size"]})
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            d = scaled(data, copies, side)
+            e2e, epoch_s, loader, n_train = e2e_rate(cfg, device, d, args.epochs)
+            yield {"case": f"scaling-{arch}-x{copies}-{side}px", "device": device_name, "arch": arch,
+                   "images": len(d.ids), "train_images": n_train, "input": side, "batch_size": cfg["batch_size"],
+                   "loader": loader, "e2e_img_s": round(e2e, 1), "train_epoch_s": round(n_train / e2e, 3),
+                   "epoch_s": round(epoch_s, 3), "peak_mem_mb": round(peak_memory_mb(device), 1)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Training throughput benchmark (JSON lines).")
     p.add_argument("--device", default="auto")
@@ -130,6 +157,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps for pure_img_s")
     p.add_argument("--quick", action="store_true", help="64 images at 64x64, batch 8, 1 epoch: a CPU smoke run")
     p.add_argument("--time_to_iou", type=float, help="also run train.py on the recipe and time it to this val IoU")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead: epoch cost against image count (x1, x4) and image side (96, 192, 384)")
+    p.add_argument("--images", type=int, help="use only the first N images of the data set")
     p.add_argument("--out", help="append the JSON lines to this file too")
     args = p.parse_args(argv)
 
@@ -143,11 +173,17 @@ def main(argv=None):
             overrides[key] = getattr(args, key)
     if args.compile:
         overrides["compile"] = True
+    if args.images:
+        data = data.subset(data.ids[:args.images])
     if args.quick:
         data = data.subset(data.ids[:64])
         overrides.update(input_h=64, input_w=64, batch_size=args.batch_size or 8)
         args.epochs, args.steps = 1, 5
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if args.scaling:
+        for row in scaling_rows(base, data, device, args, device_name):
+            emit(row, args.out)
+        return
     for arch in args.archs.split(","):
         cfg = config.validate({**base, **overrides, "arch": arch, "deep_supervision": False})
         if device.type == "cuda":
@@ -168,11 +204,16 @@ def main(argv=None):
                                                os.path.basename(os.path.abspath(args.data)), device, args.time_to_iou, extra)
             row.update(target_iou=args.time_to_iou, seconds_to_iou=reached and round(reached, 1),
                        best_val_iou=round(best, 4), run_s=round(total, 1))
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit(row, args.out)
+
+
+def emit(row, path):
+    """One JSON line on stdout (and appended to `path`)."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":
