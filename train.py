@@ -321,10 +321,21 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":   # under torchrun every process meets the same data: one message
             print(f"error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        # under torchrun: usually another process died and the collective operations broke off
+        name = cfg["name"] if cfg else "<name>"
+        print(f"error: [rank {os.environ.get('RANK')}] training stopped: {str(e).strip().splitlines()[0][:300]}\n"
+              "If another process failed, torchrun's summary below names it. models/{name}/last.pth holds the last "
+              f"finished epoch: rerun the same torchrun command with --resume.".replace("{name}", name), file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if cfg is not None and os.environ.get("RANK", "0") == "0":
+            again = (f"python train.py --name {cfg['name']} --resume" if "WORLD_SIZE" not in os.environ
+                     else "the same torchrun command with --resume added")
             print(f"\ninterrupted: models/{cfg['name']}/last.pth holds the last finished epoch; continue with\n"
-                  f"    python train.py --name {cfg['name']} --resume", file=sys.stderr)
+                  f"    {again}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -76,3 +76,32 @@ def test_shards_cover_validation_and_balance_training():
     assert sorted(torch.cat(val).tolist()) == list(range(11))
     train = [shard(order, r, 3, drop_remainder=True) for r in range(3)]
     assert {len(t) for t in train} == {3} and len(set(torch.cat(train).tolist())) == 9
+
+
+def test_a_dying_process_ends_the_job_with_a_message(tmp_path):
+    make_data(tmp_path / "inputs", n=20)
+    proc = subprocess.Popen(TORCHRUN + FAST + ["--epochs", "10000", "--name", "ddp"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "models" / "ddp" / "log.csv"
+    deadline = time.time() + 180
+    while not (log.exists() and len(rows(log)) >= 1) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victims = [p for p in os.listdir("/proc") if p.isdigit() and is_rank(int(p), "1", str(tmp_path))]
+    assert len(victims) == 1
+    os.kill(int(victims[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)                       # ends: no hang
+    assert proc.returncode != 0
+    assert "rank      : 1" in err and "SIGKILL" in err            # torchrun names the process that failed
+    # rank 0 meets either the broken collective or torchrun's SIGTERM first; either way one message
+    assert ("[rank 0] training stopped" in err or "interrupted: models/ddp/last.pth" in err) and "--resume" in err
+    import checkpoint
+    assert checkpoint.load(str(tmp_path / "models" / "ddp" / "last.pth"))["epoch"] >= 0
+
+
+def is_rank(pid, rank, cwd):
+    """Whether process `pid` is a torchrun worker with RANK=rank running in `cwd`."""
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        return f"RANK={rank}".encode() in env and os.readlink(f"/proc/{pid}/cwd") == cwd
+    except OSError:
+        return False
