@@ -172,20 +172,23 @@ def make_loaders(cfg, train_data, val_data, device, ctx=None):
             make_loader(kind, val_data, cfg, device, False, ctx.rank, ctx.world))
 
 
-def prepare_run_dir(run_dir, run):
-    """Refuses to touch an existing run unless --resume or --overwrite says so."""
+def prepare_run_dir(run_dir, run, write):
+    """Refuses to touch an existing run unless --resume or --overwrite says so (checked in every process);
+    `write`: this process clears and creates the folder (the first process only, under torchrun)."""
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if run["resume"]:
         if not os.path.isfile(os.path.join(run_dir, "last.pth")):
             raise UserError(f"--resume: {run_dir}/last.pth does not exist, so there is nothing to resume. "
                             "Train without --resume (add --overwrite to replace what is there).")
-        for f in os.listdir(run_dir):   # temporary files of writes that a kill cut short
+        for f in os.listdir(run_dir) if write else []:   # temporary files of writes that a kill cut short
             if f.startswith(".") and f.endswith(".tmp"):
                 os.remove(os.path.join(run_dir, f))
         return
     if existing and not run["overwrite"]:
         raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
                         "--overwrite to replace it, or --name to train under another name.")
+    if not write:
+        return
     if existing:
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -251,8 +254,7 @@ def fit(cfg, run, ctx, interrupts):
     if cfg["sync_bn"] and ctx.active and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
     train_data, val_data = load_data(cfg)           # before touching models/: bad data changes nothing
-    if ctx.main:
-        prepare_run_dir(run_dir, run)
+    prepare_run_dir(run_dir, run, write=ctx.main)
     model, net, criterion, optimizer, scheduler, scaler = build_training(cfg, ctx)
     train_loader, val_loader = make_loaders(cfg, train_data, val_data, device, ctx)
 

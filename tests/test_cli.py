@@ -62,7 +62,9 @@ def test_unet_train_then_val_writes_every_output(tmp_path):
     (["--arch", "UNet", "--input_channels", "1"], {"channels": 1}, "tiny_UNet_woDS"),
     (["--arch", "UNet", "--loader", "workers", "--num_workers", "2"], {}, "tiny_UNet_woDS"),
     (["--arch", "UNet", "--cache_mb", "0.01"], {}, "tiny_UNet_woDS"),
-], ids=["nested", "nested-ds", "two-classes", "softmax", "grayscale", "worker-loader", "cache-smaller-than-data"])
+    (["--arch", "UNet", "--amp", "bf16"], {}, "tiny_UNet_woDS"),
+], ids=["nested", "nested-ds", "two-classes", "softmax", "grayscale", "worker-loader", "cache-smaller-than-data",
+        "bf16-autocast-on-cpu"])
 def test_variants_train_and_evaluate(tmp_path, extra, data_kw, name):
     make_data(tmp_path / "inputs", **data_kw)
     run("train.py", ["--dataset", "tiny", *FAST, *extra], tmp_path)
