@@ -375,6 +375,8 @@ class TensorLoader:
         self.rank, self.world = rank, world
         self.square = input_h == input_w
         self.generator = torch.Generator().manual_seed(seed)
+        self.yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
+        self.yiq_inverse = torch.linalg.inv(self.yiq)
 
     def set_epoch(self, epoch):
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
@@ -387,54 +389,70 @@ class TensorLoader:
         n = len(self.ids)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         order = shard(order, self.rank, self.world, drop_remainder=self.train)
+        order_on_device = order.to(self.device)                 # one host-to-device copy per epoch, not per batch
+        draws = self.epoch_draws(len(order)) if self.train else None
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            images = self.images[idx.to(self.device)].float() / 255      # (B, C_in, H, W) in 0..1
-            masks = self.masks[idx.to(self.device)].float()              # (B, C, H, W)
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order_on_device[batch]
+            images = self.images[idx].float() / 255              # (B, C_in, H, W) in 0..1
+            masks = self.masks[idx].float()                      # (B, C, H, W)
             if self.train:
-                images, masks = self.augment(images, masks)
-            yield (images - self.mean) / self.std, masks, {"img_id": [self.ids[i] for i in idx.tolist()]}
+                images, masks = self.augment(images, masks, draws[:, batch])
+            yield (images - self.mean) / self.std, masks, {"img_id": [self.ids[i] for i in order[batch].tolist()]}
 
-    def draw(self, size, low=0.0, high=1.0):
-        """(size,) uniform draws from the epoch's CPU generator, moved to the device."""
-        return (torch.rand(size, generator=self.generator) * (high - low) + low).to(self.device, non_blocking=True)
+    def epoch_draws(self, n):
+        """(9, n): every random number of the epoch, drawn on the CPU, moved to the device in one copy.
 
-    def augment(self, images, masks):
-        """Batched, per-image random rot90/flips (image and mask alike) and one colour change (image)."""
+        Rows: rot90 turns, h-flip, v-flip, colour choice, brightness, contrast, hue (deg), saturation, value.
+        """
+        g, rgb = self.generator, self.images.shape[1] == 3
+        turns = torch.randint(0, 4, (n,), generator=g) if self.square else 2 * torch.randint(0, 2, (n,), generator=g)
+        return torch.stack([
+            turns.float(),
+            (torch.rand(n, generator=g) < 0.5).float(),
+            (torch.rand(n, generator=g) < 0.5).float(),
+            torch.randint(0, 3 if rgb else 2, (n,), generator=g).float(),
+            torch.rand(n, generator=g) * 0.4 - 0.2,
+            torch.rand(n, generator=g) * 0.4 + 0.8,
+            torch.rand(n, generator=g) * 80 - 40,
+            torch.rand(n, generator=g) * 60 - 30,
+            torch.rand(n, generator=g) * 40 - 20,
+        ]).to(self.device)
+
+    def augment(self, images, masks, d):
+        """Per-image rot90/flips (image and mask alike) and one colour change; d: this batch's (9, B) draws.
+
+        Selections use torch.where over whole batches, so nothing waits for the device.
+        """
         b = images.shape[0]
-        k = torch.randint(0, 4, (b,), generator=self.generator) if self.square else 2 * torch.randint(0, 2, (b,), generator=self.generator)
-        for turns in k.unique().tolist():
-            sel = (k == turns).nonzero().flatten().to(self.device)
-            images[sel] = torch.rot90(images[sel], turns, dims=(2, 3))
-            masks[sel] = torch.rot90(masks[sel], turns, dims=(2, 3))
-        for dim in (3, 2):   # horizontal, then vertical flip, each with p = 0.5
-            flip = (self.draw(b) < 0.5).view(b, 1, 1, 1)
-            images = torch.where(flip, images.flip(dim), images)
-            masks = torch.where(flip, masks.flip(dim), masks)
-        return self.colour(images), masks
+        per_image = d.view(9, b, 1, 1, 1)
+        out_images, out_masks = images, masks
+        for turns in ((1, 2, 3) if self.square else (2,)):
+            chosen = per_image[0] == turns
+            out_images = torch.where(chosen, torch.rot90(images, turns, dims=(2, 3)), out_images)
+            out_masks = torch.where(chosen, torch.rot90(masks, turns, dims=(2, 3)), out_masks)
+        for row, dim in ((1, 3), (2, 2)):   # horizontal, then vertical flip
+            flip = per_image[row] == 1
+            out_images = torch.where(flip, out_images.flip(dim), out_images)
+            out_masks = torch.where(flip, out_masks.flip(dim), out_masks)
+        return self.colour(out_images, per_image), out_masks
 
-    def colour(self, x):
+    def colour(self, x, d):
         """One of: brightness +-0.2, contrast x(0.8..1.2), or (RGB) hue +-40 deg / saturation / value shift."""
-        b = x.shape[0]
-        choice = torch.randint(0, 3 if x.shape[1] == 3 else 2, (b,), generator=self.generator).to(self.device).view(b, 1, 1, 1)
-        bright = x + self.draw(b, -0.2, 0.2).view(b, 1, 1, 1)
-        contrast = x * self.draw(b, 0.8, 1.2).view(b, 1, 1, 1)
-        out = torch.where(choice == 0, bright, contrast)
+        out = torch.where(d[3] == 0, x + d[4], x * d[5])
         if x.shape[1] == 3:
-            out = torch.where(choice == 2, self.hsv_shift(x), out)
+            out = torch.where(d[3] == 2, self.hsv_shift(x, d), out)
         return out.clamp(0, 1)
 
-    def hsv_shift(self, x):
+    def hsv_shift(self, x, d):
         """Hue rotation (YIQ), saturation scale and value shift, per image: HueSaturationValue's defaults, roughly."""
-        b = x.shape[0]
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=self.device)
-        y = torch.einsum("ij,bjhw->bihw", yiq, x)                              # (B, 3, H, W): Y, I, Q
-        theta = self.draw(b, -40.0, 40.0) * torch.pi / 180
-        sat = 1 + self.draw(b, -30.0, 30.0) / 128
-        cos, sin = torch.cos(theta).view(b, 1, 1) * sat.view(b, 1, 1), torch.sin(theta).view(b, 1, 1) * sat.view(b, 1, 1)
+        y = torch.einsum("ij,bjhw->bihw", self.yiq, x)                       # (B, 3, H, W): Y, I, Q
+        theta = d[6, :, 0] * torch.pi / 180                                  # (B, 1, 1)
+        sat = 1 + d[7, :, 0] / 128
+        cos, sin = torch.cos(theta) * sat, torch.sin(theta) * sat
         i, q = y[:, 1] * cos - y[:, 2] * sin, y[:, 1] * sin + y[:, 2] * cos
-        y = torch.stack([y[:, 0] + self.draw(b, -20.0, 20.0).view(b, 1, 1) / 255, i, q], 1)
-        return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq), y)
+        y = torch.stack([y[:, 0] + d[8, :, 0] / 255, i, q], 1)
+        return torch.einsum("ij,bjhw->bihw", self.yiq_inverse, y)
 
 
 def make_loader(kind, data, cfg, device, train, rank=0, world=1):
