@@ -178,7 +178,7 @@ def main(argv=None):
     if args.quick:
         data = data.subset(data.ids[:64])
         overrides.update(input_h=64, input_w=64, batch_size=args.batch_size or 8)
-        args.epochs, args.steps = 1, 5
+        args.epochs, args.steps = 1, 12
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     if args.scaling:
         for row in scaling_rows(base, data, device, args, device_name):
