@@ -119,36 +119,37 @@ def make_dirs(out_dir, num_classes, args):
 
 
 def resized_probs(model, data, cfg, args, device):
-    """Yields (k, probabilities (1, C, H, W) at image k's original size): batches resized to the input size."""
+    """Yields (k, image, probabilities (1, C, H, W) at the image's original size): batches resized to the input."""
     ds = SegDataset(data, val_transform(cfg["input_h"], cfg["input_w"], cfg["input_channels"]))
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
     k = 0
     for images, _, _ in loader:
         probs = predict_probs(model, images.to(device), cfg, args.tta)                   # (B, C, h, w)
         for b in range(probs.shape[0]):
-            h, w = data.image(k).shape[:2]
-            yield k, F.interpolate(probs[b:b + 1], size=(h, w), mode="bilinear", align_corners=False)
+            image = data.image(k)
+            yield k, image, F.interpolate(probs[b:b + 1], size=image.shape[:2], mode="bilinear", align_corners=False)
             k += 1
 
 
 def tiled_probs(model, data, cfg, args, device):
-    """Yields (k, probabilities (1, C, H, W)): whole images at full resolution, by overlapping tiles."""
+    """Yields (k, image, probabilities (1, C, H, W)): whole images at full resolution, by overlapping tiles."""
     normalize = normalize_transform(cfg["input_channels"])
     for k in range(len(data.ids)):
-        image = torch.from_numpy(normalize(image=data.image(k))["image"]).permute(2, 0, 1)[None].to(device)
-        yield k, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, args.tta), image,
-                               cfg["input_h"], cfg["input_w"], args.overlap, args.batch_size)
+        image = data.image(k)
+        x = torch.from_numpy(normalize(image=image)["image"]).permute(2, 0, 1)[None].to(device)
+        yield k, image, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, args.tta), x,
+                                      cfg["input_h"], cfg["input_w"], args.overlap, args.batch_size)
 
 
 def run_inference(model, data, cfg, args, device, out_dir, meter):
     """Predicts every image of `data`, writes its outputs, and (if labeled) adds its counts to `meter`."""
     tiled = args.tile or cfg["crop"]
-    for k, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, args, device):
+    for k, image, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, args, device):
         pred = to_prediction(probs, cfg, args.threshold)                                  # (1, C, H, W)
         if data.labeled:
             target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(device)
             meter.update(pred, target)
-        write_outputs(out_dir, data.ids[k], pred[0].cpu().numpy(), probs[0].cpu().numpy(), data.image(k), args)
+        write_outputs(out_dir, data.ids[k], pred[0].cpu().numpy(), probs[0].cpu().numpy(), image, args)
 
 
 def write_metrics(path, ids, iou, dice):
