@@ -328,9 +328,10 @@ def main(argv=None):
             raise
         # under torchrun: usually another process died and the collective operations broke off
         name = cfg["name"] if cfg else "<name>"
-        print(f"error: [rank {os.environ.get('RANK')}] training stopped: {str(e).strip().splitlines()[0][:300]}\n"
-              "If another process failed, torchrun's summary below names it. models/{name}/last.pth holds the last "
-              f"finished epoch: rerun the same torchrun command with --resume.".replace("{name}", name), file=sys.stderr)
+        first_line = str(e).strip().splitlines()[0][:300]
+        print(f"error: [rank {os.environ.get('RANK')}] training stopped: {first_line}\n"
+              f"If another process failed, torchrun's summary below names it. models/{name}/last.pth holds the last "
+              "finished epoch: rerun the same torchrun command with --resume.", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if cfg is not None and os.environ.get("RANK", "0") == "0":
