@@ -62,6 +62,8 @@ OPTIONS = [
     # run
     ("device", "auto", str, None, "auto | cpu | cuda | cuda:N"),
     ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a capable GPU, off on CPU)"),
+    ("memory_format", "auto", str, ("auto", "channels_last", "contiguous"),
+     "tensor layout of the network (auto: channels_last on CUDA, contiguous on CPU)"),
     ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
     ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
     ("compile", False, bool, None, "torch.compile the model (slow first epoch; pays on long GPU runs)"),
@@ -158,7 +160,7 @@ def describe_type(key):
             float: "a number", str: "a string"}[typ]
 
 
-def validate(cfg, source="the command line"):
+def check(cfg, source="the command line"):
     """Cross-field and range checks; raises a UserError naming the key and the fix."""
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
@@ -212,7 +214,7 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
         saved = os.path.join(RUNS_DIR, name, "config.yml")
         path = saved if os.path.isfile(saved) else None
     source = path or "the command line"
-    cfg = validate(merge(load_yaml(path) if path else {}, source, args), source)
+    cfg = check(merge(load_yaml(path) if path else {}, source, args), source)
     if cfg["name"] is None:
         cfg["name"] = default_name(cfg)
     return cfg, run
@@ -220,4 +222,4 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
 
 def load_run_config(path):
     """A saved models/<name>/config.yml, checked the same way as at training time."""
-    return validate(merge(load_yaml(path), path, {}), path)
+    return check(merge(load_yaml(path), path, {}), path)

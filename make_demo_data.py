@@ -12,6 +12,8 @@ import os
 import cv2
 import numpy as np
 
+from utils import UserError, exit_on_user_error
+
 SHAPES = ("ellipse", "square", "triangle")
 
 
@@ -51,8 +53,10 @@ def make_sample(rng, size, num_classes, channels, exclusive):
     return img, masks
 
 
-def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=False, img_ext=".png"):
+def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=False):
     """Write n images and their masks under `out` in the images/ + masks/<class>/ layout; returns the ids."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for c in range(num_classes):
@@ -60,7 +64,7 @@ def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=F
     ids = [f"img{i:04d}" for i in range(n)]
     for i in ids:
         img, masks = make_sample(rng, size, num_classes, channels, exclusive)
-        cv2.imwrite(os.path.join(out, "images", i + img_ext), img)
+        cv2.imwrite(os.path.join(out, "images", i + ".png"), img)
         for c, m in enumerate(masks):
             cv2.imwrite(os.path.join(out, "masks", str(c), i + ".png"), m)
     return ids
@@ -76,7 +80,10 @@ def main(argv=None):
     p.add_argument("--exclusive", action="store_true", help="class 0 is the background (for --class_mode softmax)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    generate(a.out, a.n, a.size, a.num_classes, a.channels, a.seed, a.exclusive)
+    if a.n < 1 or a.size < 16:
+        p.error("--n must be at least 1 and --size at least 16")
+    with exit_on_user_error():
+        generate(a.out, a.n, a.size, a.num_classes, a.channels, a.seed, a.exclusive)
     print(f"wrote {a.n} images and masks to {a.out}/images and {a.out}/masks/0..{a.num_classes - 1}")
 
 

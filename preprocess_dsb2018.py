@@ -9,14 +9,13 @@ as the reference does, so edges carry in-between values; the toolkit thresholds 
 """
 import argparse
 import os
-import sys
 import zipfile
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import UserError, write_png
+from utils import UserError, exit_on_user_error, write_png
 
 
 class Source:
@@ -77,11 +76,8 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default: inputs/dsb2018_<size>)")
     args = p.parse_args(argv)
     out = args.out or os.path.join("inputs", f"dsb2018_{args.size}")
-    try:
+    with exit_on_user_error():
         n = convert(args.src, out, args.size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {n} images to {out}/images and masks to {out}/masks/0; train with: "
           f"python train.py --dataset {os.path.basename(out)}")
 

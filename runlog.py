@@ -2,12 +2,7 @@
 import csv
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from utils import atomic_write  # noqa: E402
+from utils import atomic_write
 
 COLUMNS = ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "seconds"]
 
@@ -21,22 +16,41 @@ def write_log(path, rows):
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
+def read_log(path):
+    """log.csv's rows as dicts of strings; [] when the file does not exist yet."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
 def plot_curves(path, rows):
-    """Loss and IoU (train and validation) against epoch."""
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["loss"] for r in rows], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+    """Loss and IoU (train and validation) against epoch, with the learning rate; the best epoch marked."""
+    from matplotlib.figure import Figure   # here: only runs that draw curves pay for the import
+    from matplotlib.ticker import MaxNLocator
+    epochs = [int(r["epoch"]) for r in rows]
+    col = lambda key: [float(r[key]) for r in rows]  # noqa: E731 - rows may come from the CSV, as strings
+    fig = Figure(figsize=(10, 4))                      # no pyplot: safe in the background writer's thread
+    ax_loss, ax_iou = fig.subplots(1, 2)
+    ax_loss.plot(epochs, col("loss"), label="train")
+    ax_loss.plot(epochs, col("val_loss"), label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_iou.plot(epochs, [r["iou"] for r in rows], label="train")
-    ax_iou.plot(epochs, [r["val_iou"] for r in rows], label="validation")
-    ax_iou.plot(epochs, [r["val_dice"] for r in rows], label="validation Dice", linestyle="--")
+    ax_lr = ax_loss.twinx()
+    ax_lr.plot(epochs, col("lr"), color="grey", linestyle=":", label="learning rate")
+    ax_lr.set_ylabel("learning rate", color="grey")
+    ax_iou.plot(epochs, col("iou"), label="train")
+    ax_iou.plot(epochs, col("val_iou"), label="validation (at the network's input size)")
+    ax_iou.plot(epochs, col("val_dice"), label="validation Dice", linestyle="--")
+    best = max(range(len(rows)), key=lambda k: float(rows[k]["val_iou"]))
+    ax_iou.plot([epochs[best]], [float(rows[best]["val_iou"])], "k*", markersize=12,
+                label=f"best: {float(rows[best]['val_iou']):.4f} at epoch {epochs[best]}")
     ax_iou.set(xlabel="epoch", ylabel="IoU", title="IoU", ylim=(0, 1))
     for ax in (ax_loss, ax_iou):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
     atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb")

@@ -4,6 +4,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import tempfile
 
 import cv2
@@ -15,9 +16,22 @@ import yaml
 class UserError(Exception):
     """A mistake the user can fix (bad data, bad flag, bad config).
 
-    The entry scripts catch it at the command-line boundary and print its message alone,
-    without a traceback, then exit with status 2.
+    The entry scripts catch it at the command-line boundary (exit_on_user_error) and print its
+    message alone, without a traceback, then exit with its exit_code.
     """
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def exit_on_user_error(quiet=False):
+    """The command-line boundary of every script: a UserError prints 'error: <message>' on stderr
+    (unless quiet: torchrun's other processes) and exits with its exit_code, never a traceback."""
+    try:
+        yield
+    except UserError as e:
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def plain_warning(message, category, filename, lineno, line=None):
@@ -56,18 +70,6 @@ class Interrupts:
             self.saving = False
         if self.pending:
             raise KeyboardInterrupt
-
-
-class AverageMeter:
-    """Running average of a scalar, weighted by how many samples each value stands for."""
-
-    def __init__(self):
-        self.sum, self.count, self.avg = 0.0, 0, 0.0
-
-    def update(self, val, n=1):
-        self.sum += val * n
-        self.count += n
-        self.avg = self.sum / self.count
 
 
 def str2bool(v):

@@ -10,7 +10,6 @@ import argparse
 import csv
 import io
 import os
-import sys
 import warnings
 
 import cv2
@@ -21,11 +20,13 @@ from torch.utils.data import DataLoader
 
 import checkpoint
 import config
-from archs import build_model
-from dataset import SegDataset, SegmentationData, cache_budget, find_ids, normalize_transform, read_image, split_ids, val_transform
+import runtime
+from dataset import SegmentationData, find_ids, load_splits, read_image
+from engine import build_network, predict_logits
+from loaders import AlbumentationsDataset, normalize_transform, val_transform
 from metrics import SegMeter, binarize
 from tiling import predict_tiled
-from utils import UserError, atomic_write, plain_warning, resolve_device, write_png
+from utils import UserError, atomic_write, exit_on_user_error, plain_warning, write_png
 
 OUTPUTS_DIR = "outputs"
 OUTLINE_COLOURS = [(0, 255, 0), (0, 0, 255), (255, 0, 0), (0, 255, 255), (255, 0, 255)]  # BGR, per class
@@ -57,8 +58,10 @@ def parse_args(argv):
     return args
 
 
-def load_run(name, device):
-    """models/<name>/config.yml and model.pth -> (config, model in eval mode on `device`)."""
+def load_run(name, device_name):
+    """models/<name>/config.yml and model.pth -> (config, Runtime, model in eval mode on the Runtime's device).
+
+    The Runtime predicts with the precision and memory format the run trained with."""
     run_dir = os.path.join(config.RUNS_DIR, name)
     cfg_path, model_path = os.path.join(run_dir, "config.yml"), os.path.join(run_dir, "model.pth")
     if not os.path.isdir(run_dir):
@@ -69,20 +72,22 @@ def load_run(name, device):
         raise UserError(f"{model_path} does not exist: the run has not finished an epoch yet. "
                         f"Train it (python train.py --name {name} --resume) first.")
     cfg = config.load_run_config(cfg_path)
-    model = build_model(cfg)
+    rt = runtime.for_inference(device_name, cfg)
+    model = build_network(cfg, rt)
     checkpoint.load_weights(model, checkpoint.load(model_path), model_path)
-    return cfg, model.to(device).eval()
+    return cfg, rt, model.eval()
 
 
 @torch.no_grad()
-def predict_probs(model, images, cfg, tta):
-    """(B, C_in, H, W) -> class probabilities (B, C, H, W), optionally averaged over flips."""
+def predict_probs(model, images, cfg, rt, tta):
+    """Images (B, C_in, H, W) -> class probabilities (B, C, H, W), optionally averaged over flips."""
+    images, _ = rt.place_batch(images)
     flips = [[], [3], [2]] if tta else [[]]
     total = 0
     for dims in flips:
         x = images.flip(dims) if dims else images
-        out = model(x)
-        logits = (out[-1] if cfg["deep_supervision"] else out).float()
+        with rt.autocast():
+            logits = predict_logits(model, x, cfg["deep_supervision"]).float()
         probs = logits.softmax(1) if cfg["class_mode"] == "softmax" else torch.sigmoid(logits)
         total = total + (probs.flip(dims) if dims else probs)
     return total / len(flips)
@@ -118,36 +123,36 @@ def make_dirs(out_dir, num_classes, args):
         os.makedirs(os.path.join(out_dir, "overlay"), exist_ok=True)
 
 
-def resized_probs(model, data, cfg, args, device):
+def resized_probs(model, data, cfg, rt, args):
     """Yields (k, image, probabilities (1, C, H, W) at the image's original size): batches resized to the input."""
-    ds = SegDataset(data, val_transform(cfg["input_h"], cfg["input_w"], cfg["input_channels"]))
+    ds = AlbumentationsDataset(data, val_transform(cfg["input_h"], cfg["input_w"], cfg["input_channels"]))
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
     k = 0
     for images, _, _ in loader:
-        probs = predict_probs(model, images.to(device), cfg, args.tta)                   # (B, C, h, w)
+        probs = predict_probs(model, images, cfg, rt, args.tta)                           # (B, C, h, w)
         for b in range(probs.shape[0]):
             image = data.image(k)
             yield k, image, F.interpolate(probs[b:b + 1], size=image.shape[:2], mode="bilinear", align_corners=False)
             k += 1
 
 
-def tiled_probs(model, data, cfg, args, device):
+def tiled_probs(model, data, cfg, rt, args):
     """Yields (k, image, probabilities (1, C, H, W)): whole images at full resolution, by overlapping tiles."""
     normalize = normalize_transform(cfg["input_channels"])
     for k in range(len(data.ids)):
         image = data.image(k)
-        x = torch.from_numpy(normalize(image=image)["image"]).permute(2, 0, 1)[None].to(device)
-        yield k, image, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, args.tta), x,
+        x = torch.from_numpy(normalize(image=image)["image"]).permute(2, 0, 1)[None].to(rt.device)
+        yield k, image, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, rt, args.tta), x,
                                       cfg["input_h"], cfg["input_w"], args.overlap, args.batch_size)
 
 
-def run_inference(model, data, cfg, args, device, out_dir, meter):
+def run_inference(model, data, cfg, rt, args, out_dir, meter):
     """Predicts every image of `data`, writes its outputs, and (if labeled) adds its counts to `meter`."""
     tiled = args.tile or cfg["crop"]
-    for k, image, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, args, device):
+    for k, image, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, rt, args):
         pred = to_prediction(probs, cfg, args.threshold)                                  # (1, C, H, W)
         if data.labeled:
-            target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(device)
+            target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(rt.device)
             meter.update(pred, target)
         write_outputs(out_dir, data.ids[k], pred[0].cpu().numpy(), probs[0].cpu().numpy(), image, args)
 
@@ -177,22 +182,18 @@ def report(meter, ids, out_dir):
 
 
 def evaluate(args):
-    device = resolve_device(args.device)
-    cfg, model = load_run(args.name, device)
+    cfg, rt, model = load_run(args.name, args.device)
     if args.images:
         ext = args.img_ext or cfg["img_ext"]
         ids = find_ids(args.images, ext)
         data = SegmentationData(ids, [read_image(os.path.join(args.images, i + ext), cfg["input_channels"]) for i in ids], None)
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name, "predictions")
     else:
-        root = os.path.join(cfg["data_dir"], cfg["dataset"])
-        data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], cfg["input_channels"],
-                                            cache_budget(cfg["cache_mb"]))
-        data = data.subset(split_ids(data.ids, cfg["val_split"], cfg["split_seed"])[1])
+        data = load_splits(cfg)[1]
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name)
     make_dirs(out_dir, cfg["num_classes"], args)
-    meter = SegMeter(cfg["num_classes"], device, keep_per_image=True)
-    run_inference(model, data, cfg, args, device, out_dir, meter)
+    meter = SegMeter(cfg["num_classes"], rt.device, keep_per_image=True)
+    run_inference(model, data, cfg, rt, args, out_dir, meter)
     if data.labeled:
         report(meter, data.ids, out_dir)
     print(f"{len(data.ids)} predicted masks in {out_dir}/<class>/" + (f"; metrics in {out_dir}/metrics.csv" if data.labeled else ""))
@@ -200,11 +201,8 @@ def evaluate(args):
 
 def main(argv=None):
     warnings.formatwarning = plain_warning
-    try:
+    with exit_on_user_error():
         evaluate(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 import os
-import warnings
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_data
-from dataset import EpochLoader, SegDataset, SegmentationData, TensorLoader, choose_loader, split_ids, train_transform, val_transform
+from dataset import SegmentationData, load_splits, split_ids
 from utils import UserError
 
 
@@ -99,26 +97,13 @@ def test_split_is_the_reference_split():
         split_ids(ids[:1], 0.2, 41)
 
 
-def test_items_are_normalised_once_and_reproducible(tiny):
-    d = load(tiny)
-    ds = SegDataset(d, train_transform(32, 32, 3), seed=5)
-    img, mask, meta = ds[3]
-    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
-    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
-    assert meta == {"img_id": "img0003"}
-    assert img.std() > 0.2           # ~N(0,1)-scaled, not squashed by a second /255
-    assert torch.equal(ds[3][0], img) and torch.equal(ds[3][1], mask)
-    ds.set_epoch(1)
-    assert any(not torch.equal(ds[i][0], SegDataset(d, train_transform(32, 32, 3), seed=5)[i][0]) for i in range(10))
-
-
-def test_val_transform_resizes_without_augmenting(tiny):
-    d = load(tiny)
-    ds = SegDataset(d, val_transform(64, 48, 3))
-    img, mask, _ = ds[0]
-    assert img.shape == (3, 64, 48) and mask.shape == (1, 64, 48)
-    expected = (d.images[0][0, 0, 0] / 255 - 0.485) / 0.229
-    assert img[0, 0, 0].item() == pytest.approx(expected, abs=1e-4)
+def test_load_splits_is_the_configs_split(tmp_path):
+    make_data(tmp_path, "set", n=20)
+    cfg = {"data_dir": str(tmp_path), "dataset": "set", "img_ext": ".png", "mask_ext": ".png", "num_classes": 1,
+           "input_channels": 3, "cache_mb": 0, "val_split": 0.25, "split_seed": 3}
+    train, val = load_splits(cfg)
+    assert (train.ids, val.ids) == tuple(list(s) for s in split_ids([f"img{i:04d}" for i in range(20)], 0.25, 3))
+    assert len(val.ids) == 5 and val.masks[0].shape == (32, 32, 1)
 
 
 def test_real_dsb2018_96_loads(dsb_path):
@@ -127,84 +112,3 @@ def test_real_dsb2018_96_loads(dsb_path):
     assert all(i.shape == (96, 96, 3) for i in d.images) and all(m.shape == (96, 96, 1) for m in d.masks)
     frac = np.mean([m.mean() for m in d.masks])
     assert 0.08 < frac < 0.2   # the README says about 14% foreground
-
-
-def two_tone(tmp_path):
-    """A data set whose images are exactly their masks (0 or 255 in every channel)."""
-    root = make_data(tmp_path, "twotone", n=12)
-    for f in os.listdir(os.path.join(root, "images")):
-        m = cv2.imread(os.path.join(root, "masks", "0", f), 0)
-        cv2.imwrite(os.path.join(root, "images", f), np.repeat(m[:, :, None], 3, 2))
-    return load(root)
-
-
-def test_tensor_loader_keeps_masks_aligned_under_augmentation(tmp_path):
-    d = two_tone(tmp_path)
-    tl = TensorLoader(d, 32, 32, 4, torch.device("cpu"), seed=1, train=True)
-    changed = False
-    for epoch in range(3):
-        tl.set_epoch(epoch)
-        for images, masks, meta in tl:
-            raw = images * tl.std + tl.mean                            # back to 0..1
-            assert torch.equal((raw.mean(1, keepdim=True) > 0.5).float(), masks)
-            index = [d.ids.index(i) for i in meta["img_id"]]
-            original = torch.stack([torch.from_numpy(d.masks[k]).permute(2, 0, 1).float() for k in index])
-            changed |= not torch.equal(original, masks)               # geometry was really applied
-    assert changed
-
-
-def test_tensor_loader_is_seeded_per_epoch(tiny):
-    d = load(tiny)
-    tl = TensorLoader(d, 32, 32, 4, torch.device("cpu"), seed=3, train=True)
-    batches = {}
-    for epoch in (1, 2, 1):
-        tl.set_epoch(epoch)
-        got = [(x, m["img_id"]) for x, _, m in tl]
-        if epoch in batches:
-            assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(batches[epoch], got))
-        batches[epoch] = got
-    assert len(batches[1]) == 2                                        # 10 images, batch 4: last partial dropped
-    assert not torch.equal(batches[1][0][0], batches[2][0][0])
-
-
-def test_tensor_loader_validation_equals_val_transform(tiny):
-    d = load(tiny)
-    tl = TensorLoader(d, 32, 32, 4, torch.device("cpu"), seed=0, train=False)
-    images = torch.cat([x for x, _, _ in tl])
-    ids = [i for _, _, m in tl for i in m["img_id"]]
-    assert ids == d.ids and len(tl) == 3                               # in order, nothing dropped
-    ds = SegDataset(d, val_transform(32, 32, 3))
-    assert torch.allclose(images, torch.stack([ds[k][0] for k in range(10)]), atol=1e-5)
-
-
-def test_epoch_loader_is_seeded_per_epoch(tiny):
-    d = load(tiny)
-    el = EpochLoader(d, train_transform(32, 32, 3), 4, 0, torch.device("cpu"), seed=2, train=True)
-    el.set_epoch(1)
-    first = [(x, m["img_id"]) for x, _, m in el]
-    el.set_epoch(1)
-    again = [(x, m["img_id"]) for x, _, m in el]
-    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again)) and len(first) == 2
-
-
-def test_choose_loader(tiny):
-    d = load(tiny)
-    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False}
-    assert choose_loader("auto", d, cfg, torch.device("cpu")) == "memory"
-    assert choose_loader("workers", d, cfg, torch.device("cpu")) == "workers"
-
-
-def test_capped_cache_reads_the_rest_from_disk_with_the_same_batches(tiny):
-    full = load(tiny)
-    capped = SegmentationData.from_folder(str(tiny), ".png", ".png", 1, 3, cache_bytes=3 * (32 * 32 * 3 + 32 * 32))
-    assert sum(i is not None for i in capped.images) == 3 and not capped.fully_cached and full.fully_cached
-    batches = []
-    for d in (full, capped):
-        loader = EpochLoader(d, train_transform(32, 32, 3), 4, 0, torch.device("cpu"), seed=4, train=True)
-        loader.set_epoch(2)
-        batches.append([(x, y, m["img_id"]) for x, y, m in loader])
-    for (x1, y1, i1), (x2, y2, i2) in zip(*batches):
-        assert i1 == i2 and torch.equal(x1, x2) and torch.equal(y1, y2)
-    cfg = {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False}
-    assert choose_loader("auto", capped, cfg, torch.device("cpu")) == "workers"
-    assert choose_loader("auto", full, cfg, torch.device("cpu")) == "memory"

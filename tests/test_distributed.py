@@ -7,10 +7,8 @@ import subprocess
 import sys
 import time
 
-import torch
 
 from conftest import ROOT, make_data
-from dataset import shard
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             os.path.join(ROOT, "train.py")]
@@ -68,14 +66,6 @@ def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--sync_bn needs CUDA GPUs" in r.stderr
     assert not (tmp_path / "models").exists()
-
-
-def test_shards_cover_validation_and_balance_training():
-    order = torch.randperm(11)
-    val = [shard(order, r, 3, drop_remainder=False) for r in range(3)]
-    assert sorted(torch.cat(val).tolist()) == list(range(11))
-    train = [shard(order, r, 3, drop_remainder=True) for r in range(3)]
-    assert {len(t) for t in train} == {3} and len(set(torch.cat(train).tolist())) == 9
 
 
 def test_a_dying_process_ends_the_job_with_a_message(tmp_path):

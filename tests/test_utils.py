@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from utils import AverageMeter, UserError, atomic_write, count_params, load_yaml, resolve_device, save_yaml, seed_everything, str2bool
+from utils import UserError, atomic_write, count_params, load_yaml, resolve_device, save_yaml, seed_everything, str2bool
 
 
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("YES", True), ("1", True),
@@ -16,13 +16,6 @@ def test_str2bool(text, value):
 def test_str2bool_refuses_other_words():
     with pytest.raises(argparse.ArgumentTypeError):
         str2bool("maybe")
-
-
-def test_average_meter_weights_by_count():
-    m = AverageMeter()
-    m.update(1.0, 1)
-    m.update(4.0, 3)
-    assert m.avg == pytest.approx(13 / 4)
 
 
 def test_count_params():

@@ -1,0 +1,291 @@
+"""Batches for training and validation, in the two kinds that --loader names.
+
+    memory   MemoryLoader: the whole data set as uint8 tensors on the training device, batched and
+             augmented there (rot90, flips, colour) with no worker process or host-device copy.
+    workers  WorkersLoader: a DataLoader whose worker processes decode (if not cached) and augment
+             each image with albumentations; for data sets that do not fit in memory, and crops.
+
+Both yield (images float32 (B, C_in, H, W) normalised, masks float32 (B, C, H, W) of 0/1,
+{"img_id": [ids]}), and both depend only on (seed, epoch): call set_epoch() before each epoch.
+"""
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)     # Normalize() defaults, per RGB channel
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_stats(input_channels):
+    """Per-channel (mean, std) for Normalize: ImageNet's for RGB, their average for grayscale."""
+    if input_channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+
+
+def train_transform(input_h, input_w, input_channels, crop=False):
+    """The reference's training augmentation, in albumentations 2.x terms.
+
+    crop: a random input_h x input_w crop of the full-size image (padded if smaller) instead of resizing.
+    """
+    mean, std = normalize_stats(input_channels)
+    colour = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.0, p=1),
+              A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=1)]
+    if input_channels == 3:
+        colour.insert(0, A.HueSaturationValue(p=1))
+    return A.Compose([
+        A.RandomRotate90(),
+        A.HorizontalFlip(),
+        A.VerticalFlip(),
+        A.OneOf(colour, p=1),
+        *fit_to_input(input_h, input_w, crop, A.RandomCrop),
+        A.Normalize(mean=mean, std=std),  # -> float32 (x/255 - mean) / std; no second /255
+    ])
+
+
+def val_transform(input_h, input_w, input_channels, crop=False):
+    """Resize to the input (or, for crop-trained runs, a centre crop); val.py tiles whole images instead."""
+    mean, std = normalize_stats(input_channels)
+    return A.Compose([*fit_to_input(input_h, input_w, crop, A.CenterCrop), A.Normalize(mean=mean, std=std)])
+
+
+def normalize_transform(input_channels):
+    """Normalisation alone, for whole images predicted by tiling."""
+    mean, std = normalize_stats(input_channels)
+    return A.Compose([A.Normalize(mean=mean, std=std)])
+
+
+def fit_to_input(input_h, input_w, crop, crop_class):
+    """[Resize], or [PadIfNeeded, a crop] when training on crops of full-size images."""
+    if not crop:
+        return [A.Resize(input_h, input_w)]
+    return [A.PadIfNeeded(input_h, input_w, border_mode=cv2.BORDER_REFLECT_101), crop_class(input_h, input_w)]
+
+
+class AlbumentationsDataset(torch.utils.data.Dataset):
+    """Yields (image float32 (C_in, H, W), mask float32 (C, H, W) of 0/1, {'img_id': id}).
+
+    Augmentation is seeded from (seed, epoch, index), so an epoch's batches depend only on the
+    seed and the epoch number: a resumed run sees exactly what an uninterrupted one would.
+    Call set_epoch() before each epoch (DataLoader workers copy the dataset when they start).
+    """
+
+    def __init__(self, data, transform, seed=0):
+        self.data, self.transform, self.seed, self.epoch = data, transform, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.data.ids)
+
+    def __getitem__(self, idx):
+        self.transform.set_random_seed(hash((self.seed, self.epoch, idx)) % 2**32)
+        if not self.data.labeled:  # unlabeled images (val.py --images): an empty mask
+            out = self.transform(image=self.data.image(idx))
+            mask = torch.zeros(0)
+        else:
+            out = self.transform(image=self.data.image(idx), mask=self.data.mask(idx))
+            mask = torch.from_numpy(out["mask"].transpose(2, 0, 1).astype(np.float32))  # (C, H, W)
+        image = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())                 # (C_in, H, W)
+        return image, mask, {"img_id": self.data.ids[idx]}
+
+
+def shard(order, rank, world, drop_remainder):
+    """This process's share of an epoch's index order: every world-th index from `rank`.
+
+    drop_remainder gives every process the same count (training: equal batch counts keep DDP in
+    step); without it (validation) every image is seen exactly once across the processes.
+    """
+    if drop_remainder:
+        order = order[: len(order) - len(order) % world]
+    return order[rank::world]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """An epoch's indices: a permutation from the loader's generator (or 0..n-1), this process's shard."""
+
+    def __init__(self, n, generator, shuffle, rank, world):
+        self.n, self.generator, self.shuffle, self.rank, self.world = n, generator, shuffle, rank, world
+
+    def indices(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        return shard(order, self.rank, self.world, drop_remainder=self.shuffle).tolist()
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return len(shard(torch.arange(self.n), self.rank, self.world, drop_remainder=self.shuffle))
+
+
+def epoch_seed(seed, epoch):
+    """One integer per (seed, epoch): an epoch's shuffle and augmentation depend on nothing else."""
+    return hash((seed, epoch)) % 2**63
+
+
+class WorkersLoader:
+    """--loader workers: a DataLoader over AlbumentationsDataset (albumentations in worker processes).
+
+    The streaming path: used when the data set should not be held on the device, or when asked for.
+    """
+    kind = "workers"
+
+    def __init__(self, data, cfg, rt, train):
+        h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
+        transform = train_transform(h, w, c, cfg["crop"]) if train else val_transform(h, w, c, cfg["crop"])
+        self.dataset = AlbumentationsDataset(data, transform, seed=cfg["seed"])
+        self.seed, self.generator = cfg["seed"], torch.Generator()
+        sampler = EpochSampler(len(self.dataset), self.generator, train, rt.rank, rt.world)
+        workers = cfg["num_workers"]
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=train,
+            num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
+
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class MemoryLoader:
+    """--loader memory: the whole data set as uint8 tensors on the device, batched and augmented there.
+
+    Images are resized to the network input once, up front. Training batches get the same kinds
+    of augmentation as train_transform, computed batched in torch on the device: a random
+    rotation by a multiple of 90 degrees (180 only, for non-square inputs), horizontal and
+    vertical flips, and one colour change per image (brightness, contrast, or - for RGB - a
+    hue/saturation/value shift, approximated by a rotation in YIQ space). The random draws come
+    from a CPU generator seeded per epoch, so results depend on (seed, epoch) and not on the device.
+    """
+
+    kind = "memory"
+
+    def __init__(self, data, cfg, rt, train):
+        input_h, input_w, device = cfg["input_h"], cfg["input_w"], rt.device
+        n = len(data.ids)
+        images = np.stack([cv2.resize(data.image(k), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
+                           .reshape(input_h, input_w, -1) for k in range(n)])
+        masks = np.stack([cv2.resize(data.mask(k), (input_w, input_h), interpolation=cv2.INTER_NEAREST)
+                          .reshape(input_h, input_w, -1) for k in range(n)])
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C_in, H, W) uint8
+        self.masks = torch.from_numpy(masks).permute(0, 3, 1, 2).contiguous().to(device)    # (N, C, H, W) uint8 0/1
+        mean, std = normalize_stats(self.images.shape[1])
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.ids, self.batch_size, self.device, self.seed, self.train = data.ids, cfg["batch_size"], device, cfg["seed"], train
+        self.rank, self.world = rt.rank, rt.world
+        self.square = input_h == input_w
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
+        self.yiq_inverse = torch.linalg.inv(self.yiq)
+
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self):
+        n = len(shard(range(len(self.ids)), self.rank, self.world, drop_remainder=self.train))
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.ids)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        order = shard(order, self.rank, self.world, drop_remainder=self.train)
+        order_on_device = order.to(self.device)                 # one host-to-device copy per epoch, not per batch
+        draws = self.epoch_draws(len(order)) if self.train else None
+        for b in range(len(self)):
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order_on_device[batch]
+            images = self.images[idx].float() / 255              # (B, C_in, H, W) in 0..1
+            masks = self.masks[idx].float()                      # (B, C, H, W)
+            if self.train:
+                images, masks = self.augment(images, masks, draws[:, batch])
+            yield (images - self.mean) / self.std, masks, {"img_id": [self.ids[i] for i in order[batch].tolist()]}
+
+    def epoch_draws(self, n):
+        """(9, n): every random number of the epoch, drawn on the CPU, moved to the device in one copy.
+
+        Rows: rot90 turns, h-flip, v-flip, colour choice, brightness, contrast, hue (deg), saturation, value.
+        """
+        g, rgb = self.generator, self.images.shape[1] == 3
+        turns = torch.randint(0, 4, (n,), generator=g) if self.square else 2 * torch.randint(0, 2, (n,), generator=g)
+        return torch.stack([
+            turns.float(),
+            (torch.rand(n, generator=g) < 0.5).float(),
+            (torch.rand(n, generator=g) < 0.5).float(),
+            torch.randint(0, 3 if rgb else 2, (n,), generator=g).float(),
+            torch.rand(n, generator=g) * 0.4 - 0.2,
+            torch.rand(n, generator=g) * 0.4 + 0.8,
+            torch.rand(n, generator=g) * 80 - 40,
+            torch.rand(n, generator=g) * 60 - 30,
+            torch.rand(n, generator=g) * 40 - 20,
+        ]).to(self.device)
+
+    def augment(self, images, masks, d):
+        """Per-image rot90/flips (image and mask alike) and one colour change; d: this batch's (9, B) draws.
+
+        Selections use torch.where over whole batches, so nothing waits for the device.
+        """
+        b = images.shape[0]
+        per_image = d.view(9, b, 1, 1, 1)
+        out_images, out_masks = images, masks
+        for turns in ((1, 2, 3) if self.square else (2,)):
+            chosen = per_image[0] == turns
+            out_images = torch.where(chosen, torch.rot90(images, turns, dims=(2, 3)), out_images)
+            out_masks = torch.where(chosen, torch.rot90(masks, turns, dims=(2, 3)), out_masks)
+        for row, dim in ((1, 3), (2, 2)):   # horizontal, then vertical flip
+            flip = per_image[row] == 1
+            out_images = torch.where(flip, out_images.flip(dim), out_images)
+            out_masks = torch.where(flip, out_masks.flip(dim), out_masks)
+        return self.colour(out_images, per_image), out_masks
+
+    def colour(self, x, d):
+        """One of: brightness +-0.2, contrast x(0.8..1.2), or (RGB) hue +-40 deg / saturation / value shift."""
+        out = torch.where(d[3] == 0, x + d[4], x * d[5])
+        if x.shape[1] == 3:
+            out = torch.where(d[3] == 2, self.hsv_shift(x, d), out)
+        return out.clamp(0, 1)
+
+    def hsv_shift(self, x, d):
+        """Hue rotation (YIQ), saturation scale and value shift, per image: HueSaturationValue's defaults, roughly."""
+        y = torch.einsum("ij,bjhw->bihw", self.yiq, x)                       # (B, 3, H, W): Y, I, Q
+        theta = d[6, :, 0] * torch.pi / 180                                  # (B, 1, 1)
+        sat = 1 + d[7, :, 0] / 128
+        cos, sin = torch.cos(theta) * sat, torch.sin(theta) * sat
+        i, q = y[:, 1] * cos - y[:, 2] * sin, y[:, 1] * sin + y[:, 2] * cos
+        y = torch.stack([y[:, 0] + d[8, :, 0] / 255, i, q], 1)
+        return torch.einsum("ij,bjhw->bihw", self.yiq_inverse, y)
+
+
+LOADERS = {"memory": MemoryLoader, "workers": WorkersLoader}
+
+
+def make_loaders(cfg, train_data, val_data, rt):
+    """(training loader: reshuffled per epoch, last partial batch dropped; validation loader), of the kind
+    --loader chooses. Under torchrun each process loads its shard of every epoch."""
+    kind = choose_loader(cfg["loader"], train_data, cfg, rt)
+    return LOADERS[kind](train_data, cfg, rt, True), LOADERS[kind](val_data, cfg, rt, False)
+
+
+def choose_loader(kind, data, cfg, rt):
+    """--loader auto: keep the data set on the device when all of it is cached in memory and it takes
+    under a quarter of the device's free memory; otherwise stream it through DataLoader workers."""
+    if kind == "memory" and cfg["crop"]:
+        raise UserError("--loader memory resizes images to the input size; with --crop use --loader workers (or auto)")
+    if kind != "auto":
+        return kind
+    if not data.fully_cached or cfg["crop"]:
+        return "workers"
+    nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] + cfg["num_classes"])
+    if rt.cuda:
+        free, _ = torch.cuda.mem_get_info(rt.device)
+        return "memory" if nbytes < free / 4 else "workers"
+    return "memory" if nbytes < 2 * 2**30 else "workers"

@@ -1,0 +1,109 @@
+"""Where and how the network runs, decided once per process and passed down: the Runtime.
+
+    rt = runtime.for_training(cfg)           # joins torchrun's process group when there is one
+    rt = runtime.for_inference("cpu", cfg)   # val.py: the run's precision and layout on this device
+
+Nothing else in the toolkit looks at the device type to choose a precision, a memory layout or
+an optimizer implementation: it asks the Runtime. Every choice made for a GPU can be forced on
+a CPU (--amp bf16, --memory_format channels_last, --loader memory), so the GPU code paths are
+exercised by the CPU test suite.
+"""
+import contextlib
+
+import torch
+
+import distributed
+from utils import UserError, resolve_device
+
+
+class Runtime:
+    """Device, autocast dtype (None: full precision), memory format, fused optimizers, and this
+    process's rank among `world` processes (only rank 0 prints and writes files)."""
+
+    def __init__(self, device, amp_dtype, channels_last, fused, rank=0, world=1):
+        self.device, self.amp_dtype, self.channels_last, self.fused = device, amp_dtype, channels_last, fused
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self):
+        """Whether this process prints, draws progress bars and writes files."""
+        return self.rank == 0
+
+    @property
+    def active(self):
+        """Whether several processes train together (torchrun)."""
+        return self.world > 1
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        """The mixed-precision context for forward passes (a no-op in full precision)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def place_model(self, model):
+        """The model on this device, in this memory format."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def place_batch(self, images, masks=None):
+        """A batch on this device (images in the model's memory format): -> (images, masks)."""
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, None if masks is None else masks.to(self.device, non_blocking=True)
+
+    def synchronize(self):
+        """Waits for the device's queued work (for timing); nothing to wait for on CPU."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def precision_name(self):
+        return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
+
+    def describe(self):
+        """'cpu, fp32' / 'cuda:0 x 4 processes, bfloat16 autocast, channels_last' for the start-up line."""
+        parts = [f"{self.device}{f' x {self.world} processes' if self.active else ''}"]
+        parts.append(f"{self.precision_name()} autocast" if self.amp_dtype else "fp32")
+        if self.channels_last:
+            parts.append("channels_last")
+        return ", ".join(parts)
+
+
+def resolve_amp(amp, device):
+    """--amp -> autocast dtype, or None for full precision."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def resolve_channels_last(memory_format, device):
+    """--memory_format -> whether to use channels_last: auto picks it on CUDA (cudnn's fastest layout)."""
+    if memory_format == "auto":
+        return device.type == "cuda"
+    return memory_format == "channels_last"
+
+
+def build(device, cfg, rank=0, world=1):
+    """The Runtime for `device` with the config's precision and layout."""
+    return Runtime(device, resolve_amp(cfg["amp"], device), resolve_channels_last(cfg["memory_format"], device),
+                   fused=device.type == "cuda", rank=rank, world=world)
+
+
+def for_training(cfg):
+    """This process's Runtime; under torchrun it joins the process group (NCCL on CUDA, gloo on CPU)."""
+    rank, world, device = distributed.setup(cfg["device"])
+    return build(device, cfg, rank, world)
+
+
+def for_inference(device_name, cfg):
+    """One process on `device_name`, predicting with the precision and layout the run trained with."""
+    return build(resolve_device(device_name), cfg)

@@ -1,0 +1,119 @@
+"""engine.py: optimizer and schedule building, the forward pass, the training step, and the state that --resume restores."""
+import pytest
+import torch
+
+import checkpoint
+import config
+import runtime
+from conftest import make_data
+from dataset import SegmentationData, split
+from engine import Engine, TrainingDiverged, build_optimizer, build_scheduler, check_finite, forward_loss, predict_logits
+from archs import build_model
+from loaders import make_loaders
+from losses import LOSSES
+
+
+def tiny_cfg(**kw):
+    return config.check({**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32, "batch_size": 4,
+                         "num_workers": 0, "device": "cpu", "optimizer": "Adam", "epochs": 3, "name": "t", **kw})
+
+
+def tiny_loaders(tmp_path, cfg, rt):
+    data = SegmentationData.from_folder(make_data(tmp_path), ".png", ".png", 1, 3)
+    return make_loaders(cfg, *split(data, cfg), rt)
+
+
+@pytest.mark.parametrize("name", config.OPTIMIZERS)
+def test_build_optimizer_uses_the_config(name):
+    opt = build_optimizer({**config.DEFAULTS, "optimizer": name, "lr": 0.01}, torch.nn.Linear(1, 1).parameters(), False)
+    assert type(opt).__name__ == name and opt.param_groups[0]["lr"] == 0.01
+
+
+def test_reduce_on_plateau_steps_on_validation_loss():
+    model = torch.nn.Linear(1, 1)
+    cfg = {**config.DEFAULTS, "scheduler": "ReduceLROnPlateau", "patience": 0, "factor": 0.5}
+    opt = build_optimizer(cfg, model.parameters(), False)
+    sched = build_scheduler(cfg, opt)
+    sched.step(1.0)
+    sched.step(2.0)   # worse: lr halves at once with patience 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_forward_loss_averages_deep_supervision_heads():
+    model = build_model({"arch": "NestedUNet", "num_classes": 1, "input_channels": 3, "deep_supervision": True})
+    x, y = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    loss, logits = forward_loss(model, x, y, LOSSES["BCEDiceLoss"](), True)
+    heads = model(x)
+    expected = sum(LOSSES["BCEDiceLoss"]()(h, y) for h in heads) / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(logits, heads[-1])
+    assert torch.equal(predict_logits(model, x, True), heads[-1])
+
+
+def test_check_finite_names_the_first_bad_batch():
+    assert check_finite([torch.tensor(1.0), torch.tensor(3.0)], [1, 3], 1) == pytest.approx(2.5)
+    with pytest.raises(TrainingDiverged, match="became nan at epoch 4, batch 2"):
+        check_finite([torch.tensor(1.0), torch.tensor(float("nan"))], [2, 2], 4)
+    assert TrainingDiverged.exit_code == 3
+
+
+@pytest.mark.parametrize("memory_format, amp", [("contiguous", "off"), ("channels_last", "bf16")],
+                         ids=["cpu-defaults", "gpu-choices-forced-on-cpu"])
+def test_an_epoch_trains_and_validates(tmp_path, memory_format, amp):
+    """The same code path a GPU takes (channels_last, bf16 autocast, the memory loader), run on the CPU."""
+    cfg = tiny_cfg(memory_format=memory_format, amp=amp, loader="memory")
+    rt = runtime.build(torch.device("cpu"), cfg)
+    assert rt.channels_last == (memory_format == "channels_last") and (rt.amp_dtype is not None) == (amp == "bf16")
+    engine = Engine(cfg, rt)
+    if rt.channels_last:
+        assert engine.model.conv0_0.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    train_loader, val_loader = tiny_loaders(tmp_path, cfg, rt)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    stats = engine.train_one_epoch(train_loader, 1)
+    stats.update(engine.validate(val_loader))
+    assert set(stats) == {"loss", "iou", "val_loss", "val_iou", "val_dice"}
+    assert all(0 <= stats[k] <= 1 for k in ("iou", "val_iou", "val_dice")) and stats["loss"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in engine.model.state_dict().items())
+
+
+def test_end_epoch_tracks_best_and_stale_epochs():
+    engine = Engine(tiny_cfg(early_stopping=2), runtime.build(torch.device("cpu"), tiny_cfg()))
+    stats = {"loss": 1.0, "iou": 0.5, "val_loss": 1.0, "val_dice": 0.5}
+    assert engine.end_epoch(1, 1e-3, {**stats, "val_iou": 0.5}, 1.23456) is True
+    assert engine.end_epoch(2, 1e-3, {**stats, "val_iou": 0.4}, 1.0) is False
+    assert not engine.should_stop()
+    assert engine.end_epoch(3, 1e-3, {**stats, "val_iou": 0.5}, 1.0) is False   # equal is not better
+    assert engine.best == {"iou": 0.5, "epoch": 1, "stale": 2} and engine.should_stop()
+    assert [r["epoch"] for r in engine.rows] == [1, 2, 3] and engine.rows[0]["seconds"] == 1.235
+
+
+def test_state_dict_round_trip_restores_training_exactly(tmp_path):
+    """A restored engine takes the same next step as the original: weights, optimizer, schedule, RNG."""
+    cfg = tiny_cfg(loader="memory")
+    rt = runtime.build(torch.device("cpu"), cfg)
+    a = Engine(cfg, rt)
+    train_loader, val_loader = tiny_loaders(tmp_path, cfg, rt)
+    train_loader.set_epoch(1)
+    stats = a.train_one_epoch(train_loader, 1)
+    stats.update(a.validate(val_loader))
+    a.step_scheduler(stats["val_loss"])
+    a.end_epoch(1, 1e-3, stats, 1.0)
+    checkpoint.save(a.state_dict(), str(tmp_path / "last.pth"))     # through the file, as --resume reads it
+    b = Engine(cfg, rt)
+    b.load_state_dict(checkpoint.load(str(tmp_path / "last.pth")))
+    assert (b.epoch, b.best, b.rows, b.lr) == (a.epoch, a.best, a.rows, a.lr)
+    x, y = torch.randn(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
+    a.net.train()     # train_step runs in the mode train_one_epoch sets
+    b.net.train()
+    loss_a, _ = a.train_step(x, y)
+    loss_b, _ = b.train_step(x, y)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+def test_resume_with_more_epochs_stretches_the_cosine():
+    cfg = tiny_cfg(epochs=2)
+    state = Engine(cfg, runtime.build(torch.device("cpu"), cfg)).state_dict()
+    longer = Engine(tiny_cfg(epochs=10), runtime.build(torch.device("cpu"), cfg))
+    longer.load_state_dict(state)
+    assert longer.scheduler.T_max == 10

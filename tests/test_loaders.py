@@ -1,0 +1,158 @@
+"""loaders.py: the memory and workers loaders, their augmentation, seeding, sharding and choice."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from dataset import SegmentationData
+from loaders import (AlbumentationsDataset, MemoryLoader, WorkersLoader, choose_loader, make_loaders, shard,
+                     train_transform, val_transform)
+from conftest import make_data
+from utils import UserError
+
+CPU = runtime.Runtime(torch.device("cpu"), None, channels_last=False, fused=False)
+
+
+def load(root, num_classes=1, input_channels=3):
+    return SegmentationData.from_folder(str(root), ".png", ".png", num_classes, input_channels)
+
+
+def settings(**kw):
+    """The loader-related config keys for the tiny 32x32 set."""
+    return {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False, "batch_size": 4,
+            "num_workers": 0, "seed": 0, "loader": "auto", **kw}
+
+
+def test_items_are_normalised_once_and_reproducible(tiny):
+    d = load(tiny)
+    ds = AlbumentationsDataset(d, train_transform(32, 32, 3), seed=5)
+    img, mask, meta = ds[3]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert meta == {"img_id": "img0003"}
+    assert img.std() > 0.2           # ~N(0,1)-scaled, not squashed by a second /255
+    assert torch.equal(ds[3][0], img) and torch.equal(ds[3][1], mask)
+    ds.set_epoch(1)
+    assert any(not torch.equal(ds[i][0], AlbumentationsDataset(d, train_transform(32, 32, 3), seed=5)[i][0]) for i in range(10))
+
+
+def test_val_transform_resizes_without_augmenting(tiny):
+    d = load(tiny)
+    ds = AlbumentationsDataset(d, val_transform(64, 48, 3))
+    img, mask, _ = ds[0]
+    assert img.shape == (3, 64, 48) and mask.shape == (1, 64, 48)
+    expected = (d.images[0][0, 0, 0] / 255 - 0.485) / 0.229
+    assert img[0, 0, 0].item() == pytest.approx(expected, abs=1e-4)
+
+
+def two_tone(tmp_path):
+    """A data set whose images are exactly their masks (0 or 255 in every channel)."""
+    root = make_data(tmp_path, "twotone", n=12)
+    for f in os.listdir(os.path.join(root, "images")):
+        m = cv2.imread(os.path.join(root, "masks", "0", f), 0)
+        cv2.imwrite(os.path.join(root, "images", f), np.repeat(m[:, :, None], 3, 2))
+    return load(root)
+
+
+def test_memory_loader_keeps_masks_aligned_under_augmentation(tmp_path):
+    d = two_tone(tmp_path)
+    tl = MemoryLoader(d, settings(seed=1), CPU, train=True)
+    changed = False
+    for epoch in range(3):
+        tl.set_epoch(epoch)
+        for images, masks, meta in tl:
+            raw = images * tl.std + tl.mean                            # back to 0..1
+            assert torch.equal((raw.mean(1, keepdim=True) > 0.5).float(), masks)
+            index = [d.ids.index(i) for i in meta["img_id"]]
+            original = torch.stack([torch.from_numpy(d.masks[k]).permute(2, 0, 1).float() for k in index])
+            changed |= not torch.equal(original, masks)               # geometry was really applied
+    assert changed
+
+
+def test_memory_loader_is_seeded_per_epoch(tiny):
+    d = load(tiny)
+    tl = MemoryLoader(d, settings(seed=3), CPU, train=True)
+    batches = {}
+    for epoch in (1, 2, 1):
+        tl.set_epoch(epoch)
+        got = [(x, m["img_id"]) for x, _, m in tl]
+        if epoch in batches:
+            assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(batches[epoch], got))
+        batches[epoch] = got
+    assert len(batches[1]) == 2                                        # 10 images, batch 4: last partial dropped
+    assert not torch.equal(batches[1][0][0], batches[2][0][0])
+
+
+def test_memory_loader_validation_equals_val_transform(tiny):
+    d = load(tiny)
+    tl = MemoryLoader(d, settings(), CPU, train=False)
+    images = torch.cat([x for x, _, _ in tl])
+    ids = [i for _, _, m in tl for i in m["img_id"]]
+    assert ids == d.ids and len(tl) == 3                               # in order, nothing dropped
+    ds = AlbumentationsDataset(d, val_transform(32, 32, 3))
+    assert torch.allclose(images, torch.stack([ds[k][0] for k in range(10)]), atol=1e-5)
+
+
+def test_workers_loader_is_seeded_per_epoch(tiny):
+    d = load(tiny)
+    el = WorkersLoader(d, settings(seed=2), CPU, train=True)
+    el.set_epoch(1)
+    first = [(x, m["img_id"]) for x, _, m in el]
+    el.set_epoch(1)
+    again = [(x, m["img_id"]) for x, _, m in el]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again)) and len(first) == 2
+
+
+@pytest.mark.parametrize("asked, crop, cached, expected", [
+    ("auto", False, True, "memory"),        # all decoded and small: on the device
+    ("auto", True, True, "workers"),        # random crops of full-size images: albumentations
+    ("auto", False, False, "workers"),      # not all of it fits the cache: streamed from disk
+    ("workers", False, True, "workers"),
+    ("memory", False, False, "memory"),     # asked for: honoured (images are read once, up front)
+])
+def test_choose_loader(tiny, asked, crop, cached, expected):
+    d = load(tiny)
+    if not cached:
+        d.images[0] = None
+    assert choose_loader(asked, d, settings(crop=crop), CPU) == expected
+
+
+def test_memory_loader_with_crop_is_refused(tiny):
+    with pytest.raises(UserError, match="with --crop use --loader workers"):
+        choose_loader("memory", load(tiny), settings(crop=True), CPU)
+
+
+@pytest.mark.parametrize("kind, cls", [("memory", MemoryLoader), ("workers", WorkersLoader)])
+def test_make_loaders_gives_the_kind_asked_for(tiny, kind, cls):
+    d = load(tiny)
+    train, val = make_loaders(settings(loader=kind), d.subset(d.ids[:7]), d.subset(d.ids[7:]), CPU)
+    assert type(train) is cls and type(val) is cls and train.kind == val.kind == kind
+    assert len(train) == 1 and len(val) == 1          # 7 training images, batch 4: the partial batch is dropped
+    assert [i for _, _, m in val for i in m["img_id"]] == d.ids[7:]
+
+
+def test_shards_cover_validation_and_balance_training():
+    order = torch.randperm(11)
+    val = [shard(order, r, 3, drop_remainder=False) for r in range(3)]
+    assert sorted(torch.cat(val).tolist()) == list(range(11))
+    train = [shard(order, r, 3, drop_remainder=True) for r in range(3)]
+    assert {len(t) for t in train} == {3} and len(set(torch.cat(train).tolist())) == 9
+
+
+def test_capped_cache_reads_the_rest_from_disk_with_the_same_batches(tiny):
+    full = load(tiny)
+    capped = SegmentationData.from_folder(str(tiny), ".png", ".png", 1, 3, cache_bytes=3 * (32 * 32 * 3 + 32 * 32))
+    assert sum(i is not None for i in capped.images) == 3 and not capped.fully_cached and full.fully_cached
+    batches = []
+    for d in (full, capped):
+        loader = WorkersLoader(d, settings(seed=4), CPU, train=True)
+        loader.set_epoch(2)
+        batches.append([(x, y, m["img_id"]) for x, y, m in loader])
+    for (x1, y1, i1), (x2, y2, i2) in zip(*batches):
+        assert i1 == i2 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    cfg = settings()
+    assert choose_loader("auto", capped, cfg, CPU) == "workers"
+    assert choose_loader("auto", full, cfg, CPU) == "memory"
