@@ -1,15 +1,20 @@
-"""Benchmark training speed on dsb2018_96: one JSON line per case (a benchmark, not a test).
+"""Benchmark training on dsb2018_96: one JSON line per case (a benchmark, not a test).
 
     python bench.py --device cuda                      # UNet and NestedUNet, the fast recipe's settings
     python bench.py --quick --device cpu               # a minute or two on 2 CPU cores
-    python bench.py --device cuda --time_to_iou 0.82   # also run recipes/dsb2018_fast.yml and time it
+    python bench.py --recipe recipes/dsb2018_cpu.yml --amps auto,off --device cpu   # bf16 beside fp32
+    python bench.py --device cuda --time_to_iou 0.82   # also train the recipe and time it to that IoU
     python bench.py --scaling --images 40 --archs UNet --batch_size 8 --epochs 1 --device cpu   # cost vs size
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
-pipeline and metrics included), epoch_s (training + validation of one epoch, files excluded),
-peak memory, and optionally seconds from the command's start until validation IoU first reaches
-the target, with the run's best IoU.
+pipeline and metrics included), epoch_s (training + validation of one epoch), files_s_per_epoch
+(what the training thread spends on an epoch's files: the state's copy and handing it to the
+background writer, waiting if the previous epoch's files are still being written),
+predict_img_s (val.py's prediction of the validation split, mask files included), peak memory,
+startup_s (train.py's command start to its start-up line, after which the first step runs),
+and optionally seconds from the command's start until validation IoU first reaches the target,
+with the run's best IoU.
 """
 import argparse
 import json
@@ -17,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import cv2
@@ -25,12 +31,16 @@ import torch
 import config
 import runtime
 from dataset import SegmentationData, split
-from engine import Engine
+from engine import Engine, build_network
 from loaders import make_loaders
+from metrics import SegMeter
+from predict import make_dirs, run_inference
+from rundir import EpochWriter
 from utils import exit_on_user_error, resolve_device
 
 DEFAULT_DATA = "inputs/dsb2018_96"
-RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "dsb2018_fast.yml")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPE = os.path.join(HERE, "recipes", "dsb2018_fast.yml")
 
 
 def peak_memory_mb(rt):
@@ -62,38 +72,69 @@ def e2e_rate(cfg, rt, data, epochs):
     train_loader, val_loader = make_loaders(cfg, train_data, val_data, rt)
     engine = Engine(cfg, rt)
     images = len(train_loader) * cfg["batch_size"]
-    train_s, epoch_s = 0.0, 0.0
-    for epoch in range(epochs + 1):  # epoch 0 warms up
-        train_loader.set_epoch(epoch)
+    train_s, epoch_s, files_s = 0.0, 0.0, 0.0
+    with tempfile.TemporaryDirectory() as run_dir:
+        writer = EpochWriter(run_dir)
+        for epoch in range(epochs + 1):  # epoch 0 warms up
+            train_loader.set_epoch(epoch)
+            rt.synchronize()
+            t0 = time.perf_counter()
+            stats = engine.train_one_epoch(train_loader, epoch)
+            rt.synchronize()
+            t1 = time.perf_counter()
+            stats.update(engine.validate(val_loader))
+            t2 = time.perf_counter()
+            engine.end_epoch(epoch, engine.lr, stats, t2 - t0)
+            writer.save(engine.snapshot(), improved=True)   # what train.py's thread spends on an epoch's files
+            if epoch:
+                train_s, epoch_s, files_s = train_s + t1 - t0, epoch_s + t2 - t0, files_s + time.perf_counter() - t2
+        writer.close([])
+    return {"e2e_img_s": epochs * images / train_s, "epoch_s": epoch_s / epochs, "files_s_per_epoch": files_s / epochs,
+            "loader": train_loader.kind, "train_images": len(train_data.ids)}
+
+
+def timed_run(recipe, data, device, extra, target=None):
+    """Runs train.py on the recipe in a scratch folder -> {'startup_s': seconds from the command's start to its
+    start-up line (data loaded and checked, model built: the first training step comes next)}; with a target
+    val IoU it trains to the end and adds seconds_to_iou (None if never reached), best_val_iou and run_s."""
+    data = os.path.abspath(data)
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--config", recipe, "--data_dir", os.path.dirname(data),
+           "--dataset", os.path.basename(data), "--device", str(device), "--name", "bench", *extra]
+    with tempfile.TemporaryDirectory() as scratch:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=scratch, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        out, best = {"startup_s": None}, 0.0
+        for line in proc.stdout:          # flushed line by line: the start-up line, then one per epoch
+            if out["startup_s"] is None and "run folder" in line:
+                out["startup_s"] = round(time.perf_counter() - t0, 2)
+                if target is None:
+                    proc.terminate()      # handled like Ctrl-C: it stops before its first epoch ends
+            if target is not None and line.startswith("epoch ") and "val_iou" in line:
+                best = max(best, float(line.split("val_iou")[1].split()[0]))
+                if best >= target and "seconds_to_iou" not in out:
+                    out["seconds_to_iou"] = round(time.perf_counter() - t0, 1)
+        proc.wait()
+    if target is not None:
+        out.update(target_iou=target, seconds_to_iou=out.get("seconds_to_iou"), best_val_iou=round(best, 4),
+                   run_s=round(time.perf_counter() - t0, 1))
+    return out
+
+
+def predict_rate(cfg, rt, val_data):
+    """Images/s of predicting the validation split as val.py does (resizing back, thresholds, metrics and the
+    mask files included), with the network's weights as built."""
+    model = build_network(cfg, rt).eval()
+    options = argparse.Namespace(batch_size=16, tta=False, tile=False, overlap=0.5, threshold=0.5, save_probs=False,
+                                 overlay=False)
+    meter = SegMeter(cfg["num_classes"], rt.device, keep_per_image=True)
+    with tempfile.TemporaryDirectory() as out_dir:
+        make_dirs(out_dir, cfg["num_classes"], options)
+        run_inference(model, val_data.subset(val_data.ids[:16]), cfg, rt, options, out_dir, meter)   # warm-up
         rt.synchronize()
         t0 = time.perf_counter()
-        engine.train_one_epoch(train_loader, epoch)
+        run_inference(model, val_data, cfg, rt, options, out_dir, meter)
         rt.synchronize()
-        t1 = time.perf_counter()
-        engine.validate(val_loader)
-        if epoch:
-            train_s += t1 - t0
-            epoch_s += time.perf_counter() - t0
-    return {"e2e_img_s": epochs * images / train_s, "epoch_s": epoch_s / epochs, "loader": train_loader.kind,
-            "train_images": len(train_data.ids)}
-
-
-def time_to_iou(recipe, data_dir, dataset, device, target, extra):
-    """Runs train.py on the recipe; seconds from its start until a logged val_iou >= target, and the best."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", recipe,
-           "--data_dir", data_dir, "--dataset", dataset, "--device", str(device), "--name", "bench_time_to_iou",
-           "--overwrite", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    reached, best = None, 0.0
-    for line in proc.stdout:          # one line per epoch, flushed as it ends
-        if line.startswith("epoch ") and "val_iou" in line:
-            iou = float(line.split("val_iou")[1].split()[0])
-            best = max(best, iou)
-            if reached is None and iou >= target:
-                reached = time.perf_counter() - t0
-    proc.wait()
-    return reached, best, time.perf_counter() - t0
+        return len(val_data.ids) / (time.perf_counter() - t0)
 
 
 def scaled(data, copies, side):
@@ -135,6 +176,7 @@ def parse_args(argv):
     p.add_argument("--recipe", default=RECIPE, help="config whose batch size, optimizer and precision are measured")
     p.add_argument("--batch_size", type=int, help="override the recipe's batch size")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="override the recipe's precision")
+    p.add_argument("--amps", help="several precisions side by side, e.g. auto,off (one row each)")
     p.add_argument("--loader", choices=("auto", "memory", "workers"), help="override the recipe's loader")
     p.add_argument("--memory_format", choices=("auto", "channels_last", "contiguous"),
                    help="override the recipe's memory format")
@@ -177,14 +219,12 @@ def case_row(cfg, rt, data, args):
            "precision": rt.precision_name(), "channels_last": rt.channels_last, "loader": e2e["loader"],
            "train_images": e2e["train_images"], "pure_img_s": round(pure, 1), "e2e_img_s": round(e2e["e2e_img_s"], 1),
            "e2e_over_pure": round(e2e["e2e_img_s"] / pure, 3), "epoch_s": round(e2e["epoch_s"], 3),
+           "files_s_per_epoch": round(e2e["files_s_per_epoch"], 4),
+           "predict_img_s": round(predict_rate(cfg, rt, split(data, cfg)[1]), 1),
            "peak_mem_mb": round(peak_memory_mb(rt), 1), "torch": torch.__version__}
-    if args.time_to_iou is not None:
-        extra = ["--arch", arch] + (["--input_h", "64", "--input_w", "64"] if args.quick else [])
-        reached, best, total = time_to_iou(args.recipe, os.path.dirname(os.path.abspath(args.data)),
-                                           os.path.basename(os.path.abspath(args.data)), rt.device, args.time_to_iou,
-                                           extra)
-        row.update(target_iou=args.time_to_iou, seconds_to_iou=reached and round(reached, 1),
-                   best_val_iou=round(best, 4), run_s=round(total, 1))
+    extra = ["--arch", arch, "--amp", cfg["amp"], "--memory_format", cfg["memory_format"]]
+    extra += ["--input_h", "64", "--input_w", "64"] if args.quick else []
+    row.update(timed_run(args.recipe, args.data, rt.device, extra, args.time_to_iou))
     return row
 
 
@@ -202,8 +242,9 @@ def benchmark(args):
             emit(row, args.out)
         return
     for arch in args.archs.split(","):
-        cfg = config.check({**base, **overrides, "arch": arch, "deep_supervision": False})
-        emit(case_row(cfg, runtime.build(device, cfg), data, args), args.out)
+        for amp in args.amps.split(",") if args.amps else [overrides.get("amp", base["amp"])]:
+            cfg = config.check({**base, **overrides, "amp": amp, "arch": arch, "deep_supervision": False})
+            emit(case_row(cfg, runtime.build(device, cfg), data, args), args.out)
 
 
 def main(argv=None):

@@ -20,6 +20,18 @@ def save(obj, path):
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
 
 
+def detached_copy(obj):
+    """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied to the CPU:
+    a snapshot that a background writer can save while training changes the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
+
+
 def load(path):
     """torch.load(weights_only=True): a file from elsewhere cannot run code; a non-checkpoint is a UserError."""
     try:

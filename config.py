@@ -5,8 +5,10 @@ argparse flags, checks a config file's keys and types, and is what models/<name>
 """
 import argparse
 import difflib
+import math
 import os
 
+import checkpoint
 from archs import ARCHS
 from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
 from utils import UserError, load_yaml, str2bool
@@ -61,7 +63,7 @@ OPTIONS = [
     ("early_stopping", -1, int, None, "stop after this many epochs without a better val_iou (-1: never)"),
     # run
     ("device", "auto", str, None, "auto | cpu | cuda | cuda:N"),
-    ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a capable GPU, off on CPU)"),
+    ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a GPU that has it, else fp16; bf16 on a CPU with native bf16, else off)"),
     ("memory_format", "auto", str, ("auto", "channels_last", "contiguous"),
      "tensor layout of the network (auto: channels_last on CUDA, contiguous on CPU)"),
     ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
@@ -140,7 +142,7 @@ def build_parser(description):
 
 
 def merge(file_cfg, source, overrides):
-    """Defaults, then a config file's keys (checked), then the command-line overrides."""
+    """Defaults, then a config file's keys (checked; source: its name), then the command-line overrides."""
     cfg = dict(DEFAULTS)
     for key, value in file_cfg.items():
         if key not in DEFAULTS:
@@ -160,64 +162,150 @@ def describe_type(key):
             float: "a number", str: "a string"}[typ]
 
 
+def finite(v):
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+# key, test, what it must be: every range a value must lie in, checked before anything else happens
+RANGES = [
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("num_classes", lambda v: 1 <= v <= 255, "between 1 and 255"),
+    ("input_w", lambda v: v >= 16, "at least 16"),
+    ("input_h", lambda v: v >= 16, "at least 16"),
+    ("val_split", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    ("lr", lambda v: finite(v) and v > 0, "a positive number"),
+    ("min_lr", lambda v: finite(v) and v >= 0, "0 or a positive number"),
+    ("weight_decay", lambda v: finite(v) and v >= 0, "0 or a positive number"),
+    ("momentum", lambda v: finite(v) and 0 <= v < 1, "at least 0 and below 1"),
+    ("factor", lambda v: finite(v) and 0 < v < 1, "between 0 and 1 (exclusive)"),
+    ("patience", lambda v: v >= 0, "0 or more"),
+    ("gamma", lambda v: finite(v) and v > 0, "a positive number"),
+    ("milestones", lambda v: all(m >= 1 for m in v), "a list of epochs, each at least 1"),
+    ("early_stopping", lambda v: v >= -1, "-1 (never) or a number of epochs"),
+    ("seed", lambda v: 0 <= v < 2**63, "between 0 and 2**63-1"),
+    ("split_seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32-1 (scikit-learn's random_state)"),
+    ("num_workers", lambda v: v >= 0, "0 or more"),
+    ("cache_mb", lambda v: finite(v) and v >= 0, "0 (automatic) or more"),
+    ("name", lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; no '/', "
+     "not '.' or '..', not starting with '.')"),
+]
+
+
+def valid_name(name):
+    """A run name is one folder strictly inside the runs folder: never the runs folder itself or outside it."""
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def origin(source, *keys):
+    """Where a key's value came from, as a message names it: 'the command line (--lr)' or 'my.yml (key lr)'.
+    With several keys (settings that do not go together): the first one that was set, not left at its default."""
+    given = [k for k in keys if not isinstance(source, dict) or k in source]
+    key = (given or keys)[0]
+    where = source.get(key, "the command line") if isinstance(source, dict) else source
+    return f"the command line (--{key})" if where == "the command line" else f"{where} (key {key})"
+
+
 def check(cfg, source="the command line"):
-    """Cross-field and range checks; raises a UserError naming the key and the fix."""
+    """Range and cross-field checks; raises a UserError naming the key, where its value came from, and the fix.
+
+    source: a file name or 'the command line', or a dict giving that per key."""
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
-            raise UserError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, not {cfg[key]!r}")
-    for key in ("epochs", "batch_size", "num_classes", "input_w", "input_h"):
-        if cfg[key] < 1:
-            raise UserError(f"{source}: {key} must be at least 1, not {cfg[key]}")
+            raise UserError(f"{origin(source, key)}: {key} must be one of {', '.join(map(str, choices))}, "
+                            f"not {cfg[key]!r}")
+    for key, test, requirement in RANGES:
+        if not test(cfg[key]):
+            raise UserError(f"{origin(source, key)}: {key} must be {requirement}, not {cfg[key]!r}")
     for key in ("input_w", "input_h"):
         if cfg[key] % 16:
-            raise UserError(f"{source}: {key} {cfg[key]} is not a multiple of 16, which the network's four 2x "
-                            f"poolings need; use e.g. {max(16, round(cfg[key] / 16) * 16)}")
-    if not 0 < cfg["val_split"] < 1:
-        raise UserError(f"{source}: val_split must be between 0 and 1 (exclusive), not {cfg['val_split']}")
-    if cfg["lr"] <= 0:
-        raise UserError(f"{source}: lr must be positive, not {cfg['lr']}")
+            raise UserError(f"{origin(source, key)}: {key} {cfg[key]} is not a multiple of 16, which the network's "
+                            f"four 2x poolings need; use e.g. {max(16, round(cfg[key] / 16) * 16)}")
+    check_combinations(cfg, source)
+    return cfg
+
+
+def check_combinations(cfg, source):
+    """Settings that do not go together."""
     if cfg["deep_supervision"] and cfg["arch"] != "NestedUNet":
-        raise UserError(f"{source}: deep_supervision needs --arch NestedUNet ({cfg['arch']} has one output head)")
+        raise UserError(f"{origin(source, 'deep_supervision', 'arch')}: deep_supervision needs --arch NestedUNet "
+                        f"({cfg['arch']} has one output head)")
+    if cfg["loader"] == "memory" and cfg["crop"]:
+        raise UserError(f"{origin(source, 'loader', 'crop')}: --loader memory resizes images to the input size; with --crop "
+                        "use --loader workers (or auto)")
     if cfg["class_mode"] == "softmax":
         if cfg["loss"] not in SOFTMAX_LOSSES:
-            raise UserError(f"{source}: class_mode softmax needs a softmax loss ({', '.join(SOFTMAX_LOSSES)}), "
-                            f"not {cfg['loss']}")
+            raise UserError(f"{origin(source, 'loss', 'class_mode')}: class_mode softmax needs a softmax loss "
+                            f"({', '.join(SOFTMAX_LOSSES)}), not {cfg['loss']}")
         if cfg["num_classes"] < 2:
-            raise UserError(f"{source}: class_mode softmax needs num_classes >= 2 (one mask folder per class, "
-                            "background included)")
+            raise UserError(f"{origin(source, 'num_classes', 'class_mode')}: class_mode softmax needs num_classes >= 2 (one mask "
+                            "folder per class, background included)")
     elif cfg["loss"] not in SIGMOID_LOSSES:
-        raise UserError(f"{source}: loss {cfg['loss']} is for --class_mode softmax; with sigmoid classes use one of "
-                        f"{', '.join(SIGMOID_LOSSES)}")
-    if cfg["num_workers"] < 0:
-        raise UserError(f"{source}: num_workers must be 0 or more")
-    if cfg["cache_mb"] < 0:
-        raise UserError(f"{source}: cache_mb must be 0 (automatic) or more")
-    return cfg
+        raise UserError(f"{origin(source, 'loss', 'class_mode')}: loss {cfg['loss']} is for --class_mode softmax; with sigmoid "
+                        f"classes use one of {', '.join(SIGMOID_LOSSES)}")
 
 
 def default_name(cfg):
     return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}"
 
 
-def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
-    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config'}).
+# what --resume may change: how long and where the run goes on, not what it is (optimizer state, schedule and
+# weights belong to the rest); anything else given with --resume is refused by name
+RESUMABLE = ("epochs", "early_stopping", "num_workers", "cache_mb", "loader", "device", "amp", "memory_format",
+             "compile", "deterministic", "data_dir")
 
-    With --resume and no --config, the base is the run's own models/<name>/config.yml.
+
+def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
+    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'changes'}).
+
+    With --resume the base is the run's own config (config.yml, or the copy inside last.pth), and
+    only the RESUMABLE keys may differ from it.
     """
     args = vars(build_parser(description).parse_args(argv))
     run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False))}
     if run["resume"] and run["overwrite"]:
         raise UserError("--resume continues a run and --overwrite replaces it; pass one of them, not both")
-    path = run["config"]
-    if run["resume"] and not path:
-        name = args.get("name") or default_name({**DEFAULTS, **args})
-        saved = os.path.join(RUNS_DIR, name, "config.yml")
-        path = saved if os.path.isfile(saved) else None
-    source = path or "the command line"
-    cfg = check(merge(load_yaml(path) if path else {}, source, args), source)
+    file_cfg = load_yaml(run["config"]) if run["config"] else {}
+    sources = {**{k: run["config"] for k in file_cfg}, **{k: "the command line" for k in args}}
+    cfg = merge(file_cfg, run["config"], args)
     if cfg["name"] is None:
         cfg["name"] = default_name(cfg)
+    check(cfg, sources)                    # the name too, before it is used as a path
+    run["changes"] = []
+    if run["resume"]:
+        cfg, run["changes"] = resumed(cfg, sources)
     return cfg, run
+
+
+def saved_config(run_dir):
+    """The config a run trained with: config.yml, or (if that was deleted) the copy inside last.pth; None if neither."""
+    path = os.path.join(run_dir, "config.yml")
+    if os.path.isfile(path):
+        return merge(load_yaml(path), path, {}), path
+    last = os.path.join(run_dir, "last.pth")
+    if os.path.isfile(last):
+        return merge(checkpoint.load(last).get("config", {}), last, {}), last
+    return None, None
+
+
+def resumed(cfg, sources):
+    """The run's saved config with the RESUMABLE keys given now applied -> (config, ['key old -> new', ...])."""
+    saved, path = saved_config(os.path.join(RUNS_DIR, cfg["name"]))
+    if saved is None:
+        return cfg, []                     # nothing to resume: rundir.prepare says so
+    changes = []
+    for key, where in sources.items():
+        if cfg[key] == saved[key] or key == "name":
+            continue
+        if key not in RESUMABLE:
+            raise UserError(f"--resume: {origin(sources, key)} sets {key} to {cfg[key]!r}, but models/{cfg['name']} "
+                            f"trained with {saved[key]!r}, and its weights, optimizer state and schedule belong to that."
+                            f" Drop it to continue the run, or start a new run from its config: python train.py "
+                            f"--config {path if path.endswith('.yml') else '<your config>'} --name <new name> "
+                            f"--{key} {cfg[key]}. Only {', '.join(RESUMABLE)} may change on resume.")
+        changes.append(f"{key} {saved[key]} -> {cfg[key]}")
+        saved[key] = cfg[key]
+    return check(saved, path), changes
 
 
 def load_run_config(path):

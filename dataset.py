@@ -8,16 +8,21 @@ Every image and mask is decoded once, checked, and kept in memory (uint8), so an
 decodes a file again and every problem with the data is reported before training starts.
 Batching and augmentation are in loaders.py.
 """
+import importlib
 import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 
 import cv2
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from utils import UserError
 
 MAX_LISTED = 10                           # file names shown in one error message
+DECODE_THREADS = min(8, (os.cpu_count() or 1) + 1)   # decoding and checking files in parallel
+DECODE_CHUNK = 256                        # files decoded per round, so --cache_mb bounds the peak memory too
 
 
 def listing(names):
@@ -82,10 +87,55 @@ def read_mask(path):
     if m.dtype != np.uint8:
         raise UserError(f"mask {path} is {m.dtype}; masks must be 8-bit single-channel PNGs with foreground > 127. "
                         "Convert it (e.g. (mask > 0) * 255 as uint8).")
+    if m.ndim == 3 and is_palette_png(path):
+        raise UserError(f"mask {path} is a palette (indexed-colour) PNG; masks must be 8-bit grayscale with "
+                        "foreground > 127. Save it as grayscale, one mask per class (e.g. with PIL: "
+                        "Image.fromarray(((np.array(Image.open(p)) == k) * 255).astype('uint8')) for class k).")
     if m.ndim == 3:
         raise UserError(f"mask {path} has {m.shape[2]} channels; masks must be 8-bit single-channel "
                         "(grayscale) with foreground > 127. Save it as grayscale.")
     return m
+
+
+def is_palette_png(path):
+    """Whether the file is a PNG whose colour type (byte 25 of its IHDR) is 3: indexed colour with a palette."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3
+
+
+def binarize_mask(m, path):
+    """Raw 8-bit mask -> (0/1 uint8 mask, whether it was stored as 0/1). Decided per mask: foreground is > 127,
+    or 1 in a mask that holds only 0 and 1; a mask whose largest value is 2..127 would read as empty: refused."""
+    top = int(m.max())
+    if top <= 1:
+        return m.astype(np.uint8), top == 1
+    if top <= 127:
+        raise UserError(f"mask {path} has no value above 127 (its largest is {top}), so it would be read as empty. "
+                        "Masks mark foreground with values > 127 (e.g. 255) or hold only 0 and 1; values such as "
+                        "1, 2, 3 look like class labels: put one 0/255 mask per class in masks/<class>/ instead.")
+    return (m > 127).astype(np.uint8), False
+
+
+def read_masks(mask_paths, img_path, size):
+    """[mask path per class] of the image img_path of size (H, W) -> (0/1 uint8 (H, W, C), whether any was
+    stored as 0/1)."""
+    planes = []
+    for p in mask_paths:
+        m = read_mask(p)
+        if m.shape != size:
+            raise UserError(f"mask {p} is {m.shape[1]}x{m.shape[0]} but its image {img_path} is "
+                            f"{size[1]}x{size[0]}; masks must match their image's size")
+        planes.append(binarize_mask(m, p))
+    return np.stack([m for m, _ in planes], axis=2), any(zero_one for _, zero_one in planes)
+
+
+def read_pair(paths, input_channels):
+    """(image path, [mask path per class]) -> checked uint8 image (H, W, C_in), 0/1 mask (H, W, C), whether a
+    mask was stored as 0/1."""
+    img_path, mask_paths = paths
+    img = read_image(img_path, input_channels)
+    return (img, *read_masks(mask_paths, img_path, img.shape[:2]))
 
 
 def class_folders(mask_root, num_classes):
@@ -93,11 +143,15 @@ def class_folders(mask_root, num_classes):
     if not os.path.isdir(mask_root):
         raise UserError(f"mask folder {mask_root} does not exist; put each class's masks in "
                         f"{mask_root}/<class>/ (class 0 .. num_classes-1), named like the images")
-    present = sorted(d for d in os.listdir(mask_root) if os.path.isdir(os.path.join(mask_root, d)))
+    present = sorted((d for d in os.listdir(mask_root)   # hidden folders (.ipynb_checkpoints...) are not classes
+                      if os.path.isdir(os.path.join(mask_root, d)) and not d.startswith(".")),
+                     key=lambda d: (not d.isdigit(), int(d) if d.isdigit() else 0, d))   # 2 before 10
     expected = [str(c) for c in range(num_classes)]
     if present != expected:
+        numbered = present == [str(c) for c in range(len(present))] and present
+        fix = f"pass --num_classes {len(present)}" if numbered else "name the class folders 0, 1, 2, ... (one per class)"
         raise UserError(f"{mask_root} holds class folders [{', '.join(present)}] but --num_classes {num_classes} "
-                        f"expects [{', '.join(expected)}]; pass --num_classes {len(present) or 1} or fix the folders")
+                        f"expects [{', '.join(expected)}]; {fix}")
     return [os.path.join(mask_root, c) for c in expected]
 
 
@@ -114,6 +168,20 @@ def check_pairs(image_ids, mask_dir, mask_ext):
                         "Add the images or remove those masks.")
 
 
+def scan(root, img_ext, mask_ext, num_classes):
+    """Finds the data set's files and checks that they pair up -> {id: (image path, [mask path per class])},
+    ids sorted. Nothing is decoded yet."""
+    if not os.path.isdir(root):
+        raise UserError(f"data set folder {root} does not exist; create it with images/ and masks/0/ inside, "
+                        "or pass --data_dir and --dataset so that <data_dir>/<dataset> is your data")
+    ids = find_ids(os.path.join(root, "images"), img_ext)
+    mask_dirs = class_folders(os.path.join(root, "masks"), num_classes)
+    for d in mask_dirs:
+        check_pairs(ids, d, mask_ext)
+    return {i: (os.path.join(root, "images", i + img_ext), [os.path.join(d, i + mask_ext) for d in mask_dirs])
+            for i in ids}
+
+
 class SegmentationData:
     """A validated data set: ids, and per image its uint8 (H, W, C_in) image and (H, W, C) 0/1 mask.
 
@@ -121,41 +189,32 @@ class SegmentationData:
     when asked for (image(k), mask(k)), with the same result. masks is None for unlabeled images.
     """
 
-    def __init__(self, ids, images, masks, paths=None, input_channels=3, threshold=127):
+    def __init__(self, ids, images, masks, paths=None, input_channels=3):
         self.ids, self.images, self.masks = ids, images, masks
         self.paths = paths                    # per image: (image path, [mask path per class]), for uncached reads
-        self.input_channels, self.threshold = input_channels, threshold
+        self.input_channels = input_channels
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
         """Checks every file (decoding each once) and keeps the decoded arrays while they fit in cache_bytes."""
-        if not os.path.isdir(root):
-            raise UserError(f"data set folder {root} does not exist; create it with images/ and masks/0/ inside, "
-                            "or pass --data_dir and --dataset so that <data_dir>/<dataset> is your data")
-        ids = find_ids(os.path.join(root, "images"), img_ext)
-        mask_dirs = class_folders(os.path.join(root, "masks"), num_classes)
-        for d in mask_dirs:
-            check_pairs(ids, d, mask_ext)
-        images, masks, paths, used, peak = [], [], [], 0, 0
-        for i in ids:
-            img_path = os.path.join(root, "images", i + img_ext)
-            mask_paths = [os.path.join(d, i + mask_ext) for d in mask_dirs]
-            img = read_image(img_path, input_channels)
-            planes = [read_mask(p) for p in mask_paths]
-            for p, m in zip(mask_paths, planes):
-                if m.shape != img.shape[:2]:
-                    raise UserError(f"mask {p} is {m.shape[1]}x{m.shape[0]} but its image "
-                                    f"{img_path} is {img.shape[1]}x{img.shape[0]}; masks must match their image's size")
-            mask = np.stack(planes, axis=2)                        # (H, W, C) raw values
-            peak = max(peak, int(mask.max()))
-            keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
-            used += (img.nbytes + mask.nbytes) if keep else 0
-            images.append(img if keep else None)
-            masks.append(mask if keep else None)
-            paths.append((img_path, mask_paths))
-        threshold = mask_threshold(peak, root)
-        masks = [None if m is None else (m > threshold).astype(np.uint8) for m in masks]
-        return cls(ids, images, masks, paths, input_channels, threshold)
+        return cls.decode(scan(root, img_ext, mask_ext, num_classes), input_channels, cache_bytes, root)
+
+    @classmethod
+    def decode(cls, scanned, input_channels, cache_bytes, root):
+        """scan()'s {id: (image path, [mask paths])} -> the checked, decoded data set (cached up to cache_bytes)."""
+        ids, paths = list(scanned), list(scanned.values())
+        images, masks, zero_one, used = [], [], [], 0
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:   # OpenCV decodes without the GIL: threads run in parallel
+            for start in range(0, len(ids), DECODE_CHUNK):
+                chunk = pool.map(read_pair, paths[start:start + DECODE_CHUNK], repeat(input_channels))
+                for i, (img, mask, was_zero_one) in zip(ids[start:], chunk):
+                    keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
+                    used += (img.nbytes + mask.nbytes) if keep else 0
+                    images.append(img if keep else None)
+                    masks.append(mask if keep else None)
+                    zero_one += [i] if was_zero_one else []
+        warn_zero_one(zero_one, len(ids), root)
+        return cls(ids, images, masks, paths, input_channels)
 
     @property
     def labeled(self):
@@ -175,7 +234,8 @@ class SegmentationData:
         """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
         if self.masks[k] is not None:
             return self.masks[k]
-        return (np.stack([read_mask(p) for p in self.paths[k][1]], axis=2) > self.threshold).astype(np.uint8)
+        img_path, mask_paths = self.paths[k]
+        return read_masks(mask_paths, img_path, cv2.imread(img_path, cv2.IMREAD_UNCHANGED).shape[:2])[0]
 
     def subset(self, ids):
         index = {i: k for k, i in enumerate(self.ids)}
@@ -183,16 +243,16 @@ class SegmentationData:
         return SegmentationData(list(ids), [self.images[k] for k in pick],
                                 None if self.masks is None else [self.masks[k] for k in pick],
                                 None if self.paths is None else [self.paths[k] for k in pick],
-                                self.input_channels, self.threshold)
+                                self.input_channels)
 
 
-def mask_threshold(peak, root):
-    """Foreground is > 127; a data set whose masks only hold 0/1 is accepted (> 0) with one warning."""
-    if peak == 1:
-        warnings.warn(f"the masks under {root}/masks hold only the values 0 and 1; reading 1 as foreground. "
-                      "(The expected format is 0 = background, 255 = foreground.)", stacklevel=3)
-        return 0
-    return 127
+def warn_zero_one(ids, total, root):
+    """One warning for the masks stored as 0/1 (read with 1 as foreground), with their count and examples."""
+    if not ids:
+        return
+    which = "all masks" if len(ids) == total else f"{len(ids)} of {total} images' masks (e.g. {listing(ids[:3])})"
+    warnings.warn(f"{which} under {root}/masks hold only the values 0 and 1; reading 1 as foreground there. "
+                  "(The expected format is 0 = background, 255 = foreground.)", stacklevel=3)
 
 
 def cache_budget(cache_mb):
@@ -209,8 +269,37 @@ def split_ids(ids, val_split, split_seed):
     if n_val < 1 or n_val >= len(ids):
         raise UserError(f"--val_split {val_split} on {len(ids)} images leaves {n_val} validation and "
                         f"{len(ids) - n_val} training images; both need at least one. Add images or change --val_split.")
+    from sklearn.model_selection import train_test_split   # ~1.3 s to import: see load_splits
     train_ids, val_ids = train_test_split(ids, test_size=val_split, random_state=split_seed)
     return train_ids, val_ids
+
+
+def import_sklearn_split():
+    """Imports scikit-learn's model_selection for split_ids(), ahead of time (run in a thread)."""
+    importlib.import_module("sklearn.model_selection")
+
+
+def load_validation(cfg, recorded=None):
+    """The validation images of a run, decoded (only those): `recorded` is the run's own list (split.csv);
+    without one, the split of the files present. -> (data, a note on files added or removed since, or '')."""
+    root = os.path.join(cfg["data_dir"], cfg["dataset"])
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"])
+    note = ""
+    if recorded is None:
+        val_ids = split_ids(list(scanned), cfg["val_split"], cfg["split_seed"])[1]
+    else:
+        val_ids = [i for i in recorded["val"] if i in scanned]
+        known = set(recorded["train"]) | set(recorded["val"])
+        added, removed = len(set(scanned) - known), len(known - set(scanned))
+        if added or removed:
+            note = (f"{root} has {added} image(s) more and {removed} fewer than when the run trained; evaluating the "
+                    f"{len(val_ids)} of its {len(recorded['val'])} recorded validation images still there")
+    if not val_ids:
+        raise UserError(f"none of the run's validation images is left in {root}; point --data_dir/--dataset in its "
+                        "config.yml at the data it trained on, or score another labelled folder")
+    data = SegmentationData.decode({i: scanned[i] for i in val_ids}, cfg["input_channels"],
+                                   cache_budget(cfg["cache_mb"]), root)
+    return data, note
 
 
 def split(data, cfg):
@@ -223,6 +312,8 @@ def load_splits(cfg):
     """The config's data set, validated and decoded, as (train, validation): the one split train.py,
     val.py and bench.py all use."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
+    # scikit-learn's import (for the split) runs in a thread while the files are decoded and checked
+    threading.Thread(target=import_sklearn_split, daemon=True).start()
     data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"],
                                         cfg["input_channels"], cache_budget(cfg["cache_mb"]))
     return split(data, cfg)

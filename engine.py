@@ -201,14 +201,29 @@ class Engine:
                 "best_iou": self.best["iou"], "best_epoch": self.best["epoch"], "stale_epochs": self.best["stale"],
                 "log": self.rows, "rng": checkpoint.rng_state(), "config": self.cfg}
 
+    def snapshot(self):
+        """state_dict() with its tensors copied (milliseconds): saved in the background while training goes on."""
+        return checkpoint.detached_copy(self.state_dict())
+
+    def stretch_schedule(self):
+        """--epochs changed on resume: the cosine is redrawn to end at the new last epoch, from where it stands
+        (the lr in force becomes the closed-form value for the epochs done; a finished run starts climbing back)."""
+        if not hasattr(self.scheduler, "T_max") or self.scheduler.T_max == self.cfg["epochs"]:
+            return
+        self.scheduler.T_max = self.cfg["epochs"]
+        done, base, floor = self.scheduler.last_epoch, self.scheduler.base_lrs, self.scheduler.eta_min
+        for group, base_lr in zip(self.optimizer.param_groups, base):
+            group["lr"] = floor + (base_lr - floor) * (1 + math.cos(math.pi * done / self.cfg["epochs"])) / 2
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def load_state_dict(self, state, path="last.pth"):
         """Restores a state_dict() (from last.pth at `path`, named in errors)."""
         checkpoint.load_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if hasattr(self.scheduler, "T_max"):
-            self.scheduler.T_max = self.cfg["epochs"]  # --epochs may be raised on resume: the cosine stretches
-        self.scaler.load_state_dict(state["scaler"])
+        self.stretch_schedule()
+        if state["scaler"] and self.scaler.is_enabled():   # empty when saved without fp16 (--amp may change)
+            self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         self.epoch, self.rows = state["epoch"], state["log"]
         self.best = {"iou": state["best_iou"], "epoch": state["best_epoch"], "stale": state["stale_epochs"]}

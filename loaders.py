@@ -8,7 +8,6 @@
 Both yield (images float32 (B, C_in, H, W) normalised, masks float32 (B, C, H, W) of 0/1,
 {"img_id": [ids]}), and both depend only on (seed, epoch): call set_epoch() before each epoch.
 """
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ def train_transform(input_h, input_w, input_channels, crop=False):
 
     crop: a random input_h x input_w crop of the full-size image (padded if smaller) instead of resizing.
     """
+    import albumentations as A   # here: a run on the memory loader never needs it (a second saved at start-up)
     mean, std = normalize_stats(input_channels)
     colour = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.0, p=1),
               A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=1)]
@@ -41,28 +41,31 @@ def train_transform(input_h, input_w, input_channels, crop=False):
         A.HorizontalFlip(),
         A.VerticalFlip(),
         A.OneOf(colour, p=1),
-        *fit_to_input(input_h, input_w, crop, A.RandomCrop),
+        *fit_to_input(input_h, input_w, crop, "RandomCrop"),
         A.Normalize(mean=mean, std=std),  # -> float32 (x/255 - mean) / std; no second /255
     ])
 
 
 def val_transform(input_h, input_w, input_channels, crop=False):
     """Resize to the input (or, for crop-trained runs, a centre crop); val.py tiles whole images instead."""
+    import albumentations as A
     mean, std = normalize_stats(input_channels)
-    return A.Compose([*fit_to_input(input_h, input_w, crop, A.CenterCrop), A.Normalize(mean=mean, std=std)])
+    return A.Compose([*fit_to_input(input_h, input_w, crop, "CenterCrop"), A.Normalize(mean=mean, std=std)])
 
 
 def normalize_transform(input_channels):
     """Normalisation alone, for whole images predicted by tiling."""
+    import albumentations as A
     mean, std = normalize_stats(input_channels)
     return A.Compose([A.Normalize(mean=mean, std=std)])
 
 
-def fit_to_input(input_h, input_w, crop, crop_class):
-    """[Resize], or [PadIfNeeded, a crop] when training on crops of full-size images."""
+def fit_to_input(input_h, input_w, crop, crop_name):
+    """[Resize], or [PadIfNeeded, the albumentations crop named] when training on crops of full-size images."""
+    import albumentations as A
     if not crop:
         return [A.Resize(input_h, input_w)]
-    return [A.PadIfNeeded(input_h, input_w, border_mode=cv2.BORDER_REFLECT_101), crop_class(input_h, input_w)]
+    return [A.PadIfNeeded(input_h, input_w, border_mode=cv2.BORDER_REFLECT_101), getattr(A, crop_name)(input_h, input_w)]
 
 
 class AlbumentationsDataset(torch.utils.data.Dataset):
@@ -137,7 +140,7 @@ class WorkersLoader:
     def __init__(self, data, cfg, rt, train):
         h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
         transform = train_transform(h, w, c, cfg["crop"]) if train else val_transform(h, w, c, cfg["crop"])
-        self.dataset = AlbumentationsDataset(data, transform, seed=cfg["seed"])
+        self.ids, self.dataset = data.ids, AlbumentationsDataset(data, transform, seed=cfg["seed"])
         self.seed, self.generator = cfg["seed"], torch.Generator()
         sampler = EpochSampler(len(self.dataset), self.generator, train, rt.rank, rt.world)
         workers = cfg["num_workers"]
@@ -181,7 +184,8 @@ class MemoryLoader:
         mean, std = normalize_stats(self.images.shape[1])
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.ids, self.batch_size, self.device, self.seed, self.train = data.ids, cfg["batch_size"], device, cfg["seed"], train
+        self.ids, self.batch_size, self.device, self.train = data.ids, cfg["batch_size"], device, train
+        self.seed = cfg["seed"]
         self.rank, self.world = rt.rank, rt.world
         self.square = input_h == input_w
         self.generator = torch.Generator().manual_seed(self.seed)

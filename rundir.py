@@ -8,43 +8,160 @@ Every file is written atomically (temporary file, then rename). An epoch's files
 the order last.pth, model.pth, log.csv, so a log.csv that lags behind last.pth means the process
 died mid-epoch-save; repair() completes that epoch from last.pth (--resume and val.py call it).
 """
+import csv
 import os
-import shutil
+import socket
+import threading
+import time
 
 import checkpoint
 from runlog import plot_curves, read_log, write_log
-from utils import UserError, save_yaml
+from utils import UserError, atomic_write, save_yaml
 
-RUN_FILES = ("config.yml", "log.csv", "model.pth", "last.pth", "curves.png")
+RUN_FILES = ("config.yml", "log.csv", "model.pth", "last.pth", "curves.png", "split.csv")
+LOCK = ".lock"       # <pid> <host> of the process training the run
+CURVES_EVERY = 5.0   # seconds between curves.png redraws while training (matplotlib takes ~0.4 s a plot)
 
 
-def prepare(run_dir, run, write):
-    """Refuses to touch an existing run unless --resume or --overwrite says so (checked in every process);
-    `write`: this process clears and creates the folder (the first process only, under torchrun)."""
+def check_existing(run_dir, run):
+    """Refuses to touch an existing run unless --resume or --overwrite says so; -> the run files present."""
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if run["resume"]:
         if not os.path.isfile(os.path.join(run_dir, "last.pth")):
             raise UserError(f"--resume: {run_dir}/last.pth does not exist, so there is nothing to resume. "
                             "Train without --resume (add --overwrite to replace what is there).")
-        for f in os.listdir(run_dir) if write else []:   # temporary files of writes that a kill cut short
-            if f.startswith(".") and f.endswith(".tmp"):
-                os.remove(os.path.join(run_dir, f))
-        return
-    if existing and not run["overwrite"]:
+    elif existing and not run["overwrite"]:
         raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
                         "--overwrite to replace it, or --name to train under another name.")
+    return existing
+
+
+def prepare(run_dir, run, write):
+    """check_existing() (in every process), then, if `write` (the first process only, under torchrun), clears
+    the old run's files for --overwrite: only the files a run writes; anything else in the folder stays."""
+    existing = check_existing(run_dir, run)
     if not write:
         return
-    if existing:
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        stale = [] if run["resume"] else existing
+        stale += [f for f in os.listdir(run_dir) if f.startswith(".") and f.endswith(".tmp")]   # cut-short writes
+        for f in stale:
+            os.remove(os.path.join(run_dir, f))
+    except OSError as e:
+        raise disk_error(run_dir, e) from None
 
 
-def save_start(run_dir, engine, resume):
-    """config.yml, and for a new run an epoch-0 last.pth, so that even a run stopped in its first epoch can --resume."""
+def save_start(run_dir, engine, resume, split):
+    """config.yml (what actually runs), and for a new run split.csv (which images trained and which validate)
+    and an epoch-0 last.pth, so that even a run stopped in its first epoch can --resume."""
+    try:
+        write_start(run_dir, engine, resume, split)
+    except OSError as e:
+        raise disk_error(run_dir, e) from None
+
+
+def write_start(run_dir, engine, resume, split):
     save_yaml(os.path.join(run_dir, "config.yml"), engine.cfg)
-    if not resume:
-        checkpoint.save(engine.state_dict(), os.path.join(run_dir, "last.pth"))
+    if resume:
+        return
+    rows = "".join(f"{i},{subset}\n" for subset in ("train", "val") for i in split[subset])
+    atomic_write(os.path.join(run_dir, "split.csv"), lambda f: f.write("id,subset\n" + rows))
+    checkpoint.save(engine.state_dict(), os.path.join(run_dir, "last.pth"))
+
+
+def read_split(run_dir):
+    """split.csv -> {'train': [ids], 'val': [ids]}, or None for runs from before it was recorded."""
+    path = os.path.join(run_dir, "split.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {subset: [r["id"] for r in rows if r["subset"] == subset] for subset in ("train", "val")}
+
+
+class RunLock:
+    """Holds models/<name>/.lock while this process trains the run: a second process is refused, naming the
+    first one's process id. A lock whose process is gone (killed) is taken over. `active`: False for the
+    processes of a torchrun job other than the first, which do not write."""
+
+    def __init__(self, run_dir, active):
+        self.path, self.active, self.held = os.path.join(run_dir, LOCK), active, False
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(3):
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self.refuse_or_clear()
+                continue
+            except OSError as e:
+                raise disk_error(os.path.dirname(self.path), e) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self.held = True
+            return self
+        raise UserError(f"could not take {self.path}; another process keeps creating it. Use another --name.")
+
+    def refuse_or_clear(self):
+        """Raises while the lock's process is alive (or on another machine); removes a dead process's lock."""
+        holder = lock_holder(self.path)
+        if holder is None:
+            return
+        pid, host = holder
+        run_dir = os.path.dirname(self.path)
+        if host != socket.gethostname():
+            raise UserError(f"{run_dir} is being trained by process {pid} on {host}. Wait for it, stop it, or use "
+                            f"another --name (if nothing is training it, delete {self.path}).")
+        if pid.isdigit() and process_alive(int(pid)):
+            raise UserError(f"{run_dir} is being trained right now by process {pid} on this machine. Wait for it "
+                            "to finish, stop it, or train under another --name.")
+        os.remove(self.path)                   # its process was killed: the lock is stale
+
+    def __exit__(self, *exc):
+        if self.held and os.path.exists(self.path):
+            os.remove(self.path)
+        self.held = False
+
+
+def lock_holder(path):
+    """(pid, host) written in a lock file, or None if there is none."""
+    try:
+        with open(path) as f:
+            pid, host = (f.read().split() + ["0", ""])[:2]
+    except FileNotFoundError:
+        return None
+    return pid, host
+
+
+def in_use(run_dir):
+    """Whether a live process (or one on another machine) is training the run now: its lock is held."""
+    holder = lock_holder(os.path.join(run_dir, LOCK))
+    if holder is None:
+        return False
+    pid, host = holder
+    return host != socket.gethostname() or (pid.isdigit() and process_alive(int(pid)))
+
+
+def disk_error(run_dir, e):
+    """An OSError while writing a run (full disk, read-only or unwritable folder) as the UserError to show."""
+    return UserError(f"could not write the run's files in {run_dir}: {e.strerror or e}. Whatever it had already "
+                     "saved is intact; free space or make the folder writable, then run the same command again "
+                     "(with --resume if the run had started).")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                            # alive, owned by someone else
+    return True
 
 
 def write_epoch(run_dir, state, improved):
@@ -53,12 +170,6 @@ def write_epoch(run_dir, state, improved):
     if improved:
         checkpoint.save(state["model"], os.path.join(run_dir, "model.pth"))
     write_log(os.path.join(run_dir, "log.csv"), state["log"])
-
-
-def save_epoch(run_dir, state, improved):
-    """write_epoch(), then curves.png."""
-    write_epoch(run_dir, state, improved)
-    plot_curves(os.path.join(run_dir, "curves.png"), state["log"])
 
 
 def repair(run_dir):
@@ -72,3 +183,47 @@ def repair(run_dir):
     improved = state["best_epoch"] == state["epoch"] > 0
     write_epoch(run_dir, state, improved)
     return state["epoch"]
+
+
+class EpochWriter:
+    """Writes each epoch's files in a background thread while the next epoch trains.
+
+    One epoch is in flight at a time: save() first waits for the previous one (and raises its
+    error, if it had one). close() waits for the last and draws the final curves. The thread is
+    not a daemon, so even an interrupted process finishes the files it started before exiting.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir, self.thread, self.error, self.curves_at = run_dir, None, None, 0.0
+
+    def save(self, state, improved):
+        """state: a snapshot (Engine.snapshot()) that training no longer changes."""
+        self.wait()
+        self.thread = threading.Thread(target=self.write, args=(state, improved), name="epoch-writer")
+        self.thread.start()
+
+    def write(self, state, improved):
+        try:
+            write_epoch(self.run_dir, state, improved)
+            if time.monotonic() - self.curves_at >= CURVES_EVERY:
+                plot_curves(os.path.join(self.run_dir, "curves.png"), state["log"])
+                self.curves_at = time.monotonic()
+        except OSError as e:
+            self.error = disk_error(self.run_dir, e)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self.error = e
+
+    def wait(self):
+        """Blocks until the epoch in flight is written; raises the error it met, if any."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self, rows):
+        """Waits for the last epoch's files, then draws the final curves."""
+        self.wait()
+        if rows:
+            plot_curves(os.path.join(self.run_dir, "curves.png"), rows)

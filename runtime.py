@@ -74,10 +74,24 @@ class Runtime:
         return ", ".join(parts)
 
 
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast trains about twice as
+    fast as fp32 (BENCHMARKS.md). Elsewhere bf16 is emulated and slower, so auto stays fp32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:   # not Linux: no way to tell here, so fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_amp(amp, device):
-    """--amp -> autocast dtype, or None for full precision."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """--amp -> autocast dtype, or None for full precision. auto: bf16 on a GPU that has it (else fp16),
+    bf16 on a CPU with native bf16, fp32 on other CPUs."""
+    if amp == "off":
         return None
+    if amp == "auto" and device.type != "cuda":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":

@@ -21,7 +21,7 @@ import runtime
 from dataset import load_splits
 from engine import Engine
 from loaders import make_loaders
-from utils import Interrupts, UserError, count_params, exit_on_user_error, plain_warning
+from utils import ClosedPipeSafe, Interrupts, UserError, count_params, exit_on_user_error, plain_warning
 
 
 def check_batch_size(cfg, train_data, val_data):
@@ -46,33 +46,38 @@ def train(cfg, run, interrupts=None):
         distributed.cleanup(rt)
 
 
-def start(cfg, run, rt):
-    """Everything before the first epoch, every check first: -> (engine, train loader, validation loader)."""
+def build(cfg, rt):
+    """Every check, the data, the network and the loaders, before anything on disk changes:
+    -> (engine, (training loader, validation loader), split {'train': ids, 'val': ids})."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
-    train_data, val_data = load_splits(cfg)           # before touching models/: bad data changes nothing
+    train_data, val_data = load_splits(cfg)           # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
-    run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
-    rundir.prepare(run_dir, run, write=rt.main)
     engine = Engine(cfg, rt)
-    train_loader, val_loader = make_loaders(cfg, train_data, val_data, rt)
-    if run["resume"]:
-        if rt.main:
-            rundir.repair(run_dir)    # an epoch whose files a kill cut short is completed first
-        last = os.path.join(run_dir, "last.pth")
-        engine.load_state_dict(checkpoint.load(last), last)
-    if rt.main:
-        rundir.save_start(run_dir, engine, run["resume"])
-        print(f"{cfg['arch']} ({count_params(engine.model) / 1e6:.2f} M parameters) on {rt.describe()}; "
-              f"{len(train_data.ids)} training, {len(val_data.ids)} validation images (loader {train_loader.kind}); "
-              f"run folder {run_dir}" + (f"; resuming after epoch {engine.epoch}" if run["resume"] else ""), flush=True)
-    return engine, train_loader, val_loader
+    loaders = make_loaders(cfg, train_data, val_data, rt)
+    return engine, loaders, {"train": train_data.ids, "val": val_data.ids}
 
 
 def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
-    engine, train_loader, val_loader = start(cfg, run, rt)
-    loop(cfg, engine, (train_loader, val_loader), run_dir, interrupts)
+    engine, loaders, split = build(cfg, rt)
+    rundir.check_existing(run_dir, run)               # before the lock creates the folder
+    with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused
+        rundir.prepare(run_dir, run, write=rt.main)
+        if run["resume"]:
+            if rt.main:
+                rundir.repair(run_dir)    # an epoch whose files a kill cut short is completed first
+            last = os.path.join(run_dir, "last.pth")
+            engine.load_state_dict(checkpoint.load(last), last)
+        if rt.main:
+            rundir.save_start(run_dir, engine, run["resume"], split)
+            announce(cfg, run, rt, engine, loaders, run_dir)
+        writer = rundir.EpochWriter(run_dir)   # the epoch's files are written while the next epoch trains
+        try:
+            loop(cfg, engine, loaders, writer, interrupts)
+        finally:
+            if rt.main:
+                writer.close(engine.rows)       # a finished, failed or interrupted run: its last files complete
     if rt.main and engine.should_stop():
         print(f"early stopping: no better val_iou for {engine.best['stale']} epochs")
     if rt.main:
@@ -81,8 +86,18 @@ def fit(cfg, run, rt, interrupts):
     return engine.best["iou"]
 
 
-def loop(cfg, engine, loaders, run_dir, interrupts):
-    """The epochs: train, validate, step the schedule, save the epoch's files, print a line."""
+def announce(cfg, run, rt, engine, loaders, run_dir):
+    """The start-up line: network, device and precision, data, loader, run folder, what resuming changed."""
+    n_train, n_val = len(loaders[0].ids), len(loaders[1].ids)
+    line = (f"{cfg['arch']} ({count_params(engine.model) / 1e6:.2f} M parameters) on {rt.describe()}; {n_train} training, "
+            f"{n_val} validation images (loader {loaders[0].kind}); run folder {run_dir}")
+    if run["resume"]:
+        line += f"; resuming after epoch {engine.epoch}" + (f" ({', '.join(run['changes'])})" if run["changes"] else "")
+    print(line, flush=True)
+
+
+def loop(cfg, engine, loaders, writer, interrupts):
+    """The epochs: train, validate, step the schedule, hand the epoch's files to the writer, print a line."""
     train_loader, val_loader = loaders
     for epoch in range(engine.epoch + 1, cfg["epochs"] + 1):
         if engine.should_stop():
@@ -96,8 +111,8 @@ def loop(cfg, engine, loaders, run_dir, interrupts):
         improved = engine.end_epoch(epoch, lr, stats, time.time() - t0)
         if not engine.rt.main:
             continue
-        with interrupts.deferred():   # the epoch's files are saved as a whole, even if Ctrl-C comes now
-            rundir.save_epoch(run_dir, engine.state_dict(), improved)
+        with interrupts.deferred():   # the snapshot is taken whole, even if Ctrl-C comes now
+            writer.save(engine.snapshot(), improved)
         print(f"epoch {epoch}/{cfg['epochs']}  lr {lr:.2e}  loss {stats['loss']:.4f}  iou {stats['iou']:.4f}  "
               f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
               f"{engine.rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}", flush=True)
@@ -116,6 +131,7 @@ def main(argv=None):
     interrupts = Interrupts()
     interrupts.install()          # Ctrl-C and SIGTERM (e.g. from a job scheduler) stop cleanly
     warnings.formatwarning = plain_warning
+    sys.stdout = ClosedPipeSafe(sys.stdout)   # piped into head or a closed ssh: keep training
     first_process = os.environ.get("RANK", "0") == "0"   # under torchrun every process meets the same error
     cfg = None
     try:
@@ -129,12 +145,19 @@ def main(argv=None):
         print(torchrun_failure(e, cfg), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        if cfg is not None and first_process:
-            again = (f"python train.py --name {cfg['name']} --resume" if "WORLD_SIZE" not in os.environ
-                     else "the same torchrun command with --resume added")
-            print(f"\ninterrupted: models/{cfg['name']}/last.pth holds the last finished epoch; continue with\n"
-                  f"    {again}", file=sys.stderr)
+        if first_process:
+            print("\n" + interrupted_message(cfg), file=sys.stderr)
         sys.exit(130)
+
+
+def interrupted_message(cfg):
+    """What an interrupt left: the last finished epoch to --resume from, or nothing yet."""
+    last = os.path.join(config.RUNS_DIR, cfg["name"], "last.pth") if cfg else None
+    if last is None or not os.path.isfile(last):
+        return "interrupted before the run saved anything; run the same command again to start it"
+    again = (f"python train.py --name {cfg['name']} --resume" if "WORLD_SIZE" not in os.environ
+             else "the same torchrun command with --resume added")
+    return f"interrupted: {last} holds the last finished epoch; continue with\n    {again}"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Small shared helpers: user errors, atomic file writes, YAML config I/O, seeding, device."""
 import argparse
 import contextlib
+import functools
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -32,6 +34,32 @@ def exit_on_user_error(quiet=False):
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+class ClosedPipeSafe:
+    """sys.stdout that goes quiet instead of raising once its reader has gone (train.py ... | head): the run
+    goes on and saves its files; only the printing stops."""
+
+    def __init__(self, stream):
+        self.stream, self.closed_pipe = stream, False
+
+    def write(self, text):
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self.closed_pipe = True
+        return len(text)
+
+    def flush(self):
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.closed_pipe = True
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def plain_warning(message, category, filename, lineno, line=None):
@@ -114,19 +142,22 @@ def resolve_device(name):
     return device
 
 
-def atomic_write(path, write_fn, mode="w"):
+def atomic_write(path, write_fn, mode="w", durable=True):
     """Write `path` through a temporary file in the same folder, then rename it into place.
 
     A crash, SIGKILL or Ctrl-C mid-write leaves either the old file or the new one, never half
-    of one. `write_fn(f)` receives the open temporary file.
+    of one. `write_fn(f)` receives the open temporary file. durable: also flush it to the disk
+    before the rename (checkpoints and logs; predicted masks can simply be predicted again).
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes it private (0600); give what open() would
         with os.fdopen(fd, mode) as f:
             write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -134,20 +165,51 @@ def atomic_write(path, write_fn, mode="w"):
         raise
 
 
+def current_umask():
+    """The process's umask, read without changing it (os.umask sets it, which threads would race on)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def save_yaml(path, data):
     atomic_write(path, lambda f: yaml.safe_dump(data, f, sort_keys=False))
 
 
+@functools.cache
+def config_loader():
+    """A safe YAML loader that keeps values as the user wrote them (YAML 1.2's rules): only true/false are
+    booleans (`name: no` is the name 'no'), and 0123 is the number 123, not octal 83."""
+    bool_tag, int_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+    loader = type("ConfigLoader", (yaml.SafeLoader,), {})
+    loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (bool_tag, int_tag)]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    loader.add_constructor(int_tag, lambda self, node: int(self.construct_scalar(node)))
+    return loader
+
+
 def load_yaml(path):
-    """Read a YAML mapping; a file that is missing, not YAML or not a mapping is a UserError."""
+    """Read a YAML mapping; a file that is missing, unreadable, not UTF-8 text, not YAML or not a mapping is a
+    UserError."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML ({e}). "
-                            "Fix the line shown, or delete the file and pass flags instead.") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=config_loader())
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text (is it a binary file?); pass a config.yml of "
+                        "'key: value' lines") from None
+    except PermissionError:
+        raise UserError(f"config file {path} cannot be read (permission denied)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({e}). "
+                        "Fix the line shown, or delete the file and pass flags instead.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -155,9 +217,9 @@ def load_yaml(path):
     return data
 
 
-def write_png(path, array):
-    """uint8 array (H, W) or (H, W, 3 in BGR) -> PNG file, atomically."""
+def write_png(path, array, durable=True):
+    """uint8 or uint16 array (H, W) or (H, W, 3 in BGR) -> PNG file, atomically."""
     ok, encoded = cv2.imencode(".png", array)
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    atomic_write(path, lambda f: f.write(encoded.tobytes()), mode="wb")
+    atomic_write(path, lambda f: f.write(encoded.tobytes()), mode="wb", durable=durable)

@@ -10,26 +10,21 @@ import argparse
 import csv
 import io
 import os
+import sys
 import warnings
 
-import cv2
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import checkpoint
 import config
+import rundir
 import runtime
-from dataset import SegmentationData, find_ids, load_splits, read_image
-from engine import build_network, predict_logits
-from loaders import AlbumentationsDataset, normalize_transform, val_transform
-from metrics import SegMeter, binarize
-from tiling import predict_tiled
-from utils import UserError, atomic_write, exit_on_user_error, plain_warning, write_png
+from dataset import SegmentationData, find_ids, load_validation, read_image
+from engine import build_network
+from metrics import SegMeter
+from predict import make_dirs, run_inference
+from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
-OUTLINE_COLOURS = [(0, 255, 0), (0, 0, 255), (255, 0, 0), (0, 255, 255), (255, 0, 255)]  # BGR, per class
 
 
 def parse_args(argv):
@@ -63,98 +58,37 @@ def load_run(name, device_name):
 
     The Runtime predicts with the precision and memory format the run trained with."""
     run_dir = os.path.join(config.RUNS_DIR, name)
-    cfg_path, model_path = os.path.join(run_dir, "config.yml"), os.path.join(run_dir, "model.pth")
+    model_path = os.path.join(run_dir, "model.pth")
+    if not config.valid_name(name):
+        raise UserError(f"--name {name!r} is not a run name (a folder name under {config.RUNS_DIR}/)")
     if not os.path.isdir(run_dir):
         runs = sorted(os.listdir(config.RUNS_DIR)) if os.path.isdir(config.RUNS_DIR) else []
         raise UserError(f"there is no run {run_dir}" + (f" (runs here: {', '.join(runs)})" if runs else "") +
                         f". Train it first: python train.py --name {name}")
+    if not rundir.in_use(run_dir):
+        rundir.repair(run_dir)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
     if not os.path.isfile(model_path):
         raise UserError(f"{model_path} does not exist: the run has not finished an epoch yet. "
                         f"Train it (python train.py --name {name} --resume) first.")
-    cfg = config.load_run_config(cfg_path)
+    saved, cfg_path = config.saved_config(run_dir)
+    cfg = config.check(saved, cfg_path)
     rt = runtime.for_inference(device_name, cfg)
     model = build_network(cfg, rt)
     checkpoint.load_weights(model, checkpoint.load(model_path), model_path)
     return cfg, rt, model.eval()
 
 
-@torch.no_grad()
-def predict_probs(model, images, cfg, rt, tta):
-    """Images (B, C_in, H, W) -> class probabilities (B, C, H, W), optionally averaged over flips."""
-    images, _ = rt.place_batch(images)
-    flips = [[], [3], [2]] if tta else [[]]
-    total = 0
-    for dims in flips:
-        x = images.flip(dims) if dims else images
-        with rt.autocast():
-            logits = predict_logits(model, x, cfg["deep_supervision"]).float()
-        probs = logits.softmax(1) if cfg["class_mode"] == "softmax" else torch.sigmoid(logits)
-        total = total + (probs.flip(dims) if dims else probs)
-    return total / len(flips)
-
-
-def to_prediction(probs, cfg, threshold):
-    """Probabilities (1, C, H, W) -> 0/1 masks: threshold per class, or one-hot argmax in softmax mode."""
-    if cfg["class_mode"] == "softmax":
-        return binarize(probs, "softmax")  # argmax of probabilities = argmax of logits
-    return (probs > threshold).float()
-
-
-def write_outputs(out_dir, img_id, pred, probs, image, args):
-    """Binary masks per class, and optionally probability maps and an outline overlay."""
-    for c in range(pred.shape[0]):
-        write_png(os.path.join(out_dir, str(c), img_id + ".png"), (pred[c] * 255).astype(np.uint8))
-        if args.save_probs:
-            write_png(os.path.join(out_dir, "probs", str(c), img_id + ".png"), np.round(probs[c] * 255).astype(np.uint8))
-    if args.overlay:
-        canvas = cv2.cvtColor(image if image.shape[2] == 3 else np.repeat(image, 3, 2), cv2.COLOR_RGB2BGR)
-        for c in range(pred.shape[0]):
-            contours, _ = cv2.findContours(pred[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(canvas, contours, -1, OUTLINE_COLOURS[c % len(OUTLINE_COLOURS)], 1)
-        write_png(os.path.join(out_dir, "overlay", img_id + ".png"), canvas)
-
-
-def make_dirs(out_dir, num_classes, args):
-    for c in range(num_classes):
-        os.makedirs(os.path.join(out_dir, str(c)), exist_ok=True)
-        if args.save_probs:
-            os.makedirs(os.path.join(out_dir, "probs", str(c)), exist_ok=True)
-    if args.overlay:
-        os.makedirs(os.path.join(out_dir, "overlay"), exist_ok=True)
-
-
-def resized_probs(model, data, cfg, rt, args):
-    """Yields (k, image, probabilities (1, C, H, W) at the image's original size): batches resized to the input."""
-    ds = AlbumentationsDataset(data, val_transform(cfg["input_h"], cfg["input_w"], cfg["input_channels"]))
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
-    k = 0
-    for images, _, _ in loader:
-        probs = predict_probs(model, images, cfg, rt, args.tta)                           # (B, C, h, w)
-        for b in range(probs.shape[0]):
-            image = data.image(k)
-            yield k, image, F.interpolate(probs[b:b + 1], size=image.shape[:2], mode="bilinear", align_corners=False)
-            k += 1
-
-
-def tiled_probs(model, data, cfg, rt, args):
-    """Yields (k, image, probabilities (1, C, H, W)): whole images at full resolution, by overlapping tiles."""
-    normalize = normalize_transform(cfg["input_channels"])
-    for k in range(len(data.ids)):
-        image = data.image(k)
-        x = torch.from_numpy(normalize(image=image)["image"]).permute(2, 0, 1)[None].to(rt.device)
-        yield k, image, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, rt, args.tta), x,
-                                      cfg["input_h"], cfg["input_w"], args.overlap, args.batch_size)
-
-
-def run_inference(model, data, cfg, rt, args, out_dir, meter):
-    """Predicts every image of `data`, writes its outputs, and (if labeled) adds its counts to `meter`."""
-    tiled = args.tile or cfg["crop"]
-    for k, image, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, rt, args):
-        pred = to_prediction(probs, cfg, args.threshold)                                  # (1, C, H, W)
-        if data.labeled:
-            target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(rt.device)
-            meter.update(pred, target)
-        write_outputs(out_dir, data.ids[k], pred[0].cpu().numpy(), probs[0].cpu().numpy(), image, args)
+def clear_outputs(out_dir, num_classes):
+    """Removes what an earlier evaluation wrote in out_dir (masks, probability maps, overlays, metrics.csv), so
+    that the folder holds this evaluation alone. Nothing else in it is touched."""
+    folders = [str(c) for c in range(num_classes)] + [os.path.join("probs", str(c)) for c in range(num_classes)]
+    for folder in folders + ["overlay"]:
+        path = os.path.join(out_dir, folder)
+        for f in os.listdir(path) if os.path.isdir(path) else []:
+            if f.endswith(".png"):
+                os.remove(os.path.join(path, f))
+    if os.path.isfile(os.path.join(out_dir, "metrics.csv")):
+        os.remove(os.path.join(out_dir, "metrics.csv"))
 
 
 def write_metrics(path, ids, iou, dice):
@@ -189,9 +123,16 @@ def evaluate(args):
         data = SegmentationData(ids, [read_image(os.path.join(args.images, i + ext), cfg["input_channels"]) for i in ids], None)
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name, "predictions")
     else:
-        data = load_splits(cfg)[1]
+        data, note = load_validation(cfg, rundir.read_split(os.path.join(config.RUNS_DIR, args.name)))
+        if note:
+            print(f"note: {note}")
         out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name)
-    make_dirs(out_dir, cfg["num_classes"], args)
+    try:
+        clear_outputs(out_dir, cfg["num_classes"])
+        make_dirs(out_dir, cfg["num_classes"], args)
+    except OSError as e:
+        raise UserError(f"cannot write the outputs in {out_dir}: {e.strerror or e}. Make it writable, or pass "
+                        "--output DIR") from None
     meter = SegMeter(cfg["num_classes"], rt.device, keep_per_image=True)
     run_inference(model, data, cfg, rt, args, out_dir, meter)
     if data.labeled:
@@ -201,8 +142,14 @@ def evaluate(args):
 
 def main(argv=None):
     warnings.formatwarning = plain_warning
-    with exit_on_user_error():
-        evaluate(parse_args(argv))
+    sys.stdout = ClosedPipeSafe(sys.stdout)
+    try:
+        with exit_on_user_error():
+            evaluate(parse_args(argv))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the outputs folder holds what was written so far; run val.py again for all of it",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

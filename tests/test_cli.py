@@ -31,7 +31,7 @@ def test_unet_train_then_val_writes_every_output(tmp_path):
     make_data(tmp_path / "inputs", "cells", size=40)       # 40x40 images, network input 32x32
     r = run("train.py", ["--arch", "UNet", "--dataset", "cells", *FAST], tmp_path)
     run_dir = tmp_path / "models" / "cells_UNet_woDS"
-    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth"]
+    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth", "split.csv"]
     rows = read_csv(run_dir / "log.csv")
     assert list(rows[0]) == ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "seconds"]
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -67,7 +67,7 @@ def test_unet_train_then_val_writes_every_output(tmp_path):
         "bf16-autocast-on-cpu"])
 def test_variants_train_and_evaluate(tmp_path, extra, data_kw, name):
     make_data(tmp_path / "inputs", **data_kw)
-    run("train.py", ["--dataset", "tiny", *FAST, *extra], tmp_path)
+    run("train.py", ["--dataset", "tiny", *FAST, "--epochs", "1", *extra], tmp_path)
     run("val.py", ["--name", name], tmp_path)
     classes = data_kw.get("num_classes", 1)
     metrics = read_csv(tmp_path / "outputs" / name / "metrics.csv")

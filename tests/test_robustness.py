@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 import checkpoint
+import train
 from conftest import ROOT, make_data
 from runlog import COLUMNS
 
@@ -65,6 +67,24 @@ def workdir(template, tmp_path):
     return tmp_path
 
 
+def run_main(main, argv, cwd, monkeypatch, capsys):
+    """An entry script's main() in this process, as the command line runs it (faster than a subprocess):
+    -> (exit status, stdout, stderr). Signal handlers and warning format are restored afterwards."""
+    monkeypatch.chdir(cwd)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def drop(p):
     os.remove(p)
 
@@ -95,11 +115,37 @@ BAD_TRAIN_INPUTS = [
     ("config-wrong-type", ("bad.yml", "batch_size: many\n"), ["--config", "bad.yml"], "key 'batch_size' has the value 'many'"),
     ("resume-nothing", None, ["--resume", "--name", "never_trained"], "never_trained/last.pth does not exist"),
     ("device", None, ["--device", "tpu"], "--device 'tpu'"),
+    # second pass (issue 11): names that are not one folder inside models/, checks that came after the deletion,
+    # values that were taken wrongly, files that gave tracebacks, and flags --resume may not change
+    ("name-empty", None, ["--name", ""], "name must be a plain folder name"),
+    ("name-dot", None, ["--name", "."], "name must be a plain folder name"),
+    ("name-parent", None, ["--name", ".."], "name must be a plain folder name"),
+    ("name-path", None, ["--name", "x/../.."], "name must be a plain folder name"),
+    ("memory-loader-crop", None, ["--loader", "memory", "--crop"], "with --crop use --loader workers"),
+    ("seed-too-large", None, ["--seed", str(2**64)], "seed must be between 0 and 2**63-1"),
+    ("negative-weight-decay", None, ["--weight_decay", "-1"], "(--weight_decay): weight_decay must be 0 or a positive"),
+    ("lr-nan", None, ["--lr", "nan"], "lr must be a positive number, not nan"),
+    ("split-seed-negative", None, ["--split_seed", "-1"], "split_seed must be between 0 and 2**32-1"),
+    ("config-not-utf8", ("bad.yml", b"epochs: \xff\xfe\x00\x01"), ["--config", "bad.yml"], "bad.yml is not UTF-8 text"),
+    ("palette-mask", ("masks/0/img0001.png", lambda p: palette_png(p)), [], "img0001.png is a palette (indexed-colour)"),
+    ("label-valued-mask", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.tile([0, 1, 2], (32, 11))[:, :32]
+                                                                        .astype(np.uint8))), [], "no value above 127"),
+    ("resume-new-optimizer", None, ["--resume", "--name", "old", "--optimizer", "SGD"], "sets optimizer to 'SGD'"),
+    ("resume-new-lr", None, ["--resume", "--name", "old", "--lr", "0.1"], "(--lr) sets lr to 0.1"),
+    ("runs-folder-is-a-file", "models-file", ["--name", "new"], "could not write the run's files in models/new"),
 ]
 
 
+def palette_png(path):
+    """An indexed-colour PNG (what many annotation tools save): OpenCV expands it to 3 channels."""
+    from PIL import Image
+    image = Image.fromarray((cv2.imread(path, 0) > 127).astype(np.uint8), mode="P")
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.save(path)
+
+
 @pytest.mark.parametrize("case, breakage, extra, expected", BAD_TRAIN_INPUTS, ids=[c[0] for c in BAD_TRAIN_INPUTS])
-def test_bad_input_gets_one_clear_message(workdir, case, breakage, extra, expected):
+def test_bad_input_gets_one_clear_message(workdir, monkeypatch, capsys, case, breakage, extra, expected):
     data = workdir / "inputs" / "tiny"
     if breakage == "empty":
         for f in os.listdir(data / "images"):
@@ -108,18 +154,20 @@ def test_bad_input_gets_one_clear_message(workdir, case, breakage, extra, expect
         for k in range(1, 10):
             os.remove(data / "images" / f"img{k:04d}.png")
             os.remove(data / "masks" / "0" / f"img{k:04d}.png")
+    elif breakage == "models-file":
+        shutil.move(workdir / "models", workdir / "models_moved")
+        (workdir / "models").write_text("not a folder")
     elif breakage and breakage[0].endswith(".yml"):
-        (workdir / breakage[0]).write_text(breakage[1])
+        (workdir / breakage[0]).write_bytes(breakage[1] if isinstance(breakage[1], bytes) else breakage[1].encode())
     elif breakage:
         breakage[1](str(data / breakage[0]))
-    before = snapshot(workdir / "models")
+    before = snapshot(workdir)
     # --name old --overwrite: even a run the user asked to replace must survive a bad data set
     args = FAST + extra if "--resume" in extra else FAST + ["--name", "old", "--overwrite"] + extra
-    r = subprocess.run(TRAIN + args, cwd=workdir, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    assert expected in r.stderr, r.stderr
-    assert snapshot(workdir / "models") == before
+    code, _, err = run_main(train.main, args, workdir, monkeypatch, capsys)
+    assert code == 2                                    # a clean exit: any other exception would fail the test
+    assert expected in err, err
+    assert snapshot(workdir) == before                 # nothing anywhere changed: models/, inputs/, the project
 
 
 def test_zero_one_masks_train_with_one_warning(workdir):
@@ -128,7 +176,7 @@ def test_zero_one_masks_train_with_one_warning(workdir):
         cv2.imwrite(str(masks / f), (cv2.imread(str(masks / f), 0) > 127).astype(np.uint8))
     r = subprocess.run(TRAIN + FAST + ["--name", "zero_one", "--epochs", "1"], cwd=workdir, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("warning: the masks under") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("warning: all masks under") == 1 and "Traceback" not in r.stderr
     assert float(read_log(workdir / "models" / "zero_one" / "log.csv")[0]["val_iou"]) > 0.05   # not all-background
 
 
@@ -231,12 +279,12 @@ def test_resume_and_overwrite_together_are_refused(workdir):
 
 
 def test_sigkill_at_random_moments_never_corrupts_files(workdir):
-    """SIGKILL a long run at 20+ random moments (resuming after each); every file left must load."""
+    """SIGKILL a long run at 10 random moments (resuming after each); every file left must load."""
     rng = random.Random(0)
     run_dir = workdir / "models" / "killme"
     args = FAST + ["--name", "killme", "--epochs", "10000"]
     kills = 0
-    while kills < 20:
+    while kills < 10:
         first = not (run_dir / "last.pth").exists()
         proc = subprocess.Popen(TRAIN + args + ([] if first else ["--resume"]), cwd=workdir,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -267,3 +315,182 @@ def test_deterministic_runs_give_identical_logs(workdir):
         logs.append(final_state(workdir / "models" / name)[1])
         assert yaml.safe_load(open(workdir / "models" / name / "config.yml"))["deterministic"] is True
     assert logs[0] == logs[1]
+
+
+# ---- second pass (issue 11): what a hostile afternoon of use found ----
+
+def test_overwrite_removes_only_the_runs_own_files(workdir):
+    (workdir / "models" / "old" / "notes.txt").write_text("my notes")
+    r = subprocess.run(TRAIN + FAST + ["--name", "old", "--overwrite", "--epochs", "1"], cwd=workdir,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "models" / "old" / "notes.txt").read_text() == "my notes"
+    assert (workdir / "models" / "other_run_untouched").exists() is False      # and nothing beside it was made
+
+
+def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_taken_over(workdir):
+    args = FAST + ["--name", "race", "--epochs", "10000"]
+    first = subprocess.Popen(TRAIN + args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = workdir / "models" / "race" / "log.csv"
+        deadline = time.time() + 120
+        while log_rows(log) < 1 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(TRAIN + args + ["--overwrite", "--seed", "3"], cwd=workdir, capture_output=True,
+                                text=True)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"being trained right now by process {first.pid}" in second.stderr
+        assert yaml.safe_load(open(workdir / "models" / "race" / "config.yml"))["seed"] == 0   # the first run's
+    finally:
+        first.kill()                                    # SIGKILL: its lock stays behind
+        first.wait()
+    assert (workdir / "models" / "race" / ".lock").exists()
+    r = subprocess.run(TRAIN + ["--name", "race", "--resume", "--epochs", str(log_rows(log) + 1)], cwd=workdir,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr                  # a dead process's lock does not block
+    assert not (workdir / "models" / "race" / ".lock").exists()
+
+
+def test_files_get_the_permissions_of_an_ordinary_write(workdir):
+    r = subprocess.run(["bash", "-c", "umask 022 && exec \"$@\"", "-", *TRAIN, *FAST, "--name", "perm", "--epochs", "1"],
+                       cwd=workdir, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for f in ("config.yml", "log.csv", "model.pth", "last.pth", "split.csv", "curves.png"):
+        assert oct(os.stat(workdir / "models" / "perm" / f).st_mode & 0o777) == "0o644", f
+
+
+KILL_AFTER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import checkpoint, rundir, train
+target = sys.argv[1]
+real_save, real_log = checkpoint.save, rundir.write_log
+def save(obj, path):
+    real_save(obj, path)
+    if path.endswith(target) and (target == "model.pth" or obj.get("epoch") == 1):
+        os.kill(os.getpid(), signal.SIGKILL)      # the instant right after this file of epoch 1 is in place
+def write_log(path, rows):
+    real_log(path, rows)
+    if target == "log.csv" and len(rows) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save, rundir.write_log = save, write_log
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("instant", ["last.pth", "model.pth", "log.csv"])
+def test_killed_between_an_epochs_files_the_folder_is_repaired(workdir, instant):
+    """SIGKILL right after each of an epoch's files: val.py and --resume find (or repair to) one whole epoch."""
+    script = KILL_AFTER.format(root=ROOT)
+    r = subprocess.run([sys.executable, "-c", script, instant, *FAST, "--name", "k", "--epochs", "3"], cwd=workdir,
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    run_dir = workdir / "models" / "k"
+    assert checkpoint.load(str(run_dir / "last.pth"))["epoch"] == 1
+    v = subprocess.run(VAL + ["--name", "k"], cwd=workdir, capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr                  # model.pth is there (repaired if it was not yet written)
+    assert [row["epoch"] for row in read_log(run_dir / "log.csv")] == ["1"]
+    r = subprocess.run(TRAIN + ["--name", "k", "--resume"], cwd=workdir, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming after epoch 1" in r.stdout, r.stderr
+    assert [row["epoch"] for row in read_log(run_dir / "log.csv")] == ["1", "2", "3"]
+
+
+def test_a_full_disk_ends_with_a_message_and_the_previous_epoch_intact(workdir, monkeypatch, capsys):
+    real_save = checkpoint.save
+
+    def save(obj, path):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    code, _, err = run_main(train.main, FAST + ["--name", "full", "--epochs", "4"], workdir, monkeypatch, capsys)
+    assert code == 2 and "No space left on device" in err and "intact" in err
+    assert checkpoint.load(str(workdir / "models" / "full" / "last.pth"))["epoch"] == 1
+    assert len(read_log(workdir / "models" / "full" / "log.csv")) == 1
+
+
+def test_resuming_a_finished_run_for_longer_stretches_the_cosine(workdir, monkeypatch, capsys):
+    code, out, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert "(epochs 1 -> 3)" in out                                 # what changed is said
+    lrs = [float(row["lr"]) for row in read_log(workdir / "models" / "old" / "log.csv")]
+    assert lrs[1] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75, rel=1e-4)   # not stuck at min_lr
+    assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["epochs"] == 3
+
+
+def test_resume_without_config_yml_uses_the_copy_in_last_pth(workdir, monkeypatch, capsys):
+    os.remove(workdir / "models" / "old" / "config.yml")
+    code, _, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "2"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["arch"] == "UNet"
+
+
+def test_eleven_classes_hidden_folders_and_mixed_zero_one_masks(workdir, monkeypatch, capsys):
+    data = workdir / "inputs" / "tiny"
+    for c in range(1, 11):
+        shutil.copytree(data / "masks" / "0", data / "masks" / str(c))
+    os.makedirs(data / "masks" / ".ipynb_checkpoints")
+    masks = data / "masks" / "0"
+    for f in sorted(os.listdir(masks))[:4]:                 # 4 of 10 masks stored as 0/1, the rest 0/255
+        cv2.imwrite(str(masks / f), (cv2.imread(str(masks / f), 0) > 127).astype(np.uint8))
+    with pytest.warns(UserWarning, match=r"4 of 10 images' masks \(e.g. img0000"):
+        code, _, err = run_main(train.main, FAST + ["--name", "c11", "--num_classes", "11", "--epochs", "1"], workdir,
+                                monkeypatch, capsys)
+    assert code == 0, err
+    from dataset import SegmentationData
+    d = SegmentationData.from_folder(str(data), ".png", ".png", 11, 3)
+    assert all(d.masks[k][:, :, 0].sum() == d.masks[k][:, :, 1].sum() > 0 for k in range(4))   # 0/1 read as 0/255
+
+
+def test_val_uses_the_recorded_split_and_clears_stale_outputs(workdir, monkeypatch, capsys):
+    data = workdir / "inputs" / "tiny"
+    for k in range(3):                                    # images added after training
+        shutil.copy(data / "images" / "img0000.png", data / "images" / f"new{k}.png")
+        shutil.copy(data / "masks" / "0" / "img0000.png", data / "masks" / "0" / f"new{k}.png")
+    out = workdir / "outputs" / "old"
+    os.makedirs(out / "0")
+    (out / "0" / "stale.png").write_bytes(b"")
+    code, stdout, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert "3 image(s) more and 0 fewer than when the run trained" in stdout
+    recorded = [line.split(",")[0] for line in (workdir / "models" / "old" / "split.csv").read_text().splitlines()
+                if line.endswith(",val")]
+    assert [row["id"] for row in read_log(out / "metrics.csv")] == recorded
+    assert sorted(os.listdir(out / "0")) == sorted(i + ".png" for i in recorded)
+
+
+def val_main():
+    import val
+    return val.main
+
+
+def test_yaml_values_stay_what_the_user_wrote(workdir, monkeypatch, capsys):
+    (workdir / "c.yml").write_text("name: no\nseed: 0123\n")
+    code, _, err = run_main(train.main, FAST + ["--config", "c.yml", "--epochs", "1"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    saved = yaml.safe_load(open(workdir / "models" / "no" / "config.yml"))
+    assert saved["name"] == "no" and saved["seed"] == 123
+
+
+def test_interrupts_before_the_first_save_and_during_val_say_what_is_left(workdir, monkeypatch, capsys):
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "build", stop)
+    code, _, err = run_main(train.main, FAST + ["--name", "fresh"], workdir, monkeypatch, capsys)
+    assert code == 130 and "before the run saved anything" in err and "last.pth" not in err
+    import val
+    monkeypatch.setattr(val, "run_inference", stop)
+    code, _, err = run_main(val.main, ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_a_closed_stdout_does_not_stop_the_run(workdir):
+    proc = subprocess.Popen(TRAIN + FAST + ["--name", "piped"], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()                                 # like `| head -1`
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert len(read_log(workdir / "models" / "piped" / "log.csv")) == 2

@@ -1,4 +1,4 @@
-"""val.py's functions in-process: prediction with flips, thresholds, resizing back to each image's size, metrics.csv."""
+"""predict.py (and val.py's metrics.csv): prediction with flips, thresholds, resizing back to each image's size."""
 import argparse
 import csv
 
@@ -8,6 +8,7 @@ import torch
 
 import config
 import runtime
+import predict
 import val
 from dataset import SegmentationData
 from engine import build_network
@@ -31,17 +32,17 @@ class Doubler(torch.nn.Module):
 def test_predict_probs_averages_the_flips_back_into_place():
     rt = runtime.build(torch.device("cpu"), CFG)
     x = torch.randn(2, 3, 32, 32)
-    plain = val.predict_probs(Doubler(), x, CFG, rt, tta=False)
-    flipped = val.predict_probs(Doubler(), x, CFG, rt, tta=True)
+    plain = predict.predict_probs(Doubler(), x, CFG, rt, tta=False)
+    flipped = predict.predict_probs(Doubler(), x, CFG, rt, tta=True)
     assert plain.shape == (2, 1, 32, 32) and torch.allclose(plain, torch.sigmoid(x[:, :1] * 2))
     assert torch.allclose(flipped, plain, atol=1e-6)     # an equivariant network: flips change nothing
 
 
 def test_to_prediction_thresholds_or_takes_the_argmax():
     probs = torch.tensor([0.2, 0.6, 0.9]).view(1, 3, 1, 1)
-    assert val.to_prediction(probs, CFG, 0.5).flatten().tolist() == [0, 1, 1]
-    assert val.to_prediction(probs, CFG, 0.7).flatten().tolist() == [0, 0, 1]
-    assert val.to_prediction(probs, {**CFG, "class_mode": "softmax"}, 0.5).flatten().tolist() == [0, 0, 1]
+    assert predict.to_prediction(probs, CFG, 0.5).flatten().tolist() == [0, 1, 1]
+    assert predict.to_prediction(probs, CFG, 0.7).flatten().tolist() == [0, 0, 1]
+    assert predict.to_prediction(probs, {**CFG, "class_mode": "softmax"}, 0.5).flatten().tolist() == [0, 0, 1]
 
 
 @pytest.mark.parametrize("tile", [False, True], ids=["resized", "tiled"])
@@ -52,7 +53,7 @@ def test_probabilities_come_back_at_each_images_own_size(tile):
     data = SegmentationData([f"i{k}" for k in range(4)], images, None)
     rt = runtime.build(torch.device("cpu"), CFG)
     model = build_network(CFG, rt).eval()
-    produce = val.tiled_probs if tile else val.resized_probs
+    produce = predict.tiled_probs if tile else predict.resized_probs
     out = list(produce(model, data, CFG, rt, args()))
     assert [k for k, _, _ in out] == [0, 1, 2, 3]
     assert [tuple(p.shape) for _, _, p in out] == [(1, 1, h, w) for h, w in sizes]
