@@ -97,7 +97,7 @@ def timed_run(recipe, data, device, extra, target=None):
     """Runs train.py on the recipe in a scratch folder -> {'startup_s': seconds from the command's start to its
     start-up line (data loaded and checked, model built: the first training step comes next)}; with a target
     val IoU it trains to the end and adds seconds_to_iou (None if never reached), best_val_iou and run_s."""
-    data = os.path.abspath(data)
+    data, recipe = os.path.abspath(data), os.path.abspath(recipe)     # train.py runs in a scratch folder
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--config", recipe, "--data_dir", os.path.dirname(data),
            "--dataset", os.path.basename(data), "--device", str(device), "--name", "bench", *extra]
     with tempfile.TemporaryDirectory() as scratch:

@@ -65,7 +65,7 @@ OPTIONS = [
     ("device", "auto", str, None, "auto | cpu | cuda | cuda:N"),
     ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a GPU that has it, else fp16; bf16 on a CPU with native bf16, else off)"),
     ("memory_format", "auto", str, ("auto", "channels_last", "contiguous"),
-     "tensor layout of the network (auto: channels_last on CUDA, contiguous on CPU)"),
+     "tensor layout of the network (auto: channels_last, the faster one on CUDA and on CPU)"),
     ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
     ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
     ("compile", False, bool, None, "torch.compile the model (slow first epoch; pays on long GPU runs)"),

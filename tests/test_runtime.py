@@ -17,7 +17,7 @@ NATIVE_BF16 = torch.bfloat16 if runtime.cpu_has_native_bf16() else None
 
 
 @pytest.mark.parametrize("amp, memory_format, dtype, channels_last", [
-    ("auto", "auto", NATIVE_BF16, False),                # CPU defaults: bf16 where the CPU has it, contiguous
+    ("auto", "auto", NATIVE_BF16, True),                 # CPU defaults: bf16 where the CPU has it, channels_last
     ("off", "contiguous", None, False),
     ("bf16", "channels_last", torch.bfloat16, True),     # what a GPU gets, forced on the CPU
 ])
@@ -51,7 +51,7 @@ def test_place_and_autocast_follow_the_choices():
     assert images.is_contiguous(memory_format=torch.channels_last) and masks.shape == (2, 1, 8, 8)
     with rt.autocast():
         assert model(images).dtype == torch.bfloat16
-    plain = runtime.build(CPU, cfg(amp="off"))
+    plain = runtime.build(CPU, cfg(amp="off", memory_format="contiguous"))
     with plain.autocast():
         assert plain.place_model(torch.nn.Conv2d(3, 4, 3))(torch.randn(1, 3, 8, 8)).dtype == torch.float32
     assert rt.describe() == "cpu, bfloat16 autocast, channels_last" and plain.describe() == "cpu, fp32"
