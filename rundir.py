@@ -37,11 +37,12 @@ def check_existing(run_dir, run):
 
 
 def prepare(run_dir, run, write):
-    """check_existing() (in every process), then, if `write` (the first process only, under torchrun), clears
-    the old run's files for --overwrite: only the files a run writes; anything else in the folder stays."""
-    existing = check_existing(run_dir, run)
+    """For the process that writes (the first one, under torchrun; the others follow it, and torchrun ends them
+    if it fails): check_existing(), then for --overwrite clear the old run's files: only the files a run writes;
+    anything else in the folder stays. The other processes check nothing: the first may be writing already."""
     if not write:
         return
+    existing = check_existing(run_dir, run)
     try:
         os.makedirs(run_dir, exist_ok=True)
         stale = [] if run["resume"] else existing

@@ -61,7 +61,8 @@ def build(cfg, rt):
 def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
     engine, loaders, split = build(cfg, rt)
-    rundir.check_existing(run_dir, run)               # before the lock creates the folder
+    if rt.main:
+        rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused
         rundir.prepare(run_dir, run, write=rt.main)
         if run["resume"]:
