@@ -5,6 +5,7 @@ argparse flags, checks a config file's keys and types, and is what models/<name>
 """
 import argparse
 import difflib
+import fractions
 import math
 import os
 
@@ -18,7 +19,7 @@ SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "Constant
 
 # name, default, type, choices, help. Types: int, float, str, bool, "int_list".
 OPTIONS = [
-    ("name", None, str, None, "run name: models/<name>/ (default <dataset>_<arch>_wDS|_woDS)"),
+    ("name", None, str, None, "run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)"),
     ("epochs", 100, int, None, "number of epochs"),
     ("batch_size", 16, int, None, "images per batch (-b)"),
     # model
@@ -41,6 +42,10 @@ OPTIONS = [
      "them (val.py then predicts whole images by tiling)"),
     ("val_split", 0.2, float, None, "fraction of images held out for validation"),
     ("split_seed", 41, int, None, "random_state of the train/validation split"),
+    ("affine", 0.0, float, None, "probability per training image of a random scale (0.8-1.2), shift (+-6%) and "
+     "rotation (+-45 deg) of image and mask together, as albumentations' Affine (0: off)"),
+    ("folds", 1, int, None, "k-fold cross-validation: split the training split into this many folds (1: none)"),
+    ("fold", 0, int, None, "with --folds K: the fold (0 .. K-1) validated on; the run trains on the others"),
     ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers)"),
     ("cache_mb", 0, float, None, "memory for decoded images, MB; the rest is read from disk each epoch "
      "(0: half the available memory)"),
@@ -61,6 +66,8 @@ OPTIONS = [
     ("milestones", [1, 2], "int_list", None, "MultiStepLR epochs, e.g. 30,60"),
     ("gamma", 2 / 3, float, None, "MultiStepLR factor"),
     ("early_stopping", -1, int, None, "stop after this many epochs without a better val_iou (-1: never)"),
+    ("ema", 0.0, float, None, "weight averaging: decay per optimizer step of an exponential moving average of the "
+     "weights, which are then validated and saved as model.pth (0: off; e.g. 0.995)"),
     # run
     ("device", "auto", str, None, "auto | cpu | cuda | cuda:N"),
     ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a GPU that has it, else fp16; bf16 on a CPU with native bf16, else off)"),
@@ -123,22 +130,84 @@ def suggest(key):
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+# --help lists the flags in these groups, in this order
+GROUPS = {
+    "model": ("arch", "deep_supervision", "input_channels", "num_classes", "input_w", "input_h", "class_mode", "loss"),
+    "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
+    "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
+    "schedule": ("epochs", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma", "early_stopping"),
+    "hardware": ("device", "amp", "memory_format", "loader", "num_workers", "cache_mb", "compile", "sync_bn"),
+    "reliability": ("seed", "deterministic"),
+}
+RUNS_DIR_ENV = "UNET_RUNS_DIR"   # where the runs folder is when --runs_dir is not given
+EXAMPLES = """examples:
+  python train.py --config recipes/dsb2018_cpu.yml                 # the recommended recipe on a CPU
+  python train.py --arch UNet --dataset my_cells --optimizer Adam --lr 3e-4 --epochs 50
+  python train.py --config models/<name>/config.yml --name again --seed 1   # rerun a saved config
+  python train.py --name <name> --resume --epochs 80               # continue a run, longer
+"""
+
+
+def human(value):
+    """A default as a person writes it: 2/3 not 0.6666666666666666, 1e-05, [30, 60] as 30,60, false."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        fraction = fractions.Fraction(value).limit_denominator(12)
+        if fraction.denominator in (3, 6, 7, 9, 11, 12) and float(fraction) == value:
+            return str(fraction)
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def runs_dir(flag_value):
+    """The runs folder: --runs_dir, else $UNET_RUNS_DIR, else models/ (relative to where the command is run)."""
+    return flag_value or os.environ.get(RUNS_DIR_ENV) or RUNS_DIR
+
+
+def add_runs_dir(parser):
+    """The runs-folder flag that every script which reads or writes runs has."""
+    parser.add_argument("--runs_dir", default=None, metavar="DIR",
+                        help=f"folder that holds the runs (default: ${RUNS_DIR_ENV}, else {RUNS_DIR}/)")
+
+
 def build_parser(description):
-    """Flags for every option; none has an argparse default, so only what the user typed appears."""
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="a saved models/<name>/config.yml to rerun; flags given here override it")
-    p.add_argument("--resume", action="store_true", help="continue models/<name>/ from its last.pth")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing models/<name>/")
-    for name, default, typ, choices, help_text in OPTIONS:
-        flags = [f"--{name}"] + ([SHORT[name]] if name in SHORT else [])
-        help_text = f"{help_text} (default: {default})"
-        if typ is bool:   # '--flag' alone or '--flag true/false' as the reference writes it
-            p.add_argument(*flags, type=str2bool, nargs="?", const=True, help=help_text)
-        elif typ == "int_list":
-            p.add_argument(*flags, type=parse_int_list, help=help_text)
-        else:
-            p.add_argument(*flags, type=typ, choices=choices, help=help_text)
+    """Flags for every option, in GROUPS; none has an argparse default, so only what the user typed appears."""
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE",
+                     help="a config.yml (a saved run's or a recipe) to start from; flags given here override it")
+    run.add_argument("--name", type=str, help="run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)")
+    run.add_argument("--resume", action="store_true", help="continue <runs_dir>/<name>/ from its last.pth")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing <runs_dir>/<name>/")
+    add_runs_dir(run)
+    options = {name: (default, typ, choices, text) for name, default, typ, choices, text in OPTIONS}
+    for group, keys in GROUPS.items():
+        g = p.add_argument_group(group)
+        for name in keys:
+            default, typ, choices, text = options[name]
+            add_option(g, name, typ, choices, f"{text} (default: {human(default)})")
     return p
+
+
+def add_option(group, name, typ, choices, help_text):
+    flags = [f"--{name}"] + ([SHORT[name]] if name in SHORT else [])
+    help_text = help_text.replace("%", "%%")    # argparse formats help with %
+    metavar = None if choices else name.upper()
+    if typ is bool:   # '--flag' alone or '--flag true/false' as the reference writes it
+        group.add_argument(*flags, type=str2bool, nargs="?", const=True, metavar="true|false", help=help_text)
+    elif typ == "int_list":
+        group.add_argument(*flags, type=parse_int_list, metavar=metavar, help=help_text)
+    else:
+        group.add_argument(*flags, type=typ, choices=choices, metavar=metavar, help=help_text)
+
+
+def differences(cfg):
+    """The settings that differ from the defaults, as 'key=value' (what the start-up line shows)."""
+    return [f"{k}={human(v)}" for k, v in cfg.items() if k in DEFAULTS and v != DEFAULTS[k]]
 
 
 def merge(file_cfg, source, overrides):
@@ -183,9 +252,13 @@ RANGES = [
     ("gamma", lambda v: finite(v) and v > 0, "a positive number"),
     ("milestones", lambda v: all(m >= 1 for m in v), "a list of epochs, each at least 1"),
     ("early_stopping", lambda v: v >= -1, "-1 (never) or a number of epochs"),
+    ("ema", lambda v: finite(v) and (v == 0 or 0.5 <= v < 1), "0 (off) or a decay between 0.5 and 1, e.g. 0.995"),
     ("seed", lambda v: 0 <= v < 2**63, "between 0 and 2**63-1"),
     ("split_seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32-1 (scikit-learn's random_state)"),
     ("num_workers", lambda v: v >= 0, "0 or more"),
+    ("folds", lambda v: v >= 1, "1 (no cross-validation) or more"),
+    ("affine", lambda v: finite(v) and 0 <= v <= 1, "a probability between 0 and 1"),
+    ("fold", lambda v: v >= 0, "0 or more (a fold number, 0 .. folds-1)"),
     ("cache_mb", lambda v: finite(v) and v >= 0, "0 (automatic) or more"),
     ("name", lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; no '/', "
      "not '.' or '..', not starting with '.')"),
@@ -227,6 +300,10 @@ def check(cfg, source="the command line"):
 
 def check_combinations(cfg, source):
     """Settings that do not go together."""
+    if cfg["fold"] >= cfg["folds"]:
+        raise UserError(f"{origin(source, 'fold', 'folds')}: fold {cfg['fold']} does not exist with folds "
+                        f"{cfg['folds']}; folds are numbered 0 .. {cfg['folds'] - 1}" +
+                        ("" if cfg["folds"] > 1 else " (pass --folds K to cross-validate)"))
     if cfg["deep_supervision"] and cfg["arch"] != "NestedUNet":
         raise UserError(f"{origin(source, 'deep_supervision', 'arch')}: deep_supervision needs --arch NestedUNet "
                         f"({cfg['arch']} has one output head)")
@@ -245,8 +322,14 @@ def check_combinations(cfg, source):
                         f"classes use one of {', '.join(SIGMOID_LOSSES)}")
 
 
+def reference_optimizer(cfg):
+    """Whether a run trains with the reference's optimizer defaults (SGD at lr 1e-3): slow to learn."""
+    return cfg["optimizer"] == DEFAULTS["optimizer"] and cfg["lr"] == DEFAULTS["lr"]
+
+
 def default_name(cfg):
-    return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}"
+    folds = f"_fold{cfg['fold']}" if cfg["folds"] > 1 else ""
+    return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}{folds}"
 
 
 # what --resume may change: how long and where the run goes on, not what it is (optimizer state, schedule and
@@ -256,13 +339,15 @@ RESUMABLE = ("epochs", "early_stopping", "num_workers", "cache_mb", "loader", "d
 
 
 def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
-    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'changes'}).
+    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'runs_dir', 'changes'}).
 
     With --resume the base is the run's own config (config.yml, or the copy inside last.pth), and
     only the RESUMABLE keys may differ from it.
     """
     args = vars(build_parser(description).parse_args(argv))
-    run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False))}
+    run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False),
+                                                       ("runs_dir", None))}
+    run["runs_dir"] = runs_dir(run["runs_dir"])
     if run["resume"] and run["overwrite"]:
         raise UserError("--resume continues a run and --overwrite replaces it; pass one of them, not both")
     file_cfg = load_yaml(run["config"]) if run["config"] else {}
@@ -273,7 +358,7 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     check(cfg, sources)                    # the name too, before it is used as a path
     run["changes"] = []
     if run["resume"]:
-        cfg, run["changes"] = resumed(cfg, sources)
+        cfg, run["changes"] = resumed(cfg, sources, run["runs_dir"])
     return cfg, run
 
 
@@ -288,9 +373,9 @@ def saved_config(run_dir):
     return None, None
 
 
-def resumed(cfg, sources):
+def resumed(cfg, sources, runs):
     """The run's saved config with the RESUMABLE keys given now applied -> (config, ['key old -> new', ...])."""
-    saved, path = saved_config(os.path.join(RUNS_DIR, cfg["name"]))
+    saved, path = saved_config(os.path.join(runs, cfg["name"]))
     if saved is None:
         return cfg, []                     # nothing to resume: rundir.prepare says so
     changes = []
@@ -298,7 +383,7 @@ def resumed(cfg, sources):
         if cfg[key] == saved[key] or key == "name":
             continue
         if key not in RESUMABLE:
-            raise UserError(f"--resume: {origin(sources, key)} sets {key} to {cfg[key]!r}, but models/{cfg['name']} "
+            raise UserError(f"--resume: {origin(sources, key)} sets {key} to {cfg[key]!r}, but {os.path.join(runs, cfg['name'])} "
                             f"trained with {saved[key]!r}, and its weights, optimizer state and schedule belong to that."
                             f" Drop it to continue the run, or start a new run from its config: python train.py "
                             f"--config {path if path.endswith('.yml') else '<your config>'} --name <new name> "

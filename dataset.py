@@ -20,6 +20,16 @@ import numpy as np
 
 from utils import UserError
 
+# How the running script lets a user change each data setting: a message names only what that script accepts.
+# '{}' is filled with the suggested value. val.py and bench.py pass their own.
+TRAIN_HINTS = {
+    "data": "pass --data_dir and --dataset so that <data_dir>/<dataset> is the folder with images/ and masks/",
+    "img_ext": "pass --img_ext {}",
+    "mask_ext": "pass --mask_ext {}",
+    "input_channels": "pass --input_channels {} (or convert the images to grayscale first)",
+    "num_classes": "pass --num_classes {}",
+}
+
 MAX_LISTED = 10                           # file names shown in one error message
 DECODE_THREADS = min(8, (os.cpu_count() or 1) + 1)   # decoding and checking files in parallel
 DECODE_CHUNK = 256                        # files decoded per round, so --cache_mb bounds the peak memory too
@@ -32,11 +42,11 @@ def listing(names):
     return shown + (f" ... and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
 
 
-def find_ids(folder, ext):
-    """Sorted ids (file names without `ext`) in `folder`; an empty or wrong-extension folder is a UserError."""
+def find_ids(folder, ext, hints, ext_key="img_ext"):
+    """Sorted ids (file names without `ext`) in `folder`; an empty or wrong-extension folder is a UserError.
+    ext_key: the setting `ext` came from (img_ext or mask_ext), which the message suggests changing."""
     if not os.path.isdir(folder):
-        raise UserError(f"folder {folder} does not exist; put your images there, or pass --data_dir/--dataset "
-                        "(or --images) pointing at the folder that holds them")
+        raise UserError(f"folder {folder} does not exist; put your files there, or {hints['data']}")
     files = [f for f in os.listdir(folder) if not f.startswith(".")]
     ids = sorted(f[: -len(ext)] for f in files if f.endswith(ext) and os.path.isfile(os.path.join(folder, f)))
     if ids:
@@ -44,8 +54,9 @@ def find_ids(folder, ext):
     if not files:
         raise UserError(f"No input file found in {folder}, make sure you put your images there")
     found = sorted({os.path.splitext(f)[1] for f in files if os.path.splitext(f)[1]})
+    fix = hints[ext_key].format(found[0] if found else ".png")
     raise UserError(f"no file ending in '{ext}' in {folder} (it holds files ending in {', '.join(found) or '(none)'}); "
-                    f"pass the right extension, e.g. --img_ext {found[0] if found else '.png'}")
+                    f"{fix} if that is the extension of your {'masks' if ext_key == 'mask_ext' else 'images'}")
 
 
 def decode(path):
@@ -57,7 +68,7 @@ def decode(path):
     return img
 
 
-def read_image(path, input_channels):
+def read_image(path, input_channels, hints):
     """8-bit grayscale/RGB/RGBA file -> uint8 (H, W, input_channels), RGB order, alpha dropped."""
     img = decode(path)
     if img.dtype != np.uint8:
@@ -76,9 +87,8 @@ def read_image(path, input_channels):
     if input_channels == 1 and img.shape[2] == 3:
         if (img[:, :, 0] == img[:, :, 1]).all() and (img[:, :, 1] == img[:, :, 2]).all():
             return np.ascontiguousarray(img[:, :, :1])        # grayscale stored as RGB
-        raise UserError(f"image {path} is in colour but --input_channels is 1; pass --input_channels 3, "
-                        "or convert the images to grayscale first")
-    raise UserError(f"image {path} has {img.shape[2]} channels; --input_channels must be 1 (grayscale) or 3 (RGB)")
+        raise UserError(f"image {path} is in colour but input_channels is 1: {hints['input_channels'].format(3)}")
+    raise UserError(f"image {path} has {img.shape[2]} channels; images must be grayscale (1 channel), RGB or RGBA")
 
 
 def read_mask(path):
@@ -95,6 +105,21 @@ def read_mask(path):
         raise UserError(f"mask {path} has {m.shape[2]} channels; masks must be 8-bit single-channel "
                         "(grayscale) with foreground > 127. Save it as grayscale.")
     return m
+
+
+def read_instances(path, size):
+    """A label image (8- or 16-bit, single channel, 0 background, one number per object) of size (H, W) -> int64
+    labels renumbered 1..N."""
+    labels = decode(path)
+    if labels.dtype not in (np.uint8, np.uint16) or labels.ndim != 2:
+        raise UserError(f"instance labels {path} are {labels.dtype} with {labels.shape[2] if labels.ndim == 3 else 1} "
+                        "channels; they must be 8- or 16-bit single-channel PNGs (0 background, 1..N one per object)")
+    if labels.shape != size:
+        raise UserError(f"instance labels {path} are {labels.shape[1]}x{labels.shape[0]} but the image is "
+                        f"{size[1]}x{size[0]}; they must match their image's size")
+    _, inverse = np.unique(labels, return_inverse=True)
+    renumbered = inverse.reshape(labels.shape).astype(np.int64)
+    return renumbered if labels.min() == 0 else renumbered + 1     # keep 0 as the background
 
 
 def is_palette_png(path):
@@ -130,15 +155,15 @@ def read_masks(mask_paths, img_path, size):
     return np.stack([m for m, _ in planes], axis=2), any(zero_one for _, zero_one in planes)
 
 
-def read_pair(paths, input_channels):
+def read_pair(paths, input_channels, hints):
     """(image path, [mask path per class]) -> checked uint8 image (H, W, C_in), 0/1 mask (H, W, C), whether a
     mask was stored as 0/1."""
     img_path, mask_paths = paths
-    img = read_image(img_path, input_channels)
+    img = read_image(img_path, input_channels, hints)
     return (img, *read_masks(mask_paths, img_path, img.shape[:2]))
 
 
-def class_folders(mask_root, num_classes):
+def class_folders(mask_root, num_classes, hints):
     """Checks masks/0 .. masks/<num_classes-1> exist and no other class folder does."""
     if not os.path.isdir(mask_root):
         raise UserError(f"mask folder {mask_root} does not exist; put each class's masks in "
@@ -149,15 +174,15 @@ def class_folders(mask_root, num_classes):
     expected = [str(c) for c in range(num_classes)]
     if present != expected:
         numbered = present == [str(c) for c in range(len(present))] and present
-        fix = f"pass --num_classes {len(present)}" if numbered else "name the class folders 0, 1, 2, ... (one per class)"
-        raise UserError(f"{mask_root} holds class folders [{', '.join(present)}] but --num_classes {num_classes} "
+        fix = hints["num_classes"].format(len(present)) if numbered else "name the class folders 0, 1, 2, ... (one per class)"
+        raise UserError(f"{mask_root} holds class folders [{', '.join(present)}] but num_classes {num_classes} "
                         f"expects [{', '.join(expected)}]; {fix}")
     return [os.path.join(mask_root, c) for c in expected]
 
 
-def check_pairs(image_ids, mask_dir, mask_ext):
+def check_pairs(image_ids, mask_dir, mask_ext, hints):
     """Every image has a mask in mask_dir and every mask an image; mismatches listed by name."""
-    mask_ids = set(find_ids(mask_dir, mask_ext))
+    mask_ids = set(find_ids(mask_dir, mask_ext, hints, "mask_ext"))
     no_mask = set(image_ids) - mask_ids
     no_image = mask_ids - set(image_ids)
     if no_mask:
@@ -168,16 +193,18 @@ def check_pairs(image_ids, mask_dir, mask_ext):
                         "Add the images or remove those masks.")
 
 
-def scan(root, img_ext, mask_ext, num_classes):
+def scan(root, img_ext, mask_ext, num_classes, hints):
     """Finds the data set's files and checks that they pair up -> {id: (image path, [mask path per class])},
     ids sorted. Nothing is decoded yet."""
     if not os.path.isdir(root):
         raise UserError(f"data set folder {root} does not exist; create it with images/ and masks/0/ inside, "
-                        "or pass --data_dir and --dataset so that <data_dir>/<dataset> is your data")
-    ids = find_ids(os.path.join(root, "images"), img_ext)
-    mask_dirs = class_folders(os.path.join(root, "masks"), num_classes)
+                        f"or {hints['data']}")
+    ids = find_ids(os.path.join(root, "images"), img_ext, hints)
+    mask_dirs = class_folders(os.path.join(root, "masks"), num_classes, hints)
     for d in mask_dirs:
-        check_pairs(ids, d, mask_ext)
+        check_pairs(ids, d, mask_ext, hints)
+    if os.path.isdir(os.path.join(root, "instances")):      # optional nucleus labels (val.py --instances)
+        check_pairs(ids, os.path.join(root, "instances"), mask_ext, hints)
     return {i: (os.path.join(root, "images", i + img_ext), [os.path.join(d, i + mask_ext) for d in mask_dirs])
             for i in ids}
 
@@ -189,24 +216,28 @@ class SegmentationData:
     when asked for (image(k), mask(k)), with the same result. masks is None for unlabeled images.
     """
 
-    def __init__(self, ids, images, masks, paths=None, input_channels=3):
+    def __init__(self, ids, images, masks, paths=None, input_channels=3, hints=None):
         self.ids, self.images, self.masks = ids, images, masks
         self.paths = paths                    # per image: (image path, [mask path per class]), for uncached reads
         self.input_channels = input_channels
+        self.hints = hints or TRAIN_HINTS
+        self.instance_dir = None              # <root>/instances when the data set has nucleus labels
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
-        """Checks every file (decoding each once) and keeps the decoded arrays while they fit in cache_bytes."""
-        return cls.decode(scan(root, img_ext, mask_ext, num_classes), input_channels, cache_bytes, root)
+        """Checks every file (decoding each once) and keeps the decoded arrays while they fit in cache_bytes.
+        Messages name train.py's flags; other scripts call decode(scan(..., hints), ...) with their own hints."""
+        scanned = scan(root, img_ext, mask_ext, num_classes, TRAIN_HINTS)
+        return cls.decode(scanned, input_channels, cache_bytes, root, TRAIN_HINTS)
 
     @classmethod
-    def decode(cls, scanned, input_channels, cache_bytes, root):
+    def decode(cls, scanned, input_channels, cache_bytes, root, hints):
         """scan()'s {id: (image path, [mask paths])} -> the checked, decoded data set (cached up to cache_bytes)."""
         ids, paths = list(scanned), list(scanned.values())
         images, masks, zero_one, used = [], [], [], 0
         with ThreadPoolExecutor(DECODE_THREADS) as pool:   # OpenCV decodes without the GIL: threads run in parallel
             for start in range(0, len(ids), DECODE_CHUNK):
-                chunk = pool.map(read_pair, paths[start:start + DECODE_CHUNK], repeat(input_channels))
+                chunk = pool.map(read_pair, paths[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints))
                 for i, (img, mask, was_zero_one) in zip(ids[start:], chunk):
                     keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
                     used += (img.nbytes + mask.nbytes) if keep else 0
@@ -214,7 +245,9 @@ class SegmentationData:
                     masks.append(mask if keep else None)
                     zero_one += [i] if was_zero_one else []
         warn_zero_one(zero_one, len(ids), root)
-        return cls(ids, images, masks, paths, input_channels)
+        data = cls(ids, images, masks, paths, input_channels, hints)
+        data.instance_dir = os.path.join(root, "instances") if os.path.isdir(os.path.join(root, "instances")) else None
+        return data
 
     @property
     def labeled(self):
@@ -228,7 +261,7 @@ class SegmentationData:
         """uint8 (H, W, C_in), from the cache or decoded from disk."""
         if self.images[k] is not None:
             return self.images[k]
-        return read_image(self.paths[k][0], self.input_channels)
+        return read_image(self.paths[k][0], self.input_channels, self.hints)
 
     def mask(self, k):
         """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
@@ -237,13 +270,24 @@ class SegmentationData:
         img_path, mask_paths = self.paths[k]
         return read_masks(mask_paths, img_path, cv2.imread(img_path, cv2.IMREAD_UNCHANGED).shape[:2])[0]
 
+    def instances(self, k):
+        """int64 (H, W) object labels of image k (0 background, 1..N): its instances/ file when the data set has
+        one, else the connected components of its first mask."""
+        if self.instance_dir is None:
+            from scipy import ndimage
+            return ndimage.label(self.mask(k)[:, :, 0])[0].astype(np.int64)
+        ext = os.path.splitext(self.paths[k][1][0])[1]
+        return read_instances(os.path.join(self.instance_dir, self.ids[k] + ext), self.image(k).shape[:2])
+
     def subset(self, ids):
         index = {i: k for k, i in enumerate(self.ids)}
         pick = [index[i] for i in ids]
-        return SegmentationData(list(ids), [self.images[k] for k in pick],
+        data = SegmentationData(list(ids), [self.images[k] for k in pick],
                                 None if self.masks is None else [self.masks[k] for k in pick],
                                 None if self.paths is None else [self.paths[k] for k in pick],
-                                self.input_channels)
+                                self.input_channels, self.hints)
+        data.instance_dir = self.instance_dir
+        return data
 
 
 def warn_zero_one(ids, total, root):
@@ -274,37 +318,60 @@ def split_ids(ids, val_split, split_seed):
     return train_ids, val_ids
 
 
+def fold_ids(ids, folds, fold, split_seed):
+    """K-fold inside `ids` (the training split): (the other folds' ids, fold `fold`'s ids), with scikit-learn's
+    KFold (shuffled with split_seed), so that fold i's images are the same in every run of the K."""
+    if folds > len(ids):
+        raise UserError(f"--folds {folds} on a training split of {len(ids)} images leaves empty folds; use --folds "
+                        f"{len(ids)} or fewer")
+    from sklearn.model_selection import KFold
+    train_idx, val_idx = list(KFold(folds, shuffle=True, random_state=split_seed).split(ids))[fold]
+    return [ids[k] for k in train_idx], [ids[k] for k in val_idx]
+
+
+def split_for(ids, cfg):
+    """The config's (train ids, validation ids): the val_split/split_seed split of the sorted ids, and with
+    --folds K, fold --fold of its training part as the validation set (the held-out split stays unseen)."""
+    train_ids, val_ids = split_ids(ids, cfg["val_split"], cfg["split_seed"])
+    if cfg["folds"] > 1:
+        train_ids, val_ids = fold_ids(train_ids, cfg["folds"], cfg["fold"], cfg["split_seed"])
+    return train_ids, val_ids
+
+
 def import_sklearn_split():
     """Imports scikit-learn's model_selection for split_ids(), ahead of time (run in a thread)."""
     importlib.import_module("sklearn.model_selection")
 
 
-def load_validation(cfg, recorded=None):
-    """The validation images of a run, decoded (only those): `recorded` is the run's own list (split.csv);
-    without one, the split of the files present. -> (data, a note on files added or removed since, or '')."""
+def load_validation(cfg, recorded, hints):
+    """The images to evaluate runs on, decoded (only those). recorded: per run, its split.csv ({'train', 'val'}), or
+    None for a run from before it was recorded (then the split of the files present). One run: its validation
+    images; several (an ensemble): the images none of them trained on. -> (data, a note on files added or
+    removed since the run trained, or '')."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"])
-    note = ""
-    if recorded is None:
-        val_ids = split_ids(list(scanned), cfg["val_split"], cfg["split_seed"])[1]
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints)
+    splits = [r or dict(zip(("train", "val"), split_for(list(scanned), cfg))) for r in recorded]
+    if len(splits) > 1:
+        seen = set().union(*(r["train"] for r in splits))
+        val_ids, note = [i for i in scanned if i not in seen], ""
     else:
-        val_ids = [i for i in recorded["val"] if i in scanned]
-        known = set(recorded["train"]) | set(recorded["val"])
+        val_ids, note = [i for i in splits[0]["val"] if i in scanned], ""
+        known = set(splits[0]["train"]) | set(splits[0]["val"])
         added, removed = len(set(scanned) - known), len(known - set(scanned))
         if added or removed:
             note = (f"{root} has {added} image(s) more and {removed} fewer than when the run trained; evaluating the "
-                    f"{len(val_ids)} of its {len(recorded['val'])} recorded validation images still there")
+                    f"{len(val_ids)} of its {len(splits[0]['val'])} recorded validation images still there")
     if not val_ids:
-        raise UserError(f"none of the run's validation images is left in {root}; point --data_dir/--dataset in its "
-                        "config.yml at the data it trained on, or score another labelled folder")
+        raise UserError(f"none of the images to evaluate on is in {root} (the run's validation images, or with several "
+                        f"runs the images none of them trained on); {hints['data']}")
     data = SegmentationData.decode({i: scanned[i] for i in val_ids}, cfg["input_channels"],
-                                   cache_budget(cfg["cache_mb"]), root)
+                                   cache_budget(cfg["cache_mb"]), root, hints)
     return data, note
 
 
 def split(data, cfg):
-    """(train, validation) SegmentationData of `data`, split by the config's val_split and split_seed."""
-    train_ids, val_ids = split_ids(data.ids, cfg["val_split"], cfg["split_seed"])
+    """(train, validation) SegmentationData of `data`, split by the config's val_split and split_seed (and fold)."""
+    train_ids, val_ids = split_for(data.ids, cfg)
     return data.subset(train_ids), data.subset(val_ids)
 
 

@@ -112,12 +112,22 @@ class Engine:
         net = distributed.wrap(self.model, rt)
         self.net = torch.compile(net) if cfg["compile"] else net
         self.optimizer = build_optimizer(cfg, self.model.parameters(), rt.fused)
+        # --ema: an exponential moving average of the weights (and BatchNorm statistics) after every step; it is
+        # what is validated and saved as model.pth, and smooths out the epoch-to-epoch swings of the raw weights
+        self.ema = (torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
+            if cfg["ema"] else None)
         # the scaler is a no-op unless fp16 autocast, whose small gradients would underflow without it
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
         self.criterion = LOSSES[cfg["loss"]]()
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.epoch, self.rows = 0, []
         self.best = {"iou": -1.0, "epoch": 0, "stale": 0}
+
+    @property
+    def eval_net(self):
+        """What validation runs and model.pth holds: the weight average with --ema, else the network itself."""
+        return self.ema.module if self.ema is not None else self.net
 
     @property
     def lr(self):
@@ -132,6 +142,8 @@ class Engine:
         self.scaler.scale(loss).backward()    # under DDP this also all-reduces the gradients
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return loss.detach(), logits.detach()
 
     def train_one_epoch(self, loader, epoch):
@@ -157,19 +169,23 @@ class Engine:
     @torch.no_grad()
     def validate(self, loader):
         """Loss and data-set-level IoU/Dice (mean over classes) on the validation split (all processes' shards)."""
-        self.net.eval()
+        net = self.eval_net
+        net.eval()
         meter = SegMeter(self.cfg["num_classes"], self.rt.device)
         total_loss, count = torch.zeros((), device=self.rt.device), 0
         for images, masks, _ in loader:
             images, masks = self.rt.place_batch(images, masks)
             with self.rt.autocast():
-                loss, logits = forward_loss(self.net, images, masks, self.criterion, self.cfg["deep_supervision"])
+                loss, logits = forward_loss(net, images, masks, self.criterion, self.cfg["deep_supervision"])
             total_loss += loss.float() * images.shape[0]
             count += images.shape[0]
             meter.update(binarize(logits.float(), self.cfg["class_mode"]), masks)
         val_loss = reduce_totals(meter, total_loss.item(), count, self.rt)
         iou, dice = meter.dataset_scores()
-        return {"val_loss": val_loss, "val_iou": iou.mean().item(), "val_dice": dice.mean().item()}
+        stats = {"val_loss": val_loss, "val_iou": iou.mean().item(), "val_dice": dice.mean().item()}
+        if len(iou) > 1:                        # several classes: each one's IoU too (log.csv val_iou_<c>)
+            stats.update({f"val_iou_{c}": v for c, v in enumerate(iou.tolist())})
+        return stats
 
     def step_scheduler(self, val_loss):
         """Once per epoch; ReduceLROnPlateau decides on the validation loss."""
@@ -199,7 +215,9 @@ class Engine:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "best_iou": self.best["iou"], "best_epoch": self.best["epoch"], "stale_epochs": self.best["stale"],
-                "log": self.rows, "rng": checkpoint.rng_state(), "config": self.cfg}
+                "log": self.rows, "rng": checkpoint.rng_state(), "config": self.cfg,
+                "ema": None if self.ema is None else self.ema.module.state_dict(),
+                "ema_steps": 0 if self.ema is None else int(self.ema.n_averaged)}
 
     def snapshot(self):
         """state_dict() with its tensors copied (milliseconds): saved in the background while training goes on."""
@@ -219,6 +237,9 @@ class Engine:
     def load_state_dict(self, state, path="last.pth"):
         """Restores a state_dict() (from last.pth at `path`, named in errors)."""
         checkpoint.load_weights(self.model, state["model"], path)
+        if self.ema is not None:
+            checkpoint.load_weights(self.ema.module, state["ema"], path)
+            self.ema.n_averaged.fill_(state["ema_steps"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stretch_schedule()

@@ -11,6 +11,7 @@ Both yield (images float32 (B, C_in, H, W) normalised, masks float32 (B, C, H, W
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from utils import UserError
 
@@ -25,10 +26,14 @@ def normalize_stats(input_channels):
     return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
 
 
-def train_transform(input_h, input_w, input_channels, crop=False):
+AFFINE = {"scale": (0.8, 1.2), "shift": 0.0625, "degrees": 45}   # --affine's ranges, on both loaders
+
+
+def train_transform(input_h, input_w, input_channels, crop=False, affine=0.0):
     """The reference's training augmentation, in albumentations 2.x terms.
 
     crop: a random input_h x input_w crop of the full-size image (padded if smaller) instead of resizing.
+    affine: probability of a random scale, shift and rotation (AFFINE), mirrored at the borders.
     """
     import albumentations as A   # here: a run on the memory loader never needs it (a second saved at start-up)
     mean, std = normalize_stats(input_channels)
@@ -36,10 +41,14 @@ def train_transform(input_h, input_w, input_channels, crop=False):
               A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=1)]
     if input_channels == 3:
         colour.insert(0, A.HueSaturationValue(p=1))
+    geometric = [A.Affine(scale=AFFINE["scale"], translate_percent=(-AFFINE["shift"], AFFINE["shift"]),
+                          rotate=(-AFFINE["degrees"], AFFINE["degrees"]), border_mode=cv2.BORDER_REFLECT_101,
+                          p=affine)] if affine else []
     return A.Compose([
         A.RandomRotate90(),
         A.HorizontalFlip(),
         A.VerticalFlip(),
+        *geometric,
         A.OneOf(colour, p=1),
         *fit_to_input(input_h, input_w, crop, "RandomCrop"),
         A.Normalize(mean=mean, std=std),  # -> float32 (x/255 - mean) / std; no second /255
@@ -139,7 +148,7 @@ class WorkersLoader:
 
     def __init__(self, data, cfg, rt, train):
         h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
-        transform = train_transform(h, w, c, cfg["crop"]) if train else val_transform(h, w, c, cfg["crop"])
+        transform = train_transform(h, w, c, cfg["crop"], cfg["affine"]) if train else val_transform(h, w, c, cfg["crop"])
         self.ids, self.dataset = data.ids, AlbumentationsDataset(data, transform, seed=cfg["seed"])
         self.seed, self.generator = cfg["seed"], torch.Generator()
         sampler = EpochSampler(len(self.dataset), self.generator, train, rt.rank, rt.world)
@@ -185,7 +194,7 @@ class MemoryLoader:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.ids, self.batch_size, self.device, self.train = data.ids, cfg["batch_size"], device, train
-        self.seed = cfg["seed"]
+        self.seed, self.affine = cfg["seed"], cfg["affine"]
         self.rank, self.world = rt.rank, rt.world
         self.square = input_h == input_w
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -205,11 +214,14 @@ class MemoryLoader:
         order = shard(order, self.rank, self.world, drop_remainder=self.train)
         order_on_device = order.to(self.device)                 # one host-to-device copy per epoch, not per batch
         draws = self.epoch_draws(len(order)) if self.train else None
+        affine = self.affine_draws(len(order)) if self.train and self.affine else None
         for b in range(len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = order_on_device[batch]
             images = self.images[idx].float() / 255              # (B, C_in, H, W) in 0..1
             masks = self.masks[idx].float()                      # (B, C, H, W)
+            if affine is not None:
+                images, masks = self.warp(images, masks, affine[batch])
             if self.train:
                 images, masks = self.augment(images, masks, draws[:, batch])
             yield (images - self.mean) / self.std, masks, {"img_id": [self.ids[i] for i in order[batch].tolist()]}
@@ -232,6 +244,30 @@ class MemoryLoader:
             torch.rand(n, generator=g) * 60 - 30,
             torch.rand(n, generator=g) * 40 - 20,
         ]).to(self.device)
+
+    def affine_draws(self, n):
+        """(n, 2, 3) affine_grid matrices of the epoch: with probability --affine a random scale, shift and rotation
+        (AFFINE), else the identity. Drawn after epoch_draws, so runs without --affine see the same numbers."""
+        g = self.generator
+        apply = (torch.rand(n, generator=g) < self.affine).float()
+        low, high = AFFINE["scale"]
+        scale = 1 + apply * (torch.rand(n, generator=g) * (high - low) + low - 1)
+        angle = apply * (torch.rand(n, generator=g) * 2 - 1) * AFFINE["degrees"] * torch.pi / 180
+        shift = apply[:, None] * (torch.rand(n, 2, generator=g) * 2 - 1) * AFFINE["shift"] * 2   # in [-1, 1] units
+        h, w = self.images.shape[2:]
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # a rotation in pixels, written in affine_grid's [-1, 1] coordinates (x spans w pixels, y spans h)
+        theta = torch.stack([torch.stack([cos, -sin * h / w, shift[:, 0]], 1),
+                             torch.stack([sin * w / h, cos, shift[:, 1]], 1)], 1)
+        return theta.to(self.device)
+
+    def warp(self, images, masks, theta):
+        """Images and masks (B, C, H, W) resampled through the affine matrices theta (B, 2, 3): the image bilinearly,
+        the mask bilinearly and thresholded at 0.5, both mirrored at the borders."""
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return images, (masks > 0.5).float()
 
     def augment(self, images, masks, d):
         """Per-image rot90/flips (image and mask alike) and one colour change; d: this batch's (9, B) draws.

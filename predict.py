@@ -1,6 +1,7 @@
 """Prediction over a data set, shared by val.py and bench.py: probabilities at each image's own
-size (resized batches, or overlapping tiles at full resolution), thresholded masks, and the
-files written for them (masks, probability maps, outline overlays).
+size (resized batches, or overlapping tiles at full resolution), averaged over test-time
+symmetries and over the runs of an ensemble, thresholded masks, and the files written for them
+(masks, probability maps, outline overlays).
 
 Batches are prepared here without a DataLoader (resize with OpenCV, normalise in torch, as the
 validation transform does), predicted with the run's autocast and memory format (the Runtime),
@@ -15,28 +16,55 @@ import torch
 import torch.nn.functional as F
 
 from engine import predict_logits
+from instances import object_scores, object_sizes, split
 from loaders import normalize_stats
 from metrics import binarize
 from tiling import predict_tiled
 from utils import write_png
 
-OUTLINE_COLOURS = [(0, 255, 0), (0, 0, 255), (255, 0, 0), (0, 255, 255), (255, 0, 255)]  # BGR, per class
+# BGR outline colours: predictions per class, and the ground truth (when the images have masks)
+OUTLINE_COLOURS = [(0, 255, 0), (0, 255, 255), (255, 255, 0), (0, 128, 255), (255, 0, 0)]  # green, yellow, cyan, ...
+TRUTH_COLOUR = (255, 0, 255)                                                              # magenta
+COLOUR_NAMES = ["green", "yellow", "cyan", "orange", "blue"]
 WRITER_THREADS = 4   # PNG encoding releases the GIL: a few threads write while the network predicts
+
+
+class Member:
+    """One trained run of a prediction: its network (eval mode), config and Runtime."""
+
+    def __init__(self, name, cfg, rt, model):
+        self.name, self.cfg, self.rt, self.model = name, cfg, rt, model
+
+
+def symmetries(square):
+    """(quarter turns, flip) pairs for test-time augmentation: the eight symmetries of a square input,
+    the four (0 or 180 degrees, flipped or not) of a rectangular one."""
+    return [(turns, flip) for turns in ((0, 1, 2, 3) if square else (0, 2)) for flip in (False, True)]
+
+
+def transform(x, turns, flip):
+    x = torch.rot90(x, turns, dims=(2, 3)) if turns else x
+    return x.flip(3) if flip else x
+
+
+def untransform(x, turns, flip):
+    x = x.flip(3) if flip else x
+    return torch.rot90(x, -turns, dims=(2, 3)) if turns else x
 
 
 @torch.no_grad()
 def predict_probs(model, images, cfg, rt, tta):
-    """Images (B, C_in, H, W) -> class probabilities (B, C, H, W), optionally averaged over flips."""
+    """Images (B, C_in, H, W) -> class probabilities (B, C, H, W); with tta, averaged over the input's symmetries
+    (each prediction turned back into place first)."""
     images, _ = rt.place_batch(images)
-    flips = [[], [3], [2]] if tta else [[]]
+    views = symmetries(images.shape[2] == images.shape[3]) if tta else [(0, False)]
     total = 0
-    for dims in flips:
-        x = images.flip(dims) if dims else images
+    for turns, flip in views:
         with rt.autocast():
-            logits = predict_logits(model, x, cfg["deep_supervision"]).float()
+            logits = predict_logits(model, transform(images, turns, flip), cfg["deep_supervision"]).float()
         probs = logits.softmax(1) if cfg["class_mode"] == "softmax" else torch.sigmoid(logits)
-        total = total + (probs.flip(dims) if dims else probs)
-    return total / len(flips)
+        total = total + untransform(probs, turns, flip)
+    return total / len(views)
 
 
 def to_prediction(probs, cfg, threshold):
@@ -57,46 +85,80 @@ def normalized(images, input_channels, size=None):
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
-def resized_probs(model, data, cfg, rt, args):
-    """Yields (k, image, probabilities (1, C, H, W) at the image's original size): batches resized to the input."""
-    size = (cfg["input_h"], cfg["input_w"])
+def resized_probs(members, data, args):
+    """Yields (k, image, probabilities (1, C, H, W) at the image's original size, the first run's probabilities
+    (1, C, h, w) at its network input size): batches resized to each run's input, the runs' probabilities averaged."""
     for start in range(0, len(data.ids), args.batch_size):
         images = [data.image(k) for k in range(start, min(start + args.batch_size, len(data.ids)))]
-        probs = predict_probs(model, normalized(images, cfg["input_channels"], size), cfg, rt, args.tta)
+        at_input = [predict_probs(m.model, normalized(images, m.cfg["input_channels"], (m.cfg["input_h"], m.cfg["input_w"])),
+                                  m.cfg, m.rt, args.tta) for m in members]                    # per run (B, C, h, w)
         for b, image in enumerate(images):
-            p = probs[b:b + 1]                                                        # (1, C, h, w)
-            if image.shape[:2] != size:
-                p = F.interpolate(p, size=image.shape[:2], mode="bilinear", align_corners=False)
-            yield start + b, image, p
+            size = image.shape[:2]
+            p = sum(F.interpolate(q[b:b + 1], size=size, mode="bilinear", align_corners=False)
+                    if q.shape[2:] != size else q[b:b + 1] for q in at_input) / len(members)
+            yield start + b, image, p, at_input[0][b:b + 1]
 
 
-def tiled_probs(model, data, cfg, rt, args):
-    """Yields (k, image, probabilities (1, C, H, W)): whole images at full resolution, by overlapping tiles."""
+def tiled_probs(members, data, args):
+    """Yields (k, image, probabilities (1, C, H, W), None): whole images at full resolution, by overlapping tiles."""
     for k in range(len(data.ids)):
-        image = data.image(k)
-        x = normalized([image], cfg["input_channels"]).to(rt.device)
-        yield k, image, predict_tiled(lambda tiles: predict_probs(model, tiles, cfg, rt, args.tta), x,
-                                      cfg["input_h"], cfg["input_w"], args.overlap, args.batch_size)
+        image, total = data.image(k), 0
+        for m in members:
+            x = normalized([image], m.cfg["input_channels"]).to(m.rt.device)
+            total = total + predict_tiled(lambda tiles: predict_probs(m.model, tiles, m.cfg, m.rt, args.tta), x,
+                                          m.cfg["input_h"], m.cfg["input_w"], args.overlap, args.batch_size)
+        yield k, image, total / len(members), None
 
 
-def outline_overlay(image, pred, skip_class0=False):
-    """The image (BGR) with each class's predicted outline drawn in its colour."""
+def outline_overlay(image, pred, truth=None, skip_class0=False):
+    """The image (BGR) with each class's predicted outline in its colour and, if given, the true outline in
+    TRUTH_COLOUR; skip_class0: the catch-all class of softmax mode is not outlined."""
     canvas = cv2.cvtColor(image if image.shape[2] == 3 else np.repeat(image, 3, 2), cv2.COLOR_RGB2BGR)
-    for c in range(1 if skip_class0 else 0, pred.shape[0]):
+    first = 1 if skip_class0 else 0
+    for c in range(first, pred.shape[0]):
+        if truth is not None:
+            contours, _ = cv2.findContours(truth[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(canvas, contours, -1, TRUTH_COLOUR, 1)
         contours, _ = cv2.findContours(pred[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(canvas, contours, -1, OUTLINE_COLOURS[c % len(OUTLINE_COLOURS)], 1)
     return canvas
 
 
-def write_outputs(out_dir, img_id, pred, probs, image, args):
-    """Binary masks per class, and optionally probability maps and an outline overlay (numpy arrays)."""
+def legend(num_classes, labeled, skip_class0):
+    """The overlay's colours in words, for the summary line."""
+    classes = range(1 if skip_class0 else 0, num_classes)
+    words = [f"class {c} {COLOUR_NAMES[c % len(COLOUR_NAMES)]}" for c in classes] if num_classes > 1 else ["prediction green"]
+    return ", ".join(words + (["ground truth magenta"] if labeled else []))
+
+
+def write_outputs(out_dir, img_id, arrays, image, args, cfg):
+    """Binary masks per class, and optionally probability maps and an outline overlay.
+    arrays: (prediction (C, H, W), probabilities (C, H, W), ground truth (C, H, W) or None), numpy."""
+    pred, probs, truth = arrays
     for c in range(pred.shape[0]):
         write_png(os.path.join(out_dir, str(c), img_id + ".png"), (pred[c] * 255).astype(np.uint8), durable=False)
         if args.save_probs:
             write_png(os.path.join(out_dir, "probs", str(c), img_id + ".png"),
                       np.round(probs[c] * 255).astype(np.uint8), durable=False)
     if args.overlay:
-        write_png(os.path.join(out_dir, "overlay", img_id + ".png"), outline_overlay(image, pred), durable=False)
+        overlay = outline_overlay(image, pred, truth, skip_class0=cfg["class_mode"] == "softmax")
+        write_png(os.path.join(out_dir, "overlay", img_id + ".png"), overlay, durable=False)
+
+
+def finish_image(out_dir, data, k, pred, probs, args, cfg):
+    """Everything after the network for image k (run in a writer thread): its files, and with --instances its
+    objects (instances/<id>.png, 16-bit labels) -> the image's row for objects.csv, or None."""
+    truth = data.mask(k).transpose(2, 0, 1) if data.labeled else None                 # (C, H, W) 0/1
+    write_outputs(out_dir, data.ids[k], (pred, probs, truth), data.image(k), args, cfg)
+    if not args.instances:
+        return None
+    labels = split(pred[0], args.instances, args.min_size)                              # (H, W) int32
+    write_png(os.path.join(out_dir, "instances", data.ids[k] + ".png"), labels.astype(np.uint16), durable=False)
+    count, mean_area, median_area = object_sizes(labels)
+    row = {"id": data.ids[k], "count": count, "mean_area": round(mean_area, 2), "median_area": median_area}
+    if data.labeled:
+        row.update(object_scores(data.instances(k), labels))
+    return row
 
 
 def make_dirs(out_dir, num_classes, args):
@@ -106,19 +168,35 @@ def make_dirs(out_dir, num_classes, args):
             os.makedirs(os.path.join(out_dir, "probs", str(c)), exist_ok=True)
     if args.overlay:
         os.makedirs(os.path.join(out_dir, "overlay"), exist_ok=True)
+    if args.instances:
+        os.makedirs(os.path.join(out_dir, "instances"), exist_ok=True)
 
 
-def run_inference(model, data, cfg, rt, args, out_dir, meter):
-    """Predicts every image of `data`, writes its outputs, and (if labeled) adds its counts to `meter`."""
-    tiled = args.tile or cfg["crop"]
+def run_inference(members, data, args, out_dir, meters):
+    """Predicts every image of `data` with the runs in `members` (their probabilities averaged), writes its outputs,
+    and, if the data has masks, adds its counts to meters['image'] (at each image's size) and, when given, to
+    meters['input'] (at the first run's network input size, as training scores its validation split).
+    -> with args.instances, a row per image for objects.csv (counts, areas, and object scores if labelled)."""
+    cfg, rt = members[0].cfg, members[0].rt
+    tiled = args.tile or any(m.cfg["crop"] for m in members)
     with ThreadPoolExecutor(WRITER_THREADS) as pool:
         pending = []
-        for k, image, probs in (tiled_probs if tiled else resized_probs)(model, data, cfg, rt, args):
+        for k, image, probs, at_input in (tiled_probs if tiled else resized_probs)(members, data, args):
             pred = to_prediction(probs, cfg, args.threshold)                              # (1, C, H, W)
-            if data.labeled:
-                target = torch.from_numpy(data.mask(k)).permute(2, 0, 1)[None].float().to(rt.device)
-                meter.update(pred, target)
-            pending.append(pool.submit(write_outputs, out_dir, data.ids[k], pred[0].cpu().numpy(),
-                                       probs[0].cpu().numpy(), image, args))
-        for job in pending:
-            job.result()                       # a failed write raises here
+            truth = data.mask(k) if data.labeled else None                                # (H, W, C) 0/1
+            if truth is not None:
+                meters["image"].update(pred, torch.from_numpy(truth).permute(2, 0, 1)[None].float().to(rt.device))
+            if truth is not None and at_input is not None and meters.get("input") is not None:
+                score_at_input(meters["input"], at_input, truth, cfg, args.threshold)
+            pending.append(pool.submit(finish_image, out_dir, data, k, pred[0].cpu().numpy(), probs[0].cpu().numpy(),
+                                       args, cfg))
+        rows = [job.result() for job in pending]      # a failed write raises here
+    return rows if args.instances else None
+
+
+def score_at_input(meter, probs, truth, cfg, threshold):
+    """Adds one image scored at the network input size: its mask resized with nearest neighbour, as the
+    training loaders do."""
+    h, w = probs.shape[2:]
+    target = cv2.resize(truth, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, -1)
+    meter.update(to_prediction(probs, cfg, threshold), torch.from_numpy(target).permute(2, 0, 1)[None].float().to(probs.device))

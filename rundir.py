@@ -165,11 +165,16 @@ def process_alive(pid):
     return True
 
 
+def evaluated_weights(state):
+    """The weights an epoch was validated with (model.pth): the weight average under --ema, else the network's."""
+    return state.get("ema") or state["model"]
+
+
 def write_epoch(run_dir, state, improved):
     """One epoch's files from a last.pth state: last.pth, then model.pth (if the score improved), then log.csv."""
     checkpoint.save(state, os.path.join(run_dir, "last.pth"))
     if improved:
-        checkpoint.save(state["model"], os.path.join(run_dir, "model.pth"))
+        checkpoint.save(evaluated_weights(state), os.path.join(run_dir, "model.pth"))
     write_log(os.path.join(run_dir, "log.csv"), state["log"])
 
 

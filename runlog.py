@@ -7,10 +7,16 @@ from utils import atomic_write
 COLUMNS = ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "seconds"]
 
 
+def columns(rows):
+    """COLUMNS, with the per-class validation IoU (val_iou_0, val_iou_1, ...) before seconds when a run has them."""
+    per_class = sorted((k for k in (rows[0] if rows else {}) if k.startswith("val_iou_")), key=lambda k: int(k[8:]))
+    return COLUMNS[:-1] + per_class + COLUMNS[-1:]
+
+
 def write_log(path, rows):
-    """rows: list of dicts with COLUMNS keys."""
+    """rows: list of dicts with COLUMNS keys (and val_iou_<c> per class with several classes)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=columns(rows))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -59,7 +59,7 @@ def build(cfg, rt):
 
 
 def fit(cfg, run, rt, interrupts):
-    run_dir = os.path.join(config.RUNS_DIR, cfg["name"])
+    run_dir = os.path.join(run["runs_dir"], cfg["name"])
     engine, loaders, split = build(cfg, rt)
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
@@ -82,9 +82,22 @@ def fit(cfg, run, rt, interrupts):
     if rt.main and engine.should_stop():
         print(f"early stopping: no better val_iou for {engine.best['stale']} epochs")
     if rt.main:
-        print(f"best val_iou {engine.best['iou']:.4f} at epoch {engine.best['epoch']}; model: {run_dir}/model.pth; "
-              f"evaluate with: python val.py --name {cfg['name']}")
+        print(finished_message(cfg, run, engine.best, run_dir))
     return engine.best["iou"]
+
+
+def finished_message(cfg, run, best, run_dir):
+    """The end-of-run lines: best score and where, how to evaluate, and the recipes if the run used the
+    reference's slow defaults."""
+    where = "" if run["runs_dir"] == config.RUNS_DIR else f" --runs_dir {run['runs_dir']}"
+    text = (f"best val_iou {best['iou']:.4f} (at the {cfg['input_w']}x{cfg['input_h']} network input) at epoch "
+            f"{best['epoch']}; model: {run_dir}/model.pth; evaluate with: python val.py --name {cfg['name']}{where}")
+    if config.reference_optimizer(cfg):
+        text += ("\ntip: this run used the reference's optimizer defaults (SGD at lr 1e-3), which learn slowly. "
+                 "The recipes in recipes/ reach a better model in fewer epochs, e.g. "
+                 "python train.py --config recipes/dsb2018_cpu.yml (CPU) or recipes/dsb2018_fast.yml (GPU); "
+                 "see README.md")
+    return text
 
 
 def announce(cfg, run, rt, engine, loaders, run_dir):
@@ -95,6 +108,8 @@ def announce(cfg, run, rt, engine, loaders, run_dir):
     if run["resume"]:
         line += f"; resuming after epoch {engine.epoch}" + (f" ({', '.join(run['changes'])})" if run["changes"] else "")
     print(line, flush=True)
+    print(f"val_iou and val_dice: over the whole validation split, at the {cfg['input_w']}x{cfg['input_h']} network "
+          "input; val.py scores at each image's own size (and prints both)", flush=True)
 
 
 def loop(cfg, engine, loaders, writer, interrupts):
@@ -134,11 +149,12 @@ def main(argv=None):
     warnings.formatwarning = plain_warning
     sys.stdout = ClosedPipeSafe(sys.stdout)   # piped into head or a closed ssh: keep training
     first_process = os.environ.get("RANK", "0") == "0"   # under torchrun every process meets the same error
-    cfg = None
+    cfg = run = None
     try:
         with exit_on_user_error(quiet=not first_process):
             cfg, run = config.resolve(argv)
-            print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
+            print(f"config: {', '.join(config.differences(cfg)) or 'the defaults'} (the rest at their defaults; "
+                  f"the full config goes to {os.path.join(run['runs_dir'], cfg['name'], 'config.yml')})", flush=True)
             train(cfg, run, interrupts)
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -147,16 +163,17 @@ def main(argv=None):
         sys.exit(1)
     except KeyboardInterrupt:
         if first_process:
-            print("\n" + interrupted_message(cfg), file=sys.stderr)
+            print("\n" + interrupted_message(cfg, run), file=sys.stderr)
         sys.exit(130)
 
 
-def interrupted_message(cfg):
+def interrupted_message(cfg, run):
     """What an interrupt left: the last finished epoch to --resume from, or nothing yet."""
-    last = os.path.join(config.RUNS_DIR, cfg["name"], "last.pth") if cfg else None
+    last = os.path.join(run["runs_dir"], cfg["name"], "last.pth") if cfg and run else None
     if last is None or not os.path.isfile(last):
         return "interrupted before the run saved anything; run the same command again to start it"
-    again = (f"python train.py --name {cfg['name']} --resume" if "WORLD_SIZE" not in os.environ
+    where = "" if run["runs_dir"] == config.RUNS_DIR else f" --runs_dir {run['runs_dir']}"
+    again = (f"python train.py --name {cfg['name']}{where} --resume" if "WORLD_SIZE" not in os.environ
              else "the same torchrun command with --resume added")
     return f"interrupted: {last} holds the last finished epoch; continue with\n    {again}"
 

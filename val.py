@@ -1,10 +1,13 @@
-"""Evaluate a trained run on its validation split, or predict masks for new images.
+"""Evaluate trained runs on their validation split or on any labelled folder, or predict masks for new images.
 
-    python val.py --name <exp>                    # validation split: masks, metrics.csv, printed IoU/Dice
-    python val.py --name <exp> --images DIR       # unlabeled images: masks only
+    python val.py --name <exp>                    # its validation split: masks, metrics.csv, printed IoU/Dice
+    python val.py --name <exp> --data DIR         # every image of a labelled folder (images/, masks/<class>/)
+    python val.py --name <exp> --images DIR       # unlabelled images: masks only
+    python val.py --name fold0 fold1 fold2 --tta  # an ensemble: the runs' probabilities averaged
 
-Masks are written as outputs/<name>/<class>/<id>.png (binary 0/255) at each image's original size;
-predictions for --images go to outputs/<name>/predictions/<class>/<id>.png unless --output says otherwise.
+Masks are written as <output>/<class>/<id>.png (binary 0/255) at each image's original size. The default
+<output> is outputs/<name> (outputs/<name>/predictions for --images, outputs/<name>/on_<folder> for --data;
+an ensemble's name is its runs' names joined by '+').
 """
 import argparse
 import csv
@@ -13,36 +16,61 @@ import os
 import sys
 import warnings
 
-
 import checkpoint
 import config
 import rundir
 import runtime
-from dataset import SegmentationData, find_ids, load_validation, read_image
+from dataset import SegmentationData, find_ids, load_validation, read_image, scan
 from engine import build_network
+from instances import METHODS
 from metrics import SegMeter
-from predict import make_dirs, run_inference
+from predict import Member, legend, make_dirs, run_inference
 from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
+SHRINK_NOTE = 1.5   # images this many times larger than the network input (either side) get the --tile note
+EXAMPLES = """examples:
+  python val.py --name dsb2018_96_UNet_woDS --overlay          # score the validation split, draw outlines
+  python val.py --name cpu0 cpu1 cpu2 --tta                     # ensemble of three runs with test-time flips
+  python val.py --name cells --data inputs/cells_batch2         # score another labelled folder
+  python val.py --name cells --images new_images/ --tile        # predict unlabelled images at full resolution
+"""
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a trained run, or predict masks for new images.")
-    p.add_argument("--name", required=True, help="run name: models/<name>/")
-    p.add_argument("--images", help="folder of unlabeled images to predict instead of the validation split")
-    p.add_argument("--img_ext", help="extension of the --images files (default: the run's img_ext)")
-    p.add_argument("--output", help="output folder (default outputs/<name>, or outputs/<name>/predictions with --images)")
-    p.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability above which a pixel is foreground")
-    p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
-    p.add_argument("--save_probs", action="store_true", help="also write 8-bit probability maps to <output>/probs/")
-    p.add_argument("--overlay", action="store_true", help="also write images with the predicted outline to <output>/overlay/")
-    p.add_argument("--tile", action="store_true",
-                   help="predict whole images at full resolution by overlapping tiles of the network's input size "
-                        "(always on for runs trained with --crop)")
-    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction with --tile (default: 0.5)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
+    p = argparse.ArgumentParser(description="Evaluate trained runs, or predict masks for new images.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, nargs="+", metavar="NAME",
+                   help="run name(s) under the runs folder; several: an ensemble (their probabilities averaged)")
+    config.add_runs_dir(p)
+    what = p.add_argument_group("what to predict (default: the run's validation split)")
+    what.add_argument("--data", metavar="DIR", help="a labelled folder in the data layout (images/, masks/<class>/): "
+                      "score every image in it")
+    what.add_argument("--images", metavar="DIR", help="a folder of unlabelled images to predict")
+    what.add_argument("--img_ext", help="extension of the images (default: the run's img_ext)")
+    what.add_argument("--mask_ext", help="extension of the --data masks (default: the run's mask_ext)")
+    how = p.add_argument_group("prediction")
+    how.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability above which a pixel is "
+                     "foreground (default: 0.5)")
+    how.add_argument("--tta", action="store_true", help="test-time augmentation: average over the eight flips and "
+                     "quarter turns of a square input (four for a rectangular one)")
+    how.add_argument("--tile", action="store_true", help="predict whole images at full resolution by overlapping "
+                     "tiles of the network's input size (always on for runs trained with --crop)")
+    how.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction with --tile (default: 0.5)")
+    how.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    how.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--output", metavar="DIR", help="output folder (default: see above)")
+    out.add_argument("--save_probs", action="store_true", help="also write 8-bit probability maps to <output>/probs/")
+    out.add_argument("--instances", nargs="?", const="watershed", choices=METHODS, metavar="METHOD",
+                     help="also split the predicted foreground into objects (nuclei): 16-bit labels in "
+                          "<output>/instances/, counts and areas in objects.csv and, with masks, the Data Science "
+                          "Bowl object score, F1 at IoU 0.5 and the counting error. METHOD: watershed (the default: "
+                          "separates touching nuclei) or components (connected components)")
+    out.add_argument("--min_size", type=int, default=4, help="--instances: smallest object kept, in pixels at the "
+                     "image's size (default: 4)")
+    out.add_argument("--overlay", action="store_true", help="also write the images with outlines drawn on them to "
+                     "<output>/overlay/: the prediction in green (one colour per class), the true mask in magenta")
     args = p.parse_args(argv)
     if not 0 < args.threshold < 1:
         p.error("--threshold must be between 0 and 1")
@@ -50,21 +78,29 @@ def parse_args(argv):
         p.error("--batch_size must be at least 1")
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be at least 0 and below 1")
+    if args.data and args.images:
+        p.error("--data scores a labelled folder and --images predicts unlabelled images: pass one of them")
+    if args.min_size < 1:
+        p.error("--min_size must be at least 1")
+    if len(set(args.name)) < len(args.name):
+        p.error("--name lists a run twice")
+    args.runs_dir = config.runs_dir(args.runs_dir)
     return args
 
 
-def load_run(name, device_name):
-    """models/<name>/config.yml and model.pth -> (config, Runtime, model in eval mode on the Runtime's device).
+def load_run(name, device_name, runs):
+    """<runs>/<name>/config.yml and model.pth -> a predict.Member: config, Runtime, model in eval mode.
 
     The Runtime predicts with the precision and memory format the run trained with."""
-    run_dir = os.path.join(config.RUNS_DIR, name)
+    run_dir = os.path.join(runs, name)
     model_path = os.path.join(run_dir, "model.pth")
     if not config.valid_name(name):
-        raise UserError(f"--name {name!r} is not a run name (a folder name under {config.RUNS_DIR}/)")
+        raise UserError(f"--name {name!r} is not a run name (a folder name under {runs}/)")
     if not os.path.isdir(run_dir):
-        runs = sorted(os.listdir(config.RUNS_DIR)) if os.path.isdir(config.RUNS_DIR) else []
-        raise UserError(f"there is no run {run_dir}" + (f" (runs here: {', '.join(runs)})" if runs else "") +
-                        f". Train it first: python train.py --name {name}")
+        listed = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+        raise UserError(f"there is no run {run_dir}" + (f" (runs there: {', '.join(listed)})" if listed else "") +
+                        f". Train it first (python train.py --name {name}), or pass --runs_dir (or set "
+                        f"${config.RUNS_DIR_ENV}) to the folder that holds your runs.")
     if not rundir.in_use(run_dir):
         rundir.repair(run_dir)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
     if not os.path.isfile(model_path):
@@ -75,69 +111,203 @@ def load_run(name, device_name):
     rt = runtime.for_inference(device_name, cfg)
     model = build_network(cfg, rt)
     checkpoint.load_weights(model, checkpoint.load(model_path), model_path)
-    return cfg, rt, model.eval()
+    return Member(name, cfg, rt, model.eval())
+
+
+def check_ensemble(members):
+    """The runs of an ensemble must predict the same classes from the same kind of image."""
+    first = members[0]
+    for m in members[1:]:
+        for key in ("num_classes", "class_mode", "input_channels"):
+            if m.cfg[key] != first.cfg[key]:
+                raise UserError(f"--name: runs {first.name} and {m.name} differ in {key} ({first.cfg[key]} and "
+                                f"{m.cfg[key]}), so their predictions cannot be averaged; ensemble runs trained "
+                                "for the same classes and images")
+
+
+def hints(cfg, name):
+    """How val.py lets a user change each data setting, for the data set's messages (see dataset.TRAIN_HINTS)."""
+    n = cfg["num_classes"]
+    return {
+        "data": f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
+                "labelled folder (images/, masks/<class>/) or --images DIR to predict unlabelled images",
+        "img_ext": "pass --img_ext {}",
+        "mask_ext": "pass --mask_ext {}",
+        "input_channels": f"the run {name} was trained with input_channels {cfg['input_channels']} and takes only "
+                          "such images: convert them to grayscale, or train a run on them with python train.py "
+                          "--input_channels {} ...",
+        "num_classes": f"the run {name} predicts {n} class(es), so a folder scored with it needs masks/0 .. "
+                       f"masks/{n - 1}",
+    }
 
 
 def clear_outputs(out_dir, num_classes):
-    """Removes what an earlier evaluation wrote in out_dir (masks, probability maps, overlays, metrics.csv), so
+    """Removes what an earlier evaluation wrote in out_dir (masks, probability maps, overlays, instances, CSVs), so
     that the folder holds this evaluation alone. Nothing else in it is touched."""
     folders = [str(c) for c in range(num_classes)] + [os.path.join("probs", str(c)) for c in range(num_classes)]
-    for folder in folders + ["overlay"]:
+    for folder in folders + ["overlay", "instances"]:
         path = os.path.join(out_dir, folder)
         for f in os.listdir(path) if os.path.isdir(path) else []:
             if f.endswith(".png"):
                 os.remove(os.path.join(path, f))
-    if os.path.isfile(os.path.join(out_dir, "metrics.csv")):
-        os.remove(os.path.join(out_dir, "metrics.csv"))
+    for f in ("metrics.csv", "objects.csv"):
+        if os.path.isfile(os.path.join(out_dir, f)):
+            os.remove(os.path.join(out_dir, f))
 
 
-def write_metrics(path, ids, iou, dice):
-    """metrics.csv: id, then iou_<c> and dice_<c> per class."""
+OBJECT_COLUMNS = ["object_score", "f1_50", "true_count", "pred_count", "count_error"]
+
+
+def write_metrics(path, ids, iou, dice, objects=None):
+    """metrics.csv: id, then iou_<c> and dice_<c> per class; with --instances the object columns too."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     classes = range(iou.shape[1])
-    writer.writerow(["id"] + [f"{m}_{c}" for c in classes for m in ("iou", "dice")])
+    writer.writerow(["id"] + [f"{m}_{c}" for c in classes for m in ("iou", "dice")] + (OBJECT_COLUMNS if objects else []))
     for n, img_id in enumerate(ids):
-        writer.writerow([img_id] + [f"{v[n, c].item():.6f}" for c in classes for v in (iou, dice)])
+        extra = [objects[n]["score"]] + [objects[n][k] for k in OBJECT_COLUMNS[1:]] if objects else []
+        writer.writerow([img_id] + [f"{v[n, c].item():.6f}" for c in classes for v in (iou, dice)] +
+                        [f"{x:.6f}" if isinstance(x, float) else x for x in extra])
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def report(meter, ids, out_dir):
-    """Prints per-class data-set-level and per-image-mean IoU/Dice and their mean over classes."""
-    ds_iou, ds_dice = meter.dataset_scores()
-    img_iou, img_dice = meter.image_scores()
-    write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice)
-    print(f"{'class':>6} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
+def write_objects(path, rows):
+    """objects.csv: per image the object count, mean and median area (pixels, at the image's size)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["id", "count", "mean_area", "median_area"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def report_objects(rows, args):
+    """The object scores over the data set: mean over images of the Bowl's score and of F1 at 0.5, and the mean
+    absolute counting error."""
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    print(f"objects ({args.instances}, min_size {args.min_size}): object score (Data Science Bowl) "
+          f"{mean('score'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, counting error {mean('count_error'):.2f} per "
+          f"image ({sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects)")
+
+
+def report(meters, ids, out_dir, cfg, objects=None):
+    """Prints per-class data-set-level and per-image-mean IoU/Dice at the images' own size and their mean over
+    classes (and without class 0, the catch-all class in softmax mode), then the IoU at the network input."""
+    ds_iou, ds_dice = meters["image"].dataset_scores()
+    img_iou, img_dice = meters["image"].image_scores()
+    write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice, objects)
+    print("scored at each image's own size (the prediction resized back to it):")
+    print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
-        print(f"{c:>6} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
-    print(f"{'mean':>6} {ds_iou.mean():>15.4f} {img_iou.mean():>21.4f} {ds_dice.mean():>16.4f} {img_dice.mean():>22.4f}")
+        print(f"{c:>10} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
+    rows = [("mean", slice(None))]
+    if cfg["class_mode"] == "softmax":
+        rows.append(("mean w/o 0", slice(1, None)))      # class 0: the pixels no mask marks
+    for label, cls in rows:
+        print(f"{label:>10} {ds_iou[cls].mean():>15.4f} {img_iou[:, cls].mean():>21.4f} {ds_dice[cls].mean():>16.4f} "
+              f"{img_dice[:, cls].mean():>22.4f}")
+    if cfg["class_mode"] == "softmax":
+        print("(softmax mode: class 0 is every pixel no mask marks; 'mean w/o 0' is the mean over the marked classes)")
     print(f"IoU: {ds_iou.mean():.4f}")
     print(f"Dice: {ds_dice.mean():.4f}")
+    if meters.get("input") is not None:
+        net_iou = meters["input"].dataset_scores()[0].mean().item()
+        print(f"IoU at the {cfg['input_w']}x{cfg['input_h']} network input (what train.py logs as val_iou): "
+              f"{net_iou:.4f}")
+
+
+def unlabelled(args, cfg, name):
+    """--images: every file with the image extension, and a note on the files skipped for another extension."""
+    ext = args.img_ext or cfg["img_ext"]
+    ids = find_ids(args.images, ext, hints(cfg, name))
+    others = sorted(f for f in os.listdir(args.images) if not f.endswith(ext) and not f.startswith(".")
+                    and os.path.isfile(os.path.join(args.images, f)))
+    if others:
+        exts = sorted({os.path.splitext(f)[1] or "(none)" for f in others})
+        print(f"note: skipped {len(others)} file(s) in {args.images} that do not end in {ext} ({', '.join(exts)}); "
+              f"pass --img_ext {exts[0]} to predict those instead")
+    return SegmentationData(ids, [read_image(os.path.join(args.images, i + ext), cfg["input_channels"], hints(cfg, name))
+                                  for i in ids], None)
+
+
+def load_data(args, members):
+    """The images to predict -> (SegmentationData, default output folder)."""
+    cfg, name = members[0].cfg, members[0].name
+    label = "+".join(m.name for m in members)
+    if args.images:
+        return unlabelled(args, cfg, name), os.path.join(OUTPUTS_DIR, label, "predictions")
+    if args.data:
+        folder = os.path.normpath(args.data)
+        how = hints(cfg, name)
+        scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"], how)
+        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, how)
+        return data, os.path.join(OUTPUTS_DIR, label, "on_" + os.path.basename(folder))
+    recorded = [rundir.read_split(os.path.join(args.runs_dir, m.name)) for m in members]
+    data, note = load_validation(cfg, recorded, hints(cfg, name))
+    if note:
+        print(f"note: {note}")
+    if len(members) > 1:
+        print(f"evaluating on the {len(data.ids)} images none of the {len(members)} runs trained on")
+    return data, os.path.join(OUTPUTS_DIR, label)
+
+
+def shrink_note(data, members, args):
+    """A note when images much larger than the network input are shrunk to it and --tile would keep the detail."""
+    cfg = members[0].cfg
+    if args.tile or cfg["crop"]:
+        return
+    sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
+    large = [s for s in sizes if s[0] > SHRINK_NOTE * cfg["input_h"] or s[1] > SHRINK_NOTE * cfg["input_w"]]
+    if large:
+        h, w = max(large, key=lambda s: s[0] * s[1])
+        print(f"note: {len(large)} image(s) are larger than the {cfg['input_w']}x{cfg['input_h']} network input "
+              f"(up to {w}x{h}) and are shrunk to it, which loses small detail; --tile predicts them at full "
+              "resolution in overlapping tiles")
+
+
+def summary(out_dir, n, cfg, args, labeled):
+    """Where everything went."""
+    where = [f"{n} predicted masks in {out_dir}/<class>/"]
+    if args.save_probs:
+        where.append(f"probability maps in {out_dir}/probs/<class>/")
+    if args.overlay:
+        skip0 = cfg["class_mode"] == "softmax"
+        where.append(f"outlines in {out_dir}/overlay/ ({legend(cfg['num_classes'], labeled, skip0)})")
+    if args.instances:
+        where.append(f"object labels in {out_dir}/instances/ (16-bit), counts and areas in {out_dir}/objects.csv")
+    if labeled:
+        where.append(f"per-image metrics in {out_dir}/metrics.csv")
+    return "; ".join(where)
 
 
 def evaluate(args):
-    cfg, rt, model = load_run(args.name, args.device)
-    if args.images:
-        ext = args.img_ext or cfg["img_ext"]
-        ids = find_ids(args.images, ext)
-        data = SegmentationData(ids, [read_image(os.path.join(args.images, i + ext), cfg["input_channels"]) for i in ids], None)
-        out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name, "predictions")
-    else:
-        data, note = load_validation(cfg, rundir.read_split(os.path.join(config.RUNS_DIR, args.name)))
-        if note:
-            print(f"note: {note}")
-        out_dir = args.output or os.path.join(OUTPUTS_DIR, args.name)
+    members = [load_run(name, args.device, args.runs_dir) for name in args.name]
+    check_ensemble(members)
+    cfg = members[0].cfg
+    if args.instances and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
+        raise UserError(f"--instances splits one class's mask into objects; the run {members[0].name} predicts "
+                        f"{cfg['num_classes']} classes ({cfg['class_mode']}). Use it with a one-class run.")
+    data, default_out = load_data(args, members)
+    if args.images or args.data:
+        shrink_note(data, members, args)
+    out_dir = args.output or default_out
     try:
         clear_outputs(out_dir, cfg["num_classes"])
         make_dirs(out_dir, cfg["num_classes"], args)
     except OSError as e:
         raise UserError(f"cannot write the outputs in {out_dir}: {e.strerror or e}. Make it writable, or pass "
                         "--output DIR") from None
-    meter = SegMeter(cfg["num_classes"], rt.device, keep_per_image=True)
-    run_inference(model, data, cfg, rt, args, out_dir, meter)
+    device = members[0].rt.device
+    single = len(members) == 1 and not (args.tile or cfg["crop"])
+    meters = {"image": SegMeter(cfg["num_classes"], device, keep_per_image=True),
+              "input": SegMeter(cfg["num_classes"], device) if single else None}
+    objects = run_inference(members, data, args, out_dir, meters)
+    if objects:
+        write_objects(os.path.join(out_dir, "objects.csv"), objects)
     if data.labeled:
-        report(meter, data.ids, out_dir)
-    print(f"{len(data.ids)} predicted masks in {out_dir}/<class>/" + (f"; metrics in {out_dir}/metrics.csv" if data.labeled else ""))
+        report(meters, data.ids, out_dir, cfg, objects)
+    if objects and data.labeled:
+        report_objects(objects, args)
+    print(summary(out_dir, len(data.ids), cfg, args, data.labeled))
 
 
 def main(argv=None):

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny generated data sets, and the path of the real dsb2018_96 set."""
 import os
+import signal
 import sys
+import warnings
 
 import pytest
 
@@ -31,3 +33,21 @@ def dsb_path():
     if not os.path.isdir(DSB):
         pytest.skip("../shared/datasets/dsb2018_96 is not present")
     return DSB
+
+
+def run_main(main, argv, cwd, monkeypatch, capsys):
+    """An entry script's main() in this process, as the command line runs it (faster than a subprocess):
+    -> (exit status, stdout, stderr). Signal handlers and warning format are restored afterwards."""
+    monkeypatch.chdir(cwd)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_data
-from dataset import SegmentationData, load_splits, split_ids
+from dataset import SegmentationData, load_splits, split_for, split_ids
 from utils import UserError
 
 
@@ -48,7 +48,7 @@ def test_grayscale_rgba_and_channel_conversion(tmp_path):
     cv2.imwrite(p, np.concatenate([img, np.full(img.shape[:2] + (1,), 255, np.uint8)], 2))
     assert cv2.imread(p, cv2.IMREAD_UNCHANGED).shape[2] == 4
     assert load(rgba).images[0].shape == (32, 32, 3)
-    with pytest.raises(UserError, match="colour but --input_channels is 1"):
+    with pytest.raises(UserError, match="colour but input_channels is 1: pass --input_channels 3 .or convert the images to grayscale first."):
         load(rgba, input_channels=1)
 
 
@@ -75,7 +75,7 @@ def corrupt(path, how):
     (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((16, 32), np.uint8)), "img0001.png is 32x16 but its image"),
     (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((32, 32, 3), np.uint8)), "img0001.png has 3 channels"),
     (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((32, 32), np.uint16)), "img0001.png is uint16"),
-    (lambda d: os.makedirs(os.path.join(d, "masks", "1")), r"class folders \[0, 1\] but --num_classes 1"),
+    (lambda d: os.makedirs(os.path.join(d, "masks", "1")), r"class folders \[0, 1\] but num_classes 1 .*; pass --num_classes 2"),
 ], ids=["missing", "empty", "no-mask", "no-image", "zero-byte", "truncated", "size", "rgb-mask", "16bit-mask", "classes"])
 def test_validation_errors_name_the_problem(tiny, setup, pattern):
     setup(tiny)
@@ -100,7 +100,7 @@ def test_split_is_the_reference_split():
 def test_load_splits_is_the_configs_split(tmp_path):
     make_data(tmp_path, "set", n=20)
     cfg = {"data_dir": str(tmp_path), "dataset": "set", "img_ext": ".png", "mask_ext": ".png", "num_classes": 1,
-           "input_channels": 3, "cache_mb": 0, "val_split": 0.25, "split_seed": 3}
+           "input_channels": 3, "cache_mb": 0, "val_split": 0.25, "split_seed": 3, "folds": 1, "fold": 0}
     train, val = load_splits(cfg)
     assert (train.ids, val.ids) == tuple(list(s) for s in split_ids([f"img{i:04d}" for i in range(20)], 0.25, 3))
     assert len(val.ids) == 5 and val.masks[0].shape == (32, 32, 1)
@@ -112,3 +112,17 @@ def test_real_dsb2018_96_loads(dsb_path):
     assert all(i.shape == (96, 96, 3) for i in d.images) and all(m.shape == (96, 96, 1) for m in d.masks)
     frac = np.mean([m.mean() for m in d.masks])
     assert 0.08 < frac < 0.2   # the README says about 14% foreground
+
+
+def test_folds_partition_the_training_split_and_never_touch_the_held_out_images():
+    ids = [f"img{i:04d}" for i in range(50)]
+    cfg = {"val_split": 0.2, "split_seed": 41, "folds": 4}
+    outer_train, held_out = split_ids(ids, 0.2, 41)
+    folds = [split_for(ids, {**cfg, "fold": i}) for i in range(4)]
+    vals = [set(v) for _, v in folds]
+    assert set().union(*vals) == set(outer_train) and sum(map(len, vals)) == len(outer_train)   # each image once
+    for train, val in folds:
+        assert not set(train) & set(val) and not (set(train) | set(val)) & set(held_out)
+    assert split_for(ids, {**cfg, "fold": 2}) == folds[2]                                       # repeatable
+    with pytest.raises(UserError, match="--folds 60 on a training split of 40 images"):
+        split_for(ids, {**cfg, "folds": 60, "fold": 0})

