@@ -11,6 +11,7 @@ import os
 
 import checkpoint
 from archs import ARCHS
+from dataset import TRAIN_HINTS
 from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
 from utils import UserError, load_yaml, str2bool
 
@@ -356,10 +357,30 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     if cfg["name"] is None:
         cfg["name"] = default_name(cfg)
     check(cfg, sources)                    # the name too, before it is used as a path
-    run["changes"] = []
+    run["changes"], run["sources"] = [], sources
     if run["resume"]:
         cfg, run["changes"] = resumed(cfg, sources, run["runs_dir"])
+        saved = os.path.join(run["runs_dir"], cfg["name"], "config.yml")
+        run["sources"] = {**{k: saved for k in cfg}, **{k: "the command line" for k in args}}
     return cfg, run
+
+
+def whence(sources, key, value):
+    """Where a setting's value came from, for a message: 'img_ext .png is the default', '... comes from my.yml'."""
+    where = sources.get(key)
+    said = f"{key} {human(value)}"
+    if where is None:
+        return f"{said} is the default"
+    return f"--{key} {human(value)} was given on the command line" if where == "the command line" else f"{said} comes from {where}"
+
+
+def data_hints(cfg, sources):
+    """dataset.TRAIN_HINTS with, for each setting, where its current value came from."""
+    hints = dict(TRAIN_HINTS)
+    for key in ("img_ext", "mask_ext", "input_channels", "num_classes"):
+        note = whence(sources, key, cfg[key]).replace("{", "{{").replace("}", "}}")   # the hint is format()ted later
+        hints[key] = f"{TRAIN_HINTS[key]} ({note})"
+    return hints
 
 
 def saved_config(run_dir):

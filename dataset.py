@@ -375,12 +375,12 @@ def split(data, cfg):
     return data.subset(train_ids), data.subset(val_ids)
 
 
-def load_splits(cfg):
-    """The config's data set, validated and decoded, as (train, validation): the one split train.py,
-    val.py and bench.py all use."""
-    root = os.path.join(cfg["data_dir"], cfg["dataset"])
+def load_splits(cfg, hints=None):
+    """The config's data set, validated and decoded, as (train, validation): the split train.py and bench.py
+    use. hints: how the running script sets each data setting, for its messages (default: TRAIN_HINTS)."""
+    root, hints = os.path.join(cfg["data_dir"], cfg["dataset"]), hints or TRAIN_HINTS
     # scikit-learn's import (for the split) runs in a thread while the files are decoded and checked
     threading.Thread(target=import_sklearn_split, daemon=True).start()
-    data = SegmentationData.from_folder(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"],
-                                        cfg["input_channels"], cache_budget(cfg["cache_mb"]))
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints)
+    data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints)
     return split(data, cfg)

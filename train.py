@@ -46,12 +46,13 @@ def train(cfg, run, interrupts=None):
         distributed.cleanup(rt)
 
 
-def build(cfg, rt):
+def build(cfg, rt, hints):
     """Every check, the data, the network and the loaders, before anything on disk changes:
-    -> (engine, (training loader, validation loader), split {'train': ids, 'val': ids})."""
+    -> (engine, (training loader, validation loader), split {'train': ids, 'val': ids}).
+    hints: how the data messages tell the user to fix a setting (config.data_hints)."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
-    train_data, val_data = load_splits(cfg)           # bad data is reported here, with nothing changed
+    train_data, val_data = load_splits(cfg, hints)    # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
     engine = Engine(cfg, rt)
     loaders = make_loaders(cfg, train_data, val_data, rt)
@@ -60,7 +61,7 @@ def build(cfg, rt):
 
 def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
-    engine, loaders, split = build(cfg, rt)
+    engine, loaders, split = build(cfg, rt, config.data_hints(cfg, run.get("sources", {})))
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused

@@ -114,8 +114,13 @@ def test_train_messages_name_the_right_flag_and_where_the_value_came_from(work, 
         for f in os.listdir(folder):
             os.rename(folder / f, folder / f.replace(".png", ".tif"))
     code, _, err = run_main(train.main, FAST + ["--dataset", "tifs", "--img_ext", ".tif"], work, monkeypatch, capsys)
-    assert code == 2 and "pass --mask_ext .tif if that is the extension of your masks" in err, err
+    assert code == 2 and "pass --mask_ext .tif (mask_ext .png is the default) if that is the extension of your masks" in err, err
     assert "--img_ext" not in err
+    (work / "exts.yml").write_text("img_ext: .jpg\n")
+    code, _, err = run_main(train.main, FAST + ["--config", "exts.yml"], work, monkeypatch, capsys)
+    assert code == 2 and "pass --img_ext .png (img_ext .jpg comes from exts.yml)" in err, err
+    code, _, err = run_main(train.main, FAST + ["--num_classes", "2"], work, monkeypatch, capsys)
+    assert code == 2 and "pass --num_classes 1 (--num_classes 2 was given on the command line)" in err, err
     (work / "partial.yml").write_text("arch: UNet\nepochs: 0\n")
     code, _, err = run_main(train.main, ["--config", "partial.yml"], work, monkeypatch, capsys)
     assert code == 2 and "partial.yml (key epochs)" in err, err
