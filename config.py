@@ -30,6 +30,8 @@ OPTIONS = [
     ("num_classes", 1, int, None, "number of mask classes (folders masks/0 .. masks/<n-1>)"),
     ("input_w", 96, int, None, "network input width (multiple of 16)"),
     ("input_h", 96, int, None, "network input height (multiple of 16)"),
+    ("per_image_norm", False, bool, None, "standardise each input image per channel (zero mean, unit variance) "
+     "inside the network, so that dark and bright microscopy images look alike to it"),
     ("class_mode", "sigmoid", str, ("sigmoid", "softmax"),
      "sigmoid: independent per-class masks; softmax: mutually exclusive classes (argmax)"),
     # loss
@@ -133,7 +135,8 @@ def suggest(key):
 
 # --help lists the flags in these groups, in this order
 GROUPS = {
-    "model": ("arch", "deep_supervision", "input_channels", "num_classes", "input_w", "input_h", "class_mode", "loss"),
+    "model": ("arch", "deep_supervision", "input_channels", "num_classes", "input_w", "input_h", "per_image_norm",
+              "class_mode", "loss"),
     "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
     "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
     "schedule": ("epochs", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma", "early_stopping"),

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import config
+
 from archs import ARCHS, NestedUNet, UNet, build_model
 from utils import count_params
 
@@ -52,3 +54,16 @@ def test_size_not_divisible_by_16_is_explained():
 def test_build_model_from_config():
     m = build_model({"arch": "NestedUNet", "num_classes": 2, "input_channels": 1, "deep_supervision": True})
     assert isinstance(m, NestedUNet) and m.final4.out_channels == 2 and m.conv0_0.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize("arch", ["UNet", "NestedUNet"])
+def test_per_image_norm_ignores_each_images_brightness_and_contrast(arch):
+    cfg = {**config.DEFAULTS, "arch": arch, "per_image_norm": True}
+    model = build_model(cfg).eval()
+    x = torch.rand(2, 3, 32, 32)
+    scale, shift = torch.tensor([3.0, 0.5, 2.0]).view(1, 3, 1, 1), torch.tensor([5.0, -1.0, 0.2]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x * scale + shift), atol=1e-3)
+        plain = build_model({**cfg, "per_image_norm": False}).eval()
+        assert not torch.allclose(plain(x), plain(x * scale + shift), atol=1e-3)
+    assert set(model.state_dict()) == set(plain.state_dict())     # no weights: model.pth stays a plain state_dict
