@@ -96,7 +96,7 @@ def finished_message(cfg, run, best, run_dir):
     if config.reference_optimizer(cfg):
         text += ("\ntip: this run used the reference's optimizer defaults (SGD at lr 1e-3), which learn slowly. "
                  "The recipes in recipes/ reach a better model in fewer epochs, e.g. "
-                 "python train.py --config recipes/dsb2018_cpu.yml (CPU) or recipes/dsb2018_fast.yml (GPU); "
+                 "python train.py --config recipes/dsb2018_best.yml (best model) or recipes/dsb2018_cpu.yml (sooner); "
                  "see README.md")
     return text
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 import config
@@ -51,3 +53,9 @@ def test_bad_flag_values_are_refused_by_argparse():
         config.resolve(["--arch", "ResNet"])
     with pytest.raises(UserError, match="input_h 50"):
         config.resolve(["--input_h", "50"])
+
+
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "recipes"))))
+def test_every_recipe_is_a_valid_config(recipe):
+    cfg = config.load_run_config(os.path.join(os.path.dirname(__file__), "..", "recipes", recipe))
+    assert cfg["optimizer"] != "SGD" and cfg["epochs"] >= 20          # the recipes are not the reference defaults
