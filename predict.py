@@ -145,14 +145,14 @@ def write_outputs(out_dir, img_id, arrays, image, args, cfg):
         write_png(os.path.join(out_dir, "overlay", img_id + ".png"), overlay, durable=False)
 
 
-def finish_image(out_dir, data, k, pred, probs, args, cfg):
+def finish_image(out_dir, data, k, image, arrays, args, cfg):
     """Everything after the network for image k (run in a writer thread): its files, and with --instances its
-    objects (instances/<id>.png, 16-bit labels) -> the image's row for objects.csv, or None."""
-    truth = data.mask(k).transpose(2, 0, 1) if data.labeled else None                 # (C, H, W) 0/1
-    write_outputs(out_dir, data.ids[k], (pred, probs, truth), data.image(k), args, cfg)
+    objects (instances/<id>.png, 16-bit labels) -> the image's row for objects.csv, or None.
+    arrays: as write_outputs takes them."""
+    write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
     if not args.instances:
         return None
-    labels = split(pred[0], args.instances, args.min_size)                              # (H, W) int32
+    labels = split(arrays[0][0], args.instances, args.min_size)                          # (H, W) int32
     write_png(os.path.join(out_dir, "instances", data.ids[k] + ".png"), labels.astype(np.uint16), durable=False)
     count, mean_area, median_area = object_sizes(labels)
     row = {"id": data.ids[k], "count": count, "mean_area": round(mean_area, 2), "median_area": median_area}
@@ -188,8 +188,8 @@ def run_inference(members, data, args, out_dir, meters):
                 meters["image"].update(pred, torch.from_numpy(truth).permute(2, 0, 1)[None].float().to(rt.device))
             if truth is not None and at_input is not None and meters.get("input") is not None:
                 score_at_input(meters["input"], at_input, truth, cfg, args.threshold)
-            pending.append(pool.submit(finish_image, out_dir, data, k, pred[0].cpu().numpy(), probs[0].cpu().numpy(),
-                                       args, cfg))
+            arrays = (pred[0].cpu().numpy(), probs[0].cpu().numpy(), None if truth is None else truth.transpose(2, 0, 1))
+            pending.append(pool.submit(finish_image, out_dir, data, k, image, arrays, args, cfg))
         rows = [job.result() for job in pending]      # a failed write raises here
     return rows if args.instances else None
 
