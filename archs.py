@@ -129,19 +129,7 @@ class NestedUNet(nn.Module):
 ARCHS = {"UNet": UNet, "NestedUNet": NestedUNet}
 
 
-def standardize_input(module, args):
-    """Forward pre-hook for --per_image_norm: each input image (B, C_in, H, W) to zero mean and unit variance per
-    channel, so that a dark fluorescence image and a bright brightfield one reach the first layer alike."""
-    x = args[0]
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True)
-    return ((x - mean) / (std + 1e-3),) + tuple(args[1:])
-
-
 def build_model(cfg):
-    """The network a config names, with its class count, input channels and deep supervision (and the per-image
-    standardisation of its input, a hook without weights, so model.pth is the same plain state_dict)."""
-    model = ARCHS[cfg["arch"]](cfg["num_classes"], cfg["input_channels"], cfg["deep_supervision"])
-    if cfg.get("per_image_norm"):
-        model.register_forward_pre_hook(standardize_input)
-    return model
+    """The network a config names, with its class count, input channels and deep supervision. Its input is
+    normalised before it (normalize.py), per_image_norm included."""
+    return ARCHS[cfg["arch"]](cfg["num_classes"], cfg["input_channels"], cfg["deep_supervision"])

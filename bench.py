@@ -34,6 +34,7 @@ from dataset import SegmentationData, scan, split
 from engine import Engine, build_network
 from loaders import make_loaders
 from metrics import SegMeter
+from normalize import resolve_mode
 from predict import Member, make_dirs, run_inference
 from rundir import EpochWriter
 from utils import exit_on_user_error, resolve_device
@@ -135,7 +136,7 @@ def predict_rate(cfg, rt, val_data):
     mask files included), with the network's weights as built."""
     model = build_network(cfg, rt).eval()
     options = argparse.Namespace(batch_size=16, tta=False, tile=False, overlap=0.5, threshold=0.5, save_probs=False,
-                                 overlay=False, instances=None, min_size=4)
+                                 overlay=False, instances=None, min_size=4, output_format="png")
     meters = {"image": SegMeter(cfg["num_classes"], rt.device, keep_per_image=True),
               "input": SegMeter(cfg["num_classes"], rt.device)}
     members = [Member("bench", cfg, rt, model)]
@@ -244,6 +245,7 @@ def benchmark(args):
     device = resolve_device(args.device)
     base = config.load_run_config(args.recipe)
     data = SegmentationData.decode(scan(args.data, ".png", ".png", 1, BENCH_HINTS), 3, None, args.data, BENCH_HINTS)
+    base["normalize"] = resolve_mode(base["normalize"], data.dtypes)
     overrides = overrides_from(args, device)
     if args.images:
         data = data.subset(data.ids[:args.images])

@@ -13,6 +13,7 @@ import checkpoint
 from archs import ARCHS
 from dataset import TRAIN_HINTS
 from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
+from normalize import MODES as NORMALIZE_MODES
 from utils import UserError, load_yaml, str2bool
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
@@ -26,12 +27,19 @@ OPTIONS = [
     # model
     ("arch", "NestedUNet", str, tuple(ARCHS), "network (-a)"),
     ("deep_supervision", False, bool, None, "NestedUNet: a loss on each of its 4 heads"),
-    ("input_channels", 3, int, (1, 3), "1 = grayscale, 3 = RGB (grayscale images are replicated)"),
+    ("input_channels", 3, int, None, "channels of the images: 1 = grayscale, 3 = RGB (grayscale images are "
+     "replicated), or any count a multi-channel TIFF has (e.g. 2 for two fluorescence channels)"),
     ("num_classes", 1, int, None, "number of mask classes (folders masks/0 .. masks/<n-1>)"),
     ("input_w", 96, int, None, "network input width (multiple of 16)"),
     ("input_h", 96, int, None, "network input height (multiple of 16)"),
-    ("per_image_norm", False, bool, None, "standardise each input image per channel (zero mean, unit variance) "
-     "inside the network, so that dark and bright microscopy images look alike to it"),
+    ("normalize", "auto", str, NORMALIZE_MODES, "how raw intensities become network inputs: imagenet (the "
+     "reference's: / 255 for 8-bit, / 65535 for 16-bit, then ImageNet's mean and std), percentile (per image and "
+     "channel the norm_pmin-th percentile -> 0, the norm_pmax-th -> 1, as CSBDeep/StarDist do; for 12/16-bit and "
+     "float microscopy), auto (imagenet if every image is 8-bit, else percentile; the run saves what it chose)"),
+    ("norm_pmin", 1.0, float, None, "normalize percentile: the percentile that becomes 0"),
+    ("norm_pmax", 99.8, float, None, "normalize percentile: the percentile that becomes 1"),
+    ("per_image_norm", False, bool, None, "after normalize, standardise each network input per channel (zero mean, "
+     "unit variance), so that dark and bright microscopy images look alike to it"),
     ("class_mode", "sigmoid", str, ("sigmoid", "softmax"),
      "sigmoid: independent per-class masks; softmax: mutually exclusive classes (argmax)"),
     # loss
@@ -135,8 +143,8 @@ def suggest(key):
 
 # --help lists the flags in these groups, in this order
 GROUPS = {
-    "model": ("arch", "deep_supervision", "input_channels", "num_classes", "input_w", "input_h", "per_image_norm",
-              "class_mode", "loss"),
+    "model": ("arch", "deep_supervision", "input_channels", "num_classes", "input_w", "input_h", "normalize",
+              "norm_pmin", "norm_pmax", "per_image_norm", "class_mode", "loss"),
     "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
     "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
     "schedule": ("epochs", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma", "early_stopping"),
@@ -244,6 +252,9 @@ RANGES = [
     ("epochs", lambda v: v >= 1, "at least 1"),
     ("batch_size", lambda v: v >= 1, "at least 1"),
     ("num_classes", lambda v: 1 <= v <= 255, "between 1 and 255"),
+    ("input_channels", lambda v: 1 <= v <= 64, "between 1 and 64"),
+    ("norm_pmin", lambda v: finite(v) and 0 <= v < 100, "a percentile, at least 0 and below 100"),
+    ("norm_pmax", lambda v: finite(v) and 0 < v <= 100, "a percentile, above 0 and at most 100"),
     ("input_w", lambda v: v >= 16, "at least 16"),
     ("input_h", lambda v: v >= 16, "at least 16"),
     ("val_split", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
@@ -304,6 +315,9 @@ def check(cfg, source="the command line"):
 
 def check_combinations(cfg, source):
     """Settings that do not go together."""
+    if cfg["norm_pmin"] >= cfg["norm_pmax"]:
+        raise UserError(f"{origin(source, 'norm_pmin', 'norm_pmax')}: norm_pmin {cfg['norm_pmin']:g} must be below "
+                        f"norm_pmax {cfg['norm_pmax']:g} (e.g. 1 and 99.8)")
     if cfg["fold"] >= cfg["folds"]:
         raise UserError(f"{origin(source, 'fold', 'folds')}: fold {cfg['fold']} does not exist with folds "
                         f"{cfg['folds']}; folds are numbered 0 .. {cfg['folds'] - 1}" +
@@ -390,11 +404,17 @@ def saved_config(run_dir):
     """The config a run trained with: config.yml, or (if that was deleted) the copy inside last.pth; None if neither."""
     path = os.path.join(run_dir, "config.yml")
     if os.path.isfile(path):
-        return merge(load_yaml(path), path, {}), path
+        return merge(upgraded(load_yaml(path)), path, {}), path
     last = os.path.join(run_dir, "last.pth")
     if os.path.isfile(last):
-        return merge(checkpoint.load(last).get("config", {}), last, {}), last
+        return merge(upgraded(checkpoint.load(last).get("config", {})), last, {}), last
     return None, None
+
+
+def upgraded(saved):
+    """A saved run's config keys with what runs from before a setting existed did: a run saved without `normalize`
+    was trained on 8-bit images normalised the reference's way (imagenet)."""
+    return saved if "normalize" in saved else {**saved, "normalize": "imagenet"}
 
 
 def resumed(cfg, sources, runs):

@@ -1,18 +1,25 @@
 """The data set: image/mask discovery, up-front validation, decoding into memory, the train/validation split.
 
-Layout (as in the reference):
+Layout (as in the reference, plus label images):
     <root>/images/<id><img_ext>
     <root>/masks/<class>/<id><mask_ext>      class = 0 .. num_classes-1
+    <root>/labels/<id>.png|.tif|.tiff        label images (0 background, 1..N one number per object), as
+                                             napari, Cellpose or StarDist write them: the target when there
+                                             is no masks/ (foreground = label > 0), and the objects of
+                                             val.py --instances (instances/ is the older name for the same)
 
-Every image and mask is decoded once, checked, and kept in memory (uint8), so an epoch never
-decodes a file again and every problem with the data is reported before training starts.
-Batching and augmentation are in loaders.py.
+Images are 8- or 16-bit PNG or TIFF, float32 TIFF or JPEG, with any number of channels (TIFF through
+tifffile). Every image and mask is decoded once, checked, and kept in memory in its own type (uint8,
+uint16 or float32: nothing is rounded to 8 bits), so an epoch never decodes a file again and every
+problem with the data is reported before training starts. Extensions match whatever their case, and
+.tif and .tiff are one. Batching, augmentation and normalisation are in loaders.py and normalize.py.
 """
 import importlib
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import repeat
 
 import cv2
@@ -23,7 +30,8 @@ from utils import UserError
 # How the running script lets a user change each data setting: a message names only what that script accepts.
 # '{}' is filled with the suggested value. val.py and bench.py pass their own.
 TRAIN_HINTS = {
-    "data": "pass --data_dir and --dataset so that <data_dir>/<dataset> is the folder with images/ and masks/",
+    "data": "pass --data_dir and --dataset so that <data_dir>/<dataset> is the folder with images/ and masks/ "
+            "(or labels/)",
     "img_ext": "pass --img_ext {}",
     "mask_ext": "pass --mask_ext {}",
     "input_channels": "pass --input_channels {} (or convert the images to grayscale first)",
@@ -33,6 +41,11 @@ TRAIN_HINTS = {
 MAX_LISTED = 10                           # file names shown in one error message
 DECODE_THREADS = min(8, (os.cpu_count() or 1) + 1)   # decoding and checking files in parallel
 DECODE_CHUNK = 256                        # files decoded per round, so --cache_mb bounds the peak memory too
+TIFF_EXTS = (".tif", ".tiff")             # one extension for matching: --img_ext .tif finds .tiff and .TIF too
+LABEL_EXTS = (".png", ".tif", ".tiff")    # label images, whatever --mask_ext says
+LABEL_FOLDERS = ("labels", "instances")   # the label-image folder; instances/ is its older name
+MAX_IMAGE_BYTES = 2 * 2**30               # a file whose pixels would take more is refused before it is decoded
+IMAGE_TYPES = (np.uint8, np.uint16, np.float32)   # kept as they are; other integer and float types -> float32
 
 
 def listing(names):
@@ -42,84 +55,218 @@ def listing(names):
     return shown + (f" ... and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
 
 
+def ext_family(ext):
+    """The extensions that `ext` stands for, lower case: ('.tif', '.tiff') for either, else (ext,)."""
+    ext = ext.lower()
+    return TIFF_EXTS if ext in TIFF_EXTS else (ext,)
+
+
+def split_ext(name, exts):
+    """'a.TIF', ('.tif', '.tiff') -> 'a'; None if the name does not end in one of exts (any case)."""
+    low = name.lower()
+    for e in sorted(exts, key=len, reverse=True):
+        if low.endswith(e) and len(name) > len(e):
+            return name[: -len(e)]
+    return None
+
+
+def find_files(folder, exts, what):
+    """{id: file name} of the files in `folder` ending in one of exts (any case); two files with one id (a.tif and
+    a.TIFF) are a UserError. Hidden files are skipped; folders and broken links named like files are refused."""
+    found = {}
+    for f in sorted(os.listdir(folder)):
+        i = split_ext(f, exts) if not f.startswith(".") else None
+        if i is None:
+            continue
+        path = os.path.join(folder, f)
+        if not os.path.isfile(path):
+            kind = "a broken link" if os.path.islink(path) else "a folder"
+            raise UserError(f"{path} is {kind}, not a file; {what} must be files. Remove or rename it.")
+        if i in found:
+            raise UserError(f"{folder} holds two files for the id '{i}' ({found[i]} and {f}); keep one of them")
+        found[i] = f
+    return found
+
+
 def find_ids(folder, ext, hints, ext_key="img_ext"):
-    """Sorted ids (file names without `ext`) in `folder`; an empty or wrong-extension folder is a UserError.
-    ext_key: the setting `ext` came from (img_ext or mask_ext), which the message suggests changing."""
+    """{id: file name} (ids sorted) of the files ending in `ext` in `folder`; an empty or wrong-extension folder is
+    a UserError. ext_key: the setting `ext` came from (img_ext or mask_ext), which the message suggests changing."""
+    what = "masks" if ext_key == "mask_ext" else "images"
     if not os.path.isdir(folder):
-        raise UserError(f"folder {folder} does not exist; put your files there, or {hints['data']}")
-    files = [f for f in os.listdir(folder) if not f.startswith(".")]
-    ids = sorted(f[: -len(ext)] for f in files if f.endswith(ext) and os.path.isfile(os.path.join(folder, f)))
+        reason = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"folder {folder} {reason}; put your {what} there, or {hints['data']}")
+    if not ext.startswith("."):
+        raise UserError(f"the extension '{ext}' has no leading dot; {hints[ext_key].format('.' + ext)}")
+    ids = find_files(folder, ext_family(ext), what)
     if ids:
         return ids
+    files = [f for f in os.listdir(folder) if not f.startswith(".")]
     if not files:
-        raise UserError(f"No input file found in {folder}, make sure you put your images there")
+        raise UserError(f"No input file found in {folder}, make sure you put your {what} there")
     found = sorted({os.path.splitext(f)[1] for f in files if os.path.splitext(f)[1]})
     fix = hints[ext_key].format(found[0] if found else ".png")
     raise UserError(f"no file ending in '{ext}' in {folder} (it holds files ending in {', '.join(found) or '(none)'}); "
-                    f"{fix} if that is the extension of your {'masks' if ext_key == 'mask_ext' else 'images'}")
+                    f"{fix} if that is the extension of your {what}")
+
+
+def is_tiff(path):
+    return os.path.splitext(path)[1].lower() in TIFF_EXTS
+
+
+def unreadable(path, why="it is empty, truncated or not an image"):
+    return UserError(f"cannot read image file {path}: {why}. Replace it or remove it (and its mask) from the data set.")
 
 
 def decode(path):
-    """cv2.imread with IMREAD_UNCHANGED; an unreadable, empty or truncated file is a UserError."""
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.getsize(path) > 0 else None
+    """An image file -> array (H, W) or (H, W, C), colour channels in RGB order, alpha dropped; TIFF through tifffile,
+    the rest through OpenCV (JPEGs turned as their EXIF orientation says). An unreadable file is a UserError."""
+    if not os.path.isfile(path):
+        raise unreadable(path, "it is not a file (a folder or a broken link)")
+    if os.path.getsize(path) == 0:
+        raise unreadable(path, "it is empty")
+    if is_tiff(path):
+        return read_tiff(path)
+    if os.path.splitext(path)[1].lower() in (".jpg", ".jpeg"):
+        img = cv2.imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)      # applies the EXIF orientation
+    else:
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise UserError(f"cannot read image file {path}: it is empty, truncated or not an image. "
-                        "Replace it or remove it (and its mask) from the data set.")
+        raise unreadable(path)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)                           # alpha dropped
+    elif img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
 
 
+def read_tiff(path):
+    """A 2D TIFF -> (H, W) or (H, W, C). Channels are the axes the file names as such (S: samples such as RGB, C:
+    channels as Fiji/ImageJ and OME write them); a stack (Z, T) or an axis the file does not name is refused with
+    its shape and axes, because this toolkit segments 2D images and guessing would train on the wrong thing."""
+    import tifffile    # here: PNG-only data sets never import it
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 1:           # the common case, read without building the series (faster)
+                page = tif.pages.first
+                axes, shape, dtype, photometric, read = page.axes, page.shape, page.dtype, page.photometric, page.asarray
+            else:
+                if len(tif.series) > 1:
+                    raise UserError(f"{path} holds {len(tif.series)} images of shapes "
+                                    f"{', '.join(str(s.shape) for s in tif.series)}; save each as its own file")
+                series = tif.series[0]
+                axes, shape, dtype, read = series.axes, series.shape, series.dtype, series.asarray
+                photometric = tif.pages.first.photometric
+            if int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize > MAX_IMAGE_BYTES:
+                raise UserError(f"{path} declares {shape} pixels of {dtype}, more than {MAX_IMAGE_BYTES >> 30} GiB "
+                                "decoded; this toolkit takes 2D images that fit in memory: crop or tile it first")
+            data = tiff_layout(path, axes, shape)
+            img = read()
+    except UserError:
+        raise
+    except Exception as e:   # tifffile raises TiffFileError, ValueError, struct.error, ... on a damaged file
+        raise unreadable(path, f"tifffile could not read it ({type(e).__name__}: {str(e)[:200]})") from None
+    img = img.reshape(shape)
+    if data["channel_axis"] is not None:
+        img = np.moveaxis(img, data["channel_axis"], -1)
+    if img.ndim == 3 and img.shape[2] == 4 and str(photometric).endswith("RGB"):
+        img = img[:, :, :3]                                                   # RGBA: alpha dropped
+    return np.ascontiguousarray(img)
+
+
+def tiff_layout(path, axes, shape):
+    """{'channel_axis': the index of the channel axis or None} for a TIFF with these axes (tifffile's letters, with
+    singleton axes already dropped); anything but YX plus at most one channel axis is a UserError."""
+    axes = axes.upper()
+    extra = [a for a in axes if a not in "YX"]
+    if "Y" in axes and "X" in axes and not extra:
+        return {"channel_axis": None}
+    if "Y" in axes and "X" in axes and len(extra) == 1 and extra[0] in "SC":
+        return {"channel_axis": axes.index(extra[0])}
+    names = {"Z": "depth (a Z stack)", "T": "time (a time series)", "Q": "an axis the file does not name",
+             "I": "an axis the file does not name (several pages)", "C": "channels", "S": "samples (channels)"}
+    said = ", ".join(f"{a} {n}: {names.get(a, 'another axis')}" for a, n in zip(axes, shape) if a not in "YX")
+    raise UserError(
+        f"{path} is not a 2D image: its shape is {tuple(shape)} with axes {axes} ({said}). This toolkit segments 2D "
+        "images with channels. Save each plane as its own 2D file (e.g. tifffile.imwrite(f'{id}_z{k}.tif', "
+        "stack[k])) or a projection (stack.max(axis=0)); if the extra axis is channels, save it with its axes named, "
+        "e.g. tifffile.imwrite(path, image, imagej=True, metadata={'axes': 'CYX'}) for an image of shape (C, H, W), "
+        "as Fiji writes a multi-channel image")
+
+
+def image_type(img, path):
+    """An image's pixels in a type the toolkit keeps: uint8, uint16 and float32 as they are; other integers and
+    floats as float32 (exact for int16, float16); complex, bool or non-finite floats are refused."""
+    if img.dtype.type in IMAGE_TYPES:
+        out = img
+    elif img.dtype.kind in "uif":
+        out = img.astype(np.float32)
+    else:
+        raise UserError(f"image {path} has pixels of type {img.dtype}; images must be 8- or 16-bit integers or float32")
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise UserError(f"image {path} holds NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+    return out
+
+
 def read_image(path, input_channels, hints):
-    """8-bit grayscale/RGB/RGBA file -> uint8 (H, W, input_channels), RGB order, alpha dropped."""
-    img = decode(path)
-    if img.dtype != np.uint8:
-        raise UserError(f"image {path} is {img.dtype}, not 8-bit; convert your images to 8-bit "
-                        "(e.g. scale 16-bit microscopy to 0..255) before training")
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]                                   # drop alpha
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    """An image file -> (H, W, input_channels) in its own type (uint8, uint16 or float32), RGB order, alpha dropped.
+    Grayscale is replicated for an RGB run, and an RGB file whose channels are equal is grayscale for a 1-channel run;
+    any other channel count must equal input_channels."""
+    img = image_type(decode(path), path)
     if img.ndim == 2:
         img = img[:, :, None]
-    if img.shape[2] == input_channels:
+    channels = img.shape[2]
+    if channels == input_channels:
         return np.ascontiguousarray(img)
-    if input_channels == 3 and img.shape[2] == 1:
+    if input_channels == 3 and channels == 1:
         return np.repeat(img, 3, axis=2)                      # grayscale replicated
-    if input_channels == 1 and img.shape[2] == 3:
+    if input_channels == 1 and channels == 3:
         if (img[:, :, 0] == img[:, :, 1]).all() and (img[:, :, 1] == img[:, :, 2]).all():
             return np.ascontiguousarray(img[:, :, :1])        # grayscale stored as RGB
         raise UserError(f"image {path} is in colour but input_channels is 1: {hints['input_channels'].format(3)}")
-    raise UserError(f"image {path} has {img.shape[2]} channels; images must be grayscale (1 channel), RGB or RGBA")
+    raise UserError(f"image {path} has {channels} channel(s) but input_channels is {input_channels}: "
+                    f"{hints['input_channels'].format(channels)}")
 
 
 def read_mask(path):
-    """8-bit single-channel mask file -> uint8 (H, W) with its raw values."""
+    """An 8- or 16-bit single-channel mask file -> (H, W) with its raw values."""
     m = decode(path)
-    if m.dtype != np.uint8:
-        raise UserError(f"mask {path} is {m.dtype}; masks must be 8-bit single-channel PNGs with foreground > 127. "
-                        "Convert it (e.g. (mask > 0) * 255 as uint8).")
-    if m.ndim == 3 and is_palette_png(path):
+    if m.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"mask {path} is {m.dtype}; masks must be 8- or 16-bit single-channel images with foreground "
+                        "> 127 (8-bit) or > 32767 (16-bit), or 0/1. Convert it (e.g. (mask > 0) * 255 as uint8).")
+    if m.ndim == 3 and not is_tiff(path) and is_palette_png(path):
         raise UserError(f"mask {path} is a palette (indexed-colour) PNG; masks must be 8-bit grayscale with "
                         "foreground > 127. Save it as grayscale, one mask per class (e.g. with PIL: "
                         "Image.fromarray(((np.array(Image.open(p)) == k) * 255).astype('uint8')) for class k).")
     if m.ndim == 3:
-        raise UserError(f"mask {path} has {m.shape[2]} channels; masks must be 8-bit single-channel "
-                        "(grayscale) with foreground > 127. Save it as grayscale.")
+        raise UserError(f"mask {path} has {m.shape[2]} channels; masks must be single-channel (grayscale) with "
+                        "foreground > 127. Save it as grayscale.")
     return m
 
 
-def read_instances(path, size):
-    """A label image (8- or 16-bit, single channel, 0 background, one number per object) of size (H, W) -> int64
-    labels renumbered 1..N."""
+def read_labels(path, size):
+    """A label image (integer, single channel, 0 background, one number per object) of size (H, W) -> int64 labels
+    renumbered 1..N (0 stays the background)."""
     labels = decode(path)
-    if labels.dtype not in (np.uint8, np.uint16) or labels.ndim != 2:
-        raise UserError(f"instance labels {path} are {labels.dtype} with {labels.shape[2] if labels.ndim == 3 else 1} "
-                        "channels; they must be 8- or 16-bit single-channel PNGs (0 background, 1..N one per object)")
-    if labels.shape != size:
-        raise UserError(f"instance labels {path} are {labels.shape[1]}x{labels.shape[0]} but the image is "
-                        f"{size[1]}x{size[0]}; they must match their image's size")
+    where = f"label image {path}"
+    if labels.dtype.kind not in "ui" or labels.dtype.itemsize > 8:
+        raise UserError(f"{where} is {labels.dtype}; label images must hold whole numbers (8-, 16- or 32-bit "
+                        "integers: 0 background, 1..N one per object). Save it as an integer image, e.g. "
+                        "tifffile.imwrite(path, labels.astype('uint16')) after rounding")
+    if labels.ndim != 2:
+        raise UserError(f"{where} has {labels.shape[2]} channels; label images must be single-channel (0 background, "
+                        "1..N one number per object), not colour: save the label layer itself (napari: "
+                        "File > Save Selected Layer; Fiji: Image > Type > 16-bit)")
+    if labels.shape != tuple(size):
+        raise UserError(f"{where} is {labels.shape[1]}x{labels.shape[0]} but its image is {size[1]}x{size[0]}; "
+                        "labels must match their image's size")
+    if labels.dtype.kind == "i" and labels.min() < 0:
+        raise UserError(f"{where} holds negative values; labels are 0 (background) and 1..N (one per object)")
     _, inverse = np.unique(labels, return_inverse=True)
     renumbered = inverse.reshape(labels.shape).astype(np.int64)
     return renumbered if labels.min() == 0 else renumbered + 1     # keep 0 as the background
+
+
+read_instances = read_labels   # the name val.py --instances used first
 
 
 def is_palette_png(path):
@@ -130,16 +277,19 @@ def is_palette_png(path):
 
 
 def binarize_mask(m, path):
-    """Raw 8-bit mask -> (0/1 uint8 mask, whether it was stored as 0/1). Decided per mask: foreground is > 127,
-    or 1 in a mask that holds only 0 and 1; a mask whose largest value is 2..127 would read as empty: refused."""
+    """Raw 8- or 16-bit mask -> (0/1 uint8 mask, whether it was stored as 0/1). Decided per mask: foreground is above
+    half the type's range (> 127 for 8-bit; > 32767 for 16-bit, or > 127 in a 16-bit mask whose values stay within
+    0..255), or 1 in a mask that holds only 0 and 1; a mask whose largest value is 2..half would read as empty: refused."""
     top = int(m.max())
     if top <= 1:
         return m.astype(np.uint8), top == 1
-    if top <= 127:
-        raise UserError(f"mask {path} has no value above 127 (its largest is {top}), so it would be read as empty. "
-                        "Masks mark foreground with values > 127 (e.g. 255) or hold only 0 and 1; values such as "
-                        "1, 2, 3 look like class labels: put one 0/255 mask per class in masks/<class>/ instead.")
-    return (m > 127).astype(np.uint8), False
+    half = 127 if m.dtype == np.uint8 or top <= 255 else 32767
+    if top <= half:
+        raise UserError(f"mask {path} has no value above {half} (its largest is {top}), so it would be read as empty. "
+                        f"Masks mark foreground with values > {half} (e.g. {2 * half + 1}) or hold only 0 and 1; values "
+                        "such as 1, 2, 3 look like labels: put label images (one number per object) in labels/, or "
+                        "one 0/255 mask per class in masks/<class>/.")
+    return (m > half).astype(np.uint8), False
 
 
 def read_masks(mask_paths, img_path, size):
@@ -155,19 +305,34 @@ def read_masks(mask_paths, img_path, size):
     return np.stack([m for m, _ in planes], axis=2), any(zero_one for _, zero_one in planes)
 
 
-def read_pair(paths, input_channels, hints):
-    """(image path, [mask path per class]) -> checked uint8 image (H, W, C_in), 0/1 mask (H, W, C), whether a
-    mask was stored as 0/1."""
-    img_path, mask_paths = paths
-    img = read_image(img_path, input_channels, hints)
-    return (img, *read_masks(mask_paths, img_path, img.shape[:2]))
+@dataclass
+class Sample:
+    """One image's files: the image, its mask per class ([] when the label image is the target), its label image
+    (labels/ or instances/; None if the data set has none)."""
+    image: str
+    masks: list = field(default_factory=list)
+    labels: str = None
+
+
+def read_target(sample, size):
+    """-> (0/1 uint8 (H, W, C) target, whether a mask was stored as 0/1): the masks, or the label image's foreground."""
+    if sample.masks:
+        return read_masks(sample.masks, sample.image, size)
+    return (read_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
+
+
+def read_pair(sample, input_channels, hints):
+    """A Sample -> checked image (H, W, C_in) in its own type, 0/1 target (H, W, C), whether a mask was stored as 0/1."""
+    img = read_image(sample.image, input_channels, hints)
+    return (img, *read_target(sample, img.shape[:2]))
 
 
 def class_folders(mask_root, num_classes, hints):
     """Checks masks/0 .. masks/<num_classes-1> exist and no other class folder does."""
     if not os.path.isdir(mask_root):
         raise UserError(f"mask folder {mask_root} does not exist; put each class's masks in "
-                        f"{mask_root}/<class>/ (class 0 .. num_classes-1), named like the images")
+                        f"{mask_root}/<class>/ (class 0 .. num_classes-1), named like the images, or label images "
+                        f"(0 background, 1..N one per object) in {os.path.join(os.path.dirname(mask_root), 'labels')}/")
     present = sorted((d for d in os.listdir(mask_root)   # hidden folders (.ipynb_checkpoints...) are not classes
                       if os.path.isdir(os.path.join(mask_root, d)) and not d.startswith(".")),
                      key=lambda d: (not d.isdigit(), int(d) if d.isdigit() else 0, d))   # 2 before 10
@@ -180,48 +345,73 @@ def class_folders(mask_root, num_classes, hints):
     return [os.path.join(mask_root, c) for c in expected]
 
 
-def check_pairs(image_ids, mask_dir, mask_ext, hints):
-    """Every image has a mask in mask_dir and every mask an image; mismatches listed by name."""
-    mask_ids = set(find_ids(mask_dir, mask_ext, hints, "mask_ext"))
-    no_mask = set(image_ids) - mask_ids
-    no_image = mask_ids - set(image_ids)
-    if no_mask:
-        raise UserError(f"{len(no_mask)} image(s) have no mask in {mask_dir}: {listing(no_mask)}. "
-                        f"Add the masks (named <id>{mask_ext}) or remove those images.")
+def check_pairs(image_ids, found, folder, ext, what):
+    """Every image has a file in `found` ({id: file} of `folder`) and every file an image; mismatches listed by name."""
+    no_file = set(image_ids) - set(found)
+    no_image = set(found) - set(image_ids)
+    if no_file:
+        raise UserError(f"{len(no_file)} image(s) have no {what} in {folder}: {listing(no_file)}. "
+                        f"Add them (named <id>{ext}) or remove those images.")
     if no_image:
-        raise UserError(f"{len(no_image)} mask(s) in {mask_dir} have no image: {listing(no_image)}. "
-                        "Add the images or remove those masks.")
+        raise UserError(f"{len(no_image)} {what}(s) in {folder} have no image: {listing(no_image)}. "
+                        "Add the images or remove those files.")
+
+
+def label_folder(root):
+    """<root>/labels or <root>/instances, whichever exists (None if neither); both is a UserError."""
+    present = [os.path.join(root, d) for d in LABEL_FOLDERS if os.path.isdir(os.path.join(root, d))]
+    if len(present) > 1:
+        raise UserError(f"{root} has both labels/ and instances/; they hold the same thing (label images, one number "
+                        "per object): keep one of them")
+    return present[0] if present else None
 
 
 def scan(root, img_ext, mask_ext, num_classes, hints):
-    """Finds the data set's files and checks that they pair up -> {id: (image path, [mask path per class])},
-    ids sorted. Nothing is decoded yet."""
+    """Finds the data set's files and checks that they pair up -> {id: Sample}, ids sorted. Nothing is decoded yet.
+    Without masks/, the label images in labels/ are the target (one class: label > 0)."""
     if not os.path.isdir(root):
-        raise UserError(f"data set folder {root} does not exist; create it with images/ and masks/0/ inside, "
+        reason = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise UserError(f"data set folder {root} {reason}; create it with images/ and masks/0/ (or labels/) inside, "
                         f"or {hints['data']}")
-    ids = find_ids(os.path.join(root, "images"), img_ext, hints)
-    mask_dirs = class_folders(os.path.join(root, "masks"), num_classes, hints)
+    images = find_ids(os.path.join(root, "images"), img_ext, hints)
+    ids = list(images)
+    labels_dir = label_folder(root)
+    labels = {}
+    if labels_dir:
+        labels = find_files(labels_dir, LABEL_EXTS, "label images")
+        check_pairs(ids, labels, labels_dir, ".tif", "label image")
+    mask_dirs = []
+    if labels_dir is None or os.path.isdir(os.path.join(root, "masks")):
+        mask_dirs = class_folders(os.path.join(root, "masks"), num_classes, hints)
+    elif num_classes != 1:
+        raise UserError(f"{root} has label images ({labels_dir}/) and no masks/, which gives one class (label > 0), "
+                        f"but num_classes is {num_classes}: {hints['num_classes'].format(1)}, or add masks/0 .. "
+                        f"masks/{num_classes - 1}")
+    masks = []
     for d in mask_dirs:
-        check_pairs(ids, d, mask_ext, hints)
-    if os.path.isdir(os.path.join(root, "instances")):      # optional nucleus labels (val.py --instances)
-        check_pairs(ids, os.path.join(root, "instances"), mask_ext, hints)
-    return {i: (os.path.join(root, "images", i + img_ext), [os.path.join(d, i + mask_ext) for d in mask_dirs])
+        found = find_ids(d, mask_ext, hints, "mask_ext")
+        check_pairs(ids, found, d, mask_ext, "mask")
+        masks.append(found)
+    return {i: Sample(os.path.join(root, "images", images[i]), [os.path.join(d, m[i]) for d, m in zip(mask_dirs, masks)],
+                      os.path.join(labels_dir, labels[i]) if labels_dir else None)
             for i in ids}
 
 
 class SegmentationData:
-    """A validated data set: ids, and per image its uint8 (H, W, C_in) image and (H, W, C) 0/1 mask.
+    """A validated data set: ids, and per image its (H, W, C_in) image in its own type (uint8, uint16 or float32)
+    and (H, W, C) 0/1 uint8 target.
 
     Decoded images are cached in memory up to a byte budget; the rest are read from disk again
     when asked for (image(k), mask(k)), with the same result. masks is None for unlabeled images.
+    dtypes: the image types present (what --normalize auto decides by).
     """
 
-    def __init__(self, ids, images, masks, paths=None, input_channels=3, hints=None):
+    def __init__(self, ids, images, masks, samples=None, input_channels=3, hints=None):
         self.ids, self.images, self.masks = ids, images, masks
-        self.paths = paths                    # per image: (image path, [mask path per class]), for uncached reads
+        self.samples = samples                # per image its Sample, for uncached reads and label images
         self.input_channels = input_channels
         self.hints = hints or TRAIN_HINTS
-        self.instance_dir = None              # <root>/instances when the data set has nucleus labels
+        self.dtypes = {im.dtype for im in images if im is not None}   # decode() adds those of uncached images
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
@@ -232,21 +422,25 @@ class SegmentationData:
 
     @classmethod
     def decode(cls, scanned, input_channels, cache_bytes, root, hints):
-        """scan()'s {id: (image path, [mask paths])} -> the checked, decoded data set (cached up to cache_bytes)."""
-        ids, paths = list(scanned), list(scanned.values())
-        images, masks, zero_one, used = [], [], [], 0
-        with ThreadPoolExecutor(DECODE_THREADS) as pool:   # OpenCV decodes without the GIL: threads run in parallel
+        """scan()'s {id: Sample} -> the checked, decoded data set (cached up to cache_bytes)."""
+        ids, samples = list(scanned), list(scanned.values())
+        images, masks, zero_one, dtypes, used = [], [], [], set(), 0
+        # OpenCV decodes without the GIL: threads run in parallel. tifffile's parsing holds it, so TIFF files are
+        # read in this thread (faster than threads contending for the GIL).
+        threads = 1 if any(is_tiff(s.image) for s in samples[:1]) else DECODE_THREADS
+        with ThreadPoolExecutor(threads) as pool:
             for start in range(0, len(ids), DECODE_CHUNK):
-                chunk = pool.map(read_pair, paths[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints))
+                chunk = pool.map(read_pair, samples[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints))
                 for i, (img, mask, was_zero_one) in zip(ids[start:], chunk):
                     keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
                     used += (img.nbytes + mask.nbytes) if keep else 0
                     images.append(img if keep else None)
                     masks.append(mask if keep else None)
+                    dtypes.add(img.dtype)
                     zero_one += [i] if was_zero_one else []
         warn_zero_one(zero_one, len(ids), root)
-        data = cls(ids, images, masks, paths, input_channels, hints)
-        data.instance_dir = os.path.join(root, "instances") if os.path.isdir(os.path.join(root, "instances")) else None
+        data = cls(ids, images, masks, samples, input_channels, hints)
+        data.dtypes = dtypes
         return data
 
     @property
@@ -258,37 +452,34 @@ class SegmentationData:
         return all(i is not None for i in self.images)
 
     def image(self, k):
-        """uint8 (H, W, C_in), from the cache or decoded from disk."""
+        """(H, W, C_in) in the file's type, from the cache or decoded from disk."""
         if self.images[k] is not None:
             return self.images[k]
-        return read_image(self.paths[k][0], self.input_channels, self.hints)
+        return read_image(self.samples[k].image, self.input_channels, self.hints)
 
     def mask(self, k):
         """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
         if self.masks[k] is not None:
             return self.masks[k]
-        img_path, mask_paths = self.paths[k]
-        return read_masks(mask_paths, img_path, cv2.imread(img_path, cv2.IMREAD_UNCHANGED).shape[:2])[0]
+        return read_target(self.samples[k], self.image(k).shape[:2])[0]
 
     def instances(self, k):
-        """int64 (H, W) object labels of image k (0 background, 1..N): its instances/ file when the data set has
-        one, else the connected components of its first mask."""
-        if self.instance_dir is None:
+        """int64 (H, W) object labels of image k (0 background, 1..N): its label image when the data set has
+        them, else the connected components of its first mask."""
+        if self.samples is None or self.samples[k].labels is None:
             from scipy import ndimage
             return ndimage.label(self.mask(k)[:, :, 0])[0].astype(np.int64)
-        ext = os.path.splitext(self.paths[k][1][0])[1]
-        return read_instances(os.path.join(self.instance_dir, self.ids[k] + ext), self.image(k).shape[:2])
+        return read_labels(self.samples[k].labels, self.image(k).shape[:2])
 
     def subset(self, ids):
         index = {i: k for k, i in enumerate(self.ids)}
         pick = [index[i] for i in ids]
         data = SegmentationData(list(ids), [self.images[k] for k in pick],
                                 None if self.masks is None else [self.masks[k] for k in pick],
-                                None if self.paths is None else [self.paths[k] for k in pick],
+                                None if self.samples is None else [self.samples[k] for k in pick],
                                 self.input_channels, self.hints)
-        data.instance_dir = self.instance_dir
+        data.dtypes = self.dtypes
         return data
-
 
 def warn_zero_one(ids, total, root):
     """One warning for the masks stored as 0/1 (read with 1 as foreground), with their count and examples."""

@@ -7,36 +7,40 @@
 
 Both yield (images float32 (B, C_in, H, W) normalised, masks float32 (B, C, H, W) of 0/1,
 {"img_id": [ids]}), and both depend only on (seed, epoch): call set_epoch() before each epoch.
+Normalisation is normalize.py's, in its two steps: to_unit (with each image's intensity range, taken on the
+whole image), the augmentation, then standardize.
 """
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from normalize import Normalization, as_batch, intensity_range, standardize, to_unit
 from utils import UserError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)     # Normalize() defaults, per RGB channel
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+def resize_image(image, size):
+    """(H, W, C) image in any type -> (h, w, C) at size=(h, w), bilinear (what the memory loader and val.py do)."""
+    h, w = size
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
 
 
-def normalize_stats(input_channels):
-    """Per-channel (mean, std) for Normalize: ImageNet's for RGB, their average for grayscale."""
-    if input_channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+def image_ranges(images, norm):
+    """[(H, W, C) raw image] -> float32 tensor (B, 2, C): each image's intensity range (normalize.intensity_range)."""
+    return torch.from_numpy(np.stack([intensity_range(im, norm) for im in images]))
 
 
 AFFINE = {"scale": (0.8, 1.2), "shift": 0.0625, "degrees": 45}   # --affine's ranges, on both loaders
 
 
 def train_transform(input_h, input_w, input_channels, crop=False, affine=0.0):
-    """The reference's training augmentation, in albumentations 2.x terms.
+    """The reference's training augmentation, in albumentations 2.x terms, without its Normalize (normalize.py's
+    standardize follows it).
 
     crop: a random input_h x input_w crop of the full-size image (padded if smaller) instead of resizing.
     affine: probability of a random scale, shift and rotation (AFFINE), mirrored at the borders.
     """
     import albumentations as A   # here: a run on the memory loader never needs it (a second saved at start-up)
-    mean, std = normalize_stats(input_channels)
     colour = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.0, p=1),
               A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=1)]
     if input_channels == 3:
@@ -51,22 +55,16 @@ def train_transform(input_h, input_w, input_channels, crop=False, affine=0.0):
         *geometric,
         A.OneOf(colour, p=1),
         *fit_to_input(input_h, input_w, crop, "RandomCrop"),
-        A.Normalize(mean=mean, std=std),  # -> float32 (x/255 - mean) / std; no second /255
     ])
 
 
-def val_transform(input_h, input_w, input_channels, crop=False):
-    """Resize to the input (or, for crop-trained runs, a centre crop); val.py tiles whole images instead."""
+def val_transform(input_h, input_w, crop=False):
+    """For crop-trained runs, a centre crop of the validation image (val.py tiles whole images instead); None
+    when images are resized to the input (done with resize_image, exactly as val.py does)."""
+    if not crop:
+        return None
     import albumentations as A
-    mean, std = normalize_stats(input_channels)
-    return A.Compose([*fit_to_input(input_h, input_w, crop, "CenterCrop"), A.Normalize(mean=mean, std=std)])
-
-
-def normalize_transform(input_channels):
-    """Normalisation alone, for whole images predicted by tiling."""
-    import albumentations as A
-    mean, std = normalize_stats(input_channels)
-    return A.Compose([A.Normalize(mean=mean, std=std)])
+    return A.Compose([*fit_to_input(input_h, input_w, crop, "CenterCrop")])
 
 
 def fit_to_input(input_h, input_w, crop, crop_name):
@@ -78,15 +76,18 @@ def fit_to_input(input_h, input_w, crop, crop_name):
 
 
 class AlbumentationsDataset(torch.utils.data.Dataset):
-    """Yields (image float32 (C_in, H, W), mask float32 (C, H, W) of 0/1, {'img_id': id}).
+    """Yields (image float32 (C_in, H, W) normalised, mask float32 (C, H, W) of 0/1, {'img_id': id}).
 
-    Augmentation is seeded from (seed, epoch, index), so an epoch's batches depend only on the
-    seed and the epoch number: a resumed run sees exactly what an uninterrupted one would.
-    Call set_epoch() before each epoch (DataLoader workers copy the dataset when they start).
+    For training, 8-bit images are augmented as they are (the reference's colour changes round to whole grey
+    levels), then brought to 0..1; other types are brought to 0..1 first (albumentations' colour changes work on
+    uint8 and float32 only). transform None (validation): resized to `size` as val.py resizes. Augmentation is seeded from (seed, epoch,
+    index), so an epoch's batches depend only on the seed and the epoch number: a resumed run sees exactly what
+    an uninterrupted one would. Call set_epoch() before each epoch (DataLoader workers copy the dataset).
     """
 
-    def __init__(self, data, transform, seed=0):
-        self.data, self.transform, self.seed, self.epoch = data, transform, seed, 0
+    def __init__(self, data, transform, norm, size, seed=0, train=True):
+        self.data, self.transform, self.norm, self.size, self.seed, self.epoch = data, transform, norm, size, seed, 0
+        self.train = train
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -95,14 +96,26 @@ class AlbumentationsDataset(torch.utils.data.Dataset):
         return len(self.data.ids)
 
     def __getitem__(self, idx):
-        self.transform.set_random_seed(hash((self.seed, self.epoch, idx)) % 2**32)
-        if not self.data.labeled:  # unlabeled images (val.py --images): an empty mask
-            out = self.transform(image=self.data.image(idx))
-            mask = torch.zeros(0)
+        raw = self.data.image(idx)
+        ranges = image_ranges([raw], self.norm)                                   # of the whole image
+        mask = self.data.mask(idx) if self.data.labeled else None
+        # training on other types than uint8: to 0..1 first, because the colour changes need uint8 or 0..1 float32
+        unit_first = self.transform is not None and self.train and raw.dtype != np.uint8
+        if self.transform is None:                                                # validation: resized as val.py does
+            image = resize_image(raw, self.size)
+            mask = None if mask is None else cv2.resize(mask, self.size[::-1], interpolation=cv2.INTER_NEAREST)
         else:
-            out = self.transform(image=self.data.image(idx), mask=self.data.mask(idx))
-            mask = torch.from_numpy(out["mask"].transpose(2, 0, 1).astype(np.float32))  # (C, H, W)
-        image = torch.from_numpy(out["image"].transpose(2, 0, 1).copy())                 # (C_in, H, W)
+            if unit_first:
+                raw = to_unit(as_batch([raw]), ranges, self.norm)[0].permute(1, 2, 0).numpy()
+            self.transform.set_random_seed(hash((self.seed, self.epoch, idx)) % 2**32)
+            out = self.transform(image=raw) if mask is None else self.transform(image=raw, mask=mask)
+            image, mask = out["image"], out.get("mask")
+        x = as_batch([image])                                                     # (1, C_in, H, W)
+        x = x if unit_first else to_unit(x, ranges, self.norm)
+        image = standardize(x, self.norm)[0]
+        if mask is None:                                                          # unlabelled: an empty mask
+            return image, torch.zeros(0), {"img_id": self.data.ids[idx]}
+        mask = torch.from_numpy(mask.reshape(*image.shape[1:], -1).transpose(2, 0, 1).astype(np.float32))  # (C, H, W)
         return image, mask, {"img_id": self.data.ids[idx]}
 
 
@@ -148,8 +161,10 @@ class WorkersLoader:
 
     def __init__(self, data, cfg, rt, train):
         h, w, c = cfg["input_h"], cfg["input_w"], cfg["input_channels"]
-        transform = train_transform(h, w, c, cfg["crop"], cfg["affine"]) if train else val_transform(h, w, c, cfg["crop"])
-        self.ids, self.dataset = data.ids, AlbumentationsDataset(data, transform, seed=cfg["seed"])
+        transform = train_transform(h, w, c, cfg["crop"], cfg["affine"]) if train else val_transform(h, w, cfg["crop"])
+        self.ids = data.ids
+        self.dataset = AlbumentationsDataset(data, transform, Normalization.from_config(cfg, data.dtypes), (h, w),
+                                             seed=cfg["seed"], train=train)
         self.seed, self.generator = cfg["seed"], torch.Generator()
         sampler = EpochSampler(len(self.dataset), self.generator, train, rt.rank, rt.world)
         workers = cfg["num_workers"]
@@ -183,16 +198,17 @@ class MemoryLoader:
 
     def __init__(self, data, cfg, rt, train):
         input_h, input_w, device = cfg["input_h"], cfg["input_w"], rt.device
-        n = len(data.ids)
-        images = np.stack([cv2.resize(data.image(k), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
-                           .reshape(input_h, input_w, -1) for k in range(n)])
+        n, self.norm = len(data.ids), Normalization.from_config(cfg, data.dtypes)
+        raw = [data.image(k) for k in range(n)]
+        ranges = image_ranges(raw, self.norm)                       # each image's range, taken at its own size
+        images = np.stack([resize_image(im, (input_h, input_w)) for im in raw])
+        del raw
         masks = np.stack([cv2.resize(data.mask(k), (input_w, input_h), interpolation=cv2.INTER_NEAREST)
                           .reshape(input_h, input_w, -1) for k in range(n)])
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C_in, H, W) uint8
+        # (N, C_in, H, W) in the images' own type (uint8, uint16 or float32: nothing rounded to 8 bits)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         self.masks = torch.from_numpy(masks).permute(0, 3, 1, 2).contiguous().to(device)    # (N, C, H, W) uint8 0/1
-        mean, std = normalize_stats(self.images.shape[1])
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.ranges = ranges.to(device)                                                   # (N, 2, C_in)
         self.ids, self.batch_size, self.device, self.train = data.ids, cfg["batch_size"], device, train
         self.seed, self.affine = cfg["seed"], cfg["affine"]
         self.rank, self.world = rt.rank, rt.world
@@ -218,13 +234,13 @@ class MemoryLoader:
         for b in range(len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = order_on_device[batch]
-            images = self.images[idx].float() / 255              # (B, C_in, H, W) in 0..1
+            images = to_unit(self.images[idx].float(), self.ranges[idx], self.norm)   # (B, C_in, H, W) about 0..1
             masks = self.masks[idx].float()                      # (B, C, H, W)
             if affine is not None:
                 images, masks = self.warp(images, masks, affine[batch])
             if self.train:
                 images, masks = self.augment(images, masks, draws[:, batch])
-            yield (images - self.mean) / self.std, masks, {"img_id": [self.ids[i] for i in order[batch].tolist()]}
+            yield standardize(images, self.norm), masks, {"img_id": [self.ids[i] for i in order[batch].tolist()]}
 
     def epoch_draws(self, n):
         """(9, n): every random number of the epoch, drawn on the CPU, moved to the device in one copy.
@@ -324,7 +340,8 @@ def choose_loader(kind, data, cfg, rt):
         return kind
     if not data.fully_cached or cfg["crop"]:
         return "workers"
-    nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] + cfg["num_classes"])
+    itemsize = max([np.dtype(d).itemsize for d in data.dtypes] or [1])
+    nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] * itemsize + cfg["num_classes"])
     if rt.cuda:
         free, _ = torch.cuda.mem_get_info(rt.device)
         return "memory" if nbytes < free / 4 else "workers"

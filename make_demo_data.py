@@ -1,10 +1,16 @@
 """Generate a small synthetic nuclei-like data set in the toolkit's layout (no download needed).
 
     python make_demo_data.py --out inputs/demo --n 120 --size 64
+    python make_demo_data.py --out inputs/demo16 --microscopy      # 16-bit TIFFs with TIFF label images
 
 Each image is a dim, noisy, uneven background with bright blurred blobs ("nuclei"); class k's
 mask marks the blobs of shape k (k = 0: ellipses, 1: squares, 2: triangles). With --exclusive,
 class 0 is the background instead, so every pixel belongs to exactly one class (softmax mode).
+
+--microscopy writes what a fluorescence microscope and an annotation tool give instead: 12-bit
+signal in 16-bit TIFFs (background about 100, nuclei 300-3000 grey levels, with noise; --channels 2
+adds a second, dimmer channel, saved as Fiji does, axes CYX; --float32 writes float32 TIFFs) and
+images/<id>.tif with labels/<id>.tif, one number per nucleus, some of them touching.
 """
 import argparse
 import os
@@ -70,20 +76,75 @@ def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=F
     return ids
 
 
+def nuclei_sample(rng, size, channels, dtype):
+    """-> raw image (size, size) or (channels, size, size) in dtype with 12-bit-like intensities, uint16 label
+    image: 3-8 discs of radius 4-9 px, every other one placed to touch the previous."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    labels = np.zeros((size, size), np.uint16)
+    centres = []
+    for n in range(int(rng.integers(3, 9))):
+        r = int(rng.integers(4, 10))
+        if centres and n % 2:                          # touching its predecessor
+            (py, px, pr), angle = centres[-1], rng.uniform(0, 2 * np.pi)
+            cy, cx = py + (pr + r) * np.sin(angle), px + (pr + r) * np.cos(angle)
+        else:
+            cy, cx = rng.uniform(r, size - r, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        labels[disc & (labels == 0)] = n + 1
+        centres.append((cy, cx, r))
+    signal = np.zeros((size, size))
+    for k in range(1, labels.max() + 1):
+        signal[labels == k] = rng.uniform(300, 3000)
+    planes = []
+    for c in range(channels):
+        plane = 100 + cv2.GaussianBlur(signal * (1 if c == 0 else 0.3), (0, 0), 1.0) + rng.normal(0, 15, signal.shape)
+        planes.append(plane.clip(0, 4095))
+    image = np.stack(planes) if channels > 1 else planes[0]
+    return image.astype(dtype), np.unique(labels, return_inverse=True)[1].reshape(size, size).astype(np.uint16)
+
+
+def generate_microscopy(out, n=60, size=64, channels=1, seed=0, dtype=np.uint16):
+    """Write n 16-bit (or float32) TIFF images and their uint16 TIFF label images under `out`
+    (images/<id>.tif, labels/<id>.tif); returns the ids."""
+    import tifffile
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    rng = np.random.default_rng(seed)
+    for d in ("images", "labels"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    ids = [f"cell{i:04d}" for i in range(n)]
+    for i in ids:
+        image, labels = nuclei_sample(rng, size, channels, dtype)
+        meta = {"imagej": True, "metadata": {"axes": "CYX"}} if channels > 1 else {}
+        tifffile.imwrite(os.path.join(out, "images", i + ".tif"), image, **meta)
+        tifffile.imwrite(os.path.join(out, "labels", i + ".tif"), labels)
+    return ids
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="inputs/demo", help="output folder (default: inputs/demo)")
     p.add_argument("--n", type=int, default=120, help="number of images (default: 120)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--num_classes", type=int, default=1, choices=(1, 2, 3), help="mask classes (default: 1)")
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 3)")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 2, 3),
+                   help="1 = grayscale, 3 = RGB (default: 3); with --microscopy 1 or 2 fluorescence channels (default: 1)")
+    p.add_argument("--microscopy", action="store_true", help="16-bit TIFF images with TIFF label images (labels/)")
+    p.add_argument("--float32", action="store_true", help="with --microscopy: float32 TIFF images")
     p.add_argument("--exclusive", action="store_true", help="class 0 is the background (for --class_mode softmax)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.n < 1 or a.size < 16:
         p.error("--n must be at least 1 and --size at least 16")
+    if a.microscopy and (a.channels == 3 or a.num_classes > 1 or a.exclusive):
+        p.error("--microscopy writes 1 or 2 channels and one class (label images): drop --num_classes/--exclusive")
     with exit_on_user_error():
-        generate(a.out, a.n, a.size, a.num_classes, a.channels, a.seed, a.exclusive)
+        if a.microscopy:
+            generate_microscopy(a.out, a.n, a.size, a.channels or 1, a.seed, np.float32 if a.float32 else np.uint16)
+            print(f"wrote {a.n} {'float32' if a.float32 else '16-bit'} TIFF images and label images to {a.out}/images "
+                  f"and {a.out}/labels")
+            return
+        generate(a.out, a.n, a.size, a.num_classes, a.channels or 3, a.seed, a.exclusive)
     print(f"wrote {a.n} images and masks to {a.out}/images and {a.out}/masks/0..{a.num_classes - 1}")
 
 

@@ -3,8 +3,8 @@ size (resized batches, or overlapping tiles at full resolution), averaged over t
 symmetries and over the runs of an ensemble, thresholded masks, and the files written for them
 (masks, probability maps, outline overlays).
 
-Batches are prepared here without a DataLoader (resize with OpenCV, normalise in torch, as the
-validation transform does), predicted with the run's autocast and memory format (the Runtime),
+Batches are prepared here without a DataLoader (each image's intensity range taken at its own size, resized
+with OpenCV, normalised by normalize.py exactly as the training loaders do), predicted with the run's autocast and memory format (the Runtime),
 and the PNG files are encoded and written by a few threads while the next batch is predicted.
 """
 import os
@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from engine import predict_logits
 from instances import object_scores, object_sizes, split
-from loaders import normalize_stats
+from loaders import image_ranges, resize_image
 from metrics import binarize
+from normalize import Normalization, as_batch, standardize, to_unit
 from tiling import predict_tiled
-from utils import write_png
+from utils import write_png, write_tiff
 
 # BGR outline colours: predictions per class, and the ground truth (when the images have masks)
 OUTLINE_COLOURS = [(0, 255, 0), (0, 255, 255), (255, 255, 0), (0, 128, 255), (255, 0, 0)]  # green, yellow, cyan, ...
@@ -34,6 +35,7 @@ class Member:
 
     def __init__(self, name, cfg, rt, model):
         self.name, self.cfg, self.rt, self.model = name, cfg, rt, model
+        self.norm = Normalization.from_config(cfg)
 
 
 def symmetries(square):
@@ -54,9 +56,10 @@ def untransform(x, turns, flip):
 
 @torch.no_grad()
 def predict_probs(model, images, cfg, rt, tta):
-    """Images (B, C_in, H, W) -> class probabilities (B, C, H, W); with tta, averaged over the input's symmetries
-    (each prediction turned back into place first)."""
+    """Images (B, C_in, H, W) brought to 0..1 (normalize.to_unit) -> class probabilities (B, C, H, W); with tta,
+    averaged over the input's symmetries (each prediction turned back into place first)."""
     images, _ = rt.place_batch(images)
+    images = standardize(images, Normalization.from_config(cfg))    # per network input, as in training
     views = symmetries(images.shape[2] == images.shape[3]) if tta else [(0, False)]
     total = 0
     for turns, flip in views:
@@ -74,15 +77,14 @@ def to_prediction(probs, cfg, threshold):
     return (probs > threshold).float()
 
 
-def normalized(images, input_channels, size=None):
-    """uint8 images (H, W, C_in) -> float32 (B, C_in, h, w), each resized to size=(h, w) if given,
-    normalised as the validation transform does."""
+def normalized(images, norm, size=None):
+    """Raw images (H, W, C_in) -> float32 (B, C_in, h, w) about 0..1 (normalize.to_unit, with each image's intensity
+    range taken at its own size), each resized to size=(h, w) if given, as the training loaders do it;
+    predict_probs standardises them."""
+    ranges = image_ranges(images, norm)
     if size is not None:
-        images = [cv2.resize(im, (size[1], size[0]), interpolation=cv2.INTER_LINEAR).reshape(*size, -1)
-                  for im in images]
-    mean, std = normalize_stats(input_channels)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255          # (B, C_in, h, w)
-    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        images = [resize_image(im, size) for im in images]
+    return to_unit(as_batch(images), ranges, norm)
 
 
 def resized_probs(members, data, args):
@@ -90,7 +92,7 @@ def resized_probs(members, data, args):
     (1, C, h, w) at its network input size): batches resized to each run's input, the runs' probabilities averaged."""
     for start in range(0, len(data.ids), args.batch_size):
         images = [data.image(k) for k in range(start, min(start + args.batch_size, len(data.ids)))]
-        at_input = [predict_probs(m.model, normalized(images, m.cfg["input_channels"], (m.cfg["input_h"], m.cfg["input_w"])),
+        at_input = [predict_probs(m.model, normalized(images, m.norm, (m.cfg["input_h"], m.cfg["input_w"])),
                                   m.cfg, m.rt, args.tta) for m in members]                    # per run (B, C, h, w)
         for b, image in enumerate(images):
             size = image.shape[:2]
@@ -104,16 +106,30 @@ def tiled_probs(members, data, args):
     for k in range(len(data.ids)):
         image, total = data.image(k), 0
         for m in members:
-            x = normalized([image], m.cfg["input_channels"]).to(m.rt.device)
+            x = normalized([image], m.norm).to(m.rt.device)
             total = total + predict_tiled(lambda tiles: predict_probs(m.model, tiles, m.cfg, m.rt, args.tta), x,
                                           m.cfg["input_h"], m.cfg["input_w"], args.overlap, args.batch_size)
         yield k, image, total / len(members), None
 
 
+def display_image(image):
+    """An image (H, W, C) of any type and channel count -> 8-bit RGB (H, W, 3) for a person to look at: 8-bit images
+    as they are, others stretched per channel from their 1st to 99.8th percentile (as Fiji's auto contrast does);
+    RGB as it is, one channel as grey, any other count as the mean of its channels."""
+    if image.dtype != np.uint8:
+        flat = image.reshape(-1, image.shape[2]).astype(np.float32)
+        lo, hi = np.percentile(flat, [1.0, 99.8], axis=0)
+        image = np.clip((image - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    if image.shape[2] == 3:
+        return image
+    grey = image[:, :, :1] if image.shape[2] == 1 else image.mean(axis=2, keepdims=True).astype(np.uint8)
+    return np.repeat(grey, 3, axis=2)
+
+
 def outline_overlay(image, pred, truth=None, skip_class0=False):
-    """The image (BGR) with each class's predicted outline in its colour and, if given, the true outline in
-    TRUTH_COLOUR; skip_class0: the catch-all class of softmax mode is not outlined."""
-    canvas = cv2.cvtColor(image if image.shape[2] == 3 else np.repeat(image, 3, 2), cv2.COLOR_RGB2BGR)
+    """The image (BGR, as display_image shows it) with each class's predicted outline in its colour and, if given,
+    the true outline in TRUTH_COLOUR; skip_class0: the catch-all class of softmax mode is not outlined."""
+    canvas = cv2.cvtColor(display_image(image), cv2.COLOR_RGB2BGR)
     first = 1 if skip_class0 else 0
     for c in range(first, pred.shape[0]):
         if truth is not None:
@@ -131,13 +147,24 @@ def legend(num_classes, labeled, skip_class0):
     return ", ".join(words + (["ground truth magenta"] if labeled else []))
 
 
+OUTPUT_FORMATS = ("png", "tif")    # val.py --output_format
+
+
 def write_outputs(out_dir, img_id, arrays, image, args, cfg):
-    """Binary masks per class, and optionally probability maps and an outline overlay.
-    arrays: (prediction (C, H, W), probabilities (C, H, W), ground truth (C, H, W) or None), numpy."""
+    """Binary masks per class (0/255, 8-bit), and optionally probability maps and an outline overlay, as PNG or (with
+    args.output_format 'tif') TIFF, where probabilities are float32 instead of 8-bit. The overlay, a picture for a
+    person, is always PNG. arrays: (prediction (C, H, W), probabilities (C, H, W), ground truth (C, H, W) or None)."""
     pred, probs, truth = arrays
+    tif = getattr(args, "output_format", "png") == "tif"
     for c in range(pred.shape[0]):
-        write_png(os.path.join(out_dir, str(c), img_id + ".png"), (pred[c] * 255).astype(np.uint8), durable=False)
-        if args.save_probs:
+        mask = (pred[c] * 255).astype(np.uint8)
+        if tif:
+            write_tiff(os.path.join(out_dir, str(c), img_id + ".tif"), mask, durable=False)
+        else:
+            write_png(os.path.join(out_dir, str(c), img_id + ".png"), mask, durable=False)
+        if args.save_probs and tif:
+            write_tiff(os.path.join(out_dir, "probs", str(c), img_id + ".tif"), probs[c].astype(np.float32), durable=False)
+        elif args.save_probs:
             write_png(os.path.join(out_dir, "probs", str(c), img_id + ".png"),
                       np.round(probs[c] * 255).astype(np.uint8), durable=False)
     if args.overlay:
@@ -145,15 +172,28 @@ def write_outputs(out_dir, img_id, arrays, image, args, cfg):
         write_png(os.path.join(out_dir, "overlay", img_id + ".png"), overlay, durable=False)
 
 
+def write_labels(out_dir, img_id, labels, fmt):
+    """Object labels (H, W) -> instances/<id>.png (16-bit) or .tif (16-bit, or 32-bit past 65,535 objects; a PNG
+    cannot hold more, so such an image is written as TIFF whatever the format) -> the file's name."""
+    wide = labels.max() > np.iinfo(np.uint16).max
+    name = img_id + (".tif" if fmt == "tif" or wide else ".png")
+    path = os.path.join(out_dir, "instances", name)
+    if name.endswith(".tif"):
+        write_tiff(path, labels.astype(np.uint32 if wide else np.uint16), durable=False)
+    else:
+        write_png(path, labels.astype(np.uint16), durable=False)
+    return name
+
+
 def finish_image(out_dir, data, k, image, arrays, args, cfg):
     """Everything after the network for image k (run in a writer thread): its files, and with --instances its
-    objects (instances/<id>.png, 16-bit labels) -> the image's row for objects.csv, or None.
+    objects (instances/<id>.png or .tif, label images) -> the image's row for objects.csv, or None.
     arrays: as write_outputs takes them."""
     write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
     if not args.instances:
         return None
     labels = split(arrays[0][0], args.instances, args.min_size)                          # (H, W) int32
-    write_png(os.path.join(out_dir, "instances", data.ids[k] + ".png"), labels.astype(np.uint16), durable=False)
+    write_labels(out_dir, data.ids[k], labels, getattr(args, "output_format", "png"))
     count, mean_area, median_area = object_sizes(labels)
     row = {"id": data.ids[k], "count": count, "mean_area": round(mean_area, 2), "median_area": median_area}
     if data.labeled:

@@ -21,6 +21,7 @@ import runtime
 from dataset import load_splits
 from engine import Engine
 from loaders import make_loaders
+from normalize import resolve_mode
 from utils import ClosedPipeSafe, Interrupts, UserError, count_params, exit_on_user_error, plain_warning
 
 
@@ -31,6 +32,24 @@ def check_batch_size(cfg, train_data, val_data):
         raise UserError(f"--batch_size {cfg['batch_size']} is larger than the training split ({n_train} of "
                         f"{n_all} images in {os.path.join(cfg['data_dir'], cfg['dataset'])}); every batch would be "
                         f"dropped. Use --batch_size {n_train} or less.")
+
+
+DEPTHS = {"uint8": "8-bit", "uint16": "16-bit", "float32": "float32"}
+
+
+def choose_normalization(cfg, dtypes, verbose):
+    """normalize auto -> the mode for these images (in cfg, so config.yml and the checkpoint record it), said in a
+    line; a note when imagenet scaling meets images that are not 8-bit."""
+    depths = ", ".join(sorted(DEPTHS.get(str(d), str(d)) for d in dtypes))
+    if cfg["normalize"] == "auto":
+        cfg["normalize"] = resolve_mode("auto", dtypes)
+        why = "every image is 8-bit" if cfg["normalize"] == "imagenet" else f"the images are {depths}"
+        if verbose:
+            print(f"normalize: {cfg['normalize']} (auto: {why}; --normalize sets it)", flush=True)
+    elif cfg["normalize"] == "imagenet" and verbose and any(str(d) != "uint8" for d in dtypes):
+        print(f"note: normalize imagenet divides {depths} images by their type's full range (65535 for 16-bit, 1 for "
+              "float); microscopy images whose signal uses a small part of it train better with --normalize "
+              "percentile", flush=True)
 
 
 def train(cfg, run, interrupts=None):
@@ -54,6 +73,7 @@ def build(cfg, rt, hints):
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
     train_data, val_data = load_splits(cfg, hints)    # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
+    choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
     loaders = make_loaders(cfg, train_data, val_data, rt)
     return engine, loaders, {"train": train_data.ids, "val": val_data.ids}

@@ -223,3 +223,14 @@ def write_png(path, array, durable=True):
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
     atomic_write(path, lambda f: f.write(encoded.tobytes()), mode="wb", durable=durable)
+
+
+def write_tiff(path, array, durable=True):
+    """A 2D array (H, W) of uint8, uint16, uint32 or float32 -> a plain single-page TIFF (what Fiji and napari open
+    as an image, or as a label image when it holds integers), atomically."""
+    import io
+
+    import tifffile    # here: PNG outputs never import it
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, photometric="minisblack")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb", durable=durable)

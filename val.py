@@ -20,11 +20,11 @@ import checkpoint
 import config
 import rundir
 import runtime
-from dataset import SegmentationData, find_ids, load_validation, read_image, scan
+from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
 from engine import build_network
 from instances import METHODS
 from metrics import SegMeter
-from predict import Member, legend, make_dirs, run_inference
+from predict import OUTPUT_FORMATS, Member, legend, make_dirs, run_inference
 from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -61,7 +61,12 @@ def parse_args(argv):
     how.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
     out = p.add_argument_group("outputs")
     out.add_argument("--output", metavar="DIR", help="output folder (default: see above)")
-    out.add_argument("--save_probs", action="store_true", help="also write 8-bit probability maps to <output>/probs/")
+    out.add_argument("--output_format", choices=OUTPUT_FORMATS, default="png",
+                     help="file format of the masks, probability maps and object labels: png (the default; 8-bit "
+                          "probabilities, 16-bit labels) or tif (TIFF: float32 probabilities, 16-bit labels or 32-bit "
+                          "past 65,535 objects; what Fiji and napari open as images and label layers)")
+    out.add_argument("--save_probs", action="store_true", help="also write probability maps to <output>/probs/ "
+                     "(8-bit PNG, or float32 TIFF with --output_format tif)")
     out.add_argument("--instances", nargs="?", const="watershed", choices=METHODS, metavar="METHOD",
                      help="also split the predicted foreground into objects (nuclei): 16-bit labels in "
                           "<output>/instances/, counts and areas in objects.csv and, with masks, the Data Science "
@@ -148,7 +153,7 @@ def clear_outputs(out_dir, num_classes):
     for folder in folders + ["overlay", "instances"]:
         path = os.path.join(out_dir, folder)
         for f in os.listdir(path) if os.path.isdir(path) else []:
-            if f.endswith(".png"):
+            if f.endswith((".png", ".tif")):
                 os.remove(os.path.join(path, f))
     for f in ("metrics.csv", "objects.csv"):
         if os.path.isfile(os.path.join(out_dir, f)):
@@ -218,15 +223,17 @@ def report(meters, ids, out_dir, cfg, objects=None):
 def unlabelled(args, cfg, name):
     """--images: every file with the image extension, and a note on the files skipped for another extension."""
     ext = args.img_ext or cfg["img_ext"]
-    ids = find_ids(args.images, ext, hints(cfg, name))
-    others = sorted(f for f in os.listdir(args.images) if not f.endswith(ext) and not f.startswith(".")
+    files = find_ids(args.images, ext, hints(cfg, name))
+    taken = set(files.values())
+    others = sorted(f for f in os.listdir(args.images) if f not in taken and not f.startswith(".")
                     and os.path.isfile(os.path.join(args.images, f)))
     if others:
         exts = sorted({os.path.splitext(f)[1] or "(none)" for f in others})
         print(f"note: skipped {len(others)} file(s) in {args.images} that do not end in {ext} ({', '.join(exts)}); "
               f"pass --img_ext {exts[0]} to predict those instead")
-    return SegmentationData(ids, [read_image(os.path.join(args.images, i + ext), cfg["input_channels"], hints(cfg, name))
-                                  for i in ids], None)
+    samples = [Sample(os.path.join(args.images, f)) for f in files.values()]
+    return SegmentationData(list(files), [read_image(s.image, cfg["input_channels"], hints(cfg, name)) for s in samples],
+                            None, samples)
 
 
 def load_data(args, members):
@@ -266,14 +273,16 @@ def shrink_note(data, members, args):
 
 def summary(out_dir, n, cfg, args, labeled):
     """Where everything went."""
-    where = [f"{n} predicted masks in {out_dir}/<class>/"]
+    tif = args.output_format == "tif"
+    where = [f"{n} predicted masks in {out_dir}/<class>/" + (" (TIFF)" if tif else "")]
     if args.save_probs:
-        where.append(f"probability maps in {out_dir}/probs/<class>/")
+        where.append(f"probability maps in {out_dir}/probs/<class>/ ({'float32 TIFF' if tif else '8-bit PNG'})")
     if args.overlay:
         skip0 = cfg["class_mode"] == "softmax"
         where.append(f"outlines in {out_dir}/overlay/ ({legend(cfg['num_classes'], labeled, skip0)})")
     if args.instances:
-        where.append(f"object labels in {out_dir}/instances/ (16-bit), counts and areas in {out_dir}/objects.csv")
+        where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, 16-bit), counts and areas in "
+                     f"{out_dir}/objects.csv")
     if labeled:
         where.append(f"per-image metrics in {out_dir}/metrics.csv")
     return "; ".join(where)

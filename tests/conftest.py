@@ -4,12 +4,13 @@ import signal
 import sys
 import warnings
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from make_demo_data import generate  # noqa: E402
+from make_demo_data import generate, generate_microscopy  # noqa: E402
 
 DSB = os.path.join(ROOT, "..", "shared", "datasets", "dsb2018_96")
 
@@ -26,6 +27,20 @@ def make_data(root, name="tiny", **kw):
 def tiny(tmp_path):
     """10 RGB 32x32 images with one mask class, at tmp_path/inputs/tiny."""
     return make_data(tmp_path / "inputs")
+
+
+def make_microscopy(root, name="micro", n=12, size=32, channels=1, dtype=np.uint16, seed=0):
+    """A microscopy-style data set at <root>/<name>: 16-bit (or float32) TIFF images with a 12-bit dynamic range
+    (background about 100, nuclei 300-3000, noise), and uint16 TIFF label images in labels/ -> its path."""
+    path = os.path.join(root, name)
+    generate_microscopy(path, n=n, size=size, channels=channels, seed=seed, dtype=dtype)
+    return path
+
+
+@pytest.fixture
+def micro(tmp_path):
+    """12 16-bit one-channel 32x32 TIFF images with TIFF label images, at tmp_path/inputs/micro."""
+    return make_microscopy(tmp_path / "inputs")
 
 
 @pytest.fixture

@@ -105,3 +105,63 @@ def test_predict_unlabeled_images(tmp_path):
     assert cv2.imread(str(pred / "0" / "img0000.png"), 0).shape == (48, 48)
     assert len(os.listdir(pred / "overlay")) == 3
     assert not (pred / "metrics.csv").exists() and "IoU" not in r.stdout
+
+
+def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path):
+    """A folder as it comes from the microscope and the annotation tool: 16-bit TIFF images, 16-bit TIFF labels."""
+    import tifffile
+    from conftest import make_microscopy
+    make_microscopy(tmp_path / "inputs", "cells16", n=12, size=40)
+    r = run("train.py", ["--arch", "UNet", "--dataset", "cells16", "--img_ext", ".tif", "--input_channels", "1",
+                         "--name", "m", *FAST], tmp_path)
+    assert "normalize: percentile (auto: the images are 16-bit" in r.stdout
+    saved = yaml.safe_load(open(tmp_path / "models" / "m" / "config.yml"))
+    assert saved["normalize"] == "percentile" and saved["norm_pmin"] == 1.0 and saved["norm_pmax"] == 99.8
+
+    r = run("val.py", ["--name", "m", "--instances", "--output_format", "tif", "--save_probs", "--overlay"], tmp_path)
+    assert "object score (Data Science Bowl)" in r.stdout
+    out = tmp_path / "outputs" / "m"
+    ids = [row["id"] for row in read_csv(out / "metrics.csv")]
+    assert ids and {"object_score", "f1_50"} <= set(read_csv(out / "metrics.csv")[0])
+    for i in ids:
+        mask, probs = tifffile.imread(out / "0" / f"{i}.tif"), tifffile.imread(out / "probs" / "0" / f"{i}.tif")
+        labels = tifffile.imread(out / "instances" / f"{i}.tif")
+        assert mask.shape == probs.shape == labels.shape == (40, 40)
+        assert mask.dtype == np.uint8 and probs.dtype == np.float32 and labels.dtype == np.uint16
+        assert 0 <= probs.min() and probs.max() <= 1 and len(np.unique(probs)) > 256     # not 8-bit
+        assert cv2.imread(str(out / "overlay" / f"{i}.png")).dtype == np.uint8         # a picture for a person
+
+    unlabelled = tmp_path / "new"
+    os.makedirs(unlabelled)
+    for f in sorted(os.listdir(tmp_path / "inputs" / "cells16" / "images"))[:3]:
+        os.link(tmp_path / "inputs" / "cells16" / "images" / f, unlabelled / f.replace(".tif", ".TIFF"))
+    run("val.py", ["--name", "m", "--images", str(unlabelled), "--output_format", "tif"], tmp_path)
+    predicted = sorted(os.listdir(tmp_path / "outputs" / "m" / "predictions" / "0"))
+    assert len(predicted) == 3 and all(f.endswith(".tif") for f in predicted)
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    ("stack", "cell0002.tif is not a 2D image: its shape is (3, 40, 40) with axes ZYX"),
+    ("label-size", "label image inputs/cells16/labels/cell0002.tif is 20x20 but its image is 40x40"),
+    ("label-float", "label image inputs/cells16/labels/cell0002.tif is float32"),
+    ("label-rgb", "label image inputs/cells16/labels/cell0002.tif has 3 channels"),
+    ("unreadable", "cannot read image file inputs/cells16/images/cell0002.tif"),
+])
+def test_bad_microscopy_files_get_one_clear_message(tmp_path, breakage, expected):
+    import tifffile
+    from conftest import make_microscopy
+    root = make_microscopy(tmp_path / "inputs", "cells16", n=10, size=40)
+    image, labels = os.path.join(root, "images", "cell0002.tif"), os.path.join(root, "labels", "cell0002.tif")
+    if breakage == "stack":
+        tifffile.imwrite(image, np.zeros((3, 40, 40), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    elif breakage == "label-size":
+        tifffile.imwrite(labels, np.zeros((20, 20), np.uint16))
+    elif breakage == "label-float":
+        tifffile.imwrite(labels, np.zeros((40, 40), np.float32))
+    elif breakage == "label-rgb":
+        tifffile.imwrite(labels, np.zeros((40, 40, 3), np.uint8))
+    else:
+        open(image, "wb").write(b"II*\x00" + b"\x00" * 20)
+    r = run("train.py", ["--arch", "UNet", "--dataset", "cells16", "--img_ext", ".tif", *FAST], tmp_path, ok=False)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "models")

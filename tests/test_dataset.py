@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import make_data
-from dataset import SegmentationData, load_splits, split_for, split_ids
+from dataset import (TRAIN_HINTS, SegmentationData, binarize_mask, load_splits, read_image, read_mask, scan, split_for,
+                     split_ids)
 from utils import UserError
 
 
@@ -74,7 +75,7 @@ def corrupt(path, how):
     (lambda d: corrupt(os.path.join(d, "images", "img0002.png"), "truncated"), "cannot read image file .*img0002"),
     (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((16, 32), np.uint8)), "img0001.png is 32x16 but its image"),
     (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((32, 32, 3), np.uint8)), "img0001.png has 3 channels"),
-    (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.zeros((32, 32), np.uint16)), "img0001.png is uint16"),
+    (lambda d: cv2.imwrite(os.path.join(d, "masks", "0", "img0001.png"), np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 4), "img0001.png has no value above 127.*labels/"),
     (lambda d: os.makedirs(os.path.join(d, "masks", "1")), r"class folders \[0, 1\] but num_classes 1 .*; pass --num_classes 2"),
 ], ids=["missing", "empty", "no-mask", "no-image", "zero-byte", "truncated", "size", "rgb-mask", "16bit-mask", "classes"])
 def test_validation_errors_name_the_problem(tiny, setup, pattern):
@@ -126,3 +127,141 @@ def test_folds_partition_the_training_split_and_never_touch_the_held_out_images(
     assert split_for(ids, {**cfg, "fold": 2}) == folds[2]                                       # repeatable
     with pytest.raises(UserError, match="--folds 60 on a training split of 40 images"):
         split_for(ids, {**cfg, "folds": 60, "fold": 0})
+
+
+# --- microscopy files: TIFF, 16-bit, float32, channels, label images (issue 19) ---
+
+def write_tiff(path, array, **kw):
+    import tifffile
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tifffile.imwrite(path, array, **kw)
+    return path
+
+
+@pytest.mark.parametrize("name, array, kw, expected_shape", [
+    ("gray16.tif", np.arange(1000, 1000 + 6 * 7, dtype=np.uint16).reshape(6, 7), {}, (6, 7, 1)),
+    ("float.tiff", np.linspace(-3, 5000, 42, dtype=np.float32).reshape(6, 7), {}, (6, 7, 1)),
+    ("rgb16.TIF", np.arange(6 * 7 * 3, dtype=np.uint16).reshape(6, 7, 3) * 300, {}, (6, 7, 3)),
+    ("two.tif", np.arange(2 * 6 * 7, dtype=np.uint16).reshape(2, 6, 7), {"imagej": True, "metadata": {"axes": "CYX"}}, (6, 7, 2)),
+    ("ome4.tif", np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7), {"ome": True, "metadata": {"axes": "CYX"}}, (6, 7, 4)),
+    ("planar.tif", np.arange(3 * 6 * 7, dtype=np.uint8).reshape(3, 6, 7), {"photometric": "rgb"}, (6, 7, 3)),
+    ("single.tif", np.arange(6 * 7, dtype=np.uint16).reshape(1, 1, 6, 7), {"imagej": True, "metadata": {"axes": "ZCYX"}}, (6, 7, 1)),
+])
+def test_tiff_images_are_read_exactly_in_their_own_type(tmp_path, name, array, kw, expected_shape):
+    path = write_tiff(str(tmp_path / name), array, **kw)
+    img = read_image(path, expected_shape[2], TRAIN_HINTS)
+    assert img.shape == expected_shape and img.dtype == array.dtype        # nothing rounded to 8 bits
+    channels_last = array.reshape(expected_shape[:2] + (-1,)) if array.ndim == 2 or array.shape[-1] == 3 and "planar" not in name \
+        else np.moveaxis(array.reshape((-1,) + expected_shape[:2]), 0, -1)
+    assert np.array_equal(img, channels_last)
+
+
+def test_16_bit_png_keeps_every_grey_level(tmp_path):
+    array = (np.arange(64, dtype=np.uint16).reshape(8, 8) + 1000)          # 64 levels that 8 bits would merge
+    cv2.imwrite(str(tmp_path / "a.PNG"), array)
+    img = read_image(str(tmp_path / "a.PNG"), 1, TRAIN_HINTS)
+    assert img.dtype == np.uint16 and len(np.unique(img)) == 64
+
+
+@pytest.mark.parametrize("array, kw, pattern", [
+    (np.zeros((5, 8, 9), np.uint16), {"imagej": True, "metadata": {"axes": "ZYX"}}, r"shape is \(5, 8, 9\) with axes ZYX \(Z 5: depth"),
+    (np.zeros((3, 2, 8, 9), np.uint16), {"imagej": True, "metadata": {"axes": "TCYX"}}, r"shape is .* with axes TCYX \(T 3: time .*C 2"),
+    (np.zeros((2, 8, 9), np.uint16), {}, r"shape is .* with axes QYX \(Q 2: an axis the file does not name\).*metadata=\{'axes': 'CYX'\}"),
+])
+def test_stacks_and_unnamed_axes_are_refused_with_shape_and_axes(tmp_path, array, kw, pattern):
+    path = write_tiff(str(tmp_path / "stack.tif"), array, **kw)
+    with pytest.raises(UserError, match=r"stack.tif is not a 2D image: its " + pattern):
+        read_image(path, 1, TRAIN_HINTS)
+
+
+@pytest.mark.parametrize("content", [b"II*\x00garbage", b"not a tiff at all", b"MM\x00*\x00\x00\x00\x08\xff\xff"])
+def test_unreadable_tiff_names_the_file(tmp_path, content):
+    (tmp_path / "bad.tif").write_bytes(content)
+    with pytest.raises(UserError, match="cannot read image file .*bad.tif"):
+        read_image(str(tmp_path / "bad.tif"), 1, TRAIN_HINTS)
+
+
+def test_a_tiff_declaring_gigabytes_is_refused_before_decoding(tmp_path, monkeypatch):
+    import dataset
+    path = write_tiff(str(tmp_path / "big.tif"), np.zeros((64, 64), np.uint16))
+    monkeypatch.setattr(dataset, "MAX_IMAGE_BYTES", 1000)
+    with pytest.raises(UserError, match=r"big.tif declares \(64, 64\) pixels"):
+        read_image(path, 1, TRAIN_HINTS)
+
+
+def test_channel_count_must_match_with_the_flag_to_pass(tmp_path):
+    path = write_tiff(str(tmp_path / "two.tif"), np.zeros((2, 8, 9), np.uint16), imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(UserError, match="two.tif has 2 channel.* input_channels is 3: pass --input_channels 2"):
+        read_image(path, 3, TRAIN_HINTS)
+
+
+def test_nan_in_a_float_image_is_refused(tmp_path):
+    path = write_tiff(str(tmp_path / "nan.tif"), np.array([[0, np.nan]], np.float32))
+    with pytest.raises(UserError, match="nan.tif holds NaN"):
+        read_image(path, 1, TRAIN_HINTS)
+
+
+def test_extensions_match_in_any_case_and_tif_is_tiff(tmp_path):
+    root = tmp_path / "set"
+    for name in ("a.TIF", "b.tiff", "c.tif"):
+        write_tiff(str(root / "images" / name), np.zeros((8, 8), np.uint16))
+        write_tiff(str(root / "labels" / (name.split(".")[0] + ".PNG.tif")), np.zeros((8, 8), np.uint16))
+    for name in ("a", "b", "c"):
+        os.rename(root / "labels" / f"{name}.PNG.tif", root / "labels" / f"{name}.TIFF")
+    data = SegmentationData.from_folder(str(root), ".tif", ".png", 1, 1)
+    assert data.ids == ["a", "b", "c"]
+    write_tiff(str(root / "images" / "a.tif"), np.zeros((8, 8), np.uint16))      # a second file for id a
+    with pytest.raises(UserError, match="two files for the id 'a'"):
+        SegmentationData.from_folder(str(root), ".tif", ".png", 1, 1)
+
+
+def test_label_images_are_the_target_and_the_objects(micro):
+    import tifffile
+    data = SegmentationData.from_folder(micro, ".tif", ".png", 1, 1)
+    assert len(data.ids) == 12 and data.dtypes == {np.dtype(np.uint16)}
+    labels = tifffile.imread(os.path.join(micro, "labels", data.ids[0] + ".tif"))
+    assert np.array_equal(data.mask(0)[:, :, 0], (labels > 0).astype(np.uint8))
+    assert data.instances(0).max() == len(np.unique(labels)) - 1            # one object per label
+    assert data.subset(data.ids[1:]).instances(0).max() == len(np.unique(
+        tifffile.imread(os.path.join(micro, "labels", data.ids[1] + ".tif")))) - 1
+
+
+def test_label_images_beside_masks_give_the_objects(micro):
+    import tifffile
+    os.makedirs(os.path.join(micro, "masks", "0"))
+    for f in os.listdir(os.path.join(micro, "labels")):
+        labels = tifffile.imread(os.path.join(micro, "labels", f))
+        cv2.imwrite(os.path.join(micro, "masks", "0", f.replace(".tif", ".png")), ((labels > 0) * 255).astype(np.uint8))
+    data = SegmentationData.from_folder(micro, ".tif", ".png", 1, 1)
+    assert data.samples[0].masks and data.samples[0].labels.endswith(".tif")
+    assert data.instances(0).max() >= 2
+
+
+@pytest.mark.parametrize("breakage, pattern", [
+    (lambda p: write_tiff(p, np.zeros((16, 32), np.uint16)), r"label image .*cell0001.tif is 32x16 but its image is 32x32"),
+    (lambda p: write_tiff(p, np.zeros((32, 32), np.float32)), r"label image .*cell0001.tif is float32; label images must hold whole numbers"),
+    (lambda p: write_tiff(p, np.zeros((32, 32, 3), np.uint8)), r"label image .*cell0001.tif has 3 channels; label images must be single-channel"),
+    (lambda p: write_tiff(p, np.full((32, 32), -1, np.int16)), r"cell0001.tif holds negative values"),
+    (lambda p: os.remove(p), r"1 image\(s\) have no label image in .*labels: cell0001"),
+    (lambda p: open(p, "wb").write(b"II*\x00broken"), r"cannot read image file .*cell0001.tif"),
+])
+def test_bad_label_images_name_the_file(micro, breakage, pattern):
+    breakage(os.path.join(micro, "labels", "cell0001.tif"))
+    with pytest.raises(UserError, match=pattern):
+        SegmentationData.from_folder(micro, ".tif", ".png", 1, 1)
+
+
+def test_label_images_without_masks_give_one_class(micro):
+    with pytest.raises(UserError, match="no masks/, which gives one class .*num_classes is 2: pass --num_classes 1"):
+        scan(micro, ".tif", ".png", 2, TRAIN_HINTS)
+    os.rename(os.path.join(micro, "labels"), os.path.join(micro, "instances"))
+    os.makedirs(os.path.join(micro, "labels"))
+    with pytest.raises(UserError, match="both labels/ and instances/"):
+        scan(micro, ".tif", ".png", 1, TRAIN_HINTS)
+
+
+def test_16_bit_masks_are_binarised_at_half_their_range(tmp_path):
+    cv2.imwrite(str(tmp_path / "m.png"), np.array([[0, 32767], [32768, 65535]], np.uint16))
+    assert binarize_mask(read_mask(str(tmp_path / "m.png")), "m.png")[0].tolist() == [[0, 0], [1, 1]]
+    cv2.imwrite(str(tmp_path / "m.png"), np.array([[0, 255]], np.uint16))       # 0/255 stored in 16 bits
+    assert binarize_mask(read_mask(str(tmp_path / "m.png")), "m.png")[0].tolist() == [[0, 1]]

@@ -79,9 +79,9 @@ def test_instance_label_files_are_checked(tmp_path):
     cv2.imwrite(str(tmp_path / "ok.png"), np.array([[0, 7], [7, 300]], np.uint16))
     assert read_instances(str(tmp_path / "ok.png"), (2, 2)).tolist() == [[0, 1], [1, 2]]   # renumbered 1..N
     cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((2, 2, 3), np.uint8))
-    with pytest.raises(UserError, match="8- or 16-bit single-channel"):
+    with pytest.raises(UserError, match="rgb.png has 3 channels; label images must be single-channel"):
         read_instances(str(tmp_path / "rgb.png"), (2, 2))
-    with pytest.raises(UserError, match="are 2x2 but the image is 3x2"):
+    with pytest.raises(UserError, match="ok.png is 2x2 but its image is 3x2"):
         read_instances(str(tmp_path / "ok.png"), (2, 3))
 
 
@@ -105,7 +105,7 @@ def test_data_set_reads_its_instances_folder_or_falls_back_to_components(tmp_pat
     data = SegmentationData.from_folder(str(root), ".png", ".png", 1, 3)
     assert data.instances(0).max() == 2 and data.subset(data.ids[1:]).instances(0).max() == 2
     os.remove(root / "instances" / "n1.png")
-    with pytest.raises(UserError, match="have no mask in .*instances: n1"):
+    with pytest.raises(UserError, match="have no label image in .*instances: n1"):
         SegmentationData.from_folder(str(root), ".png", ".png", 1, 3)
     os.rename(root / "instances", root / "elsewhere")
     assert SegmentationData.from_folder(str(root), ".png", ".png", 1, 3).instances(0).max() == 1   # one blob

@@ -11,7 +11,16 @@ from dataset import SegmentationData
 from loaders import (AFFINE, AlbumentationsDataset, MemoryLoader, WorkersLoader, choose_loader, make_loaders, shard,
                      train_transform, val_transform)
 from conftest import make_data
+from normalize import Normalization, mean_std
 from utils import UserError
+
+RGB = Normalization("imagenet", channels=3)   # what 8-bit RGB images get by default
+
+
+def unstandardize(images):
+    """Network inputs of RGB 8-bit images back to 0..1."""
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in mean_std(RGB))
+    return images * std + mean
 
 CPU = runtime.Runtime(torch.device("cpu"), None, channels_last=False, fused=False)
 
@@ -23,12 +32,13 @@ def load(root, num_classes=1, input_channels=3):
 def settings(**kw):
     """The loader-related config keys for the tiny 32x32 set."""
     return {"input_h": 32, "input_w": 32, "input_channels": 3, "num_classes": 1, "crop": False, "batch_size": 4,
-            "num_workers": 0, "seed": 0, "loader": "auto", "affine": 0.0, **kw}
+            "num_workers": 0, "seed": 0, "loader": "auto", "affine": 0.0, "normalize": "auto", "norm_pmin": 1.0,
+            "norm_pmax": 99.8, "per_image_norm": False, **kw}
 
 
 def test_items_are_normalised_once_and_reproducible(tiny):
     d = load(tiny)
-    ds = AlbumentationsDataset(d, train_transform(32, 32, 3), seed=5)
+    ds = AlbumentationsDataset(d, train_transform(32, 32, 3), RGB, (32, 32), seed=5)
     img, mask, meta = ds[3]
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32
     assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -36,12 +46,12 @@ def test_items_are_normalised_once_and_reproducible(tiny):
     assert img.std() > 0.2           # ~N(0,1)-scaled, not squashed by a second /255
     assert torch.equal(ds[3][0], img) and torch.equal(ds[3][1], mask)
     ds.set_epoch(1)
-    assert any(not torch.equal(ds[i][0], AlbumentationsDataset(d, train_transform(32, 32, 3), seed=5)[i][0]) for i in range(10))
+    assert any(not torch.equal(ds[i][0], AlbumentationsDataset(d, train_transform(32, 32, 3), RGB, (32, 32), seed=5)[i][0]) for i in range(10))
 
 
 def test_val_transform_resizes_without_augmenting(tiny):
     d = load(tiny)
-    ds = AlbumentationsDataset(d, val_transform(64, 48, 3))
+    ds = AlbumentationsDataset(d, val_transform(64, 48), RGB, (64, 48), train=False)
     img, mask, _ = ds[0]
     assert img.shape == (3, 64, 48) and mask.shape == (1, 64, 48)
     expected = (d.images[0][0, 0, 0] / 255 - 0.485) / 0.229
@@ -64,7 +74,7 @@ def test_memory_loader_keeps_masks_aligned_under_augmentation(tmp_path):
     for epoch in range(3):
         tl.set_epoch(epoch)
         for images, masks, meta in tl:
-            raw = images * tl.std + tl.mean                            # back to 0..1
+            raw = unstandardize(images)                           # back to 0..1
             assert torch.equal((raw.mean(1, keepdim=True) > 0.5).float(), masks)
             index = [d.ids.index(i) for i in meta["img_id"]]
             original = torch.stack([torch.from_numpy(d.masks[k]).permute(2, 0, 1).float() for k in index])
@@ -83,12 +93,12 @@ def test_affine_warps_image_and_mask_together(tmp_path, h, w):
     warped.set_epoch(1)
     for (_, m0, meta0), (images, masks, meta1) in zip(plain, warped):
         assert meta0 == meta1                                            # same order: the draws come after
-        raw = images * warped.std + warped.mean
+        raw = unstandardize(images)
         agree = ((raw.mean(1, keepdim=True) > 0.5).float() == masks).float().mean()
         assert agree > 0.97 and set(masks.unique().tolist()) <= {0.0, 1.0}   # aligned (edges resampled)
         assert not torch.equal(m0, masks)                                # the geometry changed
     assert {"scale", "shift", "degrees"} <= set(AFFINE)
-    item = AlbumentationsDataset(d, train_transform(h, w, 3, affine=1.0), seed=0)[0][1]
+    item = AlbumentationsDataset(d, train_transform(h, w, 3, affine=1.0), RGB, (h, w), seed=0)[0][1]
     assert set(item.unique().tolist()) <= {0.0, 1.0}                     # the workers path takes it too
 
 
@@ -112,7 +122,7 @@ def test_memory_loader_validation_equals_val_transform(tiny):
     images = torch.cat([x for x, _, _ in tl])
     ids = [i for _, _, m in tl for i in m["img_id"]]
     assert ids == d.ids and len(tl) == 3                               # in order, nothing dropped
-    ds = AlbumentationsDataset(d, val_transform(32, 32, 3))
+    ds = AlbumentationsDataset(d, val_transform(32, 32), RGB, (32, 32), train=False)
     assert torch.allclose(images, torch.stack([ds[k][0] for k in range(10)]), atol=1e-5)
 
 
@@ -176,3 +186,62 @@ def test_capped_cache_reads_the_rest_from_disk_with_the_same_batches(tiny):
     cfg = settings()
     assert choose_loader("auto", capped, cfg, CPU) == "workers"
     assert choose_loader("auto", full, cfg, CPU) == "memory"
+
+
+# --- one normalisation for training and prediction (issue 19) ---
+
+def micro_settings(**kw):
+    return settings(**{"input_channels": 1, "normalize": "percentile", **kw})
+
+
+@pytest.mark.parametrize("kind", ["8-bit imagenet", "16-bit percentile", "float32 percentile", "2-channel per-image"])
+def test_training_and_prediction_see_identical_inputs_for_the_same_file(tmp_path, kind):
+    import predict
+    from conftest import make_microscopy
+    if kind == "8-bit imagenet":
+        d, cfg = load(make_data(tmp_path, "rgb", size=40)), settings(normalize="imagenet")
+    else:
+        channels = 2 if "2-channel" in kind else 1
+        dtype = np.float32 if "float32" in kind else np.uint16
+        root = make_microscopy(tmp_path, "m", n=10, size=40, channels=channels, dtype=dtype)
+        d = SegmentationData.from_folder(root, ".tif", ".png", 1, channels)
+        cfg = settings(input_channels=channels, normalize="percentile", per_image_norm="per-image" in kind)
+    memory = torch.cat([x for x, _, _ in MemoryLoader(d, cfg, CPU, train=False)])
+    workers = torch.cat([x for x, _, _ in WorkersLoader(d, cfg, CPU, train=False)])
+    norm = Normalization.from_config(cfg, d.dtypes)
+    predicted = torch.cat([predict.standardize(predict.normalized([d.image(k)], norm, (32, 32)), norm)
+                           for k in range(len(d.ids))])
+    if cfg["per_image_norm"]:    # a mean over a batch of 4 or of 1 may round differently in the last bit
+        assert torch.allclose(memory, predicted, atol=1e-6) and torch.allclose(workers, predicted, atol=1e-6)
+    else:
+        assert torch.equal(memory, predicted) and torch.equal(workers, predicted)
+
+
+def test_16_bit_signal_in_200_grey_levels_is_not_quantised_to_8_bits(tmp_path):
+    import tifffile
+    root = tmp_path / "faint"
+    os.makedirs(root / "images"), os.makedirs(root / "labels")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image = (1000 + rng.integers(0, 200, (32, 32))).astype(np.uint16)   # 12-bit data in 200 levels
+        tifffile.imwrite(root / "images" / f"f{i}.tif", image)
+        tifffile.imwrite(root / "labels" / f"f{i}.tif", (image > 1100).astype(np.uint16))
+    d = SegmentationData.from_folder(str(root), ".tif", ".png", 1, 1)
+    for normalize in ("imagenet", "percentile"):
+        for loader in (MemoryLoader, WorkersLoader):
+            x = torch.cat([b for b, _, _ in loader(d, micro_settings(normalize=normalize), CPU, train=False)])
+            assert len(torch.unique(x[0])) > 150, (normalize, loader)      # 8 bits would leave one or two levels
+
+
+def test_16_bit_training_batches_are_augmented_in_0_to_1(micro):
+    d = SegmentationData.from_folder(micro, ".tif", ".png", 1, 1)
+    for loader in (MemoryLoader(d, micro_settings(), CPU, train=True), WorkersLoader(d, micro_settings(), CPU, train=True)):
+        loader.set_epoch(1)
+        x, m, _ = next(iter(loader))
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.std() > 0.05   # percentile: 0..1
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_memory_loader_keeps_16_bit_images_in_16_bits(micro):
+    d = SegmentationData.from_folder(micro, ".tif", ".png", 1, 1)
+    assert MemoryLoader(d, micro_settings(), CPU, train=False).images.dtype == torch.uint16

@@ -14,7 +14,7 @@ from dataset import SegmentationData
 from engine import build_network
 from metrics import SegMeter
 
-CFG = {**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32}
+CFG = {**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32, "normalize": "imagenet"}
 
 
 def args(**kw):
@@ -35,7 +35,8 @@ def test_predict_probs_averages_the_symmetries_back_into_place(h, w):
     x = torch.randn(2, 3, h, w)
     plain = predict.predict_probs(Doubler(), x, CFG, rt, tta=False)
     averaged = predict.predict_probs(Doubler(), x, CFG, rt, tta=True)
-    assert plain.shape == (2, 1, h, w) and torch.allclose(plain, torch.sigmoid(x[:, :1] * 2))
+    network_input = (x - 0.485) / 0.229                   # predict_probs standardises (ImageNet's red channel here)
+    assert plain.shape == (2, 1, h, w) and torch.allclose(plain, torch.sigmoid(network_input[:, :1] * 2), atol=1e-6)
     assert torch.allclose(averaged, plain, atol=1e-6)    # a pointwise network: every view turned back matches
 
 

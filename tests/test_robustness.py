@@ -86,7 +86,7 @@ BAD_TRAIN_INPUTS = [
     ("truncated-image", ("images/img0002.png", halve), [], "images/img0002.png"),
     ("size-mismatch", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.zeros((16, 32), np.uint8))), [], "masks/0/img0001.png is 32x16"),
     ("rgb-mask", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.zeros((32, 32, 3), np.uint8))), [], "masks/0/img0001.png has 3 channels"),
-    ("16-bit-mask", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.zeros((32, 32), np.uint16))), [], "masks/0/img0001.png is uint16"),
+    ("label-like-16-bit-mask", ("masks/0/img0001.png", lambda p: cv2.imwrite(p, np.arange(1024, dtype=np.uint16).reshape(32, 32) % 3)), [], "masks/0/img0001.png has no value above 127"),
     ("wrong-img-ext", None, ["--img_ext", ".jpg"], "--img_ext .png"),
     ("num-classes", None, ["--num_classes", "2"], "num_classes 2 expects [0, 1]; pass --num_classes 1"),
     ("input-size", None, ["--input_w", "40"], "input_w 40 is not a multiple of 16"),
