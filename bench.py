@@ -5,6 +5,7 @@
     python bench.py --recipe recipes/dsb2018_cpu.yml --amps auto,off --device cpu   # bf16 beside fp32
     python bench.py --device cuda --time_to_iou 0.82   # also train the recipe and time it to that IoU
     python bench.py --scaling --images 40 --archs UNet --batch_size 8 --epochs 1 --device cpu   # cost vs size
+    python bench.py --decode --keep_tiff inputs/dsb2018_96_tif16   # start-up check: 8-bit PNG vs 16-bit TIFF
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
@@ -37,7 +38,7 @@ from metrics import SegMeter
 from normalize import resolve_mode
 from predict import Member, make_dirs, run_inference
 from rundir import EpochWriter
-from utils import exit_on_user_error, resolve_device
+from utils import UserError, exit_on_user_error, resolve_device
 
 DEFAULT_DATA = "inputs/dsb2018_96"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -177,6 +178,42 @@ def scaling_rows(base, data, device, args):
                    "epoch_s": round(e2e["epoch_s"], 3), "peak_mem_mb": round(peak_memory_mb(rt), 1)}
 
 
+def write_tiff16(data, out):
+    """The PNG data set as a microscope and an annotation tool would give it: 16-bit TIFF images (values x 257, so
+    x / 65535 is exactly x / 255) and 16-bit TIFF label images (the connected components of the mask) in labels/."""
+    import tifffile
+    from scipy import ndimage
+    for d in ("images", "labels"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    for k, i in enumerate(data.ids):
+        tifffile.imwrite(os.path.join(out, "images", i + ".tif"), data.image(k).astype("uint16") * 257)
+        labels = ndimage.label(data.mask(k)[:, :, 0])[0].astype("uint16")
+        tifffile.imwrite(os.path.join(out, "labels", i + ".tif"), labels)
+
+
+def decode_rows(data, args):
+    """Seconds of the start-up check (scan + decode + every check, as train.py does it) of the PNG data set and of
+    its 16-bit TIFF copy, best of 5 each, interleaved so that both see the same machine load."""
+    if args.keep_tiff and os.path.exists(args.keep_tiff) and os.listdir(args.keep_tiff):
+        raise UserError(f"--keep_tiff {args.keep_tiff} is not empty; pass a new folder (nothing in it is replaced)")
+    out = args.keep_tiff or tempfile.mkdtemp(prefix="tif16_")
+    write_tiff16(data, out)
+    sets = {"png8": (args.data, ".png"), "tiff16_labels": (out, ".tif")}
+    best = {name: float("inf") for name in sets}
+    for _ in range(5):
+        for name, (root, ext) in sets.items():
+            t0 = time.perf_counter()
+            SegmentationData.decode(scan(root, ext, ".png", 1, BENCH_HINTS), 3, None, root, BENCH_HINTS)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    yield {"case": "decode", "images": len(data.ids), "png8_s": round(best["png8"], 3),
+           "tiff16_labels_s": round(best["tiff16_labels"], 3),
+           "tiff_over_png": round(best["tiff16_labels"] / best["png8"], 2), "threads": os.cpu_count(),
+           "tiff_copy": out if args.keep_tiff else None}
+    if not args.keep_tiff:
+        import shutil
+        shutil.rmtree(out)
+
+
 def device_name(rt):
     return torch.cuda.get_device_name(rt.device) if rt.cuda else f"cpu ({os.cpu_count()} cores)"
 
@@ -200,6 +237,9 @@ def parse_args(argv):
     p.add_argument("--time_to_iou", type=float, help="also run train.py on the recipe and time it to this val IoU")
     p.add_argument("--scaling", action="store_true",
                    help="instead: epoch cost against image count (x1, x4) and image side (96, 192, 384)")
+    p.add_argument("--decode", action="store_true",
+                   help="instead: the start-up check's seconds for the data set and for its 16-bit TIFF copy")
+    p.add_argument("--keep_tiff", metavar="DIR", help="with --decode: write the 16-bit TIFF copy here and keep it")
     p.add_argument("--images", type=int, help="use only the first N images of the data set")
     p.add_argument("--out", help="append the JSON lines to this file too")
     return p.parse_args(argv)
@@ -251,8 +291,8 @@ def benchmark(args):
         data = data.subset(data.ids[:args.images])
     if args.quick:
         data = data.subset(data.ids[:64])
-    if args.scaling:
-        for row in scaling_rows(base, data, device, args):
+    if args.scaling or args.decode:
+        for row in (scaling_rows(base, data, device, args) if args.scaling else decode_rows(data, args)):
             emit(row, args.out)
         return
     for arch in args.archs.split(","):

@@ -113,6 +113,9 @@ def load_run(name, device_name, runs):
                         f"Train it (python train.py --name {name} --resume) first.")
     saved, cfg_path = config.saved_config(run_dir)
     cfg = config.check(saved, cfg_path)
+    if cfg["normalize"] == "auto":
+        raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
+                        f"percentile; train.py printed it); set it back in {cfg_path}")
     rt = runtime.for_inference(device_name, cfg)
     model = build_network(cfg, rt)
     checkpoint.load_weights(model, checkpoint.load(model_path), model_path)
@@ -271,6 +274,15 @@ def shrink_note(data, members, args):
               "resolution in overlapping tiles")
 
 
+def depth_note(data, members):
+    """A note when a run that normalises the reference's way (trained on 8-bit images) is given other images."""
+    other = sorted(str(d) for d in data.dtypes if str(d) != "uint8")
+    if other and any(m.norm.mode == "imagenet" for m in members):
+        print(f"note: these images are {', '.join(other)}, and the run normalises the reference's way (normalize "
+              "imagenet: divided by the type's full range, e.g. 65535), as it trained on 8-bit images; a run trained "
+              "on such images (normalize auto or percentile) will predict them better")
+
+
 def summary(out_dir, n, cfg, args, labeled):
     """Where everything went."""
     tif = args.output_format == "tif"
@@ -298,6 +310,7 @@ def evaluate(args):
     data, default_out = load_data(args, members)
     if args.images or args.data:
         shrink_note(data, members, args)
+        depth_note(data, members)
     out_dir = args.output or default_out
     try:
         clear_outputs(out_dir, cfg["num_classes"])

@@ -3,6 +3,7 @@ import os
 import pytest
 
 import config
+from conftest import ROOT
 from utils import UserError, save_yaml
 
 
@@ -59,3 +60,31 @@ def test_bad_flag_values_are_refused_by_argparse():
 def test_every_recipe_is_a_valid_config(recipe):
     cfg = config.load_run_config(os.path.join(os.path.dirname(__file__), "..", "recipes", recipe))
     assert cfg["optimizer"] != "SGD" and cfg["epochs"] >= 20          # the recipes are not the reference defaults
+
+
+def test_the_readme_flag_table_lists_every_setting():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    missing = [k for k in config.DEFAULTS if f"| `--{k}" not in readme]
+    assert missing == []
+
+
+def test_a_run_saved_before_normalize_existed_loads_as_imagenet(tmp_path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    saved = {k: v for k, v in config.DEFAULTS.items() if k not in ("normalize", "norm_pmin", "norm_pmax")}
+    save_yaml(str(run_dir / "config.yml"), {**saved, "name": "old"})
+    cfg, _ = config.saved_config(str(run_dir))
+    assert cfg["normalize"] == "imagenet"                  # what every run trained on 8-bit PNGs used
+    save_yaml(str(run_dir / "config.yml"), {**saved, "name": "old", "normalize": "percentile"})
+    assert config.saved_config(str(run_dir))[0]["normalize"] == "percentile"
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--norm_pmin", "99", "--norm_pmax", "1"], "norm_pmin 99 must be below norm_pmax 1"),
+    (["--norm_pmax", "101"], "norm_pmax must be a percentile"),
+    (["--input_channels", "0"], "input_channels must be between 1 and 64"),
+])
+def test_normalisation_and_channel_settings_are_checked(argv, pattern):
+    with pytest.raises(UserError, match=pattern):
+        config.resolve(argv)

@@ -265,3 +265,35 @@ def test_16_bit_masks_are_binarised_at_half_their_range(tmp_path):
     assert binarize_mask(read_mask(str(tmp_path / "m.png")), "m.png")[0].tolist() == [[0, 0], [1, 1]]
     cv2.imwrite(str(tmp_path / "m.png"), np.array([[0, 255]], np.uint16))       # 0/255 stored in 16 bits
     assert binarize_mask(read_mask(str(tmp_path / "m.png")), "m.png")[0].tolist() == [[0, 1]]
+
+
+def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path):
+    from PIL import Image
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    pixels[:, :5] = 255                                  # a white band on the left
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6                                     # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    img = read_image(str(tmp_path / "photo.jpg"), 3, TRAIN_HINTS)
+    assert img.shape == (20, 10, 3) and img[:5].mean() > 200 and img[-5:].mean() < 50   # the band is now on top
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda d: os.makedirs(os.path.join(d, "images", "img0003.png")), "img0003.png is a folder, not a file"),
+    (lambda d: os.symlink(os.path.join(d, "nowhere.png"), os.path.join(d, "images", "img0099.png")), "img0099.png is a broken link"),
+])
+def test_folders_and_broken_links_named_like_images_are_named(tiny, make, pattern):
+    if "img0003" in pattern:
+        os.remove(os.path.join(tiny, "images", "img0003.png"))
+    make(tiny)
+    with pytest.raises(UserError, match=pattern):
+        load(tiny)
+
+
+def test_an_extension_without_its_dot_and_a_data_set_that_is_a_file_are_explained(tiny, tmp_path):
+    with pytest.raises(UserError, match="the extension 'png' has no leading dot; pass --img_ext .png"):
+        load(tiny, img_ext="png")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        load(str(tmp_path / "afile"))
