@@ -145,7 +145,7 @@ def read_tiff(path):
     its shape and axes, because this toolkit segments 2D images and guessing would train on the wrong thing."""
     import tifffile    # here: PNG-only data sets never import it
     try:
-        with tifffile.TiffFile(path) as tif:
+        with open(path, "rb") as f, tifffile.TiffFile(f) as tif:
             if len(tif.pages) == 1:           # the common case, read without building the series (faster)
                 page = tif.pages.first
                 axes, shape, dtype, photometric, read = page.axes, page.shape, page.dtype, page.photometric, page.asarray
@@ -246,6 +246,14 @@ def read_mask(path):
 def read_labels(path, size):
     """A label image (integer, single channel, 0 background, one number per object) of size (H, W) -> int64 labels
     renumbered 1..N (0 stays the background)."""
+    labels = checked_labels(path, size)
+    _, inverse = np.unique(labels, return_inverse=True)
+    renumbered = inverse.reshape(labels.shape).astype(np.int64)
+    return renumbered if labels.min() == 0 else renumbered + 1     # keep 0 as the background
+
+
+def checked_labels(path, size):
+    """A label image of size (H, W) as stored, after every check (integer, one channel, size, not negative)."""
     labels = decode(path)
     where = f"label image {path}"
     if labels.dtype.kind not in "ui" or labels.dtype.itemsize > 8:
@@ -261,9 +269,7 @@ def read_labels(path, size):
                         "labels must match their image's size")
     if labels.dtype.kind == "i" and labels.min() < 0:
         raise UserError(f"{where} holds negative values; labels are 0 (background) and 1..N (one per object)")
-    _, inverse = np.unique(labels, return_inverse=True)
-    renumbered = inverse.reshape(labels.shape).astype(np.int64)
-    return renumbered if labels.min() == 0 else renumbered + 1     # keep 0 as the background
+    return labels
 
 
 read_instances = read_labels   # the name val.py --instances used first
@@ -318,7 +324,7 @@ def read_target(sample, size):
     """-> (0/1 uint8 (H, W, C) target, whether a mask was stored as 0/1): the masks, or the label image's foreground."""
     if sample.masks:
         return read_masks(sample.masks, sample.image, size)
-    return (read_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
+    return (checked_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
 
 
 def read_pair(sample, input_channels, hints):
