@@ -36,6 +36,7 @@ from engine import Engine, build_network
 from loaders import make_loaders
 from metrics import SegMeter
 from normalize import resolve_mode
+from predictor import Predictor, describe
 from predict import Member, make_dirs, run_inference
 from rundir import EpochWriter
 from utils import UserError, exit_on_user_error, resolve_device
@@ -135,7 +136,7 @@ BENCH_HINTS = {
 def predict_rate(cfg, rt, val_data):
     """Images/s of predicting the validation split as val.py does (resizing back, thresholds, metrics and the
     mask files included), with the network's weights as built."""
-    model = build_network(cfg, rt).eval()
+    model = Predictor(build_network(cfg, rt), describe(cfg, val_data.dtypes)).eval()
     options = argparse.Namespace(batch_size=16, tta=False, tile=False, overlap=0.5, threshold=0.5, save_probs=False,
                                  overlay=False, instances=None, min_size=4, output_format="png")
     meters = {"image": SegMeter(cfg["num_classes"], rt.device, keep_per_image=True),

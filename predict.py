@@ -7,6 +7,7 @@ Batches are prepared here without a DataLoader (each image's intensity range tak
 with OpenCV, normalised by normalize.py exactly as the training loaders do), predicted with the run's autocast and memory format (the Runtime),
 and the PNG files are encoded and written by a few threads while the next batch is predicted.
 """
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,13 +16,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine import predict_logits
+import checkpoint
+import config
+import rundir
+import runtime
+from engine import build_network
 from instances import object_scores, object_sizes, split
 from loaders import image_ranges, resize_image
 from metrics import binarize
-from normalize import Normalization, as_batch, standardize, to_unit
+from normalize import as_batch
+from predictor import Predictor, describe
 from tiling import predict_tiled
-from utils import write_png, write_tiff
+from utils import UserError, write_png, write_tiff
 
 # BGR outline colours: predictions per class, and the ground truth (when the images have masks)
 OUTLINE_COLOURS = [(0, 255, 0), (0, 255, 255), (255, 255, 0), (0, 128, 255), (255, 0, 0)]  # green, yellow, cyan, ...
@@ -31,11 +37,50 @@ WRITER_THREADS = 4   # PNG encoding releases the GIL: a few threads write while 
 
 
 class Member:
-    """One trained run of a prediction: its network (eval mode), config and Runtime."""
+    """One trained run of a prediction: its Predictor (network in eval mode, with its normalisation, head and
+    activation), config and Runtime."""
 
-    def __init__(self, name, cfg, rt, model):
-        self.name, self.cfg, self.rt, self.model = name, cfg, rt, model
-        self.norm = Normalization.from_config(cfg)
+    def __init__(self, name, cfg, rt, predictor):
+        self.name, self.cfg, self.rt, self.predictor = name, cfg, rt, predictor
+        self.norm = predictor.norm
+
+
+def load_run(name, device_name, runs):
+    """<runs>/<name>/config.yml and model.pth -> a predict.Member: config, Runtime, model in eval mode.
+
+    The Runtime predicts with the precision and memory format the run trained with."""
+    run_dir = os.path.join(runs, name)
+    model_path = os.path.join(run_dir, "model.pth")
+    if not config.valid_name(name):
+        raise UserError(f"--name {name!r} is not a run name (a folder name under {runs}/)")
+    if not os.path.isdir(run_dir):
+        listed = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+        raise UserError(f"there is no run {run_dir}" + (f" (runs there: {', '.join(listed)})" if listed else "") +
+                        f". Train it first (python train.py --name {name}), or pass --runs_dir (or set "
+                        f"${config.RUNS_DIR_ENV}) to the folder that holds your runs.")
+    if not rundir.in_use(run_dir):
+        rundir.repair(run_dir)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
+    if not os.path.isfile(model_path):
+        raise UserError(f"{model_path} does not exist: the run has not finished an epoch yet. "
+                        f"Train it (python train.py --name {name} --resume) first.")
+    saved, cfg_path = config.saved_config(run_dir)
+    cfg = config.check(saved, cfg_path)
+    if cfg["normalize"] == "auto":
+        raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
+                        f"percentile; train.py printed it); set it back in {cfg_path}")
+    rt = runtime.for_inference(device_name, cfg)
+    network = build_network(cfg, rt)
+    checkpoint.load_weights(network, checkpoint.load(model_path), model_path)
+    return Member(name, cfg, rt, Predictor(network, describe(cfg, recorded_dtypes(run_dir))).eval())
+
+
+def recorded_dtypes(run_dir):
+    """The image type the run trained on, as its model.json records it (runs from before it: 8-bit)."""
+    try:
+        with open(os.path.join(run_dir, "model.json")) as f:
+            return {json.load(f)["input_dtype"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"uint8"}
 
 
 def symmetries(square):
@@ -55,17 +100,17 @@ def untransform(x, turns, flip):
 
 
 @torch.no_grad()
-def predict_probs(model, images, cfg, rt, tta):
-    """Images (B, C_in, H, W) brought to 0..1 (normalize.to_unit) -> class probabilities (B, C, H, W); with tta,
-    averaged over the input's symmetries (each prediction turned back into place first)."""
+def predict_probs(predictor, images, ranges, rt, tta):
+    """Raw images (B, C_in, H, W) float32 with their whole images' intensity ranges (B, 2, C_in) -> class
+    probabilities (B, C, H, W) from the Predictor; with tta, averaged over the input's symmetries (each prediction
+    turned back into place first; the normalisation does not change under them)."""
     images, _ = rt.place_batch(images)
-    images = standardize(images, Normalization.from_config(cfg))    # per network input, as in training
+    ranges = ranges.to(images.device)
     views = symmetries(images.shape[2] == images.shape[3]) if tta else [(0, False)]
     total = 0
     for turns, flip in views:
         with rt.autocast():
-            logits = predict_logits(model, transform(images, turns, flip), cfg["deep_supervision"]).float()
-        probs = logits.softmax(1) if cfg["class_mode"] == "softmax" else torch.sigmoid(logits)
+            probs = predictor(transform(images, turns, flip), ranges)
         total = total + untransform(probs, turns, flip)
     return total / len(views)
 
@@ -77,14 +122,13 @@ def to_prediction(probs, cfg, threshold):
     return (probs > threshold).float()
 
 
-def normalized(images, norm, size=None):
-    """Raw images (H, W, C_in) -> float32 (B, C_in, h, w) about 0..1 (normalize.to_unit, with each image's intensity
-    range taken at its own size), each resized to size=(h, w) if given, as the training loaders do it;
-    predict_probs standardises them."""
+def prepared(images, norm, size=None):
+    """Raw images (H, W, C_in) -> (float32 (B, C_in, h, w) of their raw values, each resized to size=(h, w) if given,
+    as the training loaders resize; their intensity ranges (B, 2, C_in), taken on each whole image at its own size)."""
     ranges = image_ranges(images, norm)
     if size is not None:
         images = [resize_image(im, size) for im in images]
-    return to_unit(as_batch(images), ranges, norm)
+    return as_batch(images), ranges
 
 
 def resized_probs(members, data, args):
@@ -92,8 +136,8 @@ def resized_probs(members, data, args):
     (1, C, h, w) at its network input size): batches resized to each run's input, the runs' probabilities averaged."""
     for start in range(0, len(data.ids), args.batch_size):
         images = [data.image(k) for k in range(start, min(start + args.batch_size, len(data.ids)))]
-        at_input = [predict_probs(m.model, normalized(images, m.norm, (m.cfg["input_h"], m.cfg["input_w"])),
-                                  m.cfg, m.rt, args.tta) for m in members]                    # per run (B, C, h, w)
+        at_input = [predict_probs(m.predictor, *prepared(images, m.norm, (m.cfg["input_h"], m.cfg["input_w"])),
+                                  m.rt, args.tta) for m in members]                            # per run (B, C, h, w)
         for b, image in enumerate(images):
             size = image.shape[:2]
             p = sum(F.interpolate(q[b:b + 1], size=size, mode="bilinear", align_corners=False)
@@ -106,8 +150,10 @@ def tiled_probs(members, data, args):
     for k in range(len(data.ids)):
         image, total = data.image(k), 0
         for m in members:
-            x = normalized([image], m.norm).to(m.rt.device)
-            total = total + predict_tiled(lambda tiles: predict_probs(m.model, tiles, m.cfg, m.rt, args.tta), x,
+            x, ranges = prepared([image], m.norm)
+            x = x.to(m.rt.device)
+            total = total + predict_tiled(lambda tiles: predict_probs(m.predictor, tiles, ranges.expand(len(tiles), -1, -1),
+                                                                      m.rt, args.tta), x,
                                           m.cfg["input_h"], m.cfg["input_w"], args.overlap, args.batch_size)
         yield k, image, total / len(members), None
 

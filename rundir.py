@@ -9,6 +9,7 @@ the order last.pth, model.pth, log.csv, so a log.csv that lags behind last.pth m
 died mid-epoch-save; repair() completes that epoch from last.pth (--resume and val.py call it).
 """
 import csv
+import json
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ import checkpoint
 from runlog import plot_curves, read_log, write_log
 from utils import UserError, atomic_write, save_yaml
 
-RUN_FILES = ("config.yml", "log.csv", "model.pth", "last.pth", "curves.png", "split.csv")
+RUN_FILES = ("config.yml", "log.csv", "model.pth", "model.json", "last.pth", "curves.png", "split.csv")
 LOCK = ".lock"       # <pid> <host> of the process training the run
 CURVES_EVERY = 5.0   # seconds between curves.png redraws while training (matplotlib takes ~0.4 s a plot)
 
@@ -53,19 +54,22 @@ def prepare(run_dir, run, write):
         raise disk_error(run_dir, e) from None
 
 
-def save_start(run_dir, engine, resume, split):
-    """config.yml (what actually runs), and for a new run split.csv (which images trained and which validate)
-    and an epoch-0 last.pth, so that even a run stopped in its first epoch can --resume."""
+def save_start(run_dir, engine, resume, start):
+    """config.yml (what actually runs), model.json (start['model']: what rebuilds the Predictor from model.pth alone),
+    and for a new run split.csv (start['split']: which images trained and which validate) and an epoch-0 last.pth,
+    so that even a run stopped in its first epoch can --resume."""
     try:
-        write_start(run_dir, engine, resume, split)
+        write_start(run_dir, engine, resume, start)
     except OSError as e:
         raise disk_error(run_dir, e) from None
 
 
-def write_start(run_dir, engine, resume, split):
+def write_start(run_dir, engine, resume, start):
     save_yaml(os.path.join(run_dir, "config.yml"), engine.cfg)
+    atomic_write(os.path.join(run_dir, "model.json"), lambda f: json.dump(start["model"], f, indent=1))
     if resume:
         return
+    split = start["split"]
     rows = "".join(f"{i},{subset}\n" for subset in ("train", "val") for i in split[subset])
     atomic_write(os.path.join(run_dir, "split.csv"), lambda f: f.write("id,subset\n" + rows))
     checkpoint.save(engine.state_dict(), os.path.join(run_dir, "last.pth"))

@@ -34,7 +34,7 @@ def window(tile_h, tile_w, device):
 
 @torch.no_grad()
 def predict_tiled(predict, image, tile_h, tile_w, overlap=0.5, batch_size=16):
-    """image (1, C, H, W), normalised -> probabilities (1, K, H, W).
+    """image (1, C, H, W) -> probabilities (1, K, H, W).
 
     predict: a function from a batch of tiles (B, C, tile_h, tile_w) to probabilities (B, K, tile_h, tile_w).
     Images smaller than a tile are reflect-padded (replicate when too small to reflect) and cropped back.

@@ -22,6 +22,7 @@ from dataset import load_splits
 from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
+from predictor import describe
 from utils import ClosedPipeSafe, Interrupts, UserError, count_params, exit_on_user_error, plain_warning
 
 
@@ -67,7 +68,8 @@ def train(cfg, run, interrupts=None):
 
 def build(cfg, rt, hints):
     """Every check, the data, the network and the loaders, before anything on disk changes:
-    -> (engine, (training loader, validation loader), split {'train': ids, 'val': ids}).
+    -> (engine, (training loader, validation loader), what the run folder records at the start: {'split':
+    {'train': ids, 'val': ids}, 'model': model.json's description of the Predictor}).
     hints: how the data messages tell the user to fix a setting (config.data_hints)."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
@@ -76,12 +78,13 @@ def build(cfg, rt, hints):
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
     loaders = make_loaders(cfg, train_data, val_data, rt)
-    return engine, loaders, {"train": train_data.ids, "val": val_data.ids}
+    dtypes = train_data.dtypes | val_data.dtypes
+    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes)}
 
 
 def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
-    engine, loaders, split = build(cfg, rt, config.data_hints(cfg, run.get("sources", {})))
+    engine, loaders, start = build(cfg, rt, config.data_hints(cfg, run.get("sources", {})))
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused
@@ -92,7 +95,7 @@ def fit(cfg, run, rt, interrupts):
             last = os.path.join(run_dir, "last.pth")
             engine.load_state_dict(checkpoint.load(last), last)
         if rt.main:
-            rundir.save_start(run_dir, engine, run["resume"], split)
+            rundir.save_start(run_dir, engine, run["resume"], start)
             announce(cfg, run, rt, engine, loaders, run_dir)
         writer = rundir.EpochWriter(run_dir)   # the epoch's files are written while the next epoch trains
         try:

@@ -16,15 +16,12 @@ import os
 import sys
 import warnings
 
-import checkpoint
 import config
 import rundir
-import runtime
 from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
-from engine import build_network
 from instances import METHODS
 from metrics import SegMeter
-from predict import OUTPUT_FORMATS, Member, legend, make_dirs, run_inference
+from predict import OUTPUT_FORMATS, legend, load_run, make_dirs, run_inference
 from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -91,35 +88,6 @@ def parse_args(argv):
         p.error("--name lists a run twice")
     args.runs_dir = config.runs_dir(args.runs_dir)
     return args
-
-
-def load_run(name, device_name, runs):
-    """<runs>/<name>/config.yml and model.pth -> a predict.Member: config, Runtime, model in eval mode.
-
-    The Runtime predicts with the precision and memory format the run trained with."""
-    run_dir = os.path.join(runs, name)
-    model_path = os.path.join(run_dir, "model.pth")
-    if not config.valid_name(name):
-        raise UserError(f"--name {name!r} is not a run name (a folder name under {runs}/)")
-    if not os.path.isdir(run_dir):
-        listed = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
-        raise UserError(f"there is no run {run_dir}" + (f" (runs there: {', '.join(listed)})" if listed else "") +
-                        f". Train it first (python train.py --name {name}), or pass --runs_dir (or set "
-                        f"${config.RUNS_DIR_ENV}) to the folder that holds your runs.")
-    if not rundir.in_use(run_dir):
-        rundir.repair(run_dir)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
-    if not os.path.isfile(model_path):
-        raise UserError(f"{model_path} does not exist: the run has not finished an epoch yet. "
-                        f"Train it (python train.py --name {name} --resume) first.")
-    saved, cfg_path = config.saved_config(run_dir)
-    cfg = config.check(saved, cfg_path)
-    if cfg["normalize"] == "auto":
-        raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
-                        f"percentile; train.py printed it); set it back in {cfg_path}")
-    rt = runtime.for_inference(device_name, cfg)
-    model = build_network(cfg, rt)
-    checkpoint.load_weights(model, checkpoint.load(model_path), model_path)
-    return Member(name, cfg, rt, model.eval())
 
 
 def check_ensemble(members):

@@ -31,7 +31,7 @@ def test_unet_train_then_val_writes_every_output(tmp_path):
     make_data(tmp_path / "inputs", "cells", size=40)       # 40x40 images, network input 32x32
     r = run("train.py", ["--arch", "UNet", "--dataset", "cells", *FAST], tmp_path)
     run_dir = tmp_path / "models" / "cells_UNet_woDS"
-    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth", "split.csv"]
+    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.json", "model.pth", "split.csv"]
     rows = read_csv(run_dir / "log.csv")
     assert list(rows[0]) == ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "seconds"]
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -29,7 +29,7 @@ def test_two_processes_make_the_same_files_and_val_py_agrees(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes" in r.stdout and r.stdout.count("best val_iou") == 1    # one process prints
     run_dir = tmp_path / "models" / "ddp"
-    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth", "split.csv"]
+    assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.json", "model.pth", "split.csv"]
     log = rows(run_dir / "log.csv")
     assert [row["epoch"] for row in log] == ["1", "2"]
     best = max(float(row["val_iou"]) for row in log)

@@ -13,6 +13,7 @@ import val
 from dataset import SegmentationData
 from engine import build_network
 from metrics import SegMeter
+from predictor import Predictor, describe
 
 CFG = {**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32, "normalize": "imagenet"}
 
@@ -20,6 +21,16 @@ CFG = {**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32, "normali
 def args(**kw):
     return argparse.Namespace(**{"batch_size": 3, "tta": False, "tile": False, "overlap": 0.5, "threshold": 0.5,
                                  "save_probs": False, "overlay": False, "instances": None, "min_size": 4, **kw})
+
+
+def wrap(network):
+    """A network as the Predictor val.py predicts through (8-bit RGB images, ImageNet normalisation)."""
+    return Predictor(network, describe(CFG, {np.dtype(np.uint8)})).eval()
+
+
+def unit_ranges(x):
+    """Intensity ranges that leave x as it is (0 -> 0, 1 -> 1)."""
+    return torch.stack([torch.zeros(x.shape[:2]), torch.ones(x.shape[:2])], dim=1)
 
 
 class Doubler(torch.nn.Module):
@@ -33,9 +44,9 @@ class Doubler(torch.nn.Module):
 def test_predict_probs_averages_the_symmetries_back_into_place(h, w):
     rt = runtime.build(torch.device("cpu"), CFG)
     x = torch.randn(2, 3, h, w)
-    plain = predict.predict_probs(Doubler(), x, CFG, rt, tta=False)
-    averaged = predict.predict_probs(Doubler(), x, CFG, rt, tta=True)
-    network_input = (x - 0.485) / 0.229                   # predict_probs standardises (ImageNet's red channel here)
+    plain = predict.predict_probs(wrap(Doubler()), x, unit_ranges(x), rt, tta=False)
+    averaged = predict.predict_probs(wrap(Doubler()), x, unit_ranges(x), rt, tta=True)
+    network_input = (x - 0.485) / 0.229                   # the Predictor standardises (ImageNet's red channel here)
     assert plain.shape == (2, 1, h, w) and torch.allclose(plain, torch.sigmoid(network_input[:, :1] * 2), atol=1e-6)
     assert torch.allclose(averaged, plain, atol=1e-6)    # a pointwise network: every view turned back matches
 
@@ -65,7 +76,7 @@ def test_an_ensemble_averages_the_runs_probabilities():
     rt = runtime.build(torch.device("cpu"), CFG)
     images = [np.zeros((32, 32, 3), np.uint8)]
     data = SegmentationData(["a"], images, None)
-    members = [predict.Member("a", CFG, rt, Shift(2.0)), predict.Member("b", CFG, rt, Shift(-1.0))]
+    members = [predict.Member("a", CFG, rt, wrap(Shift(2.0))), predict.Member("b", CFG, rt, wrap(Shift(-1.0)))]
     (_, _, probs, first), = predict.resized_probs(members, data, args())
     expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2
     assert torch.allclose(probs, expected.expand_as(probs)) and torch.allclose(first, torch.sigmoid(torch.tensor(2.0)))
@@ -100,7 +111,7 @@ def test_probabilities_come_back_at_each_images_own_size(tile):
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     data = SegmentationData([f"i{k}" for k in range(4)], images, None)
     rt = runtime.build(torch.device("cpu"), CFG)
-    members = [predict.Member("m", CFG, rt, build_network(CFG, rt).eval())]
+    members = [predict.Member("m", CFG, rt, wrap(build_network(CFG, rt)))]
     produce = predict.tiled_probs if tile else predict.resized_probs
     out = list(produce(members, data, args()))
     assert [k for k, *_ in out] == [0, 1, 2, 3]

@@ -1,0 +1,195 @@
+"""Export a trained run so that it runs outside this toolkit: TorchScript and ONNX.
+
+    python export.py --name cells                         # -> models/cells/export/
+    python export.py --name cells --output cells_model/
+
+Every exported model is the run's Predictor (predictor.py): raw images (the file's values, 0..255 or 0..65535 or
+float, channel-first) in, probabilities out, with the run's normalisation, network, final head and sigmoid or
+softmax inside. Each is checked on export: its output on a test image (the run's first validation image when
+its data set is at hand, else a generated one) must equal PyTorch's within 1e-4, or the export fails.
+
+The folder holds model.pth + model.json (the self-describing PyTorch model, see predictor.py), model.torchscript.pt,
+model.onnx, test_input.npy / test_output.npy and a README.md on using them. (A BioImage.IO package for deepImageJ,
+napari, QuPath and ilastik is not written yet.)
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+import config
+import rundir
+from dataset import load_validation
+from loaders import resize_image
+from predict import load_run
+from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
+
+TOLERANCE = 1e-4
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Export a trained run: TorchScript, ONNX and a BioImage.IO package.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--name", required=True, help="the run to export (a folder under the runs folder)")
+    config.add_runs_dir(p)
+    p.add_argument("--output", metavar="DIR", help="export folder (default: <runs_dir>/<name>/export)")
+    args = p.parse_args(argv)
+    args.runs_dir = config.runs_dir(args.runs_dir)
+    return args
+
+
+def test_image(member, run_dir):
+    """(raw image (1, C, H, W) float32 at the network input size, where it came from): the run's first validation
+    image, resized, if its data set is at hand; else a reproducible random image in the run's value range."""
+    cfg, size = member.cfg, (member.cfg["input_h"], member.cfg["input_w"])
+    try:
+        data, _ = load_validation(cfg, [rundir.read_split(run_dir)], {k: "" for k in ("data", "img_ext", "mask_ext",
+                                                                                          "input_channels", "num_classes")})
+        image = resize_image(data.image(0), size)
+        return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None].contiguous(), data.ids[0]
+    except UserError:
+        high = member.predictor.full_range
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(1, cfg["input_channels"], *size, generator=g) * high, "a generated image"
+
+
+def check(name, got, expected):
+    """The export check: equal to PyTorch's output within TOLERANCE, else a UserError that says by how much."""
+    diff = float(np.abs(np.asarray(got, np.float64) - expected.numpy()).max())
+    if not diff <= TOLERANCE:
+        raise UserError(f"the {name} export differs from PyTorch's output by {diff:.2e} (more than {TOLERANCE:g}); "
+                        "it was not kept. Please report this with the run's config.yml")
+    return diff
+
+
+def other_size(predictor, x):
+    """A second test input, two images of another size (a crop and a flip of x, 16 px narrower and shorter where x
+    allows, else wider), with PyTorch's output: the exported models must take any batch and size."""
+    h, w = x.shape[2:]
+    crop = x[:, :, :h - 16, :w - 16] if min(h, w) > 16 else torch.cat([x, x.flip(3)], 3)[:, :, :, :w + 16]
+    y = torch.cat([crop, crop.flip(2)])
+    with torch.no_grad():
+        return y, predictor(y)
+
+
+def export_torchscript(predictor, x, expected, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the size check in the network's forward is traced as a constant
+        traced = torch.jit.trace(predictor, (x,), check_trace=False)
+    traced.save(path)
+    loaded = torch.jit.load(path)
+    y, y_expected = other_size(predictor, x)
+    with torch.no_grad():
+        return max(check("TorchScript", loaded(x), expected), check("TorchScript", loaded(y), y_expected))
+
+
+def export_onnx(predictor, x, expected, path):
+    import onnxruntime   # here: training and val.py never import it
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(predictor, (x,), path, input_names=["input"], output_names=["probabilities"],
+                          dynamic_axes={"input": axes, "probabilities": axes}, opset_version=17, dynamo=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    y, y_expected = other_size(predictor, x)
+    return max(check("ONNX", session.run(None, {"input": x.numpy()})[0], expected),
+               check("ONNX", session.run(None, {"input": y.numpy()})[0], y_expected))
+
+
+def usage(name, d):
+    """The export folder's README.md: what the model takes and gives, and how to run it without this toolkit."""
+    n = d["normalize"]
+    norm = (f"per image and channel, the {n['pmin']:g}th percentile -> 0 and the {n['pmax']:g}th -> 1, clipped"
+            if n["mode"] == "percentile" else f"x / {n['full_range']:g}, then ImageNet's mean and standard deviation")
+    h, w = d["input_size"]
+    return f"""# {name}: a {d['arch']} segmentation model exported by unet-toolkit
+
+Input: float32 `(batch, {d['input_channels']}, height, width)` with the image file's raw values ({d['input_dtype']} data;
+channel-first), height and width multiples of {d['size_multiple']} (trained at {h} x {w}). The normalisation is inside
+the model ({norm}{'; then each input standardised per channel' if n['per_image'] else ''}): do not normalise first.
+Output: `(batch, {d['num_classes']}, height, width)` probabilities ({'softmax over the classes' if d['class_mode'] ==
+'softmax' else 'sigmoid per class'}; classes {', '.join(d['class_names'])}); threshold at 0.5 for masks.
+Images larger than the training size can be given whole (the network is fully convolutional) or in tiles.
+
+Files: `model.onnx` (ONNX, opset 17, dynamic batch and size), `model.torchscript.pt` (TorchScript),
+`model.pth` + `model.json` (PyTorch weights and the description that rebuilds the model with unet-toolkit's
+predictor.py), `test_input.npy` / `test_output.npy` (an input and the output every file above must give, within 1e-4).
+
+## Python with onnxruntime (no PyTorch needed)
+
+```python
+import numpy as np, onnxruntime, tifffile
+session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+image = tifffile.imread("my_image.tif").astype(np.float32)        # (H, W) or (C, H, W), raw values
+x = image.reshape(1, -1, *image.shape[-2:])                       # (1, C, H, W)
+h, w = x.shape[2] // 16 * 16, x.shape[3] // 16 * 16               # sizes the network takes
+probs = session.run(None, {{"input": x[:, :, :h, :w]}})[0]
+mask = (probs[0, 0] > 0.5).astype(np.uint8) * 255
+tifffile.imwrite("my_mask.tif", mask)
+```
+
+## Python with PyTorch
+
+```python
+import torch
+model = torch.jit.load("model.torchscript.pt").eval()
+probs = model(torch.from_numpy(x))                                # x as above
+```
+
+## Fiji (deepImageJ), napari, QuPath, ilastik
+
+These tools install models as BioImage.IO packages, which this toolkit does not write yet. deepImageJ and
+QuPath can also run a TorchScript or ONNX file directly; give them `model.torchscript.pt` or `model.onnx`
+with the input described above (raw values, no normalisation of their own).
+"""
+
+
+def export(args):
+    run_dir = os.path.join(args.runs_dir, args.name)
+    if os.path.isdir(run_dir) and rundir.in_use(run_dir):
+        raise UserError(f"{run_dir} is being trained right now; export it when the training has finished (its "
+                        "model.pth may still change)")
+    member = load_run(args.name, "cpu", args.runs_dir)
+    predictor = member.predictor.float().eval()
+    out = args.output or os.path.join(run_dir, "export")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_test")
+        atomic_write(probe, lambda f: f.write(""))
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {e.strerror or e}. Pass --output DIR to a writable "
+                        "folder") from None
+    x, source = test_image(member, run_dir)
+    with torch.no_grad():
+        expected = predictor(x)
+    np.save(os.path.join(out, "test_input.npy"), x.numpy())
+    np.save(os.path.join(out, "test_output.npy"), expected.numpy())
+    shutil.copyfile(os.path.join(run_dir, "model.pth"), os.path.join(out, "model.pth"))
+    atomic_write(os.path.join(out, "model.json"), lambda f: json.dump(predictor.description, f, indent=1))
+    ts = export_torchscript(predictor, x, expected, os.path.join(out, "model.torchscript.pt"))
+    print(f"TorchScript: {out}/model.torchscript.pt (max difference to PyTorch {ts:.1e} on {source})", flush=True)
+    onnx = export_onnx(predictor, x, expected, os.path.join(out, "model.onnx"))
+    print(f"ONNX: {out}/model.onnx (max difference {onnx:.1e})", flush=True)
+    atomic_write(os.path.join(out, "README.md"), lambda f: f.write(usage(args.name, predictor.description)))
+    print(f"how to use them: {out}/README.md")
+
+
+def main(argv=None):
+    warnings.formatwarning = plain_warning
+    sys.stdout = ClosedPipeSafe(sys.stdout)
+    try:
+        with exit_on_user_error():
+            export(parse_args(argv))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the export folder may be incomplete; run export.py again", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

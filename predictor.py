@@ -1,0 +1,103 @@
+"""The prediction module: raw image tensors in, probabilities out, as one torch.nn.Module.
+
+    Predictor = normalise (normalize.py) -> network (archs.py) -> final head -> sigmoid or softmax
+
+val.py, bench.py and export.py predict through it, so what is exported is what is evaluated. A run's
+model.json (beside model.pth) describes it completely, so it can be rebuilt without config.yml or this
+toolkit's scripts:
+
+    import json, torch, predictor
+    model = predictor.Predictor.build(json.load(open("models/cells/model.json")))
+    model.load_network(torch.load("models/cells/model.pth", weights_only=True)).eval()
+    # probs = model(x): x float32 (B, C, H, W) with the file's raw values (0..255, 0..65535, ...), H and W multiples of 16
+
+Input intensity ranges: with ranges=None the module takes them from its input (the whole image it is given:
+what an exported model does); val.py passes the ranges of each whole image, so that a resized copy or a tile
+is normalised as the training loaders normalised it.
+"""
+import torch
+
+from archs import ARCHS
+from normalize import Normalization, full_range, normalize
+
+FORMAT = "unet-toolkit model 1"
+SIZE_MULTIPLE = 16            # four 2x poolings
+
+
+def describe(cfg, dtypes):
+    """A run's model.json: everything needed to rebuild its Predictor (dtypes: the training images' types)."""
+    widest = max(dtypes, key=lambda d: full_range(d), default="uint8")
+    return {
+        "format": FORMAT,
+        "arch": cfg["arch"], "deep_supervision": cfg["deep_supervision"],
+        "input_channels": cfg["input_channels"], "num_classes": cfg["num_classes"], "class_mode": cfg["class_mode"],
+        "class_names": [str(c) for c in range(cfg["num_classes"])],
+        "input_size": [cfg["input_h"], cfg["input_w"]], "size_multiple": SIZE_MULTIPLE,
+        "input_dtype": str(widest),
+        "normalize": {"mode": cfg["normalize"], "pmin": cfg["norm_pmin"], "pmax": cfg["norm_pmax"],
+                      "per_image": bool(cfg["per_image_norm"]), "full_range": full_range(widest)},
+        "crop": cfg["crop"],
+    }
+
+
+def percentile_ranges(x, pmin, pmax):
+    """(B, C, H, W) -> (B, 2, C): per image and channel the pmin-th and pmax-th percentiles, linearly interpolated
+    as numpy.percentile does, written with tensor operations only so that a traced or exported graph keeps the
+    image size dynamic."""
+    flat = x.flatten(2).sort(dim=2).values                                        # (B, C, N)
+    last = torch.ones_like(flat[:1, :1]).sum(dim=2, keepdim=True) - 1             # N - 1, as a tensor
+    rows = []
+    for p in (pmin, pmax):
+        position = last * (p / 100.0)
+        below = position.floor()
+        frac = position - below
+        lo = flat.gather(2, below.long().expand(flat.shape[0], flat.shape[1], 1))
+        hi = flat.gather(2, (below + 1).clamp(max=last).long().expand(flat.shape[0], flat.shape[1], 1))
+        rows.append((lo + (hi - lo) * frac)[:, :, 0])
+    lo, hi = rows
+    hi = torch.where(hi > lo, hi, lo + 1e-6 * lo.abs().clamp(min=1.0))             # a flat channel: avoid 0/0
+    return torch.stack([lo, hi], dim=1)
+
+
+class Predictor(torch.nn.Module):
+    """Raw images (B, C_in, H, W) float32 -> class probabilities (B, C, H, W)."""
+
+    def __init__(self, network, description):
+        super().__init__()
+        self.network = network
+        self.description = description
+        n = description["normalize"]
+        self.norm = Normalization(n["mode"], n["pmin"], n["pmax"], n["per_image"], description["input_channels"])
+        self.full_range = float(n["full_range"])
+        self.deep_supervision = bool(description["deep_supervision"])
+        self.softmax = description["class_mode"] == "softmax"
+
+    @classmethod
+    def build(cls, description):
+        """The Predictor a model.json describes, with untrained weights (load_network loads model.pth)."""
+        if description.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT!r} description (format {description.get('format')!r})")
+        network = ARCHS[description["arch"]](description["num_classes"], description["input_channels"],
+                                             description["deep_supervision"])
+        return cls(network, description)
+
+    def load_network(self, state_dict):
+        self.network.load_state_dict(state_dict)
+        return self
+
+    def ranges(self, x):
+        """The intensity ranges (B, 2, C) of whole images x, as normalize.intensity_range takes them."""
+        if self.norm.mode == "percentile":
+            return percentile_ranges(x, self.norm.pmin, self.norm.pmax)
+        lo = torch.zeros_like(x[:, :, 0, 0])
+        return torch.stack([lo, lo + self.full_range], dim=1)
+
+    def logits(self, x, ranges=None):
+        """Raw images -> logits of the final head (B, C, H, W)."""
+        x = normalize(x, self.ranges(x) if ranges is None else ranges.to(x.device), self.norm)
+        outputs = self.network(x)
+        return outputs[-1] if self.deep_supervision else outputs
+
+    def forward(self, x, ranges=None):
+        logits = self.logits(x, ranges).float()
+        return logits.softmax(1) if self.softmax else torch.sigmoid(logits)

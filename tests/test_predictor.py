@@ -1,0 +1,52 @@
+"""predictor.py: the prediction module (normalise -> network -> head -> activation) and its description."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import config
+from archs import build_model
+from normalize import Normalization, intensity_range
+from predictor import Predictor, describe, percentile_ranges
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7, 9), (2, 3, 16, 16), (1, 2, 5, 1)])
+def test_percentile_ranges_equal_numpys(shape):
+    x = torch.rand(*shape) * 4000
+    got = percentile_ranges(x, 1.0, 99.8)
+    for b in range(shape[0]):
+        expected = np.percentile(x[b].flatten(1).numpy().T, [1.0, 99.8], axis=0)
+        assert np.allclose(got[b].numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, dtype, high", [("imagenet", "uint8", 255), ("percentile", "uint16", 4000),
+                                               ("imagenet", "uint16", 65535)])
+def test_a_whole_image_without_ranges_is_normalised_as_training_normalises_it(mode, dtype, high):
+    cfg = {**config.DEFAULTS, "arch": "UNet", "input_channels": 2, "normalize": mode, "per_image_norm": True}
+    predictor = Predictor(build_model(cfg), describe(cfg, {np.dtype(dtype)})).eval()
+    image = (np.random.default_rng(0).random((32, 48, 2)) * high).astype(dtype)
+    ranges = torch.from_numpy(intensity_range(image, Normalization.from_config(cfg)))[None]
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        assert torch.allclose(predictor(x), predictor(x, ranges), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, ds, mode", [("UNet", False, "sigmoid"), ("NestedUNet", True, "softmax")])
+def test_the_description_rebuilds_the_same_predictor_from_json(tmp_path, arch, ds, mode):
+    cfg = {**config.DEFAULTS, "arch": arch, "deep_supervision": ds, "class_mode": mode, "num_classes": 3,
+           "loss": "CEDiceLoss" if mode == "softmax" else "BCEDiceLoss", "normalize": "imagenet", "input_channels": 1}
+    original = Predictor(build_model(cfg), describe(cfg, {np.dtype("uint8")})).eval()
+    (tmp_path / "model.json").write_text(json.dumps(original.description))
+    torch.save(original.network.state_dict(), tmp_path / "model.pth")
+    # the three lines of the README
+    model = Predictor.build(json.load(open(tmp_path / "model.json")))
+    model.load_network(torch.load(tmp_path / "model.pth", weights_only=True)).eval()
+    x = torch.rand(1, 1, 32, 32) * 255
+    with torch.no_grad():
+        probs = model(x)
+        assert torch.equal(probs, original(x)) and probs.shape == (1, 3, 32, 32)
+    if mode == "softmax":
+        assert torch.allclose(probs.sum(1), torch.ones(1, 32, 32))
+    else:
+        assert 0 <= probs.min() and probs.max() <= 1
