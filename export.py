@@ -38,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--name", required=True, help="the run to export (a folder under the runs folder)")
     config.add_runs_dir(p)
     p.add_argument("--output", metavar="DIR", help="export folder (default: <runs_dir>/<name>/export)")
+    p.add_argument("--speed", action="store_true", help="also measure prediction images/s of PyTorch (the run's "
+                   "precision and layout), TorchScript and ONNX Runtime side by side, batches of 16 at the input size")
     args = p.parse_args(argv)
     args.runs_dir = config.runs_dir(args.runs_dir)
     return args
@@ -149,6 +151,38 @@ with the input described above (raw values, no normalisation of their own).
 """
 
 
+def timed(predict, x, repeats=10):
+    """Images/s of predict(x) over `repeats` calls after 2 warm-up calls."""
+    import time
+    with torch.no_grad():
+        for _ in range(2):
+            predict(x)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            predict(x)
+    return repeats * x.shape[0] / (time.perf_counter() - t0)
+
+
+def speed(member, out, x):
+    """One JSON line: prediction images/s on this machine of the three ways to run the model, in one run."""
+    import onnxruntime
+    rt = member.rt
+    batch = x.repeat(16, 1, 1, 1)
+    placed = rt.place_batch(batch)[0]
+
+    def pytorch(b):
+        with rt.autocast():
+            return member.predictor(b)
+    rt.place_model(member.predictor)
+    session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(os.path.join(out, "model.torchscript.pt"))
+    rates = {"pytorch_" + rt.precision_name(): timed(pytorch, placed),
+             "torchscript_fp32": timed(scripted, batch),
+             "onnxruntime_fp32": timed(lambda b: session.run(None, {"input": b.numpy()}), batch)}
+    return json.dumps({"case": "predict", "arch": member.cfg["arch"], "input": list(x.shape[2:]), "batch": 16,
+                       "threads": torch.get_num_threads(), **{k: round(v, 1) for k, v in rates.items()}})
+
+
 def export(args):
     run_dir = os.path.join(args.runs_dir, args.name)
     if os.path.isdir(run_dir) and rundir.in_use(run_dir):
@@ -178,6 +212,8 @@ def export(args):
     print(f"ONNX: {out}/model.onnx (max difference {onnx:.1e})", flush=True)
     atomic_write(os.path.join(out, "README.md"), lambda f: f.write(usage(args.name, predictor.description)))
     print(f"how to use them: {out}/README.md")
+    if args.speed:
+        print(speed(member, out, x))
 
 
 def main(argv=None):

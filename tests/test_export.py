@@ -44,8 +44,13 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["softmax", "micro"])
 def test_export_writes_checked_torchscript_and_onnx_that_match_pytorch(runs, name, monkeypatch, capsys):
     import onnxruntime
-    code, out, err = run_main(export.main, ["--name", name], runs, monkeypatch, capsys)
+    code, out, err = run_main(export.main, ["--name", name] + (["--speed"] if name == "softmax" else []), runs,
+                              monkeypatch, capsys)
     assert code == 0, err
+    if name == "softmax":                                  # the three ways to run it, side by side
+        rates = json.loads(out.strip().splitlines()[-1])
+        assert rates["case"] == "predict" and all(rates[k] > 0 for k in rates if k.endswith(("fp32", "bfloat16")))
+        assert {"torchscript_fp32", "onnxruntime_fp32"} <= set(rates)
     folder = runs / "models" / name / "export"
     assert {"model.onnx", "model.torchscript.pt", "model.pth", "model.json", "README.md", "test_input.npy",
             "test_output.npy"} <= set(os.listdir(folder))
