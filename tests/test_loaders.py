@@ -11,7 +11,7 @@ from dataset import SegmentationData
 from loaders import (AFFINE, AlbumentationsDataset, MemoryLoader, WorkersLoader, choose_loader, make_loaders, shard,
                      train_transform, val_transform)
 from conftest import make_data
-from normalize import Normalization, mean_std
+from normalize import Normalization, mean_std, normalize
 from utils import UserError
 
 RGB = Normalization("imagenet", channels=3)   # what 8-bit RGB images get by default
@@ -209,8 +209,8 @@ def test_training_and_prediction_see_identical_inputs_for_the_same_file(tmp_path
     memory = torch.cat([x for x, _, _ in MemoryLoader(d, cfg, CPU, train=False)])
     workers = torch.cat([x for x, _, _ in WorkersLoader(d, cfg, CPU, train=False)])
     norm = Normalization.from_config(cfg, d.dtypes)
-    predicted = torch.cat([predict.standardize(predict.normalized([d.image(k)], norm, (32, 32)), norm)
-                           for k in range(len(d.ids))])
+    # what val.py's Predictor gives its network: predict.prepared's raw batch and ranges, normalised
+    predicted = torch.cat([normalize(*predict.prepared([d.image(k)], norm, (32, 32)), norm) for k in range(len(d.ids))])
     if cfg["per_image_norm"]:    # a mean over a batch of 4 or of 1 may round differently in the last bit
         assert torch.allclose(memory, predicted, atol=1e-6) and torch.allclose(workers, predicted, atol=1e-6)
     else:
