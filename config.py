@@ -34,8 +34,8 @@ OPTIONS = [
     ("input_h", 96, int, None, "network input height (multiple of 16)"),
     ("normalize", "auto", str, NORMALIZE_MODES, "how raw intensities become network inputs: imagenet (the "
      "reference's: / 255 for 8-bit, / 65535 for 16-bit, then ImageNet's mean and std), percentile (per image and "
-     "channel the norm_pmin-th percentile -> 0, the norm_pmax-th -> 1, as CSBDeep/StarDist do; for 12/16-bit and "
-     "float microscopy), auto (imagenet if every image is 8-bit, else percentile; the run saves what it chose)"),
+     "channel the norm_pmin-th percentile -> 0, the norm_pmax-th -> 1, clipped, as CSBDeep/StarDist do, then (x - 0.5) "
+     "/ 0.25; for 12/16-bit and float microscopy), auto (imagenet if every image is 8-bit, else percentile; the run saves what it chose)"),
     ("norm_pmin", 1.0, float, None, "normalize percentile: the percentile that becomes 0"),
     ("norm_pmax", 99.8, float, None, "normalize percentile: the percentile that becomes 1"),
     ("per_image_norm", False, bool, None, "after normalize, standardise each network input per channel (zero mean, "

@@ -106,7 +106,8 @@ def export_onnx(predictor, x, expected, path):
 def usage(name, d):
     """The export folder's README.md: what the model takes and gives, and how to run it without this toolkit."""
     n = d["normalize"]
-    norm = (f"per image and channel, the {n['pmin']:g}th percentile -> 0 and the {n['pmax']:g}th -> 1, clipped"
+    norm = (f"per image and channel, the {n['pmin']:g}th percentile -> 0 and the {n['pmax']:g}th -> 1, clipped, "
+            "then (x - 0.5) / 0.25"
             if n["mode"] == "percentile" else f"x / {n['full_range']:g}, then ImageNet's mean and standard deviation")
     h, w = d["input_size"]
     return f"""# {name}: a {d['arch']} segmentation model exported by unet-toolkit

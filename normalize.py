@@ -6,8 +6,10 @@ so that training's augmentation fits between them as the reference's albumentati
 
     to_unit       raw intensities -> about 0..1, with the image's intensity range (intensity_range, computed
                   on the whole image at its own size, before any resize, crop or tile)
-    standardize   0..1 -> what the network takes: ImageNet's mean and std per channel (imagenet mode), and
-                  with per_image, each network input standardised per channel (zero mean, unit variance)
+    standardize   0..1 -> what the network takes: (x - mean) / std per channel, with ImageNet's mean and std
+                  (imagenet mode) or 0.5 and 0.25 (percentile mode: about -2..2, centred as ImageNet's are, which
+                  keeps weight averaging (--ema) and its BatchNorm statistics working), and with per_image, each
+                  network input standardised per channel (zero mean, unit variance)
 
     normalize = standardize(to_unit(x, ranges))
 
@@ -84,11 +86,16 @@ def to_unit(x, ranges, norm):
     return x.clamp(0, 1) if norm.mode == "percentile" else x
 
 
+PERCENTILE_MEAN_STD = (0.5, 0.25)   # percentile mode: 0..1 -> about -2..2, centred like ImageNet-normalised inputs
+
+
 def mean_std(norm):
     """Per-channel (mean, std) that standardize() applies: ImageNet's for RGB, their average for any other channel
-    count (imagenet mode); 0 and 1 (no change) in percentile mode."""
+    count (imagenet mode); 0.5 and 0.25 in percentile mode (uncentred 0..1 inputs left an --ema model's averaged
+    BatchNorm statistics unusable: validation IoU 0.00 where the raw weights scored 0.70)."""
     if norm.mode == "percentile":
-        return (0.0,) * norm.channels, (1.0,) * norm.channels
+        mean, std = PERCENTILE_MEAN_STD
+        return (mean,) * norm.channels, (std,) * norm.channels
     if norm.channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return (sum(IMAGENET_MEAN) / 3,) * norm.channels, (sum(IMAGENET_STD) / 3,) * norm.channels
@@ -98,8 +105,7 @@ def standardize(x, norm):
     """0..1 images (B, C, H, W) -> network inputs: (x - mean) / std per channel, then with per_image each input
     (a resized image, a crop, a tile) to zero mean and unit variance per channel."""
     mean, std = mean_std(norm)
-    if norm.mode != "percentile":
-        x = (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    x = (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     if norm.per_image:
         x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + STANDARDIZE_EPS)
     return x
