@@ -111,9 +111,9 @@ def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path):
     """A folder as it comes from the microscope and the annotation tool: 16-bit TIFF images, 16-bit TIFF labels."""
     import tifffile
     from conftest import make_microscopy
-    make_microscopy(tmp_path / "inputs", "cells16", n=12, size=40)
+    make_microscopy(tmp_path / "inputs", "cells16", n=10, size=40)
     r = run("train.py", ["--arch", "UNet", "--dataset", "cells16", "--img_ext", ".tif", "--input_channels", "1",
-                         "--name", "m", *FAST], tmp_path)
+                         "--name", "m", *FAST, "--epochs", "1"], tmp_path)
     assert "normalize: percentile (auto: the images are 16-bit" in r.stdout
     saved = yaml.safe_load(open(tmp_path / "models" / "m" / "config.yml"))
     assert saved["normalize"] == "percentile" and saved["norm_pmin"] == 1.0 and saved["norm_pmax"] == 99.8
