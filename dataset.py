@@ -14,9 +14,7 @@ uint16 or float32: nothing is rounded to 8 bits), so an epoch never decodes a fi
 problem with the data is reported before training starts. Extensions match whatever their case, and
 .tif and .tiff are one. Batching, augmentation and normalisation are in loaders.py and normalize.py.
 """
-import importlib
 import os
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -505,25 +503,33 @@ def cache_budget(cache_mb):
 
 
 def split_ids(ids, val_split, split_seed):
-    """(train_ids, val_ids) exactly as the reference: sorted ids, sklearn's train_test_split."""
+    """(train_ids, val_ids) exactly as the reference (sorted ids, scikit-learn's train_test_split with
+    random_state=split_seed): one permutation of a NumPy RandomState seeded so, its first ceil(val_split * n)
+    positions for validation. Written here because importing scikit-learn for it cost ~1 s of every start-up;
+    tests/test_dataset.py checks it against scikit-learn."""
     n_val = int(np.ceil(val_split * len(ids))) if val_split > 0 else 0
     if n_val < 1 or n_val >= len(ids):
         raise UserError(f"--val_split {val_split} on {len(ids)} images leaves {n_val} validation and "
                         f"{len(ids) - n_val} training images; both need at least one. Add images or change --val_split.")
-    from sklearn.model_selection import train_test_split   # ~1.3 s to import: see load_splits
-    train_ids, val_ids = train_test_split(ids, test_size=val_split, random_state=split_seed)
-    return train_ids, val_ids
+    order = np.random.RandomState(split_seed).permutation(len(ids))
+    return [ids[k] for k in order[n_val:]], [ids[k] for k in order[:n_val]]
 
 
 def fold_ids(ids, folds, fold, split_seed):
-    """K-fold inside `ids` (the training split): (the other folds' ids, fold `fold`'s ids), with scikit-learn's
-    KFold (shuffled with split_seed), so that fold i's images are the same in every run of the K."""
+    """K-fold inside `ids` (the training split): (the other folds' ids, fold `fold`'s ids), as scikit-learn's
+    KFold(folds, shuffle=True, random_state=split_seed) makes them (checked against it in tests/test_dataset.py):
+    positions shuffled by a seeded RandomState, cut into folds of n // K (the first n % K one larger), each side
+    listed in the ids' order, so that fold i's images are the same in every run of the K."""
     if folds > len(ids):
         raise UserError(f"--folds {folds} on a training split of {len(ids)} images leaves empty folds; use --folds "
                         f"{len(ids)} or fewer")
-    from sklearn.model_selection import KFold
-    train_idx, val_idx = list(KFold(folds, shuffle=True, random_state=split_seed).split(ids))[fold]
-    return [ids[k] for k in train_idx], [ids[k] for k in val_idx]
+    order = np.arange(len(ids))
+    np.random.RandomState(split_seed).shuffle(order)
+    sizes = [len(ids) // folds + (1 if k < len(ids) % folds else 0) for k in range(folds)]
+    start = sum(sizes[:fold])
+    held = np.zeros(len(ids), bool)
+    held[order[start:start + sizes[fold]]] = True
+    return [i for i, h in zip(ids, held) if not h], [i for i, h in zip(ids, held) if h]
 
 
 def split_for(ids, cfg):
@@ -533,11 +539,6 @@ def split_for(ids, cfg):
     if cfg["folds"] > 1:
         train_ids, val_ids = fold_ids(train_ids, cfg["folds"], cfg["fold"], cfg["split_seed"])
     return train_ids, val_ids
-
-
-def import_sklearn_split():
-    """Imports scikit-learn's model_selection for split_ids(), ahead of time (run in a thread)."""
-    importlib.import_module("sklearn.model_selection")
 
 
 def load_validation(cfg, recorded, hints):
@@ -576,8 +577,6 @@ def load_splits(cfg, hints=None):
     """The config's data set, validated and decoded, as (train, validation): the split train.py and bench.py
     use. hints: how the running script sets each data setting, for its messages (default: TRAIN_HINTS)."""
     root, hints = os.path.join(cfg["data_dir"], cfg["dataset"]), hints or TRAIN_HINTS
-    # scikit-learn's import (for the split) runs in a thread while the files are decoded and checked
-    threading.Thread(target=import_sklearn_split, daemon=True).start()
     scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints)
     data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints)
     return split(data, cfg)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import make_data
-from dataset import (TRAIN_HINTS, SegmentationData, binarize_mask, load_splits, read_image, read_mask, scan, split_for,
-                     split_ids)
+from dataset import (TRAIN_HINTS, SegmentationData, binarize_mask, fold_ids, load_splits, read_image, read_mask, scan,
+                     split_for, split_ids)
 from utils import UserError
 
 
@@ -96,6 +96,18 @@ def test_split_is_the_reference_split():
     assert split_ids(ids, 0.2, 41) == (tr, va)
     with pytest.raises(UserError, match="val_split"):
         split_ids(ids[:1], 0.2, 41)
+
+
+@pytest.mark.parametrize("n,val_split,seed", [(50, 0.2, 41), (670, 0.2, 41), (7, 0.3, 0), (101, 0.5, 12345)])
+def test_split_and_folds_equal_scikit_learns(n, val_split, seed):
+    """The splits are written with NumPy (no scikit-learn import at start-up) but must stay the reference's."""
+    from sklearn.model_selection import KFold, train_test_split
+    ids = [f"img{i:04d}" for i in range(n)]
+    assert split_ids(ids, val_split, seed) == tuple(train_test_split(ids, test_size=val_split, random_state=seed))
+    train_ids = split_ids(ids, val_split, seed)[0]
+    for folds in [k for k in (2, 3, 5) if k <= len(train_ids)]:
+        for fold, (tr, va) in enumerate(KFold(folds, shuffle=True, random_state=seed).split(train_ids)):
+            assert fold_ids(train_ids, folds, fold, seed) == ([train_ids[k] for k in tr], [train_ids[k] for k in va])
 
 
 def test_load_splits_is_the_configs_split(tmp_path):
