@@ -205,6 +205,7 @@ class EpochWriter:
 
     def __init__(self, run_dir):
         self.run_dir, self.thread, self.error, self.curves_at = run_dir, None, None, 0.0
+        self.plotted = None        # the log rows curves.png shows now
 
     def save(self, state, improved):
         """state: a snapshot (Engine.snapshot()) that training no longer changes."""
@@ -217,7 +218,7 @@ class EpochWriter:
             write_epoch(self.run_dir, state, improved)
             if time.monotonic() - self.curves_at >= CURVES_EVERY:
                 plot_curves(os.path.join(self.run_dir, "curves.png"), state["log"])
-                self.curves_at = time.monotonic()
+                self.curves_at, self.plotted = time.monotonic(), list(state["log"])
         except OSError as e:
             self.error = disk_error(self.run_dir, e)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
@@ -233,7 +234,7 @@ class EpochWriter:
             raise error
 
     def close(self, rows):
-        """Waits for the last epoch's files, then draws the final curves."""
+        """Waits for the last epoch's files, then draws the final curves (unless the last epoch's are those)."""
         self.wait()
-        if rows:
+        if rows and rows != self.plotted:
             plot_curves(os.path.join(self.run_dir, "curves.png"), rows)
