@@ -1,4 +1,5 @@
-"""End-to-end: train.py and val.py run as a user runs them, as subprocesses, on generated data sets."""
+"""End-to-end: train.py and val.py run as a user runs them, as subprocesses (the variants of model and data: their
+main() in this process), on generated data sets."""
 import csv
 import os
 import subprocess
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, make_data
+import train
+import val
+from conftest import ROOT, make_data, run_main
 
 FAST = ["--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0",
         "--optimizer", "Adam", "--device", "cpu"]
@@ -65,10 +68,14 @@ def test_unet_train_then_val_writes_every_output(tmp_path):
     (["--arch", "UNet", "--amp", "bf16"], {}, "tiny_UNet_woDS"),
 ], ids=["nested", "nested-ds", "two-classes", "softmax", "grayscale", "worker-loader", "cache-smaller-than-data",
         "bf16-autocast-on-cpu"])
-def test_variants_train_and_evaluate(tmp_path, extra, data_kw, name):
+def test_variants_train_and_evaluate(tmp_path, extra, data_kw, name, monkeypatch, capsys):
+    """In this process (train.py's and val.py's main, as the command line calls them): the subprocess path is the
+    test above; here what varies is the model and data, not the process."""
     make_data(tmp_path / "inputs", **data_kw)
-    run("train.py", ["--dataset", "tiny", *FAST, "--epochs", "1", *extra], tmp_path)
-    run("val.py", ["--name", name], tmp_path)
+    code, _, err = run_main(train.main, ["--dataset", "tiny", *FAST, "--epochs", "1", *extra], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_main(val.main, ["--name", name], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
     classes = data_kw.get("num_classes", 1)
     metrics = read_csv(tmp_path / "outputs" / name / "metrics.csv")
     assert list(metrics[0]) == ["id"] + [f"{m}_{c}" for c in range(classes) for m in ("iou", "dice")]
