@@ -129,6 +129,42 @@ class NestedUNet(nn.Module):
 ARCHS = {"UNet": UNet, "NestedUNet": NestedUNet}
 
 
+def final_logits(outputs, deep_supervision):
+    """A network's output -> the logits (B, C, H, W) predictions are made from: with deep supervision, the last
+    of its heads."""
+    return outputs[-1] if deep_supervision else outputs
+
+
+def activate(logits, class_mode):
+    """Logits -> probabilities, in float32: softmax over the classes, or a sigmoid per class."""
+    logits = logits.float()
+    return logits.softmax(1) if class_mode == "softmax" else torch.sigmoid(logits)
+
+
+def standardize_each(x, eps):
+    """Each input (B, C, H, W) to zero mean and unit variance per channel, eps added to the standard deviation (the
+    per_image_norm step of normalize.standardize)."""
+    return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + eps)
+
+
+class Probabilities(nn.Module):
+    """Network inputs (B, C_in, H, W), standardised per input first if per_image_eps is set, -> class probabilities
+    (B, C, H, W): the network, its final head and the activation. It is built from names and numbers only, and
+    this file imports nothing but torch, so that a BioImage.IO package can rebuild it from this file alone (its
+    weights are the network's, under 'network.')."""
+
+    def __init__(self, arch, num_classes, input_channels=3, deep_supervision=False, class_mode="sigmoid",
+                 per_image_eps=None):
+        super().__init__()
+        self.network = ARCHS[arch](num_classes, input_channels, deep_supervision)
+        self.deep_supervision, self.class_mode, self.per_image_eps = deep_supervision, class_mode, per_image_eps
+
+    def forward(self, x):
+        if self.per_image_eps is not None:
+            x = standardize_each(x, self.per_image_eps)
+        return activate(final_logits(self.network(x), self.deep_supervision), self.class_mode)
+
+
 def build_model(cfg):
     """The network a config names, with its class count, input channels and deep supervision. Its input is
     normalised before it (normalize.py), per_image_norm included."""

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
-from archs import build_model
+from archs import build_model, final_logits
 from losses import LOSSES
 from metrics import SegMeter, binarize
 from utils import UserError, seed_everything
@@ -63,8 +63,7 @@ def forward_loss(net, images, masks, criterion, deep_supervision):
 
 def predict_logits(net, images, deep_supervision):
     """Logits (B, C, H, W) of the final head: the one that predictions are made from."""
-    outputs = net(images)
-    return outputs[-1] if deep_supervision else outputs
+    return final_logits(net(images), deep_supervision)
 
 
 def build_network(cfg, rt):

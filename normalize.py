@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from archs import standardize_each
 MODES = ("auto", "imagenet", "percentile")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)     # albumentations' Normalize defaults, per RGB channel
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,9 +107,7 @@ def standardize(x, norm):
     (a resized image, a crop, a tile) to zero mean and unit variance per channel."""
     mean, std = mean_std(norm)
     x = (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    if norm.per_image:
-        x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + STANDARDIZE_EPS)
-    return x
+    return standardize_each(x, STANDARDIZE_EPS) if norm.per_image else x
 
 
 def normalize(x, ranges, norm):

@@ -17,7 +17,7 @@ is normalised as the training loaders normalised it.
 """
 import torch
 
-from archs import ARCHS
+from archs import ARCHS, activate, final_logits
 from normalize import Normalization, full_range, normalize
 
 FORMAT = "unet-toolkit model 1"
@@ -70,7 +70,7 @@ class Predictor(torch.nn.Module):
         self.norm = Normalization(n["mode"], n["pmin"], n["pmax"], n["per_image"], description["input_channels"])
         self.full_range = float(n["full_range"])
         self.deep_supervision = bool(description["deep_supervision"])
-        self.softmax = description["class_mode"] == "softmax"
+        self.class_mode = description["class_mode"]
 
     @classmethod
     def build(cls, description):
@@ -95,9 +95,7 @@ class Predictor(torch.nn.Module):
     def logits(self, x, ranges=None):
         """Raw images -> logits of the final head (B, C, H, W)."""
         x = normalize(x, self.ranges(x) if ranges is None else ranges.to(x.device), self.norm)
-        outputs = self.network(x)
-        return outputs[-1] if self.deep_supervision else outputs
+        return final_logits(self.network(x), self.deep_supervision)
 
     def forward(self, x, ranges=None):
-        logits = self.logits(x, ranges).float()
-        return logits.softmax(1) if self.softmax else torch.sigmoid(logits)
+        return activate(self.logits(x, ranges), self.class_mode)
