@@ -9,8 +9,9 @@ softmax inside. Each is checked on export: its output on a test image (the run's
 its data set is at hand, else a generated one) must equal PyTorch's within 1e-4, or the export fails.
 
 The folder holds model.pth + model.json (the self-describing PyTorch model, see predictor.py), model.torchscript.pt,
-model.onnx, test_input.npy / test_output.npy and a README.md on using them. (A BioImage.IO package for deepImageJ,
-napari, QuPath and ilastik is not written yet.)
+model.onnx, test_input.npy / test_output.npy, a README.md on using them, and bioimageio.zip (with its unzipped
+folder bioimageio/): the BioImage.IO package (format 0.5) for deepImageJ in Fiji, napari, QuPath and ilastik,
+validated with bioimageio.spec on export (see bioimageio_package.py).
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 
+import bioimageio_package
 import config
 import rundir
 from dataset import load_validation
@@ -38,6 +40,12 @@ def parse_args(argv):
     p.add_argument("--name", required=True, help="the run to export (a folder under the runs folder)")
     config.add_runs_dir(p)
     p.add_argument("--output", metavar="DIR", help="export folder (default: <runs_dir>/<name>/export)")
+    p.add_argument("--author", action="append", metavar="NAME", help="BioImage.IO package: an author's name (repeat "
+                   "the flag for several; default: the user name of this account)")
+    p.add_argument("--license", default="CC-BY-4.0", help="BioImage.IO package: the model's licence, an SPDX "
+                   "identifier such as CC-BY-4.0 or MIT (default: CC-BY-4.0)")
+    p.add_argument("--description", help="BioImage.IO package: one sentence on what the model segments (default: "
+                   "the architecture and data set it was trained on)")
     p.add_argument("--speed", action="store_true", help="also measure prediction images/s of PyTorch (the run's "
                    "precision and layout), TorchScript and ONNX Runtime side by side, batches of 16 at the input size")
     args = p.parse_args(argv)
@@ -121,7 +129,8 @@ Images larger than the training size can be given whole (the network is fully co
 
 Files: `model.onnx` (ONNX, opset 17, dynamic batch and size), `model.torchscript.pt` (TorchScript),
 `model.pth` + `model.json` (PyTorch weights and the description that rebuilds the model with unet-toolkit's
-predictor.py), `test_input.npy` / `test_output.npy` (an input and the output every file above must give, within 1e-4).
+predictor.py), `test_input.npy` / `test_output.npy` (an input and the output every file above must give, within 1e-4),
+`bioimageio.zip` and its folder `bioimageio/` (the BioImage.IO package, below).
 
 ## Python with onnxruntime (no PyTorch needed)
 
@@ -144,11 +153,18 @@ model = torch.jit.load("model.torchscript.pt").eval()
 probs = model(torch.from_numpy(x))                                # x as above
 ```
 
-## Fiji (deepImageJ), napari, QuPath, ilastik
+## Fiji (deepImageJ), napari, QuPath, ilastik: `bioimageio.zip`
 
-These tools install models as BioImage.IO packages, which this toolkit does not write yet. deepImageJ and
-QuPath can also run a TorchScript or ONNX file directly; give them `model.torchscript.pt` or `model.onnx`
-with the input described above (raw values, no normalisation of their own).
+`bioimageio.zip` is a BioImage.IO model package (rdf.yaml format 0.5, validated with bioimageio.spec when it was
+written). Its weights (PyTorch state dict + architecture file, TorchScript, ONNX) take the image after the
+preprocessing its rdf.yaml names, which the tool applies to the whole image; so give the tool the raw image.
+
+- Fiji: with the deepImageJ plugin, "DeepImageJ Install Model" installs the zip from its local file; "DeepImageJ
+  Run" then runs it on the open image.
+- napari, QuPath, ilastik: their BioImage.IO support (napari's bioimageio plugin, QuPath's BioImage.IO extension,
+  ilastik's neural network workflow) opens the zip or its rdf.yaml.
+- Python: `bioimageio predict` / `bioimageio.core.predict` (pip install bioimageio.core) run it on any image;
+  `bioimageio test bioimageio.zip` reproduces the test output with each weight format.
 """
 
 
@@ -184,6 +200,15 @@ def speed(member, out, x):
                        "threads": torch.get_num_threads(), **{k: round(v, 1) for k, v in rates.items()}})
 
 
+def package_info(args, cfg):
+    """The BioImage.IO package's name, description, authors and licence, from the flags or the run."""
+    import getpass
+    authors = tuple(args.author or [getpass.getuser() or "unknown"])
+    description = args.description or (f"{cfg['arch']} segmentation of {cfg['num_classes']} class(es), trained on "
+                                       f"the {cfg['dataset']} data set with unet-toolkit")
+    return bioimageio_package.PackageInfo(f"{args.name} {cfg['arch']} segmentation", description, authors, args.license)
+
+
 def export(args):
     run_dir = os.path.join(args.runs_dir, args.name)
     if os.path.isdir(run_dir) and rundir.in_use(run_dir):
@@ -211,6 +236,10 @@ def export(args):
     print(f"TorchScript: {out}/model.torchscript.pt (max difference to PyTorch {ts:.1e} on {source})", flush=True)
     onnx = export_onnx(predictor, x, expected, os.path.join(out, "model.onnx"))
     print(f"ONNX: {out}/model.onnx (max difference {onnx:.1e})", flush=True)
+    package, diff = bioimageio_package.write(predictor, x, expected, os.path.join(out, "bioimageio"),
+                                             package_info(args, member.cfg))
+    print(f"BioImage.IO package: {package} (max difference {diff:.1e}; bioimageio.spec: "
+          f"{bioimageio_package.validate(package)})", flush=True)
     atomic_write(os.path.join(out, "README.md"), lambda f: f.write(usage(args.name, predictor.description)))
     print(f"how to use them: {out}/README.md")
     if args.speed:

@@ -44,8 +44,8 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["softmax", "micro"])
 def test_export_writes_checked_torchscript_and_onnx_that_match_pytorch(runs, name, monkeypatch, capsys):
     import onnxruntime
-    code, out, err = run_main(export.main, ["--name", name] + (["--speed"] if name == "softmax" else []), runs,
-                              monkeypatch, capsys)
+    flags = ["--speed", "--author", "Ada Lovelace", "--author", "Alan Turing", "--license", "MIT"] if name == "softmax" else []
+    code, out, err = run_main(export.main, ["--name", name] + flags, runs, monkeypatch, capsys)
     assert code == 0, err
     if name == "softmax":                                  # the three ways to run it, side by side
         rates = json.loads(out.strip().splitlines()[-1])
@@ -53,7 +53,11 @@ def test_export_writes_checked_torchscript_and_onnx_that_match_pytorch(runs, nam
         assert {"torchscript_fp32", "onnxruntime_fp32"} <= set(rates)
     folder = runs / "models" / name / "export"
     assert {"model.onnx", "model.torchscript.pt", "model.pth", "model.json", "README.md", "test_input.npy",
-            "test_output.npy"} <= set(os.listdir(folder))
+            "test_output.npy", "bioimageio.zip"} <= set(os.listdir(folder))
+    rdf = check_package(folder / "bioimageio.zip", name)
+    if name == "softmax":
+        assert [a["name"] for a in rdf["authors"]] == ["Ada Lovelace", "Alan Turing"] and rdf["license"] == "MIT"
+    assert "BioImage.IO package:" in out and "valid-format" in out
     assert "TorchScript:" in out and "ONNX:" in out
     x, expected = np.load(folder / "test_input.npy"), np.load(folder / "test_output.npy")
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -70,6 +74,49 @@ def test_export_writes_checked_torchscript_and_onnx_that_match_pytorch(runs, nam
         assert x.max() > 255                               # the test input holds the file's 16-bit values
     if name == "softmax":
         assert np.allclose(expected.sum(1), 1, atol=1e-5)
+
+
+def check_package(zip_path, name):
+    """The BioImage.IO package: valid for bioimageio.spec, and its rdf.yaml says what the run is."""
+    import zipfile
+
+    import yaml
+    from bioimageio.spec import InvalidDescr, load_description
+    descr = load_description(str(zip_path), perform_io_checks=True)
+    assert not isinstance(descr, InvalidDescr), descr.validation_summary.format()
+    with zipfile.ZipFile(zip_path) as z:
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+        assert {"archs.py", "weights.pt", "weights_torchscript.pt", "weights.onnx", "test_input.npy",
+                "test_output.npy", "cover.png", "README.md"} <= set(z.namelist())
+    assert rdf["format_version"].startswith("0.5.") and rdf["type"] == "model"
+    assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript", "onnx"}
+    space = rdf["inputs"][0]["axes"][2:]
+    assert [a["size"] for a in space] == [{"min": 16, "step": 16}] * 2
+    steps = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
+    kwargs = rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]
+    if name == "micro":     # percentile scaling in rdf.yaml; the per-image standardisation inside the model
+        assert steps == ["ensure_dtype", "scale_range", "clip", "scale_linear", "ensure_dtype"]
+        assert kwargs["per_image_eps"] == 1e-3 and kwargs["deep_supervision"] and kwargs["arch"] == "NestedUNet"
+    else:
+        assert steps == ["ensure_dtype", "scale_linear", "ensure_dtype"] and kwargs["class_mode"] == "softmax"
+        assert len(rdf["outputs"][0]["axes"][1]["channel_names"]) == 3
+    return rdf
+
+
+def test_bioimageio_core_reproduces_the_test_output_with_every_weight_format(runs, monkeypatch, capsys):
+    """bioimageio.core's own model test (what the model zoo runs): it applies rdf.yaml's preprocessing itself, so
+    this checks that it equals normalize.py's, on the hardest case (16-bit percentile, per-image, NestedUNet-DS)."""
+    core = pytest.importorskip("bioimageio.core", reason="bioimageio.core is not installed")
+    folder = runs / "models" / "micro" / "export"
+    if not (folder / "bioimageio.zip").exists():
+        code, _, err = run_main(export.main, ["--name", "micro"], runs, monkeypatch, capsys)
+        assert code == 0, err
+    summary = core.test_model(str(folder / "bioimageio.zip"))
+    failed = [(d.name, [e.msg[:300] for e in d.errors]) for d in summary.details if d.status != "passed"]
+    assert summary.status == "passed", failed
+    names = " ".join(d.name for d in summary.details)
+    assert all(f"Reproduce test outputs from test inputs ({w})" in names for w in ("onnx", "torchscript",
+                                                                                    "pytorch_state_dict"))
 
 
 def test_bad_exports_get_one_clear_message(runs, monkeypatch, capsys, tmp_path):

@@ -1,0 +1,218 @@
+"""The BioImage.IO model package of an export (format 0.5): rdf.yaml and its files, zipped, and validated.
+
+BioImage.IO consumers (deepImageJ in Fiji, napari, QuPath, ilastik, bioimageio.core) apply a model's
+preprocessing themselves, to the whole image, before they tile it. So the package's weights are the part of the
+Predictor after the intensity scaling (archs.Probabilities: network, final head, sigmoid or softmax), and rdf.yaml
+says with BioImage.IO's own operations what normalize.py does before it:
+
+    imagenet     scale_linear per channel: gain 1 / (full range * std), offset -mean / std
+    percentile   scale_range (the run's percentiles, per image and channel), clip 0..1, scale_linear 4, -2
+
+per_image_norm stays inside the model (Probabilities' per_image_eps): it standardises each network input (a tile,
+as in training each crop), and BioImage.IO's zero_mean_unit_variance would take its statistics from the raw image
+(bioimageio.core computes a sample's statistics before any preprocessing step).
+
+The test tensors are the raw test image and the Predictor's probabilities for it, so a consumer that runs the
+package's preprocessing and weights reproduces what val.py gives; bioimageio.core's model test checks exactly that.
+"""
+import hashlib
+import inspect
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+import torch
+
+import archs
+from normalize import STANDARDIZE_EPS, Normalization, mean_std, normalize
+from predict import display_image
+from utils import UserError, atomic_write
+
+FORMAT_VERSION = "0.5.12"
+TOLERANCE = 1e-4          # as export.py's checks
+OPSET = 17
+CITE = {
+    "UNet": {"text": "Ronneberger, Fischer and Brox. U-Net: Convolutional networks for biomedical image "
+                     "segmentation. MICCAI 2015.", "doi": "10.1007/978-3-319-24574-4_28"},
+    "NestedUNet": {"text": "Zhou, Rahman Siddiquee, Tajbakhsh and Liang. UNet++: A nested U-Net architecture for "
+                           "medical image segmentation. DLMIA 2018.", "doi": "10.1007/978-3-030-00889-5_1"},
+}
+FILES = {"architecture": "archs.py", "state_dict": "weights.pt", "torchscript": "weights_torchscript.pt",
+         "onnx": "weights.onnx", "test_input": "test_input.npy", "test_output": "test_output.npy",
+         "cover": "cover.png", "documentation": "README.md"}
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    """What the user says about the model (export.py's flags)."""
+    name: str
+    description: str
+    authors: tuple
+    license: str = "CC-BY-4.0"
+
+
+def preprocessing(d):
+    """BioImage.IO preprocessing steps equal to normalize.normalize for a model.json description `d`."""
+    n = d["normalize"]
+    mean, std = mean_std(Normalization(n["mode"], n["pmin"], n["pmax"], n["per_image"], d["input_channels"]))
+    steps = [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
+    if n["mode"] == "percentile":
+        steps += [{"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": float(n["pmin"]),
+                                                   "max_percentile": float(n["pmax"])}},
+                  {"id": "clip", "kwargs": {"min": 0.0, "max": 1.0}},
+                  {"id": "scale_linear", "kwargs": {"gain": 1 / std[0], "offset": -mean[0] / std[0]}}]
+    else:
+        full = float(n["full_range"])
+        steps.append({"id": "scale_linear", "kwargs": {"axis": "channel", "gain": [1 / (full * s) for s in std],
+                                                       "offset": [-m / s for m, s in zip(mean, std)]}})
+    return steps + [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
+
+
+def channel_names(d):
+    c = d["input_channels"]
+    return ["red", "green", "blue"] if c == 3 else [f"channel{k}" for k in range(c)]
+
+
+def network_part(predictor):
+    """The Predictor's network, head and activation as archs.Probabilities (the package's model), same weights."""
+    d = predictor.description
+    kwargs = {"arch": d["arch"], "num_classes": d["num_classes"], "input_channels": d["input_channels"],
+              "deep_supervision": bool(d["deep_supervision"]), "class_mode": d["class_mode"],
+              "per_image_eps": STANDARDIZE_EPS if d["normalize"]["per_image"] else None}
+    model = archs.Probabilities(**kwargs)
+    model.network.load_state_dict(predictor.network.state_dict())
+    return model.float().eval(), kwargs
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tensor_axes(d, space):
+    return [{"type": "batch"}, {"type": "channel", "channel_names": channel_names(d) if space == "input" else
+                                [f"class{c}" for c in d["class_names"]]},
+            *({"type": "space", "id": a, "size": {"min": d["size_multiple"], "step": d["size_multiple"]}
+               if space == "input" else {"tensor_id": "raw", "axis_id": a}} for a in ("y", "x"))]
+
+
+def rdf(d, info, kwargs, folder):
+    """rdf.yaml's content for the files written in `folder`."""
+    h = lambda key: sha256(os.path.join(folder, FILES[key]))  # noqa: E731
+    version = torch.__version__.split("+")[0]
+    h_in, w_in = d["input_size"]
+    return {
+        "format_version": FORMAT_VERSION, "type": "model", "name": info.name, "description": info.description,
+        "authors": [{"name": a} for a in info.authors], "license": info.license,
+        "cite": [CITE[d["arch"]]], "covers": [{"source": FILES["cover"]}], "documentation": {"source": FILES["documentation"]},
+        "tags": ["segmentation", "unet" if d["arch"] == "UNet" else "unet++", "2d", "pytorch", "unet-toolkit"],
+        "inputs": [{"id": "raw", "description": f"raw image, values as in the {d['input_dtype']} files the model "
+                    f"trained on; any height and width that are multiples of {d['size_multiple']} (trained at "
+                    f"{h_in}x{w_in})", "axes": tensor_axes(d, "input"),
+                    "test_tensor": {"source": FILES["test_input"], "sha256": h("test_input")},
+                    "data": {"type": "float32"}, "preprocessing": preprocessing(d)}],
+        "outputs": [{"id": "probabilities", "description": ("softmax over the classes" if d["class_mode"] == "softmax"
+                                                            else "sigmoid per class") + "; threshold at 0.5 for masks",
+                     "axes": tensor_axes(d, "output"),
+                     "test_tensor": {"source": FILES["test_output"], "sha256": h("test_output")},
+                     "data": {"type": "float32", "range": [0.0, 1.0]}}],
+        "weights": {
+            "pytorch_state_dict": {"source": FILES["state_dict"], "sha256": h("state_dict"), "pytorch_version": version,
+                                   "architecture": {"source": FILES["architecture"], "sha256": h("architecture"),
+                                                    "callable": "Probabilities", "kwargs": kwargs}},
+            "torchscript": {"source": FILES["torchscript"], "sha256": h("torchscript"), "pytorch_version": version,
+                            "parent": "pytorch_state_dict"},
+            "onnx": {"source": FILES["onnx"], "sha256": h("onnx"), "opset_version": OPSET,
+                     "parent": "pytorch_state_dict"}},
+        "config": {"bioimageio": {"reproducibility_tolerance": [
+            {"absolute_tolerance": TOLERANCE, "relative_tolerance": TOLERANCE}]}},
+    }
+
+
+def checked(name, got, expected):
+    diff = float(np.abs(np.asarray(got, np.float64) - expected.numpy()).max())
+    if not diff <= TOLERANCE:
+        raise UserError(f"the BioImage.IO package's {name} weights differ from PyTorch's output by {diff:.2e} (more "
+                        f"than {TOLERANCE:g}); the package was not written. Please report this with the run's config.yml")
+    return diff
+
+
+def write_weights(model, z, expected, folder):
+    """weights.pt, TorchScript and ONNX of the package's model, each checked on the normalised test input z."""
+    torch.save(model.state_dict(), os.path.join(folder, FILES["state_dict"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # tracer warnings: the size check becomes a constant
+        traced = torch.jit.trace(model, (z,), check_trace=False)
+        traced.save(os.path.join(folder, FILES["torchscript"]))
+        axes = {0: "batch", 2: "y", 3: "x"}
+        torch.onnx.export(model, (z,), os.path.join(folder, FILES["onnx"]), input_names=["raw"],
+                          output_names=["probabilities"], dynamic_axes={"raw": axes, "probabilities": axes},
+                          opset_version=OPSET, dynamo=False)
+    import onnxruntime
+    session = onnxruntime.InferenceSession(os.path.join(folder, FILES["onnx"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        checked("pytorch_state_dict", model(z), expected)
+        checked("torchscript", torch.jit.load(os.path.join(folder, FILES["torchscript"]))(z), expected)
+    return checked("onnx", session.run(None, {"raw": z.numpy()})[0], expected)
+
+
+def write_cover(x, expected, path):
+    """A 2:1 cover: the test image as a person sees it, and the first class's probabilities, side by side."""
+    image = display_image(x[0].permute(1, 2, 0).numpy())
+    probs = (expected[0, 0].numpy() * 255).round().astype(np.uint8)
+    side = 256
+    tiles = [cv2.resize(image, (side, side), interpolation=cv2.INTER_NEAREST),
+             cv2.resize(cv2.cvtColor(probs, cv2.COLOR_GRAY2RGB), (side, side), interpolation=cv2.INTER_NEAREST)]
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.concatenate(tiles, axis=1), cv2.COLOR_RGB2BGR))
+    atomic_write(path, lambda f: f.write(png.tobytes()), mode="wb")
+
+
+def documentation(d, info):
+    """The package's README.md."""
+    steps = ", ".join(s["id"] for s in preprocessing(d)[1:-1])
+    return (f"# {info.name}\n\n{info.description}\n\nA {d['arch']} trained with unet-toolkit. Input `raw`: "
+            f"(batch, {d['input_channels']}, y, x), the image's raw values, y and x multiples of {d['size_multiple']}; "
+            f"the consumer applies the preprocessing in rdf.yaml ({steps}) to the whole image. Output "
+            f"`probabilities`: (batch, {d['num_classes']}, y, x), in 0..1; threshold at 0.5 for masks.\n")
+
+
+def write(predictor, x, expected, folder, info):
+    """The package folder and its zip (<folder>.zip) for a Predictor, its raw test input x and output expected
+    (1, K, H, W); each weight format checked against `expected`, the zip validated with bioimageio.spec."""
+    import yaml
+    os.makedirs(folder, exist_ok=True)
+    model, kwargs = network_part(predictor)
+    z = normalize(x, predictor.ranges(x), replace(predictor.norm, per_image=False))    # per_image: in the model
+    diff = write_weights(model, z, expected, folder)
+    atomic_write(os.path.join(folder, FILES["architecture"]), lambda f: f.write(inspect.getsource(archs)))
+    np.save(os.path.join(folder, FILES["test_input"]), x.numpy())
+    np.save(os.path.join(folder, FILES["test_output"]), expected.numpy())
+    write_cover(x, expected, os.path.join(folder, FILES["cover"]))
+    atomic_write(os.path.join(folder, FILES["documentation"]), lambda f: f.write(documentation(predictor.description, info)))
+    content = rdf(predictor.description, info, kwargs, folder)
+    atomic_write(os.path.join(folder, "rdf.yaml"), lambda f: yaml.safe_dump(content, f, sort_keys=False))
+    zip_path = folder.rstrip(os.sep) + ".zip"
+    tmp = zip_path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in ["rdf.yaml", *FILES.values()]:
+            zf.write(os.path.join(folder, name), name)
+    os.replace(tmp, zip_path)
+    return zip_path, diff
+
+
+def validate(path):
+    """bioimageio.spec's validation of a package (offline: every file is in it) -> its status; a UserError with
+    the validation's report when it is not valid."""
+    from bioimageio.spec import InvalidDescr, load_description
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        descr = load_description(path, perform_io_checks=True)
+    summary = descr.validation_summary
+    if isinstance(descr, InvalidDescr) or summary.status not in ("valid-format", "passed"):
+        found = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in summary.errors) or summary.status
+        raise UserError(f"the BioImage.IO package {path} did not pass bioimageio.spec's validation ({found}). "
+                        "Please report this with the run's config.yml")
+    return summary.status
