@@ -87,9 +87,11 @@ def test_variants_train_and_evaluate(tmp_path, extra, data_kw, name, monkeypatch
         assert ((stack > 0).sum(0) == 1).all()
 
 
-def test_config_rerun_with_override(tmp_path):
+def test_config_rerun_with_override(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs")
-    run("train.py", ["--dataset", "tiny", "--arch", "UNet", "--name", "first", *FAST], tmp_path)
+    code, _, err = run_main(train.main, ["--dataset", "tiny", "--arch", "UNet", "--name", "first", *FAST], tmp_path,
+                            monkeypatch, capsys)
+    assert code == 0, err
     cfg_path = str(tmp_path / "models" / "first" / "config.yml")
     edited = yaml.safe_load(open(cfg_path))
     edited["lr"] = 0.0005                                          # the documented edit-and-rerun workflow
@@ -100,9 +102,11 @@ def test_config_rerun_with_override(tmp_path):
     assert len(read_csv(tmp_path / "models" / "second" / "log.csv")) == 1
 
 
-def test_predict_unlabeled_images(tmp_path):
+def test_predict_unlabeled_images(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs")
-    run("train.py", ["--dataset", "tiny", "--arch", "UNet", "--name", "m", *FAST, "--epochs", "1"], tmp_path)
+    code, _, err = run_main(train.main, ["--dataset", "tiny", "--arch", "UNet", "--name", "m", *FAST, "--epochs", "1"],
+                            tmp_path, monkeypatch, capsys)
+    assert code == 0, err
     new = tmp_path / "new"
     make_data(tmp_path, "new_set", n=3, size=48)
     os.rename(tmp_path / "new_set" / "images", new)

@@ -19,6 +19,7 @@ import yaml
 
 import checkpoint
 import train
+import val
 from conftest import ROOT, make_data, run_main
 from runlog import COLUMNS
 
@@ -162,14 +163,14 @@ def test_zero_one_masks_train_with_one_warning(workdir):
     assert float(read_log(workdir / "models" / "zero_one" / "log.csv")[0]["val_iou"]) > 0.05   # not all-background
 
 
-def test_existing_run_is_not_overwritten(workdir):
+def test_existing_run_is_not_overwritten(workdir, monkeypatch, capsys):
     before = snapshot(workdir / "models")
     r = subprocess.run(TRAIN + FAST + ["--name", "old"], cwd=workdir, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--resume" in r.stderr and "--overwrite" in r.stderr and "models/old" in r.stderr
     assert snapshot(workdir / "models") == before
-    r = subprocess.run(TRAIN + FAST + ["--name", "old", "--overwrite"], cwd=workdir, capture_output=True, text=True)
-    assert r.returncode == 0 and len(read_log(workdir / "models" / "old" / "log.csv")) == 2
+    code, _, err = run_main(train.main, FAST + ["--name", "old", "--overwrite"], workdir, monkeypatch, capsys)
+    assert code == 0 and len(read_log(workdir / "models" / "old" / "log.csv")) == 2, err
 
 
 @pytest.mark.parametrize("case, args, expected", [
@@ -221,10 +222,11 @@ def interrupt_when(proc, log_path, rows, sig=signal.SIGINT):
 @pytest.mark.parametrize("sig, loader", [(signal.SIGINT, ["--loader", "memory"]),
                                          (signal.SIGTERM, ["--loader", "workers", "--num_workers", "2"])],
                          ids=["sigint-memory-loader", "sigterm-worker-loader"])
-def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader):
+def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader, monkeypatch, capsys):
+    """The signal goes to a real process; the uninterrupted run and the resume run train.py's main here."""
     args = FAST + ["--epochs", "5", "--seed", "7", "--scheduler", "CosineAnnealingLR"] + loader
-    r = subprocess.run(TRAIN + args + ["--name", "straight"], cwd=workdir, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_main(train.main, args + ["--name", "straight"], workdir, monkeypatch, capsys)
+    assert code == 0, err
 
     proc = subprocess.Popen(TRAIN + args + ["--name", "broken"], cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -233,9 +235,9 @@ def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader):
     assert "python train.py --name broken --resume" in err
     done = checkpoint.load(str(workdir / "models" / "broken" / "last.pth"))["epoch"]
     assert 2 <= done < 5
-    r = subprocess.run(TRAIN + ["--name", "broken", "--resume"], cwd=workdir, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert f"resuming after epoch {done}" in r.stdout
+    code, out, err = run_main(train.main, ["--name", "broken", "--resume"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert f"resuming after epoch {done}" in out
 
     a, log_a = final_state(workdir / "models" / "straight")
     b, log_b = final_state(workdir / "models" / "broken")
@@ -248,9 +250,9 @@ def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader):
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
-def test_resume_with_more_epochs(workdir):
-    r = subprocess.run(TRAIN + ["--name", "old", "--resume", "--epochs", "3"], cwd=workdir, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_resume_with_more_epochs(workdir, monkeypatch, capsys):
+    code, _, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
+    assert code == 0, err
     assert [row["epoch"] for row in read_log(workdir / "models" / "old" / "log.csv")] == ["1", "2", "3"]
     assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["epochs"] == 3
 
@@ -261,12 +263,12 @@ def test_resume_and_overwrite_together_are_refused(workdir):
 
 
 def test_sigkill_at_random_moments_never_corrupts_files(workdir):
-    """SIGKILL a long run at 10 random moments (resuming after each); every file left must load."""
+    """SIGKILL a long run at 6 random moments (resuming after each); every file left must load."""
     rng = random.Random(0)
     run_dir = workdir / "models" / "killme"
     args = FAST + ["--name", "killme", "--epochs", "10000"]
     kills = 0
-    while kills < 10:
+    while kills < 6:
         first = not (run_dir / "last.pth").exists()
         proc = subprocess.Popen(TRAIN + args + ([] if first else ["--resume"]), cwd=workdir,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -310,7 +312,7 @@ def test_overwrite_removes_only_the_runs_own_files(workdir):
     assert (workdir / "models" / "other_run_untouched").exists() is False      # and nothing beside it was made
 
 
-def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_taken_over(workdir):
+def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_taken_over(workdir, monkeypatch, capsys):
     args = FAST + ["--name", "race", "--epochs", "10000"]
     first = subprocess.Popen(TRAIN + args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -318,18 +320,17 @@ def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_taken_over(workdir):
         deadline = time.time() + 120
         while log_rows(log) < 1 and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        second = subprocess.run(TRAIN + args + ["--overwrite", "--seed", "3"], cwd=workdir, capture_output=True,
-                                text=True)
-        assert second.returncode == 2 and "Traceback" not in second.stderr
-        assert f"being trained right now by process {first.pid}" in second.stderr
+        code, _, err = run_main(train.main, args + ["--overwrite", "--seed", "3"], workdir, monkeypatch, capsys)
+        assert code == 2 and "Traceback" not in err
+        assert f"being trained right now by process {first.pid}" in err
         assert yaml.safe_load(open(workdir / "models" / "race" / "config.yml"))["seed"] == 0   # the first run's
     finally:
         first.kill()                                    # SIGKILL: its lock stays behind
         first.wait()
     assert (workdir / "models" / "race" / ".lock").exists()
-    r = subprocess.run(TRAIN + ["--name", "race", "--resume", "--epochs", str(log_rows(log) + 1)], cwd=workdir,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr                  # a dead process's lock does not block
+    code, _, err = run_main(train.main, ["--name", "race", "--resume", "--epochs", str(log_rows(log) + 1)], workdir,
+                            monkeypatch, capsys)
+    assert code == 0, err                               # a dead process's lock does not block
     assert not (workdir / "models" / "race" / ".lock").exists()
 
 
@@ -361,7 +362,7 @@ train.main(sys.argv[2:])
 
 
 @pytest.mark.parametrize("instant", ["last.pth", "model.pth", "log.csv"])
-def test_killed_between_an_epochs_files_the_folder_is_repaired(workdir, instant):
+def test_killed_between_an_epochs_files_the_folder_is_repaired(workdir, instant, monkeypatch, capsys):
     """SIGKILL right after each of an epoch's files: val.py and --resume find (or repair to) one whole epoch."""
     script = KILL_AFTER.format(root=ROOT)
     r = subprocess.run([sys.executable, "-c", script, instant, *FAST, "--name", "k", "--epochs", "3"], cwd=workdir,
@@ -369,11 +370,11 @@ def test_killed_between_an_epochs_files_the_folder_is_repaired(workdir, instant)
     assert r.returncode == -signal.SIGKILL, r.stderr
     run_dir = workdir / "models" / "k"
     assert checkpoint.load(str(run_dir / "last.pth"))["epoch"] == 1
-    v = subprocess.run(VAL + ["--name", "k"], cwd=workdir, capture_output=True, text=True)
-    assert v.returncode == 0, v.stderr                  # model.pth is there (repaired if it was not yet written)
+    code, _, err = run_main(val.main, ["--name", "k"], workdir, monkeypatch, capsys)
+    assert code == 0, err                               # model.pth is there (repaired if it was not yet written)
     assert [row["epoch"] for row in read_log(run_dir / "log.csv")] == ["1"]
-    r = subprocess.run(TRAIN + ["--name", "k", "--resume"], cwd=workdir, capture_output=True, text=True)
-    assert r.returncode == 0 and "resuming after epoch 1" in r.stdout, r.stderr
+    code, out, err = run_main(train.main, ["--name", "k", "--resume"], workdir, monkeypatch, capsys)
+    assert code == 0 and "resuming after epoch 1" in out, err
     assert [row["epoch"] for row in read_log(run_dir / "log.csv")] == ["1", "2", "3"]
 
 
