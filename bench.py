@@ -37,7 +37,7 @@ from loaders import make_loaders
 from metrics import SegMeter
 from normalize import resolve_mode
 from predictor import Predictor, describe
-from predict import Member, make_dirs, run_inference
+from predict import Member, output_subfolders, run_inference
 from rundir import EpochWriter
 from utils import UserError, exit_on_user_error, resolve_device
 
@@ -143,7 +143,8 @@ def predict_rate(cfg, rt, val_data):
               "input": SegMeter(cfg["num_classes"], rt.device)}
     members = [Member("bench", cfg, rt, model)]
     with tempfile.TemporaryDirectory() as out_dir:
-        make_dirs(out_dir, cfg["num_classes"], options)
+        for sub in output_subfolders(cfg["num_classes"], options):
+            os.makedirs(os.path.join(out_dir, sub))
         run_inference(members, val_data.subset(val_data.ids[:16]), options, out_dir, meters)   # warm-up
         rt.synchronize()
         t0 = time.perf_counter()

@@ -247,15 +247,23 @@ def finish_image(out_dir, data, k, image, arrays, args, cfg):
     return row
 
 
-def make_dirs(out_dir, num_classes, args):
-    for c in range(num_classes):
-        os.makedirs(os.path.join(out_dir, str(c)), exist_ok=True)
-        if args.save_probs:
-            os.makedirs(os.path.join(out_dir, "probs", str(c)), exist_ok=True)
-    if args.overlay:
-        os.makedirs(os.path.join(out_dir, "overlay"), exist_ok=True)
-    if args.instances:
-        os.makedirs(os.path.join(out_dir, "instances"), exist_ok=True)
+def output_subfolders(num_classes, args):
+    """The subfolders of the output folder that write_outputs and write_labels write into."""
+    classes = [str(c) for c in range(num_classes)]
+    return (classes + ([f"probs/{c}" for c in classes] if args.save_probs else []) +
+            (["overlay"] if args.overlay else []) + (["instances"] if args.instances else []))
+
+
+def output_files(ids, num_classes, args):
+    """Every file write_outputs and write_labels may write for these images, relative to the output folder."""
+    ext = "." + getattr(args, "output_format", "png")
+    files = []
+    for i in ids:
+        for c in range(num_classes):
+            files += [f"{c}/{i}{ext}"] + ([f"probs/{c}/{i}{ext}"] if args.save_probs else [])
+        files += ([f"overlay/{i}.png"] if args.overlay else []) + ([f"instances/{i}.png", f"instances/{i}.tif"]
+                                                                    if args.instances else [])
+    return files
 
 
 def run_inference(members, data, args, out_dir, meters):

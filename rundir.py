@@ -90,8 +90,9 @@ class RunLock:
     first one's process id. A lock whose process is gone (killed) is taken over. `active`: False for the
     processes of a torchrun job other than the first, which do not write."""
 
-    def __init__(self, run_dir, active):
+    def __init__(self, run_dir, active, doing="trained", fix="train under another --name"):
         self.path, self.active, self.held = os.path.join(run_dir, LOCK), active, False
+        self.doing, self.fix = doing, fix          # the wording of the refusal: val.py locks its output folder too
 
     def __enter__(self):
         if not self.active:
@@ -110,7 +111,7 @@ class RunLock:
                 f.write(me + "\n")
             self.held = True
             return self
-        raise UserError(f"could not take {self.path}; another process keeps creating it. Use another --name.")
+        raise UserError(f"could not take {self.path}; another process keeps creating it. {self.fix[0].upper()}{self.fix[1:]}.")
 
     def refuse_or_clear(self):
         """Raises while the lock's process is alive (or on another machine); removes a dead process's lock."""
@@ -120,11 +121,11 @@ class RunLock:
         pid, host = holder
         run_dir = os.path.dirname(self.path)
         if host != socket.gethostname():
-            raise UserError(f"{run_dir} is being trained by process {pid} on {host}. Wait for it, stop it, or use "
-                            f"another --name (if nothing is training it, delete {self.path}).")
+            raise UserError(f"{run_dir} is being {self.doing} by process {pid} on {host}. Wait for it, stop it, or "
+                            f"{self.fix} (if nothing is using it, delete {self.path}).")
         if pid.isdigit() and process_alive(int(pid)):
-            raise UserError(f"{run_dir} is being trained right now by process {pid} on this machine. Wait for it "
-                            "to finish, stop it, or train under another --name.")
+            raise UserError(f"{run_dir} is being {self.doing} right now by process {pid} on this machine. Wait for it "
+                            f"to finish, stop it, or {self.fix}.")
         os.remove(self.path)                   # its process was killed: the lock is stale
 
     def __exit__(self, *exc):

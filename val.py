@@ -21,7 +21,8 @@ import rundir
 from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
 from instances import METHODS
 from metrics import SegMeter
-from predict import OUTPUT_FORMATS, legend, load_run, make_dirs, run_inference
+from outputs import OutputFolder, run_folders
+from predict import OUTPUT_FORMATS, legend, load_run, output_files, output_subfolders, run_inference
 from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -115,20 +116,6 @@ def hints(cfg, name):
         "num_classes": f"the run {name} predicts {n} class(es), so a folder scored with it needs masks/0 .. "
                        f"masks/{n - 1}",
     }
-
-
-def clear_outputs(out_dir, num_classes):
-    """Removes what an earlier evaluation wrote in out_dir (masks, probability maps, overlays, instances, CSVs), so
-    that the folder holds this evaluation alone. Nothing else in it is touched."""
-    folders = [str(c) for c in range(num_classes)] + [os.path.join("probs", str(c)) for c in range(num_classes)]
-    for folder in folders + ["overlay", "instances"]:
-        path = os.path.join(out_dir, folder)
-        for f in os.listdir(path) if os.path.isdir(path) else []:
-            if f.endswith((".png", ".tif")):
-                os.remove(os.path.join(path, f))
-    for f in ("metrics.csv", "objects.csv"):
-        if os.path.isfile(os.path.join(out_dir, f)):
-            os.remove(os.path.join(out_dir, f))
 
 
 OBJECT_COLUMNS = ["object_score", "f1_50", "true_count", "pred_count", "count_error"]
@@ -280,12 +267,23 @@ def evaluate(args):
         shrink_note(data, members, args)
         depth_note(data, members)
     out_dir = args.output or default_out
-    try:
-        clear_outputs(out_dir, cfg["num_classes"])
-        make_dirs(out_dir, cfg["num_classes"], args)
-    except OSError as e:
-        raise UserError(f"cannot write the outputs in {out_dir}: {e.strerror or e}. Make it writable, or pass "
-                        "--output DIR") from None
+    with OutputFolder(out_dir, protected_folders(args, members), output_subfolders(cfg["num_classes"], args)) as out:
+        out.record(output_files(data.ids, cfg["num_classes"], args) + ["metrics.csv", "objects.csv"])
+        predict_into(out_dir, members, data, args)
+
+
+def protected_folders(args, members):
+    """[(folder, what it is)] that val.py must not write into: the data it reads, the runs' data sets, the runs."""
+    found = [(args.data, "the labelled folder --data names")] if args.data else []
+    found += [(args.images, "the folder --images names")] if args.images else []
+    found += [(os.path.join(m.cfg["data_dir"], m.cfg["dataset"]), f"the data set run {m.name} trained on")
+              for m in members]
+    return found + run_folders(args.runs_dir)
+
+
+def predict_into(out_dir, members, data, args):
+    """Predicts and scores `data` into out_dir (checked, locked and cleared): files, metrics, objects, summary."""
+    cfg = members[0].cfg
     device = members[0].rt.device
     single = len(members) == 1 and not (args.tile or cfg["crop"])
     meters = {"image": SegMeter(cfg["num_classes"], device, keep_per_image=True),

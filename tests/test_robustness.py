@@ -433,14 +433,39 @@ def test_val_uses_the_recorded_split_and_clears_stale_outputs(workdir, monkeypat
         shutil.copy(data / "masks" / "0" / "img0000.png", data / "masks" / "0" / f"new{k}.png")
     out = workdir / "outputs" / "old"
     os.makedirs(out / "0")
-    (out / "0" / "stale.png").write_bytes(b"")
+    (out / "0" / "stale.png").write_bytes(b"")            # an earlier evaluation's mask (recorded): removed
+    (out / ".val_files").write_text("0/stale.png\n")
+    (out / "0" / "mine.png").write_bytes(b"")             # the user's file (not recorded): kept
     code, stdout, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
     assert code == 0, err
     assert "3 image(s) more and 0 fewer than when the run trained" in stdout
     recorded = [line.split(",")[0] for line in (workdir / "models" / "old" / "split.csv").read_text().splitlines()
                 if line.endswith(",val")]
     assert [row["id"] for row in read_log(out / "metrics.csv")] == recorded
-    assert sorted(os.listdir(out / "0")) == sorted(i + ".png" for i in recorded)
+    assert sorted(os.listdir(out / "0")) == sorted([i + ".png" for i in recorded] + ["mine.png"])
+
+
+@pytest.mark.parametrize("output, what", [("inputs/tiny/masks", "the labelled folder --data names"),
+                                          ("inputs/tiny", "the labelled folder --data names"),
+                                          ("models/old", "the run folder of old"),
+                                          ("models", "the runs folder")])
+def test_val_never_writes_into_the_data_or_a_run(workdir, monkeypatch, capsys, output, what):
+    before = snapshot(workdir)
+    code, _, err = run_main(val_main(), ["--name", "old", "--data", "inputs/tiny", "--output", output], workdir,
+                            monkeypatch, capsys)
+    assert code == 2 and f"--output {output} is inside" in err and what in err and "Traceback" not in err
+    assert snapshot(workdir) == before                  # nothing written, nothing removed
+
+
+def test_an_output_subfolder_that_is_a_link_is_refused(workdir, monkeypatch, capsys):
+    elsewhere = workdir / "my_masks"
+    elsewhere.mkdir()
+    (elsewhere / "img0001.png").write_bytes(b"mine")
+    os.makedirs(workdir / "outputs" / "old")
+    os.symlink(elsewhere, workdir / "outputs" / "old" / "0")
+    code, _, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 2 and "is a symbolic link" in err
+    assert os.listdir(elsewhere) == ["img0001.png"] and (elsewhere / "img0001.png").read_bytes() == b"mine"
 
 
 def val_main():

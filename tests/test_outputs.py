@@ -1,0 +1,83 @@
+"""outputs.py: val.py's output folder is never the user's data, is written by one evaluation at a time, and only
+the files the last evaluation recorded are removed."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rundir
+from outputs import RECORD, OutputFolder, check_place, run_folders
+from utils import UserError
+
+
+def test_a_folder_inside_or_equal_to_a_protected_one_is_refused(tmp_path):
+    data = tmp_path / "inputs" / "cells"
+    (data / "masks" / "0").mkdir(parents=True)
+    protected = [(str(data), "the data set")]
+    for bad in (data, data / "masks", data / "masks" / "0", tmp_path / "inputs" / "x" / ".." / "cells"):
+        with pytest.raises(UserError, match="is inside .*the data set"):
+            check_place(str(bad), protected)
+    os.symlink(data, tmp_path / "alias")                  # a link to the data set is the data set
+    with pytest.raises(UserError, match="inside"):
+        check_place(str(tmp_path / "alias" / "masks"), protected)
+    check_place(str(tmp_path / "outputs" / "cells"), protected)      # beside it: fine
+    check_place(str(tmp_path / "inputs"), protected)                 # holding it: fine (only recorded files go)
+
+
+def test_run_folders_are_the_runs_and_the_runs_folder(tmp_path, monkeypatch):
+    runs = tmp_path / "models"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "config.yml").write_text("arch: UNet\n")
+    (runs / "notes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert [f for f, _ in run_folders(str(runs))] == [str(runs / "a"), str(runs)]
+    monkeypatch.chdir(runs)                                   # --runs_dir .: only the runs themselves
+    assert [f for f, _ in run_folders(".")] == ["./a"]
+
+
+def test_only_the_recorded_files_are_removed_by_the_next_evaluation(tmp_path):
+    out = tmp_path / "out"
+    with OutputFolder(str(out), [], ["0", "overlay"]) as folder:
+        folder.record(["0/a.png", "0/b.png", "overlay/a.png", "metrics.csv", "../escape.png"])
+        for f in ("0/a.png", "0/b.png", "overlay/a.png", "metrics.csv"):
+            (out / f).write_text("val")
+    (out / "0" / "mine.png").write_text("the user's")           # put there by the user afterwards
+    (tmp_path / "escape.png").write_text("outside")
+    with OutputFolder(str(out), [], ["0"]) as folder:
+        assert sorted(os.listdir(out / "0")) == ["mine.png"] and not (out / "metrics.csv").exists()
+        assert os.listdir(out / "overlay") == [] and (tmp_path / "escape.png").exists()
+        assert not (out / RECORD).exists()
+        assert (out / rundir.LOCK).exists()                     # locked while it writes
+    assert not (out / rundir.LOCK).exists()
+
+
+def test_a_linked_subfolder_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "a.png").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(target, out / "0")
+    (out / RECORD).write_text("0/a.png\n")
+    with pytest.raises(UserError, match="is a symbolic link"):
+        with OutputFolder(str(out), [], ["0"]):
+            pass
+    assert (target / "a.png").read_text() == "keep"
+
+
+def test_a_second_evaluation_into_a_folder_in_use_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        (out / rundir.LOCK).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(UserError, match=f"written by another val.py right now by process {sleeper.pid}.*--output"):
+            with OutputFolder(str(out), [], ["0"]):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with OutputFolder(str(out), [], ["0"]):                      # its process gone: the lock is taken over
+        pass
