@@ -118,7 +118,7 @@ def test_predict_unlabeled_images(tmp_path, monkeypatch, capsys):
     assert not (pred / "metrics.csv").exists() and "IoU" not in r.stdout
 
 
-def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path):
+def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path, monkeypatch, capsys):
     """A folder as it comes from the microscope and the annotation tool: 16-bit TIFF images, 16-bit TIFF labels."""
     import tifffile
     from conftest import make_microscopy
@@ -146,7 +146,9 @@ def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path):
     os.makedirs(unlabelled)
     for f in sorted(os.listdir(tmp_path / "inputs" / "cells16" / "images"))[:3]:
         os.link(tmp_path / "inputs" / "cells16" / "images" / f, unlabelled / f.replace(".tif", ".TIFF"))
-    run("val.py", ["--name", "m", "--images", str(unlabelled), "--output_format", "tif"], tmp_path)
+    code, _, err = run_main(val.main, ["--name", "m", "--images", str(unlabelled), "--output_format", "tif"], tmp_path,
+                            monkeypatch, capsys)
+    assert code == 0, err
     predicted = sorted(os.listdir(tmp_path / "outputs" / "m" / "predictions" / "0"))
     assert len(predicted) == 3 and all(f.endswith(".tif") for f in predicted)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from archs import UNet
-from conftest import ROOT, make_data
+from conftest import ROOT, make_data, run_main
 from tiling import predict_tiled, starts
 
 TOLERANCE = 0.005   # max |tiled - direct| of probabilities in the interior, for a 7-pixel receptive field
@@ -60,13 +60,15 @@ def test_network_memory_is_bounded_by_the_tile_batch_not_the_image():
     hook.remove()
 
 
-def test_train_on_crops_then_predict_whole_images(tmp_path):
+def test_train_on_crops_then_predict_whole_images(tmp_path, monkeypatch, capsys):
+    """Training in this process (train.py's main), val.py as a process of its own."""
+    import train
     make_data(tmp_path / "inputs", size=64)              # 64x64 images, 32x32 crops
     args = ["--dataset", "tiny", "--arch", "UNet", "--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32",
             "--num_workers", "0", "--device", "cpu", "--optimizer", "Adam", "--crop", "--name", "crops"]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "loader workers" in r.stdout                     # crops stream through the albumentations path
+    code, out, err = run_main(train.main, args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "loader workers" in out                          # crops stream through the albumentations path
     r = subprocess.run([sys.executable, os.path.join(ROOT, "val.py"), "--name", "crops", "--batch_size", "3"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
