@@ -69,10 +69,15 @@ def write_start(run_dir, engine, resume, start):
     atomic_write(os.path.join(run_dir, "model.json"), lambda f: json.dump(start["model"], f, indent=1))
     if resume:
         return
-    split = start["split"]
-    rows = "".join(f"{i},{subset}\n" for subset in ("train", "val") for i in split[subset])
-    atomic_write(os.path.join(run_dir, "split.csv"), lambda f: f.write("id,subset\n" + rows))
+    atomic_write(os.path.join(run_dir, "split.csv"), lambda f: write_split(f, start["split"]))
     checkpoint.save(engine.state_dict(), os.path.join(run_dir, "last.pth"))
+
+
+def write_split(f, split):
+    """split.csv: id,subset per image, quoted by the csv module (an id may hold a comma, a quote or a newline)."""
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(["id", "subset"])
+    writer.writerows([i, subset] for subset in ("train", "val") for i in split[subset])
 
 
 def read_split(run_dir):

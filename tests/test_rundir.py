@@ -72,3 +72,10 @@ def test_repair_completes_an_epoch_cut_short(tmp_path, best_epoch, model_rewritt
     expected = 3.0 if model_rewritten else 2.0
     assert torch.equal(checkpoint.load(os.path.join(run_dir, "model.pth"))["w"], torch.full((2,), expected))
     assert rundir.repair(run_dir) is None                # nothing left to repair
+
+
+def test_split_csv_keeps_ids_with_commas_quotes_and_newlines(tmp_path):
+    split = {"train": ["plain", "a,b", 'say "hi"', "two\nlines"], "val": ["x, y", "é"]}
+    with open(tmp_path / "split.csv", "w") as f:
+        rundir.write_split(f, split)
+    assert rundir.read_split(str(tmp_path)) == split
