@@ -434,6 +434,9 @@ def resumed(cfg, sources, runs):
                             f"--{key} {cfg[key]}. Only {', '.join(RESUMABLE)} may change on resume.")
         changes.append(f"{key} {saved[key]} -> {cfg[key]}")
         saved[key] = cfg[key]
+    if saved["name"] != cfg["name"]:       # a copied or renamed run folder: it is the run --name names, not the old one
+        changes.append(f"name {saved['name']} -> {cfg['name']} (the folder was copied or renamed)")
+        saved["name"] = cfg["name"]
     return check(saved, path), changes
 
 

@@ -573,10 +573,34 @@ def split(data, cfg):
     return data.subset(train_ids), data.subset(val_ids)
 
 
-def load_splits(cfg, hints=None):
+def load_splits(cfg, hints=None, recorded=None):
     """The config's data set, validated and decoded, as (train, validation): the split train.py and bench.py
-    use. hints: how the running script sets each data setting, for its messages (default: TRAIN_HINTS)."""
+    use. hints: how the running script sets each data setting, for its messages (default: TRAIN_HINTS).
+    recorded: a resumed run's split.csv ({'train', 'val'}): then its split of the images still there, never a new
+    one (images added since are left out, so no validation image is ever trained on)."""
     root, hints = os.path.join(cfg["data_dir"], cfg["dataset"]), hints or TRAIN_HINTS
     scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints)
+    if recorded is not None:
+        note = split_changes(root, recorded, scanned)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        scanned = {i: scanned[i] for i in recorded["train"] + recorded["val"] if i in scanned}
+        if not any(i in scanned for i in recorded["val"]) or not any(i in scanned for i in recorded["train"]):
+            raise UserError(f"{root} no longer holds the run's training or validation images (its split.csv); "
+                            "start a new run on the data set as it is now (another --name)")
     data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints)
+    if recorded is not None:
+        return data.subset([i for i in recorded["train"] if i in scanned]), \
+            data.subset([i for i in recorded["val"] if i in scanned])
     return split(data, cfg)
+
+
+def split_changes(root, recorded, present):
+    """A note on a resumed run's images added or removed since it started ('' if none)."""
+    known = set(recorded["train"]) | set(recorded["val"])
+    added, removed = len(set(present) - known), len(known - set(present))
+    if not (added or removed):
+        return ""
+    return (f"{root} has {added} image(s) more and {removed} fewer than when the run started; it goes on with its "
+            "recorded split (split.csv) of the images still there" + (": the new ones are left out (start a new run "
+            "to train on them)" if added else ""))

@@ -66,14 +66,15 @@ def train(cfg, run, interrupts=None):
         distributed.cleanup(rt)
 
 
-def build(cfg, rt, hints):
+def build(cfg, rt, hints, recorded=None):
     """Every check, the data, the network and the loaders, before anything on disk changes:
     -> (engine, (training loader, validation loader), what the run folder records at the start: {'split':
     {'train': ids, 'val': ids}, 'model': model.json's description of the Predictor}).
-    hints: how the data messages tell the user to fix a setting (config.data_hints)."""
+    hints: how the data messages tell the user to fix a setting (config.data_hints). recorded: a resumed run's
+    split.csv, whose split it keeps."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
-    train_data, val_data = load_splits(cfg, hints)    # bad data is reported here, with nothing changed
+    train_data, val_data = load_splits(cfg, hints, recorded)    # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
@@ -84,7 +85,8 @@ def build(cfg, rt, hints):
 
 def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
-    engine, loaders, start = build(cfg, rt, config.data_hints(cfg, run.get("sources", {})))
+    recorded = rundir.read_split(run_dir) if run["resume"] else None       # a resumed run keeps its split
+    engine, loaders, start = build(cfg, rt, config.data_hints(cfg, run.get("sources", {})), recorded)
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused

@@ -507,3 +507,33 @@ def test_a_closed_stdout_does_not_stop_the_run(workdir):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert len(read_log(workdir / "models" / "piped" / "log.csv")) == 2
+
+
+def test_a_copied_or_renamed_run_folder_resumes_as_itself(workdir, monkeypatch, capsys):
+    """cp -a models/old models/copy, then --name copy --resume: the copy trains on; models/old is not touched."""
+    shutil.copytree(workdir / "models" / "old", workdir / "models" / "copy", symlinks=True)
+    before = snapshot(workdir / "models" / "old")
+    code, out, err = run_main(train.main, ["--name", "copy", "--resume", "--epochs", "2"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert "name old -> copy" in out and snapshot(workdir / "models" / "old") == before
+    assert len(read_log(workdir / "models" / "copy" / "log.csv")) == 2
+    assert yaml.safe_load(open(workdir / "models" / "copy" / "config.yml"))["name"] == "copy"
+    os.rename(workdir / "models" / "copy", workdir / "models" / "renamed")
+    code, out, err = run_main(train.main, ["--name", "renamed", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert len(read_log(workdir / "models" / "renamed" / "log.csv")) == 3
+
+
+def test_resume_after_images_were_added_keeps_the_recorded_split(workdir, monkeypatch, capsys):
+    """New images since the run started are left out of a resumed run: none of its validation images is trained on."""
+    data = workdir / "inputs" / "tiny"
+    for k in range(4):
+        shutil.copy(data / "images" / "img0000.png", data / "images" / f"aaa{k}.png")      # sort first: a new split
+        shutil.copy(data / "masks" / "0" / "img0000.png", data / "masks" / "0" / f"aaa{k}.png")
+    before = (workdir / "models" / "old" / "split.csv").read_text()
+    with pytest.warns(UserWarning, match="4 image.s. more and 0 fewer than when the run started.*recorded split"):
+        code, out, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "2"], workdir, monkeypatch,
+                                  capsys)
+    assert code == 0, err
+    assert (workdir / "models" / "old" / "split.csv").read_text() == before
+    assert "8 training, 2 validation images" in out      # the recorded 8 + 2, not a new split of 14
