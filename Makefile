@@ -6,12 +6,10 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test clean-demo
 
-# --no-compile: Python compiles each module when it is first imported instead (torch alone has thousands that
-# no command here imports; compiling them all at install took half a minute)
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
