@@ -119,6 +119,23 @@ def test_bioimageio_core_reproduces_the_test_output_with_every_weight_format(run
                                                                                     "pytorch_state_dict"))
 
 
+def test_a_package_bioimageio_spec_rejects_is_one_clear_error(runs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import bioimageio_package
+    from utils import UserError
+    folder = runs / "models" / "softmax" / "export" / "bioimageio"
+    if not folder.exists():
+        code, _, err = run_main(export.main, ["--name", "softmax"], runs, monkeypatch, capsys)
+        assert code == 0, err
+    shutil.copytree(folder, tmp_path / "pkg")
+    assert bioimageio_package.validate(str(tmp_path / "pkg" / "rdf.yaml")) == "valid-format"
+    with open(tmp_path / "pkg" / "weights.pt", "ab") as f:       # the file no longer has the recorded sha256
+        f.write(b"0")
+    with pytest.raises(UserError, match="did not pass bioimageio.spec.s validation.*SHA256 mismatch for .*weights.pt"):
+        bioimageio_package.validate(str(tmp_path / "pkg" / "rdf.yaml"))
+
+
 def test_bad_exports_get_one_clear_message(runs, monkeypatch, capsys, tmp_path):
     code, _, err = run_main(export.main, ["--name", "nothing"], runs, monkeypatch, capsys)
     assert code == 2 and "there is no run models/nothing" in err and "Traceback" not in err
