@@ -68,10 +68,45 @@ def load_run(name, device_name, runs):
     if cfg["normalize"] == "auto":
         raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
                         f"percentile; train.py printed it); set it back in {cfg_path}")
+    cfg = as_trained(cfg, recorded_description(run_dir), cfg_path)
     rt = runtime.for_inference(device_name, cfg)
     network = build_network(cfg, rt)
     checkpoint.load_weights(network, checkpoint.load(model_path), model_path)
     return Member(name, cfg, rt, Predictor(network, describe(cfg, recorded_dtypes(run_dir))).eval())
+
+
+def recorded_description(run_dir):
+    """The run's model.json (what train.py recorded of the Predictor it trained), or None (older runs)."""
+    try:
+        with open(os.path.join(run_dir, "model.json")) as f:
+            description = json.load(f)
+        return description if isinstance(description, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def trained_settings(d):
+    """The config keys that decide predictions, as a model.json description records them."""
+    n = d["normalize"]
+    return {"arch": d["arch"], "deep_supervision": d["deep_supervision"], "input_channels": d["input_channels"],
+            "num_classes": d["num_classes"], "class_mode": d["class_mode"], "input_h": d["input_size"][0],
+            "input_w": d["input_size"][1], "normalize": n["mode"], "norm_pmin": n["pmin"], "norm_pmax": n["pmax"],
+            "per_image_norm": n["per_image"], "crop": d["crop"]}
+
+
+def as_trained(cfg, description, cfg_path):
+    """The config with the prediction settings the run trained with (model.json) where config.yml was edited
+    since: a note names each difference and says which is used."""
+    try:
+        trained = trained_settings(description) if description else {}
+    except (KeyError, TypeError, IndexError):
+        return cfg
+    edited = {k: v for k, v in trained.items() if k in cfg and cfg[k] != v}
+    if edited:
+        said = ", ".join(f"{k} {cfg[k]!r} (trained with {v!r})" for k, v in edited.items())
+        print(f"note: {cfg_path} was edited after training: {said}; evaluating with what the run trained with "
+              f"(its model.json). To evaluate other settings, train a run with them.")
+    return {**cfg, **edited}
 
 
 def recorded_dtypes(run_dir):

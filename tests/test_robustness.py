@@ -537,3 +537,16 @@ def test_resume_after_images_were_added_keeps_the_recorded_split(workdir, monkey
     assert code == 0, err
     assert (workdir / "models" / "old" / "split.csv").read_text() == before
     assert "8 training, 2 validation images" in out      # the recorded 8 + 2, not a new split of 14
+
+
+def test_val_notices_a_config_edited_after_training_and_evaluates_as_trained(workdir, monkeypatch, capsys):
+    code, out, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    before = (workdir / "outputs" / "old" / "metrics.csv").read_text()
+    cfg_path = workdir / "models" / "old" / "config.yml"
+    cfg = yaml.safe_load(open(cfg_path))
+    yaml.safe_dump({**cfg, "input_w": 64, "normalize": "percentile"}, open(cfg_path, "w"))
+    code, out, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert "was edited after training: input_w 64 (trained with 32), normalize 'percentile' (trained with 'imagenet')" in out
+    assert (workdir / "outputs" / "old" / "metrics.csv").read_text() == before     # the trained settings, not the edit
