@@ -29,6 +29,7 @@ import torch
 import archs
 from normalize import STANDARDIZE_EPS, Normalization, mean_std, normalize
 from predict import display_image
+from predictor import max_difference, save_onnx, save_torchscript
 from utils import UserError, atomic_write
 
 FORMAT_VERSION = "0.5.12"
@@ -133,7 +134,7 @@ def rdf(d, info, kwargs, folder):
 
 
 def checked(name, got, expected):
-    diff = float(np.abs(np.asarray(got, np.float64) - expected.numpy()).max())
+    diff = max_difference(got, expected)
     if not diff <= TOLERANCE:
         raise UserError(f"the BioImage.IO package's {name} weights differ from PyTorch's output by {diff:.2e} (more "
                         f"than {TOLERANCE:g}); the package was not written. Please report this with the run's config.yml")
@@ -143,14 +144,8 @@ def checked(name, got, expected):
 def write_weights(model, z, expected, folder):
     """weights.pt, TorchScript and ONNX of the package's model, each checked on the normalised test input z."""
     torch.save(model.state_dict(), os.path.join(folder, FILES["state_dict"]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # tracer warnings: the size check becomes a constant
-        traced = torch.jit.trace(model, (z,), check_trace=False)
-        traced.save(os.path.join(folder, FILES["torchscript"]))
-        axes = {0: "batch", 2: "y", 3: "x"}
-        torch.onnx.export(model, (z,), os.path.join(folder, FILES["onnx"]), input_names=["raw"],
-                          output_names=["probabilities"], dynamic_axes={"raw": axes, "probabilities": axes},
-                          opset_version=OPSET, dynamo=False)
+    save_torchscript(model, z, os.path.join(folder, FILES["torchscript"]))
+    save_onnx(model, z, os.path.join(folder, FILES["onnx"]), ("raw", "probabilities", "y", "x"), OPSET)
     import onnxruntime
     session = onnxruntime.InferenceSession(os.path.join(folder, FILES["onnx"]), providers=["CPUExecutionProvider"])
     with torch.no_grad():

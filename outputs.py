@@ -72,9 +72,12 @@ class OutputFolder:
             self.clear()
             for sub in self.subfolders:
                 os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
-        except BaseException as e:
+        except OSError as e:
             self.lock.__exit__()
-            raise self.unwritable(e) from None if isinstance(e, OSError) else e
+            raise self.unwritable(e) from None
+        except BaseException:
+            self.lock.__exit__()
+            raise
         return self
 
     def unwritable(self, e):

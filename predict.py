@@ -68,11 +68,12 @@ def load_run(name, device_name, runs):
     if cfg["normalize"] == "auto":
         raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
                         f"percentile; train.py printed it); set it back in {cfg_path}")
-    cfg = as_trained(cfg, recorded_description(run_dir), cfg_path)
+    description = recorded_description(run_dir)
+    cfg = as_trained(cfg, description, cfg_path)
     rt = runtime.for_inference(device_name, cfg)
     network = build_network(cfg, rt)
     checkpoint.load_weights(network, checkpoint.load(model_path), model_path)
-    return Member(name, cfg, rt, Predictor(network, describe(cfg, recorded_dtypes(run_dir))).eval())
+    return Member(name, cfg, rt, Predictor(network, describe(cfg, recorded_dtypes(description))).eval())
 
 
 def recorded_description(run_dir):
@@ -109,13 +110,10 @@ def as_trained(cfg, description, cfg_path):
     return {**cfg, **edited}
 
 
-def recorded_dtypes(run_dir):
-    """The image type the run trained on, as its model.json records it (runs from before it: 8-bit)."""
-    try:
-        with open(os.path.join(run_dir, "model.json")) as f:
-            return {json.load(f)["input_dtype"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"uint8"}
+def recorded_dtypes(description):
+    """The image type the run trained on, as its model.json description records it (runs from before it: 8-bit)."""
+    dtype = description.get("input_dtype") if description else None
+    return {dtype if isinstance(dtype, str) else "uint8"}
 
 
 def symmetries(square):

@@ -99,3 +99,27 @@ class Predictor(torch.nn.Module):
 
     def forward(self, x, ranges=None):
         return activate(self.logits(x, ranges), self.class_mode)
+
+
+def max_difference(got, expected):
+    """The largest absolute difference between an exported model's output (array or tensor) and PyTorch's."""
+    return float((torch.as_tensor(got, dtype=torch.float64) - expected.double()).abs().max())
+
+
+def save_torchscript(model, x, path):
+    """model traced on the example input x, saved to path (any batch and size: the network is fully convolutional)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the size check in the network's forward is traced as a constant
+        torch.jit.trace(model, (x,), check_trace=False).save(path)
+
+
+def save_onnx(model, x, path, names, opset=17):
+    """model as ONNX (the legacy exporter) with dynamic batch and spatial axes; names: (input, output, height,
+    width) as the file calls them."""
+    import warnings
+    axes = {0: "batch", 2: names[2], 3: names[3]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(model, (x,), path, input_names=[names[0]], output_names=[names[1]],
+                          dynamic_axes={names[0]: axes, names[1]: axes}, opset_version=opset, dynamo=False)
