@@ -29,9 +29,13 @@ import rundir
 from dataset import load_validation
 from loaders import resize_image
 from predict import load_run
+from predictor import max_difference, save_onnx, save_torchscript
 from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
 
 TOLERANCE = 1e-4
+EXPORT_FILES = ("model.pth", "model.json", "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
+                "README.md", "bioimageio", "bioimageio.zip")
+MARKER = ".unet_toolkit_export"         # in a folder export.py writes: its files there may be replaced next time
 
 
 def parse_args(argv):
@@ -70,7 +74,7 @@ def test_image(member, run_dir):
 
 def check(name, got, expected):
     """The export check: equal to PyTorch's output within TOLERANCE, else a UserError that says by how much."""
-    diff = float(np.abs(np.asarray(got, np.float64) - expected.numpy()).max())
+    diff = max_difference(got, expected)
     if not diff <= TOLERANCE:
         raise UserError(f"the {name} export differs from PyTorch's output by {diff:.2e} (more than {TOLERANCE:g}); "
                         "it was not kept. Please report this with the run's config.yml")
@@ -88,10 +92,7 @@ def other_size(predictor, x):
 
 
 def export_torchscript(predictor, x, expected, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # the size check in the network's forward is traced as a constant
-        traced = torch.jit.trace(predictor, (x,), check_trace=False)
-    traced.save(path)
+    save_torchscript(predictor, x, path)
     loaded = torch.jit.load(path)
     y, y_expected = other_size(predictor, x)
     with torch.no_grad():
@@ -100,11 +101,7 @@ def export_torchscript(predictor, x, expected, path):
 
 def export_onnx(predictor, x, expected, path):
     import onnxruntime   # here: training and val.py never import it
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(predictor, (x,), path, input_names=["input"], output_names=["probabilities"],
-                          dynamic_axes={"input": axes, "probabilities": axes}, opset_version=17, dynamo=False)
+    save_onnx(predictor, x, path, ("input", "probabilities", "height", "width"))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     y, y_expected = other_size(predictor, x)
     return max(check("ONNX", session.run(None, {"input": x.numpy()})[0], expected),
@@ -200,6 +197,17 @@ def speed(member, out, x):
                        "threads": torch.get_num_threads(), **{k: round(v, 1) for k, v in rates.items()}})
 
 
+def check_output(out, default):
+    """--output DIR holding files named as the export's that an earlier export did not write: refused, so that
+    nothing of the user's is replaced (the run's own export folder is the toolkit's)."""
+    if os.path.abspath(out) == os.path.abspath(default) or os.path.isfile(os.path.join(out, MARKER)):
+        return
+    clash = [f for f in EXPORT_FILES if os.path.lexists(os.path.join(out, f))]
+    if clash:
+        raise UserError(f"--output {out} already holds {', '.join(clash)}, not written by export.py; nothing was "
+                        "replaced. Pass --output to a new or empty folder")
+
+
 def package_info(args, cfg):
     """The BioImage.IO package's name, description, authors and licence, from the flags or the run."""
     import getpass
@@ -217,11 +225,10 @@ def export(args):
     member = load_run(args.name, "cpu", args.runs_dir)
     predictor = member.predictor.float().eval()
     out = args.output or os.path.join(run_dir, "export")
+    check_output(out, os.path.join(run_dir, "export"))
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
-        atomic_write(probe, lambda f: f.write(""))
-        os.remove(probe)
+        atomic_write(os.path.join(out, MARKER), lambda f: f.write(f"exported from {run_dir}\n"))
     except OSError as e:
         raise UserError(f"cannot write the export to {out}: {e.strerror or e}. Pass --output DIR to a writable "
                         "folder") from None

@@ -143,6 +143,12 @@ def test_bad_exports_get_one_clear_message(runs, monkeypatch, capsys, tmp_path):
     blocker.write_text("x")
     code, _, err = run_main(export.main, ["--name", "micro", "--output", str(blocker / "sub")], runs, monkeypatch, capsys)
     assert code == 2 and "cannot write the export to" in err
+    mine = tmp_path / "mine"                          # a folder of the user's, holding a README.md
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    code, _, err = run_main(export.main, ["--name", "micro", "--output", str(mine)], runs, monkeypatch, capsys)
+    assert code == 2 and "already holds README.md, not written by export.py" in err
+    assert os.listdir(mine) == ["README.md"] and (mine / "README.md").read_text() == "my notes"
     import rundir
     monkeypatch.setattr(rundir, "in_use", lambda run_dir: True)
     code, _, err = run_main(export.main, ["--name", "micro"], runs, monkeypatch, capsys)
