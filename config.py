@@ -185,12 +185,22 @@ def add_runs_dir(parser):
                         help=f"folder that holds the runs (default: ${RUNS_DIR_ENV}, else {RUNS_DIR}/)")
 
 
+class GivenOnce(argparse.Action):
+    """A flag that may appear once: a second --config would silently drop the whole first file."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} was given twice ({getattr(namespace, self.dest)} and {values}); give one "
+                         "file (copy the keys you need into it), and flags for the rest")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser(description):
     """Flags for every option, in GROUPS; none has an argparse default, so only what the user typed appears."""
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--config", metavar="FILE",
+    run.add_argument("--config", metavar="FILE", action=GivenOnce,
                      help="a config.yml (a saved run's or a recipe) to start from; flags given here override it")
     run.add_argument("--name", type=str, help="run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)")
     run.add_argument("--resume", action="store_true", help="continue <runs_dir>/<name>/ from its last.pth")
@@ -328,6 +338,10 @@ def check_combinations(cfg, source):
     if cfg["loader"] == "memory" and cfg["crop"]:
         raise UserError(f"{origin(source, 'loader', 'crop')}: --loader memory resizes images to the input size; with --crop "
                         "use --loader workers (or auto)")
+    if cfg["scheduler"] in ("CosineAnnealingLR", "ReduceLROnPlateau") and cfg["min_lr"] > cfg["lr"]:
+        raise UserError(f"{origin(source, 'min_lr', 'lr')}: min_lr {cfg['min_lr']:g} is above lr {cfg['lr']:g}, so "
+                        f"{cfg['scheduler']} would raise the learning rate instead of lowering it; give a min_lr "
+                        f"below lr (e.g. {cfg['lr'] / 100:g})")
     if cfg["class_mode"] == "softmax":
         if cfg["loss"] not in SOFTMAX_LOSSES:
             raise UserError(f"{origin(source, 'loss', 'class_mode')}: class_mode softmax needs a softmax loss "

@@ -370,12 +370,24 @@ def label_folder(root):
     return present[0] if present else None
 
 
+def missing_reason(path):
+    """Why the folder `path` is not there: it is a file, a folder above it is a file (--data_dir naming a file),
+    or it does not exist."""
+    if os.path.exists(path):
+        return "is a file, not a folder"
+    above = os.path.dirname(os.path.normpath(path))
+    while above and not os.path.exists(above):
+        above = os.path.dirname(above)
+    if above and not os.path.isdir(above):
+        return f"cannot exist: {above} is a file, not a folder"
+    return "does not exist"
+
+
 def scan(root, img_ext, mask_ext, num_classes, hints):
     """Finds the data set's files and checks that they pair up -> {id: Sample}, ids sorted. Nothing is decoded yet.
     Without masks/, the label images in labels/ are the target (one class: label > 0)."""
     if not os.path.isdir(root):
-        reason = "is a file, not a folder" if os.path.exists(root) else "does not exist"
-        raise UserError(f"data set folder {root} {reason}; create it with images/ and masks/0/ (or labels/) inside, "
+        raise UserError(f"data set folder {root} {missing_reason(root)}; create it with images/ and masks/0/ (or labels/) inside, "
                         f"or {hints['data']}")
     images = find_ids(os.path.join(root, "images"), img_ext, hints)
     ids = list(images)

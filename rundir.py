@@ -26,6 +26,8 @@ CURVES_EVERY = 5.0   # seconds between curves.png redraws while training (matplo
 
 def check_existing(run_dir, run):
     """Refuses to touch an existing run unless --resume or --overwrite says so; -> the run files present."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} is a file, not a run folder. Train under another --name, or move the file away.")
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if run["resume"]:
         if not os.path.isfile(os.path.join(run_dir, "last.pth")):
@@ -102,6 +104,9 @@ class RunLock:
     def __enter__(self):
         if not self.active:
             return self
+        folder = os.path.dirname(self.path)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{folder} is a file, not a folder. {self.fix[0].upper()}{self.fix[1:]}, or move the file away.")
         me = f"{os.getpid()} {socket.gethostname()}"
         for _ in range(3):
             try:
@@ -161,8 +166,17 @@ def in_use(run_dir):
 def disk_error(run_dir, e):
     """An OSError while writing a run (full disk, read-only or unwritable folder) as the UserError to show."""
     return UserError(f"could not write the run's files in {run_dir}: {e.strerror or e}. Whatever it had already "
-                     "saved is intact; free space or make the folder writable, then run the same command again "
-                     "(with --resume if the run had started).")
+                     f"saved is intact; free space or make the folder writable, then {restart_advice(run_dir)}.")
+
+
+def restart_advice(run_dir):
+    """How to go on after a run stopped: --resume once last.pth exists; before that, the start files it left
+    (config.yml, model.json, split.csv) make a plain rerun refuse, so --overwrite (which removes only those)."""
+    if os.path.isfile(os.path.join(run_dir, "last.pth")):
+        return "run the same command again with --resume"
+    if any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
+        return "run the same command again with --overwrite (the run had not started; only its start files are there)"
+    return "run the same command again"
 
 
 def process_alive(pid):

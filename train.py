@@ -197,7 +197,8 @@ def interrupted_message(cfg, run):
     """What an interrupt left: the last finished epoch to --resume from, or nothing yet."""
     last = os.path.join(run["runs_dir"], cfg["name"], "last.pth") if cfg and run else None
     if last is None or not os.path.isfile(last):
-        return "interrupted before the run saved anything; run the same command again to start it"
+        advice = rundir.restart_advice(os.path.dirname(last)) if last else "run the same command again"
+        return f"interrupted before the run saved anything to resume from; {advice}"
     where = "" if run["runs_dir"] == config.RUNS_DIR else f" --runs_dir {run['runs_dir']}"
     again = (f"python train.py --name {cfg['name']}{where} --resume" if "WORLD_SIZE" not in os.environ
              else "the same torchrun command with --resume added")

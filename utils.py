@@ -142,6 +142,9 @@ def resolve_device(name):
     return device
 
 
+TMP_NAME_CHARS = 80   # of the target's name kept in its temporary file's name
+
+
 def atomic_write(path, write_fn, mode="w", durable=True):
     """Write `path` through a temporary file in the same folder, then rename it into place.
 
@@ -150,7 +153,9 @@ def atomic_write(path, write_fn, mode="w", durable=True):
     before the rename (checkpoints and logs; predicted masks can simply be predicted again).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    # the temporary name is the file's own, cut short: a 250-byte name plus a suffix would exceed the 255 bytes
+    # a file name may have (ENAMETOOLONG)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path)[:TMP_NAME_CHARS] + ".", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes it private (0600); give what open() would
         with os.fdopen(fd, mode) as f:
@@ -191,7 +196,29 @@ def config_loader():
     loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
     loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
     loader.add_constructor(int_tag, lambda self, node: int(self.construct_scalar(node)))
+    loader.compose_node = refuse_aliases
+    loader.construct_mapping = refuse_duplicate_keys
     return loader
+
+
+def refuse_aliases(self, parent, index):
+    """Composer step: an alias (*name) is refused. A config has no use for one, and a few nested aliases can
+    stand for billions of values (a 'billion laughs' file) that printing the config would expand."""
+    if self.check_event(yaml.AliasEvent):
+        raise yaml.composer.ComposerError(None, None, "an alias (*name) is not allowed in a config file; write "
+                                          "the value itself", self.peek_event().start_mark)
+    return yaml.composer.Composer.compose_node(self, parent, index)
+
+
+def refuse_duplicate_keys(self, node, deep=False):
+    """Constructor step: a key given twice in one mapping is refused (YAML loaders otherwise keep the last one)."""
+    seen = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"the key '{key_node.value}' is given twice; "
+                                                    "keep one of its lines", key_node.start_mark)
+        seen.add(getattr(key_node, "value", None))
+    return yaml.constructor.SafeConstructor.construct_mapping(self, node, deep)
 
 
 def load_yaml(path):

@@ -116,6 +116,16 @@ BAD_TRAIN_INPUTS = [
     ("resume-new-optimizer", None, ["--resume", "--name", "old", "--optimizer", "SGD"], "sets optimizer to 'SGD'"),
     ("resume-new-lr", None, ["--resume", "--name", "old", "--lr", "0.1"], "(--lr) sets lr to 0.1"),
     ("runs-folder-is-a-file", "models-file", ["--name", "new"], "could not write the run's files in models/new"),
+    # third pass (issue 24): messages that hid the real cause, and small files that cost gigabytes
+    ("run-folder-is-a-file", "name-file", ["--name", "new"], "models/new is a file, not a run folder"),
+    ("data-dir-is-a-file", "data-dir-file", ["--data_dir", "notes.txt"], "notes.txt is a file, not a folder"),
+    ("config-twice", ("bad.yml", "epochs: 1\n"), ["--config", "bad.yml", "--config", "bad.yml"], "--config was given twice"),
+    ("config-duplicate-key", ("bad.yml", "epochs: 1\nlr: 0.1\nepochs: 3\n"), ["--config", "bad.yml"],
+     "the key 'epochs' is given twice"),
+    ("config-alias-bomb", ("bad.yml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [{', '.join(['*' + p] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi")) + "name: *i\n"),
+     ["--config", "bad.yml"], "an alias (*name) is not allowed"),
+    ("min-lr-above-lr", None, ["--lr", "1e-4", "--min_lr", "1e-3"], "min_lr 0.001 is above lr 0.0001"),
 ]
 
 
@@ -137,6 +147,10 @@ def test_bad_input_gets_one_clear_message(workdir, monkeypatch, capsys, case, br
         for k in range(1, 10):
             os.remove(data / "images" / f"img{k:04d}.png")
             os.remove(data / "masks" / "0" / f"img{k:04d}.png")
+    elif breakage == "name-file":
+        (workdir / "models" / "new").write_text("not a run")
+    elif breakage == "data-dir-file":
+        (workdir / "notes.txt").write_text("not a folder")
     elif breakage == "models-file":
         shutil.move(workdir / "models", workdir / "models_moved")
         (workdir / "models").write_text("not a folder")
@@ -396,6 +410,25 @@ def test_a_full_disk_ends_with_a_message_and_the_previous_epoch_intact(workdir, 
     assert code == 2 and "No space left on device" in err and "intact" in err
     assert checkpoint.load(str(workdir / "models" / "full" / "last.pth"))["epoch"] == 1
     assert len(read_log(workdir / "models" / "full" / "log.csv")) == 1
+    assert "again with --resume" in err
+
+
+def test_a_full_disk_before_the_first_epoch_advises_a_command_that_works(workdir, monkeypatch, capsys):
+    """config.yml is written before the epoch-0 last.pth: a plain rerun would be refused ('already holds a run')."""
+    real_save = checkpoint.save
+
+    def full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    code, _, err = run_main(train.main, FAST + ["--name", "early"], workdir, monkeypatch, capsys)
+    assert code == 2 and "No space left on device" in err, err
+    assert os.path.exists(workdir / "models" / "early" / "config.yml")
+    advice = re.search(r"run the same command again(?: with (--\w+))?", err)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    code, _, err = run_main(train.main, FAST + ["--name", "early"] + ([advice[1]] if advice[1] else []),
+                            workdir, monkeypatch, capsys)
+    assert code == 0, err
 
 
 def test_resuming_a_finished_run_for_longer_stretches_the_cosine(workdir, monkeypatch, capsys):

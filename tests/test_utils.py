@@ -64,3 +64,9 @@ def test_yaml_round_trip_and_errors(tmp_path):
         load_yaml(str(tmp_path / "list.yml"))
     with pytest.raises(UserError, match="does not exist"):
         load_yaml(str(tmp_path / "none.yml"))
+
+
+def test_atomic_write_takes_a_name_of_the_longest_length_a_file_may_have(tmp_path):
+    path = tmp_path / ("n" * 251 + ".png")                 # 255 bytes: a temporary name adding to it would fail
+    atomic_write(str(path), lambda f: f.write("x"))
+    assert path.read_text() == "x" and os.listdir(tmp_path) == [path.name]
