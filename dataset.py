@@ -115,6 +115,29 @@ def unreadable(path, why="it is empty, truncated or not an image"):
     return UserError(f"cannot read image file {path}: {why}. Replace it or remove it (and its mask) from the data set.")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}     # by the colour type in the PNG header
+
+
+def png_decoded_bytes(header):
+    """The first 26 bytes of a PNG -> the bytes its pixels take decoded (from the header, before decoding), or None
+    if they are not a PNG's. A few kilobytes of PNG can declare gigabytes of pixels."""
+    if len(header) < 26 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    return width * height * PNG_CHANNELS.get(header[25], 4) * (2 if header[24] == 16 else 1)
+
+
+def check_png_size(header, name):
+    """A UserError for a PNG whose declared pixels would take more than MAX_IMAGE_BYTES decoded."""
+    size = png_decoded_bytes(header)
+    if size is not None and size > MAX_IMAGE_BYTES:
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+        raise UserError(f"{name} declares {width}x{height} pixels ({size / 2**30:.1f} GiB decoded), more than "
+                        f"{MAX_IMAGE_BYTES >> 30} GiB; this toolkit takes 2D images that fit in memory: crop or tile it "
+                        "first (or replace the file if it is damaged)")
+
+
 def decode(path):
     """An image file -> array (H, W) or (H, W, C), colour channels in RGB order, alpha dropped; TIFF through tifffile,
     the rest through OpenCV (JPEGs turned as their EXIF orientation says). An unreadable file is a UserError."""
@@ -124,6 +147,8 @@ def decode(path):
         raise unreadable(path, "it is empty")
     if is_tiff(path):
         return read_tiff(path)
+    with open(path, "rb") as f:
+        check_png_size(f.read(26), path)
     if os.path.splitext(path)[1].lower() in (".jpg", ".jpeg"):
         img = cv2.imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)      # applies the EXIF orientation
     else:

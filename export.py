@@ -30,7 +30,7 @@ from dataset import load_validation
 from loaders import resize_image
 from predict import load_run
 from predictor import max_difference, save_onnx, save_torchscript
-from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
+from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 TOLERANCE = 1e-4
 EXPORT_FILES = ("model.pth", "model.json", "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
@@ -254,6 +254,7 @@ def export(args):
 
 
 def main(argv=None):
+    Interrupts().install()        # SIGTERM (kill, a job scheduler) stops as Ctrl-C does: a message and exit 130
     warnings.formatwarning = plain_warning
     sys.stdout = ClosedPipeSafe(sys.stdout)
     try:

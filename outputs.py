@@ -81,8 +81,8 @@ class OutputFolder:
         return self
 
     def unwritable(self, e):
-        return UserError(f"cannot write the outputs in {self.dir}: {e.strerror or e}. Make it writable, or pass "
-                         "--output DIR")
+        return UserError(f"cannot write the outputs in {self.dir}: {e.strerror or e}. Free space or make it "
+                         "writable and run val.py again, or pass --output DIR")
 
     def __exit__(self, *exc):
         self.lock.__exit__()

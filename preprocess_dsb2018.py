@@ -9,63 +9,133 @@ as the reference does, so edges carry in-between values; the toolkit thresholds 
 nuclei themselves go to instances/<id>.png: a 16-bit label image (0 background, 1..N one per
 nucleus), resized by nearest neighbour, for val.py --instances. A source without masks (the
 stage-1 test set) is written as images only, for prediction.
+
+The data set is written into a hidden folder beside --out and moved into place once complete, so
+Ctrl-C, a kill or a full disk never leaves a half data set that train.py would take for a whole one.
 """
 import argparse
 import os
 import shutil
+import sys
 import zipfile
+import zlib
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import UserError, exit_on_user_error, write_png
+from dataset import check_png_size
+from utils import Interrupts, UserError, exit_on_user_error, process_alive, write_png
 
 OUTPUT_FOLDERS = ("images", "masks", "instances")
+MAX_MEMBER_BYTES = 256 * 2**20       # a zip member declaring more is refused before it is read (stage1 PNGs: < 1 MB)
+
+
+def sample_files(names):
+    """{id: [image name or None, [mask names]]} from the archive's file names (<top>/<id>/images|masks/<x>.png).
+    macOS's __MACOSX/ copies and hidden files (._x.png) are skipped; one id in two places is a UserError."""
+    samples, where = {}, {}
+    for name in names:
+        parts = name.split("/")
+        if "__MACOSX" in parts or any(p.startswith(".") for p in parts) or len(parts) < 3 \
+                or not parts[-1].lower().endswith(".png") or parts[-2] not in ("images", "masks"):
+            continue
+        sample_id, place = parts[-3], "/".join(parts[:-2])
+        if where.setdefault(sample_id, place) != place:
+            first, second = sorted((where[sample_id], place))
+            raise UserError(f"the sample id {sample_id} is in two places, {first}/ and {second}/; their "
+                            "masks would be merged into one. Keep one copy of the sample and pass that source")
+        entry = samples.setdefault(sample_id, [None, []])   # [image, masks]
+        if parts[-2] == "images":
+            entry[0] = name
+        else:
+            entry[1].append(name)
+    return {k: v for k, v in samples.items() if v[0] is not None}
 
 
 class Source:
-    """Read-only access to stage1_train as a folder or a zip: samples() -> {id: (image path, [mask paths])}."""
+    """Read-only access to stage1_train as a folder or a zip: samples -> {id: [image name, [mask names]]}."""
 
     def __init__(self, src):
         if not os.path.exists(src):
             raise UserError(f"{src} does not exist; download stage1_train.zip from the 2018 Data Science Bowl "
                             "and pass its path (the zip or the unpacked folder) to --src")
-        self.zip = zipfile.ZipFile(src) if zipfile.is_zipfile(src) else None
-        self.root = src
-        names = self.zip.namelist() if self.zip else [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
-                                                       for d, _, fs in os.walk(src) for f in fs]
-        self.samples = {}
-        for name in names:
-            parts = name.split("/")
-            if len(parts) >= 3 and parts[-1].endswith(".png") and parts[-2] in ("images", "masks"):
-                sample_id = parts[-3]
-                entry = self.samples.setdefault(sample_id, [None, []])   # [image, masks]
-                if parts[-2] == "images":
-                    entry[0] = name
-                else:
-                    entry[1].append(name)
-        self.samples = {k: v for k, v in self.samples.items() if v[0] is not None}
+        self.root, self.zip = src, None
+        if os.path.isdir(src):
+            names = [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
+                     for d, _, fs in os.walk(src) for f in fs]
+        else:
+            self.zip = open_zip(src)
+            names = self.zip.namelist()
+        self.samples = sample_files(names)
         if not self.samples:
             raise UserError(f"no <id>/images/<id>.png found in {src}; is it the stage1_train set?")
 
     def read(self, name, flags):
-        data = self.zip.read(name) if self.zip else open(os.path.join(self.root, name), "rb").read()
+        data = self.zip_member(name) if self.zip else open(os.path.join(self.root, name), "rb").read()
+        check_png_size(data[:26], f"{name} in {self.root}")
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if img is None:
             raise UserError(f"cannot decode {name} in {self.root}; the download may be damaged")
         return img
 
+    def zip_member(self, name):
+        """One member's bytes, after checking what it declares: its size, and no encryption."""
+        info = self.zip.getinfo(name)
+        if info.flag_bits & 0x1:
+            raise UserError(f"{name} in {self.root} is encrypted; unzip the archive with its password and pass the "
+                            "unpacked folder to --src")
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise UserError(f"{name} in {self.root} declares {info.file_size / 2**20:.0f} MB, more than any image of "
+                            f"the set ({MAX_MEMBER_BYTES >> 20} MB at most); the archive is damaged or not stage1_train")
+        try:
+            return self.zip.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+            raise UserError(f"cannot read {name} from {self.root} ({e}); the download is damaged or incomplete: "
+                            "download it again") from None
+
+
+def open_zip(src):
+    """A zip archive, or a UserError for a file that is not one (or is cut short: its index is at the end)."""
+    try:
+        return zipfile.ZipFile(src)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{src} is not a readable zip archive ({e}); if it is a download, it may be incomplete: "
+                        "download it again, or pass the unpacked stage1_train folder to --src") from None
+
 
 def prepare_out(out, overwrite):
-    """Refuses to write into a folder that already holds files, unless --overwrite (then the folders this script
-    writes - images/, masks/, instances/ - are emptied first; anything else there stays)."""
+    """Refuses to write into a folder that already holds files, unless --overwrite (then, once the new data set is
+    complete, the folders this script writes - images/, masks/, instances/ - are replaced; anything else stays)."""
     present = [d for d in OUTPUT_FOLDERS if os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))]
     if present and not overwrite:
         raise UserError(f"{out} already holds a data set ({', '.join(d + '/' for d in present)}); pass --overwrite "
                         "to replace it, or --out to write somewhere else")
-    for d in present:
-        shutil.rmtree(os.path.join(out, d))
+
+
+def partial_folder(out):
+    """Where the data set is written until it is complete: a hidden folder beside --out, named for this process.
+    Those left by a process that was killed are removed (this script made them)."""
+    parent, name = os.path.split(os.path.abspath(out))
+    prefix = f".{name}.partial-"
+    for f in os.listdir(parent) if os.path.isdir(parent) else []:
+        pid = f[len(prefix):]
+        if f.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
+    return os.path.join(parent, prefix + str(os.getpid()))
+
+
+def publish(partial, out):
+    """Moves the complete data set from `partial` into place: a rename when --out does not exist yet; otherwise
+    each of its folders replaces the one of the same name (anything else in --out stays)."""
+    if not os.path.exists(out):
+        os.rename(partial, out)
+        return
+    for d in os.listdir(partial):
+        if os.path.isdir(os.path.join(out, d)):
+            shutil.rmtree(os.path.join(out, d))
+        os.rename(os.path.join(partial, d), os.path.join(out, d))
+    os.rmdir(partial)
 
 
 def instance_labels(source, mask_names, shape):
@@ -105,10 +175,18 @@ def convert(src, out, size, overwrite=False):
                         "needs masks for every image. Remove those samples or fix the download.")
     labeled = not unlabelled
     prepare_out(out, overwrite)
-    for folder in ("images", os.path.join("masks", "0"), "instances") if labeled else ("images",):
-        os.makedirs(os.path.join(out, folder), exist_ok=True)
-    for sample in tqdm(sorted(source.samples.items()), desc="preprocessing"):
-        convert_sample(source, sample, out, size)
+    partial = partial_folder(out)
+    try:
+        for folder in ("images", os.path.join("masks", "0"), "instances") if labeled else ("images",):
+            os.makedirs(os.path.join(partial, folder))
+        for sample in tqdm(sorted(source.samples.items()), desc="preprocessing"):
+            convert_sample(source, sample, partial, size)
+        publish(partial, out)
+    except OSError as e:
+        raise UserError(f"could not write the data set ({e.strerror or e}: {e.filename or out}); nothing was written "
+                        f"to {out}. Free space or make the folder writable, then run the same command again") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)      # gone after publish; what a failure or Ctrl-C left
     return len(source.samples), labeled
 
 
@@ -133,8 +211,13 @@ def main(argv=None):
     if args.size < 16:
         p.error("--size must be at least 16")
     out = args.out or os.path.join("inputs", f"dsb2018_{args.size}")
-    with exit_on_user_error():
-        n, labeled = convert(args.src, out, args.size, args.overwrite)
+    Interrupts().install()        # SIGTERM as Ctrl-C: the partial output is removed, exit 130
+    try:
+        with exit_on_user_error():
+            n, labeled = convert(args.src, out, args.size, args.overwrite)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing was written to {out}; run the same command again", file=sys.stderr)
+        sys.exit(130)
     print(next_step(out, n, labeled))
 
 

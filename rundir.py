@@ -17,7 +17,7 @@ import time
 
 import checkpoint
 from runlog import plot_curves, read_log, write_log
-from utils import UserError, atomic_write, save_yaml
+from utils import UserError, atomic_write, process_alive, save_yaml
 
 RUN_FILES = ("config.yml", "log.csv", "model.pth", "model.json", "last.pth", "curves.png", "split.csv")
 LOCK = ".lock"       # <pid> <host> of the process training the run
@@ -177,16 +177,6 @@ def restart_advice(run_dir):
     if any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
         return "run the same command again with --overwrite (the run had not started; only its start files are there)"
     return "run the same command again"
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True                            # alive, owned by someone else
-    return True
 
 
 def evaluated_weights(state):

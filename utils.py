@@ -170,6 +170,17 @@ def atomic_write(path, write_fn, mode="w", durable=True):
         raise
 
 
+def process_alive(pid):
+    """Whether process `pid` on this machine is running (a lock's or a partial folder's owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                            # alive, owned by someone else
+    return True
+
+
 def current_umask():
     """The process's umask, read without changing it (os.umask sets it, which threads would race on)."""
     try:

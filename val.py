@@ -23,7 +23,7 @@ from instances import METHODS
 from metrics import SegMeter
 from outputs import OutputFolder, run_folders
 from predict import OUTPUT_FORMATS, legend, load_run, output_files, output_subfolders, run_inference
-from utils import ClosedPipeSafe, UserError, atomic_write, exit_on_user_error, plain_warning
+from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
 SHRINK_NOTE = 1.5   # images this many times larger than the network input (either side) get the --tile note
@@ -268,8 +268,11 @@ def evaluate(args):
         depth_note(data, members)
     out_dir = args.output or default_out
     with OutputFolder(out_dir, protected_folders(args, members), output_subfolders(cfg["num_classes"], args)) as out:
-        out.record(output_files(data.ids, cfg["num_classes"], args) + ["metrics.csv", "objects.csv"])
-        predict_into(out_dir, members, data, args)
+        try:
+            out.record(output_files(data.ids, cfg["num_classes"], args) + ["metrics.csv", "objects.csv"])
+            predict_into(out_dir, members, data, args)
+        except OSError as e:            # a full disk or a read-only folder, met by a writer thread or the reports
+            raise out.unwritable(e) from None
 
 
 def protected_folders(args, members):
@@ -299,6 +302,7 @@ def predict_into(out_dir, members, data, args):
 
 
 def main(argv=None):
+    Interrupts().install()        # SIGTERM (kill, a job scheduler) stops as Ctrl-C does: a message and exit 130
     warnings.formatwarning = plain_warning
     sys.stdout = ClosedPipeSafe(sys.stdout)
     try:

@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import zipfile
 
 import cv2
@@ -119,3 +120,83 @@ def test_real_stage1_train_gives_the_shared_dsb2018_96(tmp_path, dsb_path):
         assert ((ours > 127) != (theirs > 127)).mean() < 0.05                 # the community's fixes move a few
         identical += np.array_equal(ours, theirs)
     assert identical >= 0.85 * len(shared)
+
+
+def test_an_interrupted_or_killed_run_leaves_no_half_data_set(tmp_path, monkeypatch, capsys):
+    import preprocess_dsb2018
+    make_stage1(tmp_path / "s", n=4)
+    out = tmp_path / "data" / "nuclei"
+    os.makedirs(tmp_path / "data" / ".nuclei.partial-999999999" / "images")      # a killed earlier run's
+    real, done = preprocess_dsb2018.convert_sample, []
+
+    def interrupted(source, sample, folder, size):
+        if len(done) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)             # a job scheduler's kill: handled as Ctrl-C
+        done.append(real(source, sample, folder, size))
+
+    monkeypatch.setattr(preprocess_dsb2018, "convert_sample", interrupted)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["--src", str(tmp_path / "s"), "--out", str(out), "--size", "16"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert e.value.code == 130 and "nothing was written to" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "data") == []                   # no partial folder, no half data set
+    monkeypatch.setattr(preprocess_dsb2018, "convert_sample", real)
+    main(["--src", str(tmp_path / "s"), "--out", str(out), "--size", "16"])   # not "already holds a data set"
+    assert len(os.listdir(out / "images")) == 4 and os.listdir(tmp_path / "data") == ["nuclei"]
+
+
+def test_macos_copies_are_skipped_and_one_id_in_two_places_is_refused(tmp_path):
+    make_stage1(tmp_path / "s")
+    shutil.copytree(tmp_path / "s" / "sample0", tmp_path / "s" / "__MACOSX" / "sample0")
+    (tmp_path / "s" / "sample1" / "images" / "._sample1.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    assert convert(zipped(tmp_path / "s", tmp_path / "mac.zip"), str(tmp_path / "out"), 16) == (3, True)
+    shutil.copytree(tmp_path / "s" / "sample0", tmp_path / "s" / "extra" / "sample0")
+    with pytest.raises(UserError, match="sample0 is in two places, extra/sample0/ and sample0/"):
+        convert(str(tmp_path / "s"), str(tmp_path / "out2"), 16)
+
+
+def damage(path, how):
+    data = bytearray(open(path, "rb").read())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "bad-crc":                                       # a byte of the first (stored) member's data
+        data[60] ^= 0xFF
+    elif how == "encrypted":                                     # bit 0 of each entry's flags: "encrypted"
+        for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = data.find(signature)
+            while at >= 0:
+                data[at + offset] |= 0x1
+                at = data.find(signature, at + 4)
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("truncated", "is not a readable zip archive"),
+    ("bad-crc", "the download is damaged or incomplete"),
+    ("encrypted", "is encrypted; unzip the archive with its password"),
+    ("huge-member", "declares 0 MB, more than any image"),
+    ("huge-png", "declares 100000x100000 pixels"),
+])
+def test_damaged_encrypted_or_oversized_zips_get_one_message(tmp_path, monkeypatch, how, expected):
+    import preprocess_dsb2018
+    make_stage1(tmp_path / "s", n=1)
+    image = tmp_path / "s" / "sample0" / "images" / "sample0.png"
+    if how == "huge-png":                                        # the header says 100000 x 100000 (a few bytes)
+        data = bytearray(image.read_bytes())
+        data[16:24] = (100000).to_bytes(4, "big") * 2
+        image.write_bytes(bytes(data))
+    src = tmp_path / "s.zip"
+    with zipfile.ZipFile(src, "w") as z:
+        for d, _, files in os.walk(tmp_path / "s"):
+            for f in sorted(files):
+                z.writestr(os.path.relpath(os.path.join(d, f), tmp_path / "s"), open(os.path.join(d, f), "rb").read())
+    if how == "huge-member":
+        monkeypatch.setattr(preprocess_dsb2018, "MAX_MEMBER_BYTES", 100)
+    damage(src, how)
+    with pytest.raises(UserError, match=expected):
+        convert(str(src), str(tmp_path / "out"), 16)
+    assert not (tmp_path / "out").exists()

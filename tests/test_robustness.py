@@ -125,8 +125,17 @@ BAD_TRAIN_INPUTS = [
     ("config-alias-bomb", ("bad.yml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{k}: &{k} [{', '.join(['*' + p] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi")) + "name: *i\n"),
      ["--config", "bad.yml"], "an alias (*name) is not allowed"),
+    ("png-declares-gigapixels", ("images/img0002.png", lambda p: declare_size(p, 60000, 60000)), [],
+     "images/img0002.png declares 60000x60000 pixels"),
     ("min-lr-above-lr", None, ["--lr", "1e-4", "--min_lr", "1e-3"], "min_lr 0.001 is above lr 0.0001"),
 ]
+
+
+def declare_size(path, width, height):
+    """A PNG whose header says width x height (a few bytes to change; decoding it would take gigabytes)."""
+    data = bytearray(open(path, "rb").read())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    open(path, "wb").write(bytes(data))
 
 
 def palette_png(path):
@@ -583,3 +592,27 @@ def test_val_notices_a_config_edited_after_training_and_evaluates_as_trained(wor
     assert code == 0, err
     assert "was edited after training: input_w 64 (trained with 32), normalize 'percentile' (trained with 'imagenet')" in out
     assert (workdir / "outputs" / "old" / "metrics.csv").read_text() == before     # the trained settings, not the edit
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_val_on_a_full_disk_or_read_only_folder_ends_with_one_message(workdir, monkeypatch, capsys, error):
+    import predict
+
+    def write_png(path, array, durable=True):             # what a writer thread meets
+        raise error
+
+    monkeypatch.setattr(predict, "write_png", write_png)
+    code, _, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 2 and error.strerror in err and "cannot write the outputs in outputs/old" in err, err
+    assert not os.path.exists(workdir / "outputs" / "old" / ".lock")      # the folder is free for the rerun
+
+
+def test_sigterm_during_val_exits_130_with_a_message(workdir, monkeypatch, capsys):
+    import val
+
+    def killed(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(val, "predict_into", killed)
+    code, _, err = run_main(val.main, ["--name", "old"], workdir, monkeypatch, capsys)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
