@@ -350,6 +350,15 @@ def read_target(sample, size):
     return (checked_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
 
 
+def exclusive(mask):
+    """(H, W, C) 0/1 masks -> (one-hot (H, W, C), whether two masks marked one pixel): softmax mode's target. Each
+    pixel is the highest-numbered class whose mask marks it; a pixel no mask marks is class 0 (the background).
+    The loss, the training metrics and val.py all see this target, so they score what the network is taught."""
+    marked = mask.any(axis=2)
+    index = np.where(marked, mask.shape[2] - 1 - np.argmax(mask[:, :, ::-1], axis=2), 0)
+    return (index[:, :, None] == np.arange(mask.shape[2])).astype(np.uint8), bool((mask.sum(2) > 1).any())
+
+
 def read_pair(sample, input_channels, hints):
     """A Sample -> checked image (H, W, C_in) in its own type, 0/1 target (H, W, C), whether a mask was stored as 0/1."""
     img = read_image(sample.image, input_channels, hints)
@@ -453,6 +462,8 @@ class SegmentationData:
         self.input_channels = input_channels
         self.hints = hints or TRAIN_HINTS
         self.dtypes = {im.dtype for im in images if im is not None}   # decode() adds those of uncached images
+        self.softmax = False                  # decode(softmax=True): targets made exclusive, as for softmax mode
+        self.foreground = None                # decode(): per class, the foreground pixels of the stored masks
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
@@ -462,10 +473,13 @@ class SegmentationData:
         return cls.decode(scanned, input_channels, cache_bytes, root, TRAIN_HINTS)
 
     @classmethod
-    def decode(cls, scanned, input_channels, cache_bytes, root, hints):
-        """scan()'s {id: Sample} -> the checked, decoded data set (cached up to cache_bytes)."""
+    def decode(cls, scanned, input_channels, cache_bytes, root, hints, softmax=False):
+        """scan()'s {id: Sample} -> the checked, decoded data set (cached up to cache_bytes). softmax: the targets
+        are made exclusive (exclusive()), with one warning for the images where masks overlap.
+        data.foreground: per class, its pixels in the masks as stored (before exclusive())."""
         ids, samples = list(scanned), list(scanned.values())
         images, masks, zero_one, dtypes, used = [], [], [], set(), 0
+        overlapping, foreground = [], 0
         # OpenCV decodes without the GIL: threads run in parallel. tifffile's parsing holds it, so TIFF files are
         # read in this thread (faster than threads contending for the GIL).
         threads = 1 if any(is_tiff(s.image) for s in samples[:1]) else DECODE_THREADS
@@ -473,6 +487,10 @@ class SegmentationData:
             for start in range(0, len(ids), DECODE_CHUNK):
                 chunk = pool.map(read_pair, samples[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints))
                 for i, (img, mask, was_zero_one) in zip(ids[start:], chunk):
+                    foreground = foreground + mask.reshape(-1, mask.shape[2]).sum(0, dtype=np.int64)
+                    if softmax:
+                        mask, overlaps = exclusive(mask)
+                        overlapping += [i] if overlaps else []
                     keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
                     used += (img.nbytes + mask.nbytes) if keep else 0
                     images.append(img if keep else None)
@@ -480,8 +498,12 @@ class SegmentationData:
                     dtypes.add(img.dtype)
                     zero_one += [i] if was_zero_one else []
         warn_zero_one(zero_one, len(ids), root)
+        if overlapping:
+            warnings.warn(f"{len(overlapping)} of {len(ids)} images (e.g. {listing(overlapping[:3])}) have pixels that "
+                          f"two class masks under {root}/masks mark; in softmax mode each pixel is one class, so "
+                          "those count as the higher-numbered class (in training and in val.py alike)", stacklevel=3)
         data = cls(ids, images, masks, samples, input_channels, hints)
-        data.dtypes = dtypes
+        data.dtypes, data.softmax, data.foreground = dtypes, softmax, foreground
         return data
 
     @property
@@ -502,7 +524,8 @@ class SegmentationData:
         """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
         if self.masks[k] is not None:
             return self.masks[k]
-        return read_target(self.samples[k], self.image(k).shape[:2])[0]
+        mask = read_target(self.samples[k], self.image(k).shape[:2])[0]
+        return exclusive(mask)[0] if self.softmax else mask
 
     def instances(self, k):
         """int64 (H, W) object labels of image k (0 background, 1..N): its label image when the data set has
@@ -519,7 +542,7 @@ class SegmentationData:
                                 None if self.masks is None else [self.masks[k] for k in pick],
                                 None if self.samples is None else [self.samples[k] for k in pick],
                                 self.input_channels, self.hints)
-        data.dtypes = self.dtypes
+        data.dtypes, data.softmax = self.dtypes, self.softmax
         return data
 
 def warn_zero_one(ids, total, root):
@@ -600,7 +623,7 @@ def load_validation(cfg, recorded, hints):
         raise UserError(f"none of the images to evaluate on is in {root} (the run's validation images, or with several "
                         f"runs the images none of them trained on); {hints['data']}")
     data = SegmentationData.decode({i: scanned[i] for i in val_ids}, cfg["input_channels"],
-                                   cache_budget(cfg["cache_mb"]), root, hints)
+                                   cache_budget(cfg["cache_mb"]), root, hints, cfg["class_mode"] == "softmax")
     return data, note
 
 
@@ -625,11 +648,29 @@ def load_splits(cfg, hints=None, recorded=None):
         if not any(i in scanned for i in recorded["val"]) or not any(i in scanned for i in recorded["train"]):
             raise UserError(f"{root} no longer holds the run's training or validation images (its split.csv); "
                             "start a new run on the data set as it is now (another --name)")
-    data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints)
+    data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints,
+                                   cfg["class_mode"] == "softmax")
+    check_foreground(data.foreground, root, cfg["class_mode"])
     if recorded is not None:
         return data.subset([i for i in recorded["train"] if i in scanned]), \
             data.subset([i for i in recorded["val"] if i in scanned])
     return split(data, cfg)
+
+
+def check_foreground(foreground, root, class_mode):
+    """Training on masks that mark nothing: a UserError when no class has a foreground pixel in any image (the model
+    could only learn to predict nothing, at IoU 0); a warning per class that has none. In softmax mode class 0
+    is the background, which unmarked pixels fill: only classes 1.. are checked."""
+    first = 1 if class_mode == "softmax" else 0
+    empty = [c for c in range(first, len(foreground)) if foreground[c] == 0]
+    if len(empty) == len(foreground) - first:
+        raise UserError(f"no mask under {root} marks any pixel (masks: values above 127; label images: above 0), so "
+                        "there is nothing to learn. Check that masks/ (or labels/) holds the right files and that "
+                        "foreground is stored as 255 (or as 1 in masks that hold only 0 and 1)")
+    for c in empty:
+        warnings.warn(f"class {c} has no foreground pixel in any mask under {root}/masks/{c}: the model cannot learn "
+                      "it and its IoU will stay 0 (or 1 where it predicts nothing). Check that folder's masks",
+                      stacklevel=3)
 
 
 def split_changes(root, recorded, present):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from normalize import Normalization, as_batch, intensity_range, standardize, to_unit
+from runtime import memory_bytes
 from utils import UserError
 
 
@@ -336,12 +337,16 @@ def choose_loader(kind, data, cfg, rt):
     under a quarter of the device's free memory; otherwise stream it through DataLoader workers."""
     if kind == "memory" and cfg["crop"]:
         raise UserError("--loader memory resizes images to the input size; with --crop use --loader workers (or auto)")
+    itemsize = max([np.dtype(d).itemsize for d in data.dtypes] or [1])
+    nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] * itemsize + cfg["num_classes"])
+    if kind == "memory" and nbytes > memory_bytes(rt) / 2:
+        raise UserError(f"--loader memory would hold the training split resized to {cfg['input_w']}x{cfg['input_h']}: "
+                        f"{nbytes / 2**30:.1f} GiB, more than half of the {memory_bytes(rt) / 2**30:.0f} GiB there is; "
+                        "use --loader workers (or auto), or a smaller input size")
     if kind != "auto":
         return kind
     if not data.fully_cached or cfg["crop"]:
         return "workers"
-    itemsize = max([np.dtype(d).itemsize for d in data.dtypes] or [1])
-    nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] * itemsize + cfg["num_classes"])
     if rt.cuda:
         free, _ = torch.cuda.mem_get_info(rt.device)
         return "memory" if nbytes < free / 4 else "workers"

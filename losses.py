@@ -2,8 +2,9 @@
 
 Sigmoid losses treat each class as an independent binary problem (the reference's multi-label
 behaviour). Softmax losses (CrossEntropyLoss, CEDiceLoss) are for mutually exclusive classes:
-the target class of a pixel is the argmax over its C mask channels (pixels no mask marks fall
-to class 0), and prediction is the argmax of the logits.
+the data set's target is already one-hot (dataset.exclusive: a pixel no mask marks is class 0,
+one that two masks mark is the higher class), its argmax is the class index, and prediction is
+the argmax of the logits; the metrics score the same one-hot target.
 """
 import torch
 import torch.nn.functional as F

@@ -9,10 +9,12 @@ a CPU (--amp bf16, --memory_format channels_last, --loader memory), so the GPU c
 exercised by the CPU test suite.
 """
 import contextlib
+import os
 
 import torch
 
 import distributed
+from archs import TRAINING_BYTES_PER_PIXEL
 from utils import UserError, resolve_device
 
 
@@ -109,6 +111,26 @@ def build(device, cfg, rank=0, world=1):
     """The Runtime for `device` with the config's precision and layout."""
     return Runtime(device, resolve_amp(cfg["amp"], device), resolve_channels_last(cfg["memory_format"]),
                    fused=device.type == "cuda", rank=rank, world=world)
+
+
+def memory_bytes(rt):
+    """The memory a training step can use: the GPU's, or this machine's RAM."""
+    if rt.cuda:
+        return torch.cuda.get_device_properties(rt.device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(cfg, rt):
+    """Refuses an input size and batch whose training step cannot fit in the device's memory (estimated from
+    archs.TRAINING_BYTES_PER_PIXEL, a floor), before the run folder is made: otherwise the kernel kills the run."""
+    need = TRAINING_BYTES_PER_PIXEL[cfg["arch"]] * cfg["input_w"] * cfg["input_h"] * cfg["batch_size"]
+    have = memory_bytes(rt)
+    if need > have:
+        where = "GPU" if rt.cuda else "machine"
+        raise UserError(f"--input_w {cfg['input_w']} --input_h {cfg['input_h']} with --batch_size {cfg['batch_size']}: "
+                        f"a training step of {cfg['arch']} needs at least {need / 2**30:.0f} GiB, more than this "
+                        f"{where}'s {have / 2**30:.0f} GiB. Use a smaller input (--crop trains on crops of that size "
+                        "from larger images, and val.py predicts them by tiles) or a smaller --batch_size")
 
 
 def for_training(cfg):

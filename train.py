@@ -74,6 +74,7 @@ def build(cfg, rt, hints, recorded=None):
     split.csv, whose split it keeps."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
+    runtime.check_fits(cfg, rt)                                  # an input size that cannot fit: before any work
     train_data, val_data = load_splits(cfg, hints, recorded)    # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)

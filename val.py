@@ -169,7 +169,9 @@ def report(meters, ids, out_dir, cfg, objects=None):
         print(f"{label:>10} {ds_iou[cls].mean():>15.4f} {img_iou[:, cls].mean():>21.4f} {ds_dice[cls].mean():>16.4f} "
               f"{img_dice[:, cls].mean():>22.4f}")
     if cfg["class_mode"] == "softmax":
-        print("(softmax mode: class 0 is every pixel no mask marks; 'mean w/o 0' is the mean over the marked classes)")
+        print("(softmax mode: each pixel is one class: class 0 holds the pixels no other class marks, and a pixel two "
+              "masks mark is the higher class, as in training; 'mean w/o 0' is the mean over classes 1 and up)")
+    print("(per-image mean: an image where neither the truth nor the prediction has the class scores 1 for it)")
     print(f"IoU: {ds_iou.mean():.4f}")
     print(f"Dice: {ds_dice.mean():.4f}")
     if meters.get("input") is not None:
@@ -204,7 +206,7 @@ def load_data(args, members):
         folder = os.path.normpath(args.data)
         how = hints(cfg, name)
         scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"], how)
-        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, how)
+        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, how, cfg["class_mode"] == "softmax")
         return data, os.path.join(OUTPUTS_DIR, label, "on_" + os.path.basename(folder))
     recorded = [rundir.read_split(os.path.join(args.runs_dir, m.name)) for m in members]
     data, note = load_validation(cfg, recorded, hints(cfg, name))

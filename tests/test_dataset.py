@@ -113,7 +113,8 @@ def test_split_and_folds_equal_scikit_learns(n, val_split, seed):
 def test_load_splits_is_the_configs_split(tmp_path):
     make_data(tmp_path, "set", n=20)
     cfg = {"data_dir": str(tmp_path), "dataset": "set", "img_ext": ".png", "mask_ext": ".png", "num_classes": 1,
-           "input_channels": 3, "cache_mb": 0, "val_split": 0.25, "split_seed": 3, "folds": 1, "fold": 0}
+           "input_channels": 3, "cache_mb": 0, "val_split": 0.25, "split_seed": 3, "folds": 1, "fold": 0,
+           "class_mode": "sigmoid"}
     train, val = load_splits(cfg)
     assert (train.ids, val.ids) == tuple(list(s) for s in split_ids([f"img{i:04d}" for i in range(20)], 0.25, 3))
     assert len(val.ids) == 5 and val.masks[0].shape == (32, 32, 1)

@@ -155,6 +155,15 @@ def test_memory_loader_with_crop_is_refused(tiny):
         choose_loader("memory", load(tiny), settings(crop=True), CPU)
 
 
+def test_a_memory_loader_larger_than_half_the_memory_is_refused(tiny, monkeypatch):
+    import loaders
+    d = load(tiny)
+    assert choose_loader("memory", d, settings(), CPU) == "memory"
+    monkeypatch.setattr(loaders, "memory_bytes", lambda rt: 1000)       # a machine with 1 KB
+    with pytest.raises(UserError, match="--loader memory would hold the training split resized to"):
+        choose_loader("memory", d, settings(), CPU)
+
+
 @pytest.mark.parametrize("kind, cls", [("memory", MemoryLoader), ("workers", WorkersLoader)])
 def test_make_loaders_gives_the_kind_asked_for(tiny, kind, cls):
     d = load(tiny)

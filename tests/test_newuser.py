@@ -193,7 +193,7 @@ def test_softmax_runs_report_the_mean_without_class_0_and_log_each_class(work, m
     per_class = [float(row[f"val_iou_{c}"]) for c in range(3)]
     assert np.mean(per_class) == pytest.approx(float(row["val_iou"]), abs=1e-5)
     code, out, err = run_main(val.main, ["--name", "sm"], work, monkeypatch, capsys)
-    assert code == 0 and "mean w/o 0" in out and "class 0 is every pixel no mask marks" in out, err
+    assert code == 0 and "mean w/o 0" in out and "class 0 holds the pixels no other class marks" in out, err
 
 
 def test_help_is_grouped_with_examples_and_human_defaults(capsys):

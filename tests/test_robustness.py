@@ -127,6 +127,7 @@ BAD_TRAIN_INPUTS = [
      ["--config", "bad.yml"], "an alias (*name) is not allowed"),
     ("png-declares-gigapixels", ("images/img0002.png", lambda p: declare_size(p, 60000, 60000)), [],
      "images/img0002.png declares 60000x60000 pixels"),
+    ("input-cannot-fit", None, ["--input_w", "20000", "--input_h", "20000"], "a training step of UNet needs at least"),
     ("min-lr-above-lr", None, ["--lr", "1e-4", "--min_lr", "1e-3"], "min_lr 0.001 is above lr 0.0001"),
 ]
 
@@ -616,3 +617,50 @@ def test_sigterm_during_val_exits_130_with_a_message(workdir, monkeypatch, capsy
     monkeypatch.setattr(val, "predict_into", killed)
     code, _, err = run_main(val.main, ["--name", "old"], workdir, monkeypatch, capsys)
     assert code == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_softmax_targets_are_one_definition_for_loss_and_metrics(tmp_path):
+    """Masks that overlap, and pixels no mask marks: the loss's target and the metrics' target are one one-hot
+    target, so the loss's perfect prediction scores IoU 1 (before, overlaps and unmarked pixels scored below 1)."""
+    from dataset import load_splits
+    from losses import CrossEntropyLoss
+    from metrics import SegMeter, binarize
+    data = make_data(tmp_path, "three", n=8, num_classes=3, exclusive=True)
+    for k in range(8):
+        for c, rows in ((0, slice(0, 4)), (2, slice(4, 8))):      # masks/0 empties rows 0-3; masks/2 overlaps rows 4-7
+            path = os.path.join(data, "masks", str(c), f"img{k:04d}.png")
+            mask = cv2.imread(path, 0)
+            mask[rows] = 0 if c == 0 else 255
+            cv2.imwrite(path, mask)
+    cfg = {"data_dir": str(tmp_path), "dataset": "three", "img_ext": ".png", "mask_ext": ".png", "num_classes": 3,
+           "input_channels": 3, "cache_mb": 0, "val_split": 0.25, "split_seed": 0, "folds": 1, "fold": 0,
+           "class_mode": "softmax"}
+    with pytest.warns(UserWarning, match="8 of 8 images .* two class masks .* the higher-numbered class"):
+        train_data, val_data = load_splits(cfg)
+    for split_data in (train_data, val_data):
+        for k in range(len(split_data.ids)):
+            target = split_data.mask(k)
+            assert (target.sum(2) == 1).all()                     # one class per pixel
+            assert (target[4:8, :, 2] == 1).all()                 # the overlap went to the higher class
+    target = torch.from_numpy(np.stack([val_data.mask(k) for k in range(len(val_data.ids))])).permute(0, 3, 1, 2).float()
+    perfect = 50 * target                                          # logits whose argmax is the loss's target
+    assert CrossEntropyLoss()(perfect, target).item() < 1e-6
+    meter = SegMeter(3, "cpu")
+    meter.update(binarize(perfect, "softmax"), target)
+    assert meter.dataset_scores()[0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_masks_that_mark_nothing_are_refused_and_an_empty_class_is_named(workdir, monkeypatch, capsys):
+    data = workdir / "inputs" / "tiny"
+    for f in os.listdir(data / "masks" / "0"):
+        cv2.imwrite(str(data / "masks" / "0" / f), np.zeros((32, 32), np.uint8))
+    code, _, err = run_main(train.main, FAST + ["--name", "empty"], workdir, monkeypatch, capsys)
+    assert code == 2 and "no mask under inputs/tiny marks any pixel" in err, err
+    assert not os.path.exists(workdir / "models" / "empty")
+    two = make_data(workdir / "inputs", "two", n=10, num_classes=2)
+    for f in os.listdir(os.path.join(two, "masks", "1")):
+        cv2.imwrite(os.path.join(two, "masks", "1", f), np.zeros((32, 32), np.uint8))
+    with pytest.warns(UserWarning, match="class 1 has no foreground pixel in any mask"):
+        code, _, err = run_main(train.main, FAST + ["--name", "two", "--dataset", "two", "--num_classes", "2",
+                                                    "--epochs", "1"], workdir, monkeypatch, capsys)
+    assert code == 0, err

@@ -58,7 +58,7 @@ def test_a_failed_write_is_reported_by_the_next_save(tmp_path):
     blocker.write_text("")
     writer = rundir.EpochWriter(str(blocker))            # every file under it fails to be created
     writer.save(state(1, 1), True)
-    with pytest.raises(UserError, match="could not write the run's files .* --resume"):
+    with pytest.raises(UserError, match="could not write the run's files .* run the same command again"):
         writer.save(state(2, 1), False)
 
 
