@@ -161,6 +161,22 @@ def loop(cfg, engine, loaders, writer, interrupts):
               f"{engine.rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}", flush=True)
 
 
+WORKER_DIED = "DataLoader worker"     # how torch's RuntimeError begins when a loader process died
+
+
+def worker_died(e, cfg, run):
+    """A data-loading worker process killed (most often by the kernel, out of memory) or crashed."""
+    first_line = str(e).strip().splitlines()[0][:300]
+    return (f"error: training stopped: {first_line}\nA loader process is usually killed when the machine runs out of "
+            f"memory: lower --num_workers or --batch_size (or the input size), then {rundir_advice(cfg, run)}.")
+
+
+def rundir_advice(cfg, run):
+    if not (cfg and run):
+        return "run the same command again"
+    return rundir.restart_advice(os.path.join(run["runs_dir"], cfg["name"]))
+
+
 def torchrun_failure(e, cfg):
     """Under torchrun a RuntimeError usually means another process died and the collectives broke off."""
     name = cfg["name"] if cfg else "<name>"
@@ -184,6 +200,9 @@ def main(argv=None):
                   f"the full config goes to {os.path.join(run['runs_dir'], cfg['name'], 'config.yml')})", flush=True)
             train(cfg, run, interrupts)
     except RuntimeError as e:
+        if WORKER_DIED in str(e):
+            print(worker_died(e, cfg, run), file=sys.stderr)
+            sys.exit(1)
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise
         print(torchrun_failure(e, cfg), file=sys.stderr)

@@ -664,3 +664,22 @@ def test_masks_that_mark_nothing_are_refused_and_an_empty_class_is_named(workdir
         code, _, err = run_main(train.main, FAST + ["--name", "two", "--dataset", "two", "--num_classes", "2",
                                                     "--epochs", "1"], workdir, monkeypatch, capsys)
     assert code == 0, err
+
+
+def test_a_killed_loader_worker_ends_with_a_message_and_a_resumable_run(workdir, monkeypatch, capsys):
+    import loaders
+    real = loaders.AlbumentationsDataset.__getitem__
+
+    def getitem(self, idx):
+        if torch.utils.data.get_worker_info() is not None and self.train and self.epoch >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)          # what the kernel's out-of-memory killer does
+        return real(self, idx)
+
+    monkeypatch.setattr(loaders.AlbumentationsDataset, "__getitem__", getitem)
+    code, _, err = run_main(train.main, FAST + ["--name", "oom", "--loader", "workers", "--num_workers", "1",
+                                                "--epochs", "3"], workdir, monkeypatch, capsys)
+    assert code == 1 and "DataLoader worker" in err and "lower --num_workers" in err and "Traceback" not in err, err
+    assert "again with --resume" in err
+    monkeypatch.setattr(loaders.AlbumentationsDataset, "__getitem__", real)
+    code, _, err = run_main(train.main, ["--name", "oom", "--resume"], workdir, monkeypatch, capsys)
+    assert code == 0 and len(read_log(workdir / "models" / "oom" / "log.csv")) == 3, err

@@ -50,7 +50,7 @@ def test_schedulers_change_the_logged_lr(tmp_path, monkeypatch, scheduler, lrs):
 
 def test_early_stopping_ends_the_run(tmp_path, monkeypatch):
     make_data(tmp_path / "inputs")
-    train_in(tmp_path, monkeypatch, TINY + ["--epochs", "20", "--early_stopping", "1", "--lr", "1e-9",
+    train_in(tmp_path, monkeypatch, TINY + ["--epochs", "20", "--early_stopping", "1", "--lr", "1e-9", "--min_lr", "0",
                                             "--optimizer", "SGD", "--name", "es"])
     assert len(log_rows(tmp_path, "es")) < 20
 
