@@ -22,4 +22,4 @@ demo: install
 	@echo "Demo done: log.csv and curves.png in models/demo/; masks, overlays and metrics.csv in outputs/demo/"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests

@@ -15,6 +15,16 @@ from make_demo_data import generate, generate_microscopy  # noqa: E402
 DSB = os.path.join(ROOT, "..", "shared", "datasets", "dsb2018_96")
 
 
+def pytest_configure(config):
+    """The 'slow' marker (`pytest -m "not slow"` leaves those out for a quick loop). Under pytest-xdist (make test runs one worker per core), each worker and the scripts it starts compute on
+    one thread: two workers of two threads each on two cores were slower than one thread each."""
+    config.addinivalue_line("markers", "slow: a test of 15 s or more (real data, signals to processes, torchrun)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
+
+
 def make_data(root, name="tiny", **kw):
     """Generate a data set at <root>/<name> and return its path (kw as in make_demo_data.generate)."""
     kw = {"n": 10, "size": 32, **kw}

@@ -30,6 +30,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_unet_train_then_val_writes_every_output(tmp_path):
     make_data(tmp_path / "inputs", "cells", size=40)       # 40x40 images, network input 32x32
     r = run("train.py", ["--arch", "UNet", "--dataset", "cells", *FAST], tmp_path)
@@ -118,6 +119,7 @@ def test_predict_unlabeled_images(tmp_path, monkeypatch, capsys):
     assert not (pred / "metrics.csv").exists() and "IoU" not in r.stdout
 
 
+@pytest.mark.slow
 def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path, monkeypatch, capsys):
     """A folder as it comes from the microscope and the annotation tool: 16-bit TIFF images, 16-bit TIFF labels."""
     import tifffile

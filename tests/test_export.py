@@ -41,6 +41,7 @@ def runs(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["softmax", "micro"])
 def test_export_writes_checked_torchscript_and_onnx_that_match_pytorch(runs, name, monkeypatch, capsys):
     import onnxruntime
@@ -103,6 +104,7 @@ def check_package(zip_path, name):
     return rdf
 
 
+@pytest.mark.slow
 def test_bioimageio_core_reproduces_the_test_output_with_every_weight_format(runs, monkeypatch, capsys):
     """bioimageio.core's own model test (what the model zoo runs): it applies rdf.yaml's preprocessing itself, so
     this checks that it equals normalize.py's, on the hardest case (16-bit percentile, per-image, NestedUNet-DS)."""

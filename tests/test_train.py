@@ -50,11 +50,12 @@ def test_schedulers_change_the_logged_lr(tmp_path, monkeypatch, scheduler, lrs):
 
 def test_early_stopping_ends_the_run(tmp_path, monkeypatch):
     make_data(tmp_path / "inputs")
-    train_in(tmp_path, monkeypatch, TINY + ["--epochs", "20", "--early_stopping", "1", "--lr", "1e-9", "--min_lr", "0",
+    train_in(tmp_path, monkeypatch, TINY + ["--epochs", "20", "--early_stopping", "1", "--lr", "1e-9", "--min_lr", "0", "--min_lr", "0",
                                             "--optimizer", "SGD", "--name", "es"])
     assert len(log_rows(tmp_path, "es")) < 20
 
 
+@pytest.mark.slow
 def test_real_dsb2018_subset_actually_learns(tmp_path, monkeypatch, dsb_path):
     """64 real images: a short CPU run ends far above the untrained model's validation IoU."""
     subset = tmp_path / "inputs" / "dsb64"
