@@ -93,6 +93,7 @@ DEFAULTS = {name: default for name, default, *_ in OPTIONS}
 TYPES = {name: typ for name, _, typ, *_ in OPTIONS}
 CHOICES = {name: choices for name, _, _, choices, _ in OPTIONS if choices}
 SHORT = {"batch_size": "-b", "arch": "-a"}
+MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 255)
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
 
 
@@ -286,13 +287,15 @@ RANGES = [
     ("fold", lambda v: v >= 0, "0 or more (a fold number, 0 .. folds-1)"),
     ("cache_mb", lambda v: finite(v) and v >= 0, "0 (automatic) or more"),
     ("name", lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; no '/', "
-     "not '.' or '..', not starting with '.')"),
+     f"not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)"),
 ]
 
 
 def valid_name(name):
-    """A run name is one folder strictly inside the runs folder: never the runs folder itself or outside it."""
-    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
+    """A run name is one folder strictly inside the runs folder: never the runs folder itself or outside it, and
+    short enough for every file system (255 bytes a name) with room for val.py's '+'-joined ensemble names."""
+    return (bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
+            and len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES)
 
 
 def origin(source, *keys):
