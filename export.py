@@ -230,7 +230,8 @@ def export(args):
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, MARKER), lambda f: f.write(f"exported from {run_dir}\n"))
     except OSError as e:
-        raise UserError(f"cannot write the export to {out}: {e.strerror or e}. Pass --output DIR to a writable "
+        why = "it is a file, not a folder" if os.path.isfile(out) else e.strerror or e
+        raise UserError(f"cannot write the export to {out}: {why}. Pass --output DIR to a writable "
                         "folder") from None
     x, source = test_image(member, run_dir)
     with torch.no_grad():
