@@ -57,7 +57,7 @@ OPTIONS = [
      "rotation (+-45 deg) of image and mask together, as albumentations' Affine (0: off)"),
     ("folds", 1, int, None, "k-fold cross-validation: split the training split into this many folds (1: none)"),
     ("fold", 0, int, None, "with --folds K: the fold (0 .. K-1) validated on; the run trains on the others"),
-    ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers)"),
+    ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers; at most one per CPU core)"),
     ("cache_mb", 0, float, None, "memory for decoded images, MB; the rest is read from disk each epoch "
      "(0: half the available memory)"),
     ("loader", "auto", str, ("auto", "memory", "workers"),

@@ -10,6 +10,8 @@ Both yield (images float32 (B, C_in, H, W) normalised, masks float32 (B, C, H, W
 Normalisation is normalize.py's, in its two steps: to_unit (with each image's intensity range, taken on the
 whole image), the augmentation, then standardize.
 """
+import os
+
 import cv2
 import numpy as np
 import torch
@@ -168,7 +170,7 @@ class WorkersLoader:
                                              seed=cfg["seed"], train=train)
         self.seed, self.generator = cfg["seed"], torch.Generator()
         sampler = EpochSampler(len(self.dataset), self.generator, train, rt.rank, rt.world)
-        workers = cfg["num_workers"]
+        workers = min(cfg["num_workers"], usable_cores(rt.world))
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=train,
             num_workers=workers, pin_memory=rt.cuda, prefetch_factor=4 if workers else None)
@@ -323,6 +325,17 @@ class MemoryLoader:
 
 
 LOADERS = {"memory": MemoryLoader, "workers": WorkersLoader}
+
+
+def usable_cores(processes=1):
+    """CPU cores this process may use, shared by the training processes on this machine: more loader workers than
+    that only contend (and PyTorch warns about it), and the results do not depend on their number."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:               # not Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    return max(1, cores // max(1, local))
 
 
 def make_loaders(cfg, train_data, val_data, rt):

@@ -255,3 +255,12 @@ def test_16_bit_training_batches_are_augmented_in_0_to_1(micro):
 def test_memory_loader_keeps_16_bit_images_in_16_bits(micro):
     d = SegmentationData.from_folder(micro, ".tif", ".png", 1, 1)
     assert MemoryLoader(d, micro_settings(), CPU, train=False).images.dtype == torch.uint16
+
+
+def test_loader_workers_are_at_most_one_per_core(tiny, monkeypatch):
+    import loaders
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: {0, 1})      # a 2-core machine
+    d = load(tiny)
+    train, _ = make_loaders(settings(loader="workers", num_workers=4), d.subset(d.ids[:7]), d.subset(d.ids[7:]), CPU)
+    assert train.loader.num_workers == 2
+    assert loaders.usable_cores() == 2
