@@ -14,6 +14,7 @@ images/<id>.tif with labels/<id>.tif, one number per nucleus, some of them touch
 """
 import argparse
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -59,10 +60,30 @@ def make_sample(rng, size, num_classes, channels, exclusive):
     return img, masks
 
 
-def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=False):
-    """Write n images and their masks under `out` in the images/ + masks/<class>/ layout; returns the ids."""
+MARKER = ".made_by_make_demo_data"      # in every folder this script wrote: it may rewrite only those
+DATA_FOLDERS = ("images", "masks", "labels")
+
+
+def prepare_out(out):
+    """Makes `out` ready for a new synthetic set: a folder this script wrote before (its MARKER) has its data
+    folders emptied (a smaller --n leaves no stale images); a folder holding anyone else's images is refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    present = [d for d in DATA_FOLDERS if os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))]
+    if present and not os.path.isfile(os.path.join(out, MARKER)):
+        raise UserError(f"--out {out} already holds {', '.join(d + '/' for d in present)} that this script did not "
+                        "write; it never replaces a data set. Pass another --out (if it is a demo set from an earlier "
+                        "version of the toolkit, delete that folder and run again)")
+    for d in present:
+        shutil.rmtree(os.path.join(out, d))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("synthetic data written by make_demo_data.py; it may rewrite this folder\n")
+
+
+def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=False):
+    """Write n images and their masks under `out` in the images/ + masks/<class>/ layout; returns the ids."""
+    prepare_out(out)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for c in range(num_classes):
@@ -107,8 +128,7 @@ def generate_microscopy(out, n=60, size=64, channels=1, seed=0, dtype=np.uint16)
     """Write n 16-bit (or float32) TIFF images and their uint16 TIFF label images under `out`
     (images/<id>.tif, labels/<id>.tif); returns the ids."""
     import tifffile
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    prepare_out(out)
     rng = np.random.default_rng(seed)
     for d in ("images", "labels"):
         os.makedirs(os.path.join(out, d), exist_ok=True)

@@ -689,3 +689,17 @@ def test_a_killed_loader_worker_ends_with_a_message_and_a_resumable_run(workdir,
     monkeypatch.setattr(loaders.AlbumentationsDataset, "__getitem__", real)
     code, _, err = run_main(train.main, ["--name", "oom", "--resume"], workdir, monkeypatch, capsys)
     assert code == 0 and len(read_log(workdir / "models" / "oom" / "log.csv")) == 3, err
+
+
+def test_make_demo_data_never_replaces_a_data_set_it_did_not_write(workdir, monkeypatch, capsys):
+    import make_demo_data
+    os.remove(workdir / "inputs" / "tiny" / make_demo_data.MARKER)      # now it is a user's data set
+    before = snapshot(workdir / "inputs")
+    code, _, err = run_main(make_demo_data.main, ["--out", "inputs/tiny", "--n", "3"], workdir, monkeypatch, capsys)
+    assert code == 2 and "it never replaces a data set" in err, err
+    assert snapshot(workdir / "inputs") == before
+    for n in (5, 3):                                      # its own folder it rewrites whole: no stale images
+        code, _, err = run_main(make_demo_data.main, ["--out", "inputs/demo", "--n", str(n)], workdir, monkeypatch,
+                                capsys)
+        assert code == 0, err
+    assert len(os.listdir(workdir / "inputs" / "demo" / "images")) == 3
