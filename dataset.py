@@ -463,7 +463,8 @@ class SegmentationData:
         self.hints = hints or TRAIN_HINTS
         self.dtypes = {im.dtype for im in images if im is not None}   # decode() adds those of uncached images
         self.softmax = False                  # decode(softmax=True): targets made exclusive, as for softmax mode
-        self.foreground = None                # decode(): per class, the foreground pixels of the stored masks
+        self.target_pixels = None             # decode(): (N, C) foreground pixels of each image's target
+        self.sizes = None                     # decode(): each image's (H, W)
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
@@ -476,10 +477,10 @@ class SegmentationData:
     def decode(cls, scanned, input_channels, cache_bytes, root, hints, softmax=False):
         """scan()'s {id: Sample} -> the checked, decoded data set (cached up to cache_bytes). softmax: the targets
         are made exclusive (exclusive()), with one warning for the images where masks overlap.
-        data.foreground: per class, its pixels in the masks as stored (before exclusive())."""
+        data.target_pixels: per image and class, the target's foreground pixels; data.sizes: per image (H, W)."""
         ids, samples = list(scanned), list(scanned.values())
         images, masks, zero_one, dtypes, used = [], [], [], set(), 0
-        overlapping, foreground = [], 0
+        overlapping, counts, sizes = [], [], []
         # OpenCV decodes without the GIL: threads run in parallel. tifffile's parsing holds it, so TIFF files are
         # read in this thread (faster than threads contending for the GIL).
         threads = 1 if any(is_tiff(s.image) for s in samples[:1]) else DECODE_THREADS
@@ -487,10 +488,11 @@ class SegmentationData:
             for start in range(0, len(ids), DECODE_CHUNK):
                 chunk = pool.map(read_pair, samples[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints))
                 for i, (img, mask, was_zero_one) in zip(ids[start:], chunk):
-                    foreground = foreground + mask.reshape(-1, mask.shape[2]).sum(0, dtype=np.int64)
                     if softmax:
                         mask, overlaps = exclusive(mask)
                         overlapping += [i] if overlaps else []
+                    counts.append(mask.reshape(-1, mask.shape[2]).sum(0, dtype=np.int64))
+                    sizes.append(img.shape[:2])
                     keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
                     used += (img.nbytes + mask.nbytes) if keep else 0
                     images.append(img if keep else None)
@@ -503,7 +505,8 @@ class SegmentationData:
                           f"two class masks under {root}/masks mark; in softmax mode each pixel is one class, so "
                           "those count as the higher-numbered class (in training and in val.py alike)", stacklevel=3)
         data = cls(ids, images, masks, samples, input_channels, hints)
-        data.dtypes, data.softmax, data.foreground = dtypes, softmax, foreground
+        data.dtypes, data.softmax = dtypes, softmax
+        data.target_pixels, data.sizes = np.array(counts, np.int64).reshape(len(ids), -1), sizes
         return data
 
     @property
@@ -543,6 +546,8 @@ class SegmentationData:
                                 None if self.samples is None else [self.samples[k] for k in pick],
                                 self.input_channels, self.hints)
         data.dtypes, data.softmax = self.dtypes, self.softmax
+        if self.sizes is not None:
+            data.target_pixels, data.sizes = self.target_pixels[pick], [self.sizes[k] for k in pick]
         return data
 
 def warn_zero_one(ids, total, root):
@@ -650,7 +655,7 @@ def load_splits(cfg, hints=None, recorded=None):
                             "start a new run on the data set as it is now (another --name)")
     data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints,
                                    cfg["class_mode"] == "softmax")
-    check_foreground(data.foreground, root, cfg["class_mode"])
+    check_foreground(data.target_pixels.sum(0), root, cfg["class_mode"])
     if recorded is not None:
         return data.subset([i for i in recorded["train"] if i in scanned]), \
             data.subset([i for i in recorded["val"] if i in scanned])

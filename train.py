@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 
+import advice
 import checkpoint
 import config
 import distributed
@@ -77,11 +78,15 @@ def build(cfg, rt, hints, recorded=None):
     runtime.check_fits(cfg, rt)                                  # an input size that cannot fit: before any work
     train_data, val_data = load_splits(cfg, hints, recorded)    # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
+    if rt.main:
+        for note in advice.startup_notes(cfg, train_data, rt.world):
+            warnings.warn(note, stacklevel=2)
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
     loaders = make_loaders(cfg, train_data, val_data, rt)
     dtypes = train_data.dtypes | val_data.dtypes
-    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes)}
+    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes),
+                             "trivial": advice.trivial(val_data.target_pixels, val_data.sizes, cfg["class_mode"])}
 
 
 def fit(cfg, run, rt, interrupts):
@@ -110,6 +115,10 @@ def fit(cfg, run, rt, interrupts):
         print(f"early stopping: no better val_iou for {engine.best['stale']} epochs")
     if rt.main:
         print(finished_message(cfg, run, engine.best, run_dir))
+        print(f"{start['trivial'].line()} on the validation split")
+        warning = advice.beats(engine.best["iou"], start["trivial"], "best val_iou")
+        if warning:
+            warnings.warn(warning, stacklevel=2)
     return engine.best["iou"]
 
 

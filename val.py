@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 
+import advice
 import config
 import rundir
 from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
@@ -286,6 +287,18 @@ def protected_folders(args, members):
     return found + run_folders(args.runs_dir)
 
 
+def compare_with_trivial(meter, data, cfg):
+    """The IoU of predicting background or foreground everywhere on these images, and a warning when the model
+    does not beat the better of them by a margin."""
+    if data.sizes is None:
+        return
+    baseline = advice.trivial(data.target_pixels, data.sizes, cfg["class_mode"])
+    print(f"{baseline.line()} on these images")
+    warning = advice.beats(meter.dataset_scores()[0].mean().item(), baseline)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+
+
 def predict_into(out_dir, members, data, args):
     """Predicts and scores `data` into out_dir (checked, locked and cleared): files, metrics, objects, summary."""
     cfg = members[0].cfg
@@ -298,6 +311,7 @@ def predict_into(out_dir, members, data, args):
         write_objects(os.path.join(out_dir, "objects.csv"), objects)
     if data.labeled:
         report(meters, data.ids, out_dir, cfg, objects)
+        compare_with_trivial(meters["image"], data, cfg)
     if objects and data.labeled:
         report_objects(objects, args)
     print(summary(out_dir, len(data.ids), cfg, args, data.labeled))

@@ -1,0 +1,102 @@
+"""What a run's settings mean for its data set, said before and after training.
+
+At start-up: images shrunk far below their size to the network input, too few optimizer steps per
+epoch, a class with almost no foreground. After training and in val.py: the IoU of the trivial
+predictions (every pixel background, every pixel foreground), which a model has to beat by a margin
+before its own IoU means anything (on a set whose foreground fills most of each image, "foreground
+everywhere" alone scores high).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+SHRINK_WARN = 2.0      # images more than this many times larger than the network input (either side)
+MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
+RARE_CLASS = 0.01      # a class covering less of the training pixels than this
+MARGIN = 0.05          # how much IoU a model must gain over the better trivial prediction
+OVERLAP_LOSSES = ("BCEDiceLoss", "DiceLoss", "LovaszHingeLoss", "CEDiceLoss")   # losses that weigh a class by overlap
+
+
+@dataclass
+class Trivial:
+    """Mean IoU over the classes of predicting the same thing at every pixel."""
+    background: float      # nothing (sigmoid) / class 0 (softmax) everywhere
+    foreground: float      # every class (sigmoid) / the most common other class (softmax) everywhere
+    foreground_what: str   # what 'foreground' predicted, in words
+
+    @property
+    def best(self):
+        return max(self.background, self.foreground)
+
+    def line(self):
+        return (f"trivial predictions score IoU {self.background:.4f} (background everywhere) and "
+                f"{self.foreground:.4f} ({self.foreground_what} everywhere)")
+
+
+def shrunk_note(sizes, cfg):
+    """A note when the images are shrunk more than SHRINK_WARN times to the network input ('' if not)."""
+    if cfg["crop"] or not sizes:
+        return ""
+    h, w = (int(np.median([s[k] for s in sizes])) for k in (0, 1))
+    factor = max(h / cfg["input_h"], w / cfg["input_w"])
+    if factor <= SHRINK_WARN:
+        return ""
+    return (f"the images (median {w}x{h}) are shrunk {factor:.1f}x to the {cfg['input_w']}x{cfg['input_h']} network "
+            "input, so thin or small structures may vanish; train on crops of the images at full resolution instead "
+            "(--crop; val.py then predicts whole images by tiles), or give a larger --input_w/--input_h")
+
+
+def steps_note(n_train, cfg, processes=1):
+    """A note when an epoch makes fewer than MIN_STEPS optimizer steps ('' if not)."""
+    steps = n_train // (cfg["batch_size"] * processes)
+    if steps >= MIN_STEPS:
+        return ""
+    batch = max(1, n_train // (MIN_STEPS * processes))
+    return (f"an epoch makes only {steps} optimizer step(s) ({n_train} training images, --batch_size "
+            f"{cfg['batch_size']}); --batch_size {batch} gives {n_train // (batch * processes)} per epoch, or "
+            "train for more --epochs")
+
+
+def rare_class_notes(target_pixels, sizes, cfg):
+    """A note per class covering less than RARE_CLASS of the training pixels (not class 0 in softmax mode)."""
+    if target_pixels is None or cfg["loss"] in OVERLAP_LOSSES:
+        return []
+    total = sum(h * w for h, w in sizes)
+    first = 1 if cfg["class_mode"] == "softmax" else 0
+    fractions = target_pixels.sum(0) / max(total, 1)
+    better = "CEDiceLoss" if cfg["class_mode"] == "softmax" else "BCEDiceLoss"
+    return [f"class {c} covers {100 * f:.2f}% of the training pixels; with --loss {cfg['loss']} a model can score "
+            f"well by missing it. A loss that weighs overlap (--loss {better}) suits rare classes"
+            for c, f in enumerate(fractions) if c >= first and 0 < f < RARE_CLASS]
+
+
+def startup_notes(cfg, train_data, processes=1):
+    """Every start-up note for this config on this training split."""
+    notes = [shrunk_note(train_data.sizes, cfg), steps_note(len(train_data.ids), cfg, processes)]
+    return [n for n in notes if n] + rare_class_notes(train_data.target_pixels, train_data.sizes or [], cfg)
+
+
+def trivial(target_pixels, sizes, class_mode):
+    """The Trivial IoUs on images with these target pixel counts (N, C) and sizes, as the data-set-level
+    metrics count them (a class absent from truth and prediction scores 1)."""
+    total = sum(h * w for h, w in sizes)
+    present = target_pixels.sum(0).astype(np.float64)
+
+    def everywhere(classes):
+        return float(np.mean([present[c] / total if c in classes else float(present[c] == 0)
+                              for c in range(len(present))]))
+    if class_mode == "softmax":
+        common = 1 + int(np.argmax(present[1:])) if len(present) > 1 else 0
+        return Trivial(everywhere({0}), everywhere({common}), f"class {common}")
+    return Trivial(everywhere(set()), everywhere(set(range(len(present)))), "foreground")
+
+
+def beats(iou, baseline, what="IoU"):
+    """A warning ('' if none) when a model's IoU (`what`: its name) is not MARGIN above the better trivial
+    prediction."""
+    if iou >= baseline.best + MARGIN:
+        return ""
+    which = "background" if baseline.background >= baseline.foreground else baseline.foreground_what
+    return (f"{what} {iou:.4f} does not beat predicting {which} everywhere ({baseline.best:.4f}) by {MARGIN}: the model "
+            "has learned little. Check the masks, train longer or on crops (--crop), or start from a recipe "
+            "(--config recipes/...)")
