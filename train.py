@@ -144,6 +144,11 @@ def announce(cfg, run, rt, engine, loaders, run_dir):
     if run["resume"]:
         line += f"; resuming after epoch {engine.epoch}" + (f" ({', '.join(run['changes'])})" if run["changes"] else "")
     print(line, flush=True)
+    if run["resume"] and (engine.epoch >= cfg["epochs"] or engine.should_stop()):
+        why = f"all its {cfg['epochs']} epochs" if engine.epoch >= cfg["epochs"] else "until early stopping"
+        print(f"{run_dir} has already trained {why}: nothing to do. To train it longer: python train.py --name "
+              f"{cfg['name']} --resume --epochs {engine.epoch + max(10, engine.epoch // 2)}"
+              + (" --early_stopping 0" if engine.should_stop() else ""), flush=True)
     print(f"val_iou and val_dice: over the whole validation split, at the {cfg['input_w']}x{cfg['input_h']} network "
           "input; val.py scores at each image's own size (and prints both)", flush=True)
 
@@ -151,6 +156,7 @@ def announce(cfg, run, rt, engine, loaders, run_dir):
 def loop(cfg, engine, loaders, writer, interrupts):
     """The epochs: train, validate, step the schedule, hand the epoch's files to the writer, print a line."""
     train_loader, val_loader = loaders
+    started, first = time.time(), engine.epoch
     for epoch in range(engine.epoch + 1, cfg["epochs"] + 1):
         if engine.should_stop():
             break
@@ -167,7 +173,23 @@ def loop(cfg, engine, loaders, writer, interrupts):
             writer.save(engine.snapshot(), improved)
         print(f"epoch {epoch}/{cfg['epochs']}  lr {lr:.2e}  loss {stats['loss']:.4f}  iou {stats['iou']:.4f}  "
               f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
-              f"{engine.rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}", flush=True)
+              f"{engine.rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}  "
+              f"{progress(time.time() - started, epoch - first, cfg['epochs'] - epoch)}", flush=True)
+
+
+def duration(seconds):
+    """'42s', '3m05s', '2h07m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress(elapsed, done, left):
+    """'elapsed 1m05s, about 3m20s left' after `done` epochs of this process, `left` to go (the mean so far)."""
+    return f"(elapsed {duration(elapsed)}, about {duration(elapsed / max(done, 1) * left)} left)"
 
 
 WORKER_DIED = "DataLoader worker"     # how torch's RuntimeError begins when a loader process died

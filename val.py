@@ -59,7 +59,8 @@ def parse_args(argv):
     how.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     how.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
     out = p.add_argument_group("outputs")
-    out.add_argument("--output", metavar="DIR", help="output folder (default: see above)")
+    out.add_argument("--output", metavar="DIR", help="output folder (default: outputs/<name>/; with --images: "
+                     "outputs/<name>/predictions/; with --data DIR: outputs/<name>/on_<DIR's name>/)")
     out.add_argument("--output_format", choices=OUTPUT_FORMATS, default="png",
                      help="file format of the masks, probability maps and object labels: png (the default; 8-bit "
                           "probabilities, 16-bit labels) or tif (TIFF: float32 probabilities, 16-bit labels or 32-bit "

@@ -74,3 +74,18 @@ def test_real_dsb2018_subset_actually_learns(tmp_path, monkeypatch, dsb_path):
     trained = train_in(tmp_path, monkeypatch, argv)[1]
     print(f"untrained val IoU {untrained:.3f}, trained {trained:.3f}")
     assert trained > 0.6 and trained > untrained + 0.4
+
+
+def test_epoch_lines_say_the_time_elapsed_and_an_estimate_of_what_is_left():
+    assert train.duration(42) == "42s" and train.duration(185) == "3m05s" and train.duration(7620) == "2h07m"
+    assert train.progress(60, 2, 3) == "(elapsed 1m00s, about 1m30s left)"   # 30 s an epoch so far, 3 to go
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_continue(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path / "inputs")
+    train_in(tmp_path, monkeypatch, TINY + ["--epochs", "1", "--name", "done"])
+    capsys.readouterr()
+    train_in(tmp_path, monkeypatch, ["--name", "done", "--resume"])
+    out = capsys.readouterr().out
+    assert "has already trained all its 1 epochs: nothing to do" in out
+    assert "python train.py --name done --resume --epochs 11" in out and "epoch 2/" not in out
