@@ -24,7 +24,7 @@ from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
 from predictor import describe
-from utils import ClosedPipeSafe, Interrupts, UserError, count_params, exit_on_user_error, plain_warning
+from utils import ClosedPipeSafe, Interrupts, UserError, count_params, duration, exit_on_user_error, plain_warning
 
 
 def check_batch_size(cfg, train_data, val_data):
@@ -175,16 +175,6 @@ def loop(cfg, engine, loaders, writer, interrupts):
               f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
               f"{engine.rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}  "
               f"{progress(time.time() - started, epoch - first, cfg['epochs'] - epoch)}", flush=True)
-
-
-def duration(seconds):
-    """'42s', '3m05s', '2h07m'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def progress(elapsed, done, left):

@@ -100,6 +100,16 @@ class Interrupts:
             raise KeyboardInterrupt
 
 
+def duration(seconds):
+    """'42s', '3m05s', '2h07m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def str2bool(v):
     """'true/false/yes/no/1/0' in any case (and real bools) -> bool; anything else is refused."""
     if isinstance(v, bool):

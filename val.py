@@ -215,7 +215,9 @@ def load_data(args, members):
     if note:
         print(f"note: {note}")
     if len(members) > 1:
-        print(f"evaluating on the {len(data.ids)} images none of the {len(members)} runs trained on")
+        print(f"ensemble of {', '.join(m.name for m in members)} (their probabilities averaged): evaluating on the "
+              f"{len(data.ids)} images none of the {len(members)} runs trained on (to compare runs instead: "
+              f"python compare.py {' '.join(m.name for m in members)})")
     return data, os.path.join(OUTPUTS_DIR, label)
 
 

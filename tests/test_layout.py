@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "val", "bench", "export", "preprocess_dsb2018", "make_demo_data"}
+SCRIPTS = {"train", "val", "bench", "export", "preprocess_dsb2018", "make_demo_data", "compare"}
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 MAX_LINES, MAX_PARAMS, MAX_RETURNED = 60, 7, 3
 

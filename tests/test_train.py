@@ -77,7 +77,8 @@ def test_real_dsb2018_subset_actually_learns(tmp_path, monkeypatch, dsb_path):
 
 
 def test_epoch_lines_say_the_time_elapsed_and_an_estimate_of_what_is_left():
-    assert train.duration(42) == "42s" and train.duration(185) == "3m05s" and train.duration(7620) == "2h07m"
+    from utils import duration
+    assert duration(42) == "42s" and duration(185) == "3m05s" and duration(7620) == "2h07m"
     assert train.progress(60, 2, 3) == "(elapsed 1m00s, about 1m30s left)"   # 30 s an epoch so far, 3 to go
 
 
