@@ -574,8 +574,11 @@ def split_ids(ids, val_split, split_seed):
     tests/test_dataset.py checks it against scikit-learn."""
     n_val = int(np.ceil(val_split * len(ids))) if val_split > 0 else 0
     if n_val < 1 or n_val >= len(ids):
+        few = (" With one or two large images, cut each into several image files (tiles, each with its mask) so "
+               "that some train and some validate." if len(ids) < 3 else "")
         raise UserError(f"--val_split {val_split} on {len(ids)} images leaves {n_val} validation and "
-                        f"{len(ids) - n_val} training images; both need at least one. Add images or change --val_split.")
+                        f"{len(ids) - n_val} training images; both need at least one. Add images or change "
+                        f"--val_split.{few}")
     order = np.random.RandomState(split_seed).permutation(len(ids))
     return [ids[k] for k in order[n_val:]], [ids[k] for k in order[:n_val]]
 
