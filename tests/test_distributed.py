@@ -23,7 +23,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_two_processes_interrupted_and_resumed_make_one_runs_files_and_val_py_agrees(tmp_path):
     """Two processes: Ctrl-C after an epoch, --resume to the end; then the files are one run's, and val.py in one
     process scores model.pth as the two processes' sharded validation logged it."""

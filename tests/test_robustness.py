@@ -247,7 +247,7 @@ def interrupt_when(proc, log_path, rows, sig=signal.SIGINT):
     return proc.returncode, err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 @pytest.mark.parametrize("sig, loader", [(signal.SIGINT, ["--loader", "memory"]),
                                          (signal.SIGTERM, ["--loader", "workers", "--num_workers", "2"])],
                          ids=["sigint-memory-loader", "sigterm-worker-loader"])
@@ -291,7 +291,7 @@ def test_resume_and_overwrite_together_are_refused(workdir, monkeypatch, capsys)
     assert code == 2 and "not both" in err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_sigkill_at_random_moments_never_corrupts_files(workdir):
     """SIGKILL a long run at 4 random moments (resuming after each); every file left must load."""
     rng = random.Random(0)

@@ -55,7 +55,7 @@ def test_early_stopping_ends_the_run(tmp_path, monkeypatch):
     assert len(log_rows(tmp_path, "es")) < 20
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_real_dsb2018_subset_actually_learns(tmp_path, monkeypatch, dsb_path):
     """64 real images: a short CPU run ends far above the untrained model's validation IoU."""
     subset = tmp_path / "inputs" / "dsb64"
