@@ -119,12 +119,17 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}     # by the colour type in the PNG header
 
 
+def png_dimensions(header):
+    """(width, height) from a PNG's IHDR (bytes 16-24 of the file)."""
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
 def png_decoded_bytes(header):
     """The first 26 bytes of a PNG -> the bytes its pixels take decoded (from the header, before decoding), or None
     if they are not a PNG's. A few kilobytes of PNG can declare gigabytes of pixels."""
     if len(header) < 26 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
         return None
-    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    width, height = png_dimensions(header)
     return width * height * PNG_CHANNELS.get(header[25], 4) * (2 if header[24] == 16 else 1)
 
 
@@ -132,7 +137,7 @@ def check_png_size(header, name):
     """A UserError for a PNG whose declared pixels would take more than MAX_IMAGE_BYTES decoded."""
     size = png_decoded_bytes(header)
     if size is not None and size > MAX_IMAGE_BYTES:
-        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+        width, height = png_dimensions(header)
         raise UserError(f"{name} declares {width}x{height} pixels ({size / 2**30:.1f} GiB decoded), more than "
                         f"{MAX_IMAGE_BYTES >> 30} GiB; this toolkit takes 2D images that fit in memory: crop or tile it "
                         "first (or replace the file if it is damaged)")
@@ -302,7 +307,7 @@ def is_palette_png(path):
     """Whether the file is a PNG whose colour type (byte 25 of its IHDR) is 3: indexed colour with a palette."""
     with open(path, "rb") as f:
         head = f.read(26)
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3
+    return head.startswith(PNG_SIGNATURE) and len(head) == 26 and head[25] == 3
 
 
 def binarize_mask(m, path):
