@@ -2,7 +2,12 @@
 import torch
 from torch import nn
 
-NB_FILTER = [32, 64, 128, 256, 512]  # channels at depth 0..4, as in the reference
+BASE_CHANNELS = 32  # channels of the first stage, as in the reference; doubled at each of the four depths
+
+
+def stage_channels(base_channels):
+    """The channels at depth 0..4: [32, 64, 128, 256, 512] for the reference's 32."""
+    return [base_channels * 2 ** depth for depth in range(5)]
 
 
 class VGGBlock(nn.Module):
@@ -32,11 +37,11 @@ def check_input_size(x):
 class UNet(nn.Module):
     """U-Net: four VGG-block encoder stages, a bottleneck, four decoder stages with skips."""
 
-    def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
+    def __init__(self, num_classes, input_channels=3, deep_supervision=False, base_channels=BASE_CHANNELS):
         super().__init__()
         if deep_supervision:
             raise ValueError("UNet has a single output head; deep supervision needs NestedUNet")
-        f = NB_FILTER
+        f = stage_channels(base_channels)
         self.pool = nn.MaxPool2d(2, 2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
@@ -52,7 +57,7 @@ class UNet(nn.Module):
 
     def forward(self, x):  # x: (B, C_in, H, W), H and W divisible by 16
         check_input_size(x)
-        x0_0 = self.conv0_0(x)                      # (B, 32, H, W)
+        x0_0 = self.conv0_0(x)                      # (B, 32, H, W) with base_channels 32
         x1_0 = self.conv1_0(self.pool(x0_0))        # (B, 64, H/2, W/2)
         x2_0 = self.conv2_0(self.pool(x1_0))        # (B, 128, H/4, W/4)
         x3_0 = self.conv3_0(self.pool(x2_0))        # (B, 256, H/8, W/8)
@@ -67,9 +72,9 @@ class UNet(nn.Module):
 class NestedUNet(nn.Module):
     """UNet++: dense skip nodes X(i,j); with deep supervision, a head on each of X(0,1..4)."""
 
-    def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
+    def __init__(self, num_classes, input_channels=3, deep_supervision=False, base_channels=BASE_CHANNELS):
         super().__init__()
-        f = NB_FILTER
+        f = stage_channels(base_channels)
         self.deep_supervision = deep_supervision
         self.pool = nn.MaxPool2d(2, 2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
@@ -128,8 +133,13 @@ class NestedUNet(nn.Module):
 
 # What a training step holds per input pixel of each image, at least (activations kept for the backward pass and
 # their gradients; measured with torch 2.13 on CPU at 256x256: UNet 4.0-4.2 KB, NestedUNet 8.4-9.4 KB in bf16 and
-# fp32). A floor used to refuse an input size that cannot fit, before anything runs.
+# fp32), with base_channels 32; the activations grow with the channel count. A floor used to refuse an input size
+# that cannot fit, before anything runs.
 TRAINING_BYTES_PER_PIXEL = {"UNet": 4000, "NestedUNet": 8000}
+
+
+def training_bytes_per_pixel(arch, base_channels):
+    return TRAINING_BYTES_PER_PIXEL[arch] * base_channels / BASE_CHANNELS
 ARCHS = {"UNet": UNet, "NestedUNet": NestedUNet}
 
 
@@ -155,13 +165,16 @@ class Probabilities(nn.Module):
     """Network inputs (B, C_in, H, W), standardised per input first if per_image_eps is set, -> class probabilities
     (B, C, H, W): the network, its final head and the activation. It is built from names and numbers only, and
     this file imports nothing but torch, so that a BioImage.IO package can rebuild it from this file alone (its
-    weights are the network's, under 'network.')."""
+    weights are the network's, under 'network.').
 
-    def __init__(self, arch, num_classes, input_channels=3, deep_supervision=False, class_mode="sigmoid",
-                 per_image_eps=None):
+    network: {"arch", "num_classes", "input_channels", "deep_supervision", "base_channels"}, as build_model reads
+    them from a config."""
+
+    def __init__(self, network, class_mode="sigmoid", per_image_eps=None):
         super().__init__()
-        self.network = ARCHS[arch](num_classes, input_channels, deep_supervision)
-        self.deep_supervision, self.class_mode, self.per_image_eps = deep_supervision, class_mode, per_image_eps
+        self.network = build_model(network)
+        self.deep_supervision, self.class_mode = network["deep_supervision"], class_mode
+        self.per_image_eps = per_image_eps
 
     def forward(self, x):
         if self.per_image_eps is not None:
@@ -170,6 +183,7 @@ class Probabilities(nn.Module):
 
 
 def build_model(cfg):
-    """The network a config names, with its class count, input channels and deep supervision. Its input is
+    """The network a config names, with its class count, input channels, deep supervision and width. Its input is
     normalised before it (normalize.py), per_image_norm included."""
-    return ARCHS[cfg["arch"]](cfg["num_classes"], cfg["input_channels"], cfg["deep_supervision"])
+    return ARCHS[cfg["arch"]](cfg["num_classes"], cfg["input_channels"], cfg["deep_supervision"],
+                              cfg["base_channels"])

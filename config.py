@@ -27,6 +27,8 @@ OPTIONS = [
     # model
     ("arch", "NestedUNet", str, tuple(ARCHS), "network (-a)"),
     ("deep_supervision", False, bool, None, "NestedUNet: a loss on each of its 4 heads"),
+    ("base_channels", 32, int, None, "channels of the network's first stage, doubled at each of its 4 depths (32 "
+     "as in the reference; 16 or 8 make a network 4x or 16x smaller and faster, for small data sets or a slow CPU)"),
     ("input_channels", 3, int, None, "channels of the images: 1 = grayscale, 3 = RGB (grayscale images are "
      "replicated), or any count a multi-channel TIFF has (e.g. 2 for two fluorescence channels)"),
     ("num_classes", 1, int, None, "number of mask classes (folders masks/0 .. masks/<n-1>)"),
@@ -144,7 +146,7 @@ def suggest(key):
 
 # --help lists the flags in these groups, in this order
 GROUPS = {
-    "model": ("arch", "deep_supervision", "input_channels", "num_classes", "input_w", "input_h", "normalize",
+    "model": ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes", "input_w", "input_h", "normalize",
               "norm_pmin", "norm_pmax", "per_image_norm", "class_mode", "loss"),
     "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
     "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
@@ -264,6 +266,7 @@ RANGES = [
     ("batch_size", lambda v: v >= 1, "at least 1"),
     ("num_classes", lambda v: 1 <= v <= 255, "between 1 and 255"),
     ("input_channels", lambda v: 1 <= v <= 64, "between 1 and 64"),
+    ("base_channels", lambda v: 1 <= v <= 256, "between 1 and 256 (32 is the reference network)"),
     ("norm_pmin", lambda v: finite(v) and 0 <= v < 100, "a percentile, at least 0 and below 100"),
     ("norm_pmax", lambda v: finite(v) and 0 < v <= 100, "a percentile, above 0 and at most 100"),
     ("input_w", lambda v: v >= 16, "at least 16"),

@@ -25,7 +25,7 @@ from instances import object_scores, object_sizes, split
 from loaders import image_ranges, resize_image
 from metrics import binarize
 from normalize import as_batch
-from predictor import Predictor, describe
+from predictor import Predictor, base_channels, describe
 from tiling import predict_tiled
 from utils import UserError, write_png, write_tiff
 
@@ -89,7 +89,8 @@ def recorded_description(run_dir):
 def trained_settings(d):
     """The config keys that decide predictions, as a model.json description records them."""
     n = d["normalize"]
-    return {"arch": d["arch"], "deep_supervision": d["deep_supervision"], "input_channels": d["input_channels"],
+    return {"arch": d["arch"], "deep_supervision": d["deep_supervision"], "base_channels": base_channels(d),
+            "input_channels": d["input_channels"],
             "num_classes": d["num_classes"], "class_mode": d["class_mode"], "input_h": d["input_size"][0],
             "input_w": d["input_size"][1], "normalize": n["mode"], "norm_pmin": n["pmin"], "norm_pmax": n["pmax"],
             "per_image_norm": n["per_image"], "crop": d["crop"]}

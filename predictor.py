@@ -17,7 +17,7 @@ is normalised as the training loaders normalised it.
 """
 import torch
 
-from archs import ARCHS, activate, final_logits
+from archs import ARCHS, BASE_CHANNELS, activate, final_logits
 from normalize import Normalization, full_range, normalize
 
 FORMAT = "unet-toolkit model 1"
@@ -29,7 +29,7 @@ def describe(cfg, dtypes):
     widest = max(dtypes, key=lambda d: full_range(d), default="uint8")
     return {
         "format": FORMAT,
-        "arch": cfg["arch"], "deep_supervision": cfg["deep_supervision"],
+        "arch": cfg["arch"], "deep_supervision": cfg["deep_supervision"], "base_channels": cfg["base_channels"],
         "input_channels": cfg["input_channels"], "num_classes": cfg["num_classes"], "class_mode": cfg["class_mode"],
         "class_names": [str(c) for c in range(cfg["num_classes"])],
         "input_size": [cfg["input_h"], cfg["input_w"]], "size_multiple": SIZE_MULTIPLE,
@@ -59,6 +59,11 @@ def percentile_ranges(x, pmin, pmax):
     return torch.stack([lo, hi], dim=1)
 
 
+def base_channels(description):
+    """The network's first-stage channels (model.json of runs before the base_channels key: the reference's 32)."""
+    return description.get("base_channels", BASE_CHANNELS)
+
+
 class Predictor(torch.nn.Module):
     """Raw images (B, C_in, H, W) float32 -> class probabilities (B, C, H, W)."""
 
@@ -78,7 +83,7 @@ class Predictor(torch.nn.Module):
         if description.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT!r} description (format {description.get('format')!r})")
         network = ARCHS[description["arch"]](description["num_classes"], description["input_channels"],
-                                             description["deep_supervision"])
+                                             description["deep_supervision"], base_channels(description))
         return cls(network, description)
 
     def load_network(self, state_dict):

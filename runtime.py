@@ -14,7 +14,7 @@ import os
 import torch
 
 import distributed
-from archs import TRAINING_BYTES_PER_PIXEL
+from archs import training_bytes_per_pixel
 from utils import UserError, resolve_device
 
 
@@ -122,15 +122,16 @@ def memory_bytes(rt):
 
 def check_fits(cfg, rt):
     """Refuses an input size and batch whose training step cannot fit in the device's memory (estimated from
-    archs.TRAINING_BYTES_PER_PIXEL, a floor), before the run folder is made: otherwise the kernel kills the run."""
-    need = TRAINING_BYTES_PER_PIXEL[cfg["arch"]] * cfg["input_w"] * cfg["input_h"] * cfg["batch_size"]
+    archs.training_bytes_per_pixel, a floor), before the run folder is made: otherwise the kernel kills the run."""
+    need = (training_bytes_per_pixel(cfg["arch"], cfg["base_channels"]) * cfg["input_w"] * cfg["input_h"]
+            * cfg["batch_size"])
     have = memory_bytes(rt)
     if need > have:
         where = "GPU" if rt.cuda else "machine"
         raise UserError(f"--input_w {cfg['input_w']} --input_h {cfg['input_h']} with --batch_size {cfg['batch_size']}: "
                         f"a training step of {cfg['arch']} needs at least {need / 2**30:.0f} GiB, more than this "
                         f"{where}'s {have / 2**30:.0f} GiB. Use a smaller input (--crop trains on crops of that size "
-                        "from larger images, and val.py predicts them by tiles) or a smaller --batch_size")
+                        "from larger images, and val.py predicts them by tiles) a smaller --batch_size or a smaller --base_channels")
 
 
 def for_training(cfg):

@@ -59,7 +59,7 @@ def test_train_and_val_warn_when_the_model_does_not_beat_foreground_everywhere(t
         mask = np.full((32, 32), 255, np.uint8)
         mask[:3] = 0
         cv2.imwrite(os.path.join(data, "masks", "0", f), mask)
-    argv = ["--dataset", "tiny", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
+    argv = ["--dataset", "tiny", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
             "--num_workers", "0", "--optimizer", "SGD", "--lr", "1e-9", "--min_lr", "0", "--name", "lazy"]
     with pytest.warns(UserWarning, match="best val_iou .* does not beat predicting"):
         code, out, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)

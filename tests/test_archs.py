@@ -51,8 +51,21 @@ def test_size_not_divisible_by_16_is_explained():
 
 
 def test_build_model_from_config():
-    m = build_model({"arch": "NestedUNet", "num_classes": 2, "input_channels": 1, "deep_supervision": True})
+    m = build_model({"arch": "NestedUNet", "num_classes": 2, "input_channels": 1, "deep_supervision": True,
+                     "base_channels": 32})
     assert isinstance(m, NestedUNet) and m.final4.out_channels == 2 and m.conv0_0.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize("arch", ["UNet", "NestedUNet"])
+def test_base_channels_sets_the_width_of_every_stage(arch):
+    cfg = {**config.DEFAULTS, "arch": arch}
+    reference, narrow = build_model(cfg), build_model({**cfg, "base_channels": 8})
+    assert [reference.conv0_0.conv1.out_channels, reference.conv4_0.conv2.out_channels] == [32, 512]
+    assert [narrow.conv0_0.conv1.out_channels, narrow.conv4_0.conv2.out_channels] == [8, 128]
+    count = lambda m: sum(p.numel() for p in m.parameters())          # noqa: E731
+    assert 12 < count(reference) / count(narrow) < 17                 # weights grow with the square of the width
+    with torch.no_grad():
+        assert narrow.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
 @pytest.mark.parametrize("arch", ["UNet", "NestedUNet"])

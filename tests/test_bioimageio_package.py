@@ -14,7 +14,7 @@ from archs import build_model
 from normalize import normalize
 from predictor import Predictor, describe
 
-CFG = {"arch": "NestedUNet", "deep_supervision": True, "input_channels": 2, "num_classes": 2, "class_mode": "sigmoid",
+CFG = {"arch": "NestedUNet", "deep_supervision": True, "base_channels": 8, "input_channels": 2, "num_classes": 2, "class_mode": "sigmoid",
        "input_h": 32, "input_w": 32, "normalize": "percentile", "norm_pmin": 2.0, "norm_pmax": 99.0,
        "per_image_norm": True, "crop": False}
 
@@ -31,7 +31,7 @@ def test_the_packages_model_after_the_rdf_scaling_equals_the_predictor():
     scaled = normalize(x, p.ranges(x), replace(p.norm, per_image=False))     # what rdf.yaml's steps give
     with torch.no_grad():
         assert torch.allclose(model(scaled), p(x), atol=1e-6)
-    assert kwargs["per_image_eps"] is not None and kwargs["input_channels"] == 2
+    assert kwargs["per_image_eps"] is not None and kwargs["network"]["input_channels"] == 2
 
 
 def test_preprocessing_names_the_runs_percentiles_and_the_imagenet_scaling():

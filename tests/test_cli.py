@@ -14,7 +14,7 @@ import train
 import val
 from conftest import ROOT, make_data, run_main
 
-FAST = ["--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0",
+FAST = ["--base_channels", "8", "--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0",
         "--optimizer", "Adam", "--device", "cpu"]
 
 

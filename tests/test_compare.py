@@ -8,7 +8,7 @@ import train
 import val
 from conftest import make_data, run_main
 
-FAST = ["--dataset", "tiny", "--arch", "UNet", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0",
+FAST = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0",
         "--optimizer", "Adam"]
 
 

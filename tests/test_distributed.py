@@ -13,7 +13,7 @@ from conftest import ROOT, make_data
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             os.path.join(ROOT, "train.py")]
-FAST = ["--dataset", "tiny", "--arch", "UNet", "-b", "4", "--input_w", "32", "--input_h", "32",
+FAST = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "-b", "4", "--input_w", "32", "--input_h", "32",
         "--num_workers", "0", "--device", "cpu", "--optimizer", "Adam"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

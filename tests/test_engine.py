@@ -41,7 +41,8 @@ def test_reduce_on_plateau_steps_on_validation_loss():
 
 
 def test_forward_loss_averages_deep_supervision_heads():
-    model = build_model({"arch": "NestedUNet", "num_classes": 1, "input_channels": 3, "deep_supervision": True})
+    model = build_model({"arch": "NestedUNet", "num_classes": 1, "input_channels": 3, "deep_supervision": True,
+                         "base_channels": 8})
     x, y = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
     loss, logits = forward_loss(model, x, y, LOSSES["BCEDiceLoss"](), True)
     heads = model(x)

@@ -10,7 +10,7 @@ import export
 import train
 from conftest import make_data, make_microscopy, run_main
 
-FAST = ["--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0", "--optimizer", "Adam",
+FAST = ["--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0", "--optimizer", "Adam",
         "--device", "cpu"]
 
 
@@ -97,7 +97,7 @@ def check_package(zip_path, name):
     kwargs = rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]
     if name == "micro":     # percentile scaling in rdf.yaml; the per-image standardisation inside the model
         assert steps == ["ensure_dtype", "scale_range", "clip", "scale_linear", "ensure_dtype"]
-        assert kwargs["per_image_eps"] == 1e-3 and kwargs["deep_supervision"] and kwargs["arch"] == "NestedUNet"
+        assert kwargs["per_image_eps"] == 1e-3 and kwargs["network"]["deep_supervision"] and kwargs["network"]["arch"] == "NestedUNet"
     else:
         assert steps == ["ensure_dtype", "scale_linear", "ensure_dtype"] and kwargs["class_mode"] == "softmax"
         assert len(rdf["outputs"][0]["axes"][1]["channel_names"]) == 3

@@ -113,7 +113,7 @@ def test_data_set_reads_its_instances_folder_or_falls_back_to_components(tmp_pat
 
 def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, capsys):
     nuclei_set(tmp_path / "inputs" / "nuclei")
-    argv = ["--dataset", "nuclei", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
+    argv = ["--dataset", "nuclei", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
             "--device", "cpu", "--optimizer", "Adam", "--name", "n"]
     code, _, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
     assert code == 0, err
@@ -135,7 +135,7 @@ def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, ca
 
 def test_instances_need_a_one_class_run(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs", "two", num_classes=2)
-    argv = ["--dataset", "two", "--num_classes", "2", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32",
+    argv = ["--dataset", "two", "--num_classes", "2", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32",
             "--input_h", "32", "--device", "cpu", "--optimizer", "Adam", "--name", "two"]
     assert run_main(train.main, argv, tmp_path, monkeypatch, capsys)[0] == 0
     code, _, err = run_main(val.main, ["--name", "two", "--instances"], tmp_path, monkeypatch, capsys)

@@ -32,9 +32,10 @@ def test_a_whole_image_without_ranges_is_normalised_as_training_normalises_it(mo
         assert torch.allclose(predictor(x), predictor(x, ranges), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, ds, mode", [("UNet", False, "sigmoid"), ("NestedUNet", True, "softmax")])
-def test_the_description_rebuilds_the_same_predictor_from_json(tmp_path, arch, ds, mode):
+@pytest.mark.parametrize("arch, ds, mode, width", [("UNet", False, "sigmoid", 32), ("NestedUNet", True, "softmax", 8)])
+def test_the_description_rebuilds_the_same_predictor_from_json(tmp_path, arch, ds, mode, width):
     cfg = {**config.DEFAULTS, "arch": arch, "deep_supervision": ds, "class_mode": mode, "num_classes": 3,
+           "base_channels": width,
            "loss": "CEDiceLoss" if mode == "softmax" else "BCEDiceLoss", "normalize": "imagenet", "input_channels": 1}
     original = Predictor(build_model(cfg), describe(cfg, {np.dtype("uint8")})).eval()
     (tmp_path / "model.json").write_text(json.dumps(original.description))
@@ -50,3 +51,10 @@ def test_the_description_rebuilds_the_same_predictor_from_json(tmp_path, arch, d
         assert torch.allclose(probs.sum(1), torch.ones(1, 32, 32))
     else:
         assert 0 <= probs.min() and probs.max() <= 1
+
+
+def test_a_model_json_from_before_base_channels_builds_the_reference_width():
+    description = describe({**config.DEFAULTS, "arch": "UNet", "base_channels": 8}, {np.dtype("uint8")})
+    assert Predictor.build(description).network.conv0_0.conv1.out_channels == 8
+    del description["base_channels"]                                  # as train.py wrote it before the key existed
+    assert Predictor.build(description).network.conv0_0.conv1.out_channels == 32

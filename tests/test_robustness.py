@@ -25,7 +25,7 @@ from runlog import COLUMNS
 
 TRAIN = [sys.executable, os.path.join(ROOT, "train.py")]
 VAL = [sys.executable, os.path.join(ROOT, "val.py")]
-FAST = ["--dataset", "tiny", "--arch", "UNet", "--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32",
+FAST = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32",
         "--num_workers", "0", "--device", "cpu", "--optimizer", "Adam"]
 
 
@@ -185,10 +185,12 @@ def test_zero_one_masks_train_with_one_warning(workdir, monkeypatch, capsys):
         cv2.imwrite(str(masks / f), (cv2.imread(str(masks / f), 0) > 127).astype(np.uint8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code, _, err = run_main(train.main, FAST + ["--name", "zero_one", "--epochs", "1"], workdir, monkeypatch, capsys)
+        code, out, err = run_main(train.main, FAST + ["--name", "zero_one", "--epochs", "1"], workdir, monkeypatch, capsys)
     assert code == 0, err
     assert sum(str(w.message).startswith("all masks under") for w in caught) == 1
-    assert float(read_log(workdir / "models" / "zero_one" / "log.csv")[0]["val_iou"]) > 0.05   # not all-background
+    # the 1s were read as foreground: "foreground everywhere" overlaps the validation masks
+    everywhere = re.search(r"and ([0-9.]+) \(foreground everywhere\)", out)
+    assert everywhere and float(everywhere.group(1)) > 0.05, out
 
 
 def test_existing_run_is_not_overwritten(workdir, monkeypatch, capsys):

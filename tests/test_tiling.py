@@ -64,7 +64,7 @@ def test_train_on_crops_then_predict_whole_images(tmp_path, monkeypatch, capsys)
     """Training in this process (train.py's main), val.py as a process of its own."""
     import train
     make_data(tmp_path / "inputs", size=64)              # 64x64 images, 32x32 crops
-    args = ["--dataset", "tiny", "--arch", "UNet", "--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32",
+    args = ["--dataset", "tiny", "--arch", "UNet", "--base_channels", "8", "--epochs", "2", "-b", "4", "--input_w", "32", "--input_h", "32",
             "--num_workers", "0", "--device", "cpu", "--optimizer", "Adam", "--crop", "--name", "crops"]
     code, out, err = run_main(train.main, args, tmp_path, monkeypatch, capsys)
     assert code == 0, err

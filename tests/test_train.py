@@ -13,7 +13,7 @@ from dataset import load_splits
 from engine import Engine
 from loaders import make_loaders
 
-TINY = ["--dataset", "tiny", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
+TINY = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
         "--num_workers", "0", "--device", "cpu"]
 
 
