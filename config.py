@@ -14,6 +14,7 @@ from archs import ARCHS
 from dataset import TRAIN_HINTS
 from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
 from normalize import MODES as NORMALIZE_MODES
+from plan import planned
 from utils import UserError, load_yaml, str2bool
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
@@ -208,6 +209,10 @@ def build_parser(description):
     run.add_argument("--name", type=str, help="run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)")
     run.add_argument("--resume", action="store_true", help="continue <runs_dir>/<name>/ from its last.pth")
     run.add_argument("--overwrite", action="store_true", help="replace an existing <runs_dir>/<name>/")
+    run.add_argument("--plan", choices=("auto",), help="auto: look at the data set first and choose the input size "
+                     "(whole images or crops), batch size, epochs, network, optimizer and schedule, normalisation, "
+                     "class mode and loss from it, saying why for each; any flag or --config key you give is kept "
+                     "and the plan works around it. The chosen values are written to config.yml like any other")
     add_runs_dir(run)
     options = {name: (default, typ, choices, text) for name, default, typ, choices, text in OPTIONS}
     for group, keys in GROUPS.items():
@@ -314,6 +319,13 @@ def check(cfg, source="the command line"):
     """Range and cross-field checks; raises a UserError naming the key, where its value came from, and the fix.
 
     source: a file name or 'the command line', or a dict giving that per key."""
+    check_values(cfg, source)
+    check_combinations(cfg, source)
+    return cfg
+
+
+def check_values(cfg, source):
+    """Each value in its range, one key at a time."""
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise UserError(f"{origin(source, key)}: {key} must be one of {', '.join(map(str, choices))}, "
@@ -325,8 +337,6 @@ def check(cfg, source="the command line"):
         if cfg[key] % 16:
             raise UserError(f"{origin(source, key)}: {key} {cfg[key]} is not a multiple of 16, which the network's "
                             f"four 2x poolings need; use e.g. {max(16, round(cfg[key] / 16) * 16)}")
-    check_combinations(cfg, source)
-    return cfg
 
 
 def check_combinations(cfg, source):
@@ -384,13 +394,21 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     """
     args = vars(build_parser(description).parse_args(argv))
     run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False),
-                                                       ("runs_dir", None))}
+                                                       ("runs_dir", None), ("plan", None))}
     run["runs_dir"] = runs_dir(run["runs_dir"])
     if run["resume"] and run["overwrite"]:
         raise UserError("--resume continues a run and --overwrite replaces it; pass one of them, not both")
+    if run["resume"] and run["plan"]:
+        raise UserError("--resume continues a run with the settings it was planned or given; drop --plan (it plans "
+                        "a new run)")
     file_cfg = load_yaml(run["config"]) if run["config"] else {}
     sources = {**{k: run["config"] for k in file_cfg}, **{k: "the command line" for k in args}}
     cfg = merge(file_cfg, run["config"], args)
+    run["plan_lines"] = []
+    if run["plan"]:
+        check_values(cfg, sources)         # the user's own values first, with their own messages
+        cfg, choices, run["plan_lines"] = planned(cfg, sources)
+        sources = {**{k: "the plan" for c in choices for k in c.settings}, **sources}
     if cfg["name"] is None:
         cfg["name"] = default_name(cfg)
     check(cfg, sources)                    # the name too, before it is used as a path

@@ -2,6 +2,7 @@
 
     python make_demo_data.py --out inputs/demo --n 120 --size 64
     python make_demo_data.py --out inputs/demo16 --microscopy      # 16-bit TIFFs with TIFF label images
+    python make_demo_data.py --out inputs/em --membranes --n 30 --size 512   # thin membranes between cells
 
 Each image is a dim, noisy, uneven background with bright blurred blobs ("nuclei"); class k's
 mask marks the blobs of shape k (k = 0: ellipses, 1: squares, 2: triangles). With --exclusive,
@@ -11,6 +12,10 @@ class 0 is the background instead, so every pixel belongs to exactly one class (
 signal in 16-bit TIFFs (background about 100, nuclei 300-3000 grey levels, with noise; --channels 2
 adds a second, dimmer channel, saved as Fiji does, axes CYX; --float32 writes float32 TIFFs) and
 images/<id>.tif with labels/<id>.tif, one number per nucleus, some of them touching.
+
+--membranes writes what electron microscopy of tissue looks like: large grayscale images of cells
+packed edge to edge, separated by thin dark membranes 2-3 px wide; the mask marks the cells' insides
+(most of each image), so a model has to find the thin lines between them.
 """
 import argparse
 import os
@@ -141,6 +146,42 @@ def generate_microscopy(out, n=60, size=64, channels=1, seed=0, dtype=np.uint16)
     return ids
 
 
+def membrane_sample(rng, size):
+    """-> uint8 image (size, size), uint8 mask (0/255): cells around random seeds (one per ~25x25 px) whose
+    borders, where the nearest seed changes, are dark membranes 2-4 px wide; inside the cells, dark vesicles that
+    are not membranes. The mask is the cells without their borders (about 80% of the image)."""
+    from scipy import ndimage
+    seeds = np.zeros((size, size), bool)
+    count = max(4, size * size // 625)
+    seeds[rng.integers(0, size, count), rng.integers(0, size, count)] = True
+    _, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
+    cell = iy * size + ix                                             # which seed each pixel is nearest to
+    border = np.zeros((size, size), bool)
+    border[:, 1:] |= cell[:, 1:] != cell[:, :-1]
+    border[1:, :] |= cell[1:, :] != cell[:-1, :]
+    border = ndimage.binary_dilation(border, iterations=int(rng.integers(1, 3)))
+    shade = rng.uniform(120, 200, count + 1)[np.unique(cell, return_inverse=True)[1].reshape(size, size)]
+    vesicles = cv2.GaussianBlur((rng.random((size, size)) < 0.002).astype(np.float32), (0, 0), 1.5) * 400
+    texture = cv2.GaussianBlur(rng.normal(0, 30, (size, size)), (0, 0), 2.0)
+    img = np.where(border, 80.0, shade) - vesicles + texture
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.0) + rng.normal(0, 20, (size, size))
+    return np.clip(img, 0, 255).astype(np.uint8), np.where(border, 0, 255).astype(np.uint8)
+
+
+def generate_membranes(out, n=30, size=512, seed=0):
+    """Write n grayscale membrane images (membrane_sample) and their one-class masks under `out`; returns the ids."""
+    prepare_out(out)
+    rng = np.random.default_rng(seed)
+    for d in ("images", os.path.join("masks", "0")):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    ids = [f"em{i:04d}" for i in range(n)]
+    for i in ids:
+        img, mask = membrane_sample(rng, size)
+        cv2.imwrite(os.path.join(out, "images", i + ".png"), img)
+        cv2.imwrite(os.path.join(out, "masks", "0", i + ".png"), mask)
+    return ids
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="inputs/demo", help="output folder (default: inputs/demo)")
@@ -152,13 +193,21 @@ def main(argv=None):
     p.add_argument("--microscopy", action="store_true", help="16-bit TIFF images with TIFF label images (labels/)")
     p.add_argument("--float32", action="store_true", help="with --microscopy: float32 TIFF images")
     p.add_argument("--exclusive", action="store_true", help="class 0 is the background (for --class_mode softmax)")
+    p.add_argument("--membranes", action="store_true", help="grayscale cells separated by thin membranes, the mask "
+                   "marking the cells (electron-microscopy-like; try --n 30 --size 512)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.n < 1 or a.size < 16:
         p.error("--n must be at least 1 and --size at least 16")
     if a.microscopy and (a.channels == 3 or a.num_classes > 1 or a.exclusive):
         p.error("--microscopy writes 1 or 2 channels and one class (label images): drop --num_classes/--exclusive")
+    if a.membranes and (a.microscopy or a.num_classes > 1 or a.exclusive or a.channels not in (None, 1)):
+        p.error("--membranes writes one class of grayscale 8-bit images: drop the other data options")
     with exit_on_user_error():
+        if a.membranes:
+            generate_membranes(a.out, a.n, a.size, a.seed)
+            print(f"wrote {a.n} grayscale membrane images and masks to {a.out}/images and {a.out}/masks/0")
+            return
         if a.microscopy:
             generate_microscopy(a.out, a.n, a.size, a.channels or 1, a.seed, np.float32 if a.float32 else np.uint16)
             print(f"wrote {a.n} {'float32' if a.float32 else '16-bit'} TIFF images and label images to {a.out}/images "

@@ -217,6 +217,8 @@ def main(argv=None):
     try:
         with exit_on_user_error(quiet=not first_process):
             cfg, run = config.resolve(argv)
+            for line in run["plan_lines"]:
+                print(line, flush=True)
             print(f"config: {', '.join(config.differences(cfg)) or 'the defaults'} (the rest at their defaults; "
                   f"the full config goes to {os.path.join(run['runs_dir'], cfg['name'], 'config.yml')})", flush=True)
             train(cfg, run, interrupts)

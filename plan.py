@@ -1,0 +1,266 @@
+"""--plan auto: training settings chosen from the data set itself, as nnU-Net plans its runs.
+
+survey() reads a sample of the data set (sizes, channels, bit depth, classes, how much each class covers, object
+sizes); make_plan() turns that survey and the machine into settings, each with its reason. make_plan is a pure
+function: the same survey and machine give the same plan. Settings the user gave (flags, --config) are kept, and
+the rules after them use the user's values (a given --input_w sets the batch size the plan picks, say).
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from archs import training_bytes_per_pixel
+from dataset import TRAIN_HINTS, decode, image_type, read_labels, read_target, scan
+from losses import SOFTMAX_LOSSES
+from utils import resolve_device
+
+SURVEY_IMAGES = 48          # images read for the survey, evenly spread over the sorted ids
+UNIFORM = 1.5               # largest / smallest side up to which images count as one size
+WHOLE_LIMIT = {False: 256, True: 512}    # (cuda?) image sides up to which images train whole, at their own size
+CROP_SIDE = {False: 128, True: 256}      # (cuda?) the crop side for larger images ...
+OBJECTS_ACROSS = 3          # ... raised (up to twice) so that this many median objects fit across a crop
+STEP_PIXELS = {False: 16 * 96 * 96, True: 32 * 256 * 256}   # (cuda?) input pixels per optimizer step, at most
+BATCHES = (32, 16, 8, 4, 2)  # batch sizes the plan picks from (2 at least: BatchNorm needs more than one image)
+MIN_STEPS = 10              # optimizer steps per epoch the batch size is chosen to reach (advice.MIN_STEPS)
+TARGET_STEPS = {False: 700, True: 3000}  # (cuda?) optimizer steps of the whole run
+EPOCHS = (10, 400)          # the fewest and most epochs the plan gives
+EMA_BATCH = 4               # batches this small make noisy steps: keep an average of the weights
+RARE = 0.01                 # a class covering less than this of the pixels is named in the loss's reason
+BACKGROUND = 0.5            # masks/0 covering more than this of the pixels is a background class (softmax)
+
+
+@dataclass
+class Survey:
+    """What make_plan knows of a data set (from up to SURVEY_IMAGES of its images)."""
+    images: int              # images in the data set
+    height: int              # median image height
+    width: int               # median image width
+    smallest: int            # the smallest side of any surveyed image
+    largest: int             # the largest side of any surveyed image
+    channels: int            # channels the image files hold (1: grayscale, 3: colour, any count in TIFF)
+    dtype: str               # the widest pixel type: uint8, uint16 or float32
+    classes: int             # mask classes: folders masks/0 .. ; 1 with label images only
+    foreground: tuple        # per class, the fraction of the pixels its masks mark
+    object_size: float       # median object diameter in pixels (label images, else class 0's blobs); 0 if none
+
+    def line(self):
+        cover = ", ".join(f"{100 * f:.1f}%" for f in self.foreground)
+        objects = f", objects median {self.object_size:.0f} px" if self.object_size else ""
+        channels = "1 channel" if self.channels == 1 else f"{self.channels} channels"
+        classes = "1 class" if self.classes == 1 else f"{self.classes} classes"
+        return (f"{self.images} images, median {self.width}x{self.height}, {channels} of {self.dtype}, {classes} "
+                f"covering {cover} of the pixels{objects}")
+
+
+@dataclass
+class Machine:
+    cuda: bool               # training on a CUDA GPU (else the CPU)
+    memory: int              # bytes a training step may use
+
+
+@dataclass
+class Choice:
+    """Planned settings that belong together, and why."""
+    settings: dict           # config key -> value
+    reason: str
+
+    def flags(self):
+        def flag(k, v):
+            if isinstance(v, bool):
+                return f"--{k}" if v else f"--{k} false"
+            return f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
+        return " ".join(flag(k, v) for k, v in self.settings.items())
+
+
+def class_count(root):
+    """The numbered folders masks/0, masks/1, ... -> their count (1 when there is no masks/: label images)."""
+    masks = os.path.join(root, "masks")
+    if not os.path.isdir(masks):
+        return 1
+    numbered = [d for d in os.listdir(masks) if d.isdigit() and os.path.isdir(os.path.join(masks, d))]
+    return max(1, len(numbered))
+
+
+def object_diameters(sample, target):
+    """Equivalent diameters of the objects of one image: its label image's, else the blobs of class 0's mask.
+    Objects as large as half the image (a background, a network of membranes) are left out."""
+    from scipy import ndimage
+    labels = (read_labels(sample.labels, target.shape[:2]) if sample.labels
+              else ndimage.label(target[:, :, 0])[0])
+    areas = np.bincount(labels.ravel())[1:]
+    diameters = np.sqrt(4 * areas[areas > 0] / np.pi)
+    return diameters[diameters < min(target.shape[:2]) / 2]
+
+
+def survey(root, cfg, sources):
+    """Reads up to SURVEY_IMAGES images of <root> (and their masks) -> Survey. The files are checked as training
+    checks them; num_classes is the user's if given, else the count of masks/ folders."""
+    classes = cfg["num_classes"] if "num_classes" in sources else class_count(root)
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, TRAIN_HINTS)
+    ids = list(scanned)
+    picked = sorted({ids[round(k)] for k in np.linspace(0, len(ids) - 1, min(SURVEY_IMAGES, len(ids)))})
+    shapes, channels, dtypes, covered, pixels, diameters = [], set(), set(), 0, 0, []
+    for i in picked:
+        img = image_type(decode(scanned[i].image), scanned[i].image)
+        shapes.append(img.shape[:2])
+        channels.add(img.shape[2] if img.ndim == 3 else 1)
+        dtypes.add(img.dtype)
+        target = read_target(scanned[i], img.shape[:2])[0]
+        covered, pixels = covered + target.reshape(-1, target.shape[2]).sum(0), pixels + target.shape[0] * target.shape[1]
+        diameters.extend(object_diameters(scanned[i], target))
+    sides = [s for shape in shapes for s in shape]
+    widest = max(dtypes, key=lambda d: (d.kind == "f", d.itemsize))
+    return Survey(images=len(ids), height=int(np.median([s[0] for s in shapes])),
+                  width=int(np.median([s[1] for s in shapes])), smallest=min(sides), largest=max(sides),
+                  channels=max(channels), dtype=str(widest), classes=classes,
+                  foreground=tuple(float(c) / pixels for c in covered),
+                  object_size=float(np.median(diameters)) if diameters else 0.0)
+
+
+def machine(device):
+    """The Machine a --device names: a CUDA GPU and its memory, or the CPU and this machine's RAM."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return Machine(True, torch.cuda.get_device_properties(dev).total_memory)
+    return Machine(False, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def multiple_of_16(side):
+    return max(16, int(round(side / 16)) * 16)
+
+
+def plan_input(s, m, given):
+    """Whole images at their own size, or crops (and prediction by tiles) of images too large or too varied."""
+    uniform = s.largest <= UNIFORM * s.smallest
+    if given.get("crop") is False or (uniform and max(s.height, s.width) <= WHOLE_LIMIT[m.cuda]
+                                      and not given.get("crop")):
+        h, w = given.get("input_h", multiple_of_16(s.height)), given.get("input_w", multiple_of_16(s.width))
+        why = ("at their own size" if (h, w) == (s.height, s.width) else f"resized to {w}x{h}" +
+               (" (the input size given)" if "input_w" in given else ", the nearest multiple of 16"))
+        return Choice({"crop": False, "input_h": h, "input_w": w}, f"images are {s.width}x{s.height}: trained whole, {why}")
+    side = CROP_SIDE[m.cuda]
+    if s.object_size:
+        side = max(side, min(2 * side, multiple_of_16(OBJECTS_ACROSS * s.object_size)))
+    side = min(side, max(16, s.smallest // 16 * 16))
+    size = f"{s.width}x{s.height}" if uniform else f"from {s.smallest} to {s.largest} px a side"
+    objects = f", objects median {s.object_size:.0f} px" if s.object_size else ""
+    return Choice({"crop": True, "input_h": side, "input_w": side},
+                  f"images are {size}{objects}: trained on {side}x{side} crops at full resolution; val.py predicts "
+                  "whole images by tiles")
+
+
+def plan_batch(s, m, cfg, val_split):
+    """The largest batch that keeps MIN_STEPS optimizer steps per epoch and a step's pixels within STEP_PIXELS and
+    half the memory; 2 at least."""
+    train_images = s.images - math.ceil(val_split * s.images)
+    pixels = cfg["input_h"] * cfg["input_w"]
+    step_bytes = training_bytes_per_pixel(cfg["arch"], cfg["base_channels"]) * pixels
+    for b in BATCHES:
+        if train_images // b >= MIN_STEPS and b * pixels <= STEP_PIXELS[m.cuda] and b * step_bytes <= m.memory / 2:
+            return Choice({"batch_size": b}, f"{train_images} training images give {train_images // b} optimizer "
+                          f"steps per epoch in batches of {b}")
+    return Choice({"batch_size": BATCHES[-1]}, f"{train_images} training image(s): the smallest batch BatchNorm "
+                  f"trains with gives {max(1, train_images // 2)} optimizer step(s) per epoch")
+
+
+def plan_epochs(s, m, batch_size, val_split):
+    steps = max(1, (s.images - math.ceil(val_split * s.images)) // batch_size)
+    epochs = min(EPOCHS[1], max(EPOCHS[0], math.ceil(TARGET_STEPS[m.cuda] / steps)))
+    return Choice({"epochs": epochs}, f"{epochs} epochs of {steps} steps: about {epochs * steps} optimizer steps "
+                  f"(the plan aims at {TARGET_STEPS[m.cuda]} on this device)")
+
+
+def plan_model(s, m):
+    if m.cuda:
+        return Choice({"arch": "NestedUNet", "deep_supervision": False}, "UNet++ on a GPU (the reference's network)")
+    return Choice({"arch": "UNet", "deep_supervision": False}, "UNet on a CPU: about 2.5x cheaper per image than "
+                  "NestedUNet, for a similar IoU")
+
+
+def plan_channels(s):
+    kind = {1: "grayscale", 3: "colour (RGB)"}.get(s.channels, f"{s.channels}-channel")
+    return Choice({"input_channels": s.channels}, f"the images are {kind}")
+
+
+def plan_normalize(s):
+    if s.dtype == "uint8":
+        return Choice({"normalize": "imagenet"}, "8-bit images: / 255 and ImageNet's mean and std, as the reference")
+    return Choice({"normalize": "percentile"}, f"{s.dtype} images: per image, the 1st and 99.8th percentiles -> 0 "
+                  "and 1 (as CSBDeep/StarDist), whatever the microscope's range")
+
+
+def plan_classes(s, cfg, given):
+    """Sigmoid classes with BCE + Dice, or softmax when masks/0 is a background drawn under the other classes. A
+    class mode or loss the user gave decides the other."""
+    rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE]
+    weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
+    if "class_mode" in given or "loss" in given:
+        softmax = cfg["class_mode"] == "softmax" if "class_mode" in given else cfg["loss"] in SOFTMAX_LOSSES
+        why = f"as --{'class_mode' if 'class_mode' in given else 'loss'} {cfg['class_mode' if 'class_mode' in given else 'loss']} asks"
+    else:
+        softmax = s.classes > 1 and s.foreground[0] > BACKGROUND
+        why = (f"masks/0 covers {100 * s.foreground[0]:.0f}% of the pixels: a background, so one class per pixel"
+               if softmax else "a sigmoid per class" + (" (masks/0 is not a background)" if s.classes > 1 else ""))
+    mode, loss = ("softmax", "CEDiceLoss") if softmax else ("sigmoid", "BCEDiceLoss")
+    count = "1 class" if s.classes == 1 else f"{s.classes} classes"
+    return Choice({"num_classes": s.classes, "class_mode": mode, "loss": loss},
+                  f"{count}: {why}, with a cross-entropy + Dice loss{weighs}")
+
+
+def plan_optimizer():
+    return Choice({"optimizer": "AdamW", "lr": 1e-3, "weight_decay": 1e-4, "scheduler": "CosineAnnealingLR",
+                   "min_lr": 1e-5}, "AdamW with a cosine schedule: the best of the recipes (BENCHMARKS.md) on a CPU and a GPU")
+
+
+def plan_ema(batch_size):
+    if batch_size <= EMA_BATCH:
+        return Choice({"ema": 0.99}, f"batches of {batch_size} make noisy steps: the model saved is an average of the "
+                      "weights over about the last 100 steps")
+    return Choice({"ema": 0.0}, f"batches of {batch_size}: no weight averaging needed")
+
+
+def make_plan(s, m, cfg, given):
+    """Survey s, Machine m, the config so far and the keys the user set -> [Choice] for the keys the user did not
+    set, in order (each rule sees the values before it, the user's included). Pure: nothing is read or written."""
+    cfg, plan = dict(cfg), []
+
+    kept = set(given)                 # the user's keys, and those a rule settled for good
+
+    def take(choice):
+        mine = {k: v for k, v in choice.settings.items() if k not in kept}
+        cfg.update(mine)
+        if mine:
+            plan.append(Choice(mine, choice.reason))
+
+    sides = [k for k in ("input_h", "input_w") if k in kept]
+    if len(sides) == 1:                                           # one side given: a square input
+        other = "input_w" if sides[0] == "input_h" else "input_h"
+        take(Choice({other: cfg[sides[0]]}, f"a square input, as --{sides[0]} {cfg[sides[0]]}"))
+        kept.add(other)
+    take(plan_channels(s))
+    take(plan_classes(s, cfg, given))
+    take(plan_normalize(s))
+    take(plan_model(s, m))
+    take(plan_input(s, m, {k: cfg[k] for k in ("crop", "input_h", "input_w") if k in kept}))
+    take(plan_batch(s, m, cfg, cfg["val_split"]))
+    take(plan_epochs(s, m, cfg["batch_size"], cfg["val_split"]))
+    take(plan_optimizer())
+    take(plan_ema(cfg["batch_size"]))
+    return plan
+
+
+def planned(cfg, sources):
+    """--plan auto: the config with the planned settings, and the lines that say what was planned and why.
+    sources: where each user-set key came from (flags, --config); those keys are not planned."""
+    root = os.path.join(cfg["data_dir"], cfg["dataset"])
+    s, m = survey(root, cfg, sources), machine(cfg["device"])
+    choices = make_plan(s, m, cfg, sources)
+    lines = [f"plan for {root} ({s.line()}) on the {'GPU' if m.cuda else 'CPU'}:"]
+    lines += [f"  {c.flags():<44} {c.reason}" for c in choices]
+    yours = sorted(k for k in sources if k not in ("name", "dataset", "data_dir"))
+    if yours:
+        lines.append(f"  kept as given: {', '.join(yours)}")
+    return {**cfg, **{k: v for c in choices for k, v in c.settings.items()}}, choices, lines

@@ -1,0 +1,179 @@
+"""plan.py: the survey of a data set, each planning rule, and train.py --plan auto as a user runs it."""
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import yaml
+
+import advice
+import config
+import plan
+import train
+from conftest import make_data, make_microscopy, run_main
+
+CPU = plan.Machine(cuda=False, memory=24 * 2**30)
+GPU = plan.Machine(cuda=True, memory=140 * 2**30)
+SMALL = plan.Survey(images=670, height=96, width=96, smallest=96, largest=96, channels=3, dtype="uint8", classes=1,
+                    foreground=(0.15,), object_size=9.0)
+LARGE = replace(SMALL, images=30, height=512, width=512, smallest=512, largest=512, channels=1, object_size=14.0)
+
+
+def planned(s, m=CPU, **given):
+    """The settings make_plan chooses for survey s on machine m, with the user's keys `given` kept."""
+    choices = plan.make_plan(s, m, {**config.DEFAULTS, **given}, set(given))
+    return {k: v for c in choices for k, v in c.settings.items()}, choices
+
+
+def reason(choices, key):
+    return next(c.reason for c in choices if key in c.settings)
+
+
+def test_small_images_of_one_size_train_whole_at_their_own_size():
+    got, choices = planned(SMALL)
+    assert (got["crop"], got["input_h"], got["input_w"]) == (False, 96, 96)
+    assert "96x96: trained whole, at their own size" in reason(choices, "crop")
+    assert got["batch_size"] == 16 and got["epochs"] == 22          # 536 // 16 = 33 steps per epoch, ~700 steps
+    assert got["arch"] == "UNet" and got["ema"] == 0.0
+
+
+def test_sizes_off_the_multiple_of_16_are_rounded_to_the_nearest():
+    got, _ = planned(replace(SMALL, height=100, width=70, smallest=70, largest=100))
+    assert (got["crop"], got["input_h"], got["input_w"]) == (False, 96, 64)
+
+
+def test_large_images_train_on_crops_and_few_images_get_small_batches_and_more_epochs():
+    got, choices = planned(LARGE)
+    assert (got["crop"], got["input_h"], got["input_w"]) == (True, 128, 128)
+    assert "512x512, objects median 14 px: trained on 128x128 crops" in reason(choices, "crop")
+    assert got["batch_size"] == 2 and "12 optimizer steps per epoch" in reason(choices, "batch_size")
+    assert got["epochs"] == 59 and got["ema"] == 0.99                # ceil(700 / 12); noisy steps of 2 averaged
+    assert advice.steps_note(24, {**config.DEFAULTS, **got}) == ""    # the plan never earns its own warning
+    assert advice.shrunk_note([(512, 512)], {**config.DEFAULTS, **got}) == ""
+
+
+def test_large_objects_get_larger_crops_and_small_images_smaller_ones():
+    got, _ = planned(replace(LARGE, object_size=60.0))
+    assert got["input_w"] == 176                                      # 3 objects of 60 px across, a multiple of 16
+    got, _ = planned(replace(LARGE, object_size=200.0))
+    assert got["input_w"] == 256                                      # at most twice the 128 crop
+    got, choices = planned(replace(LARGE, smallest=100, largest=400))
+    assert got["crop"] and got["input_w"] == 96                       # never larger than the smallest image
+    assert "from 100 to 400 px a side" in reason(choices, "crop")
+
+
+def test_images_of_very_different_sizes_train_on_crops_even_when_small():
+    got, _ = planned(replace(SMALL, smallest=40, largest=200))
+    assert got["crop"] and got["input_w"] == 32
+
+
+def test_very_few_images_get_the_smallest_batch_and_the_most_epochs():
+    got, choices = planned(replace(SMALL, images=3))               # 2 training images: 1 step per epoch
+    assert got["batch_size"] == 2 and "smallest batch" in reason(choices, "batch_size")
+    assert got["epochs"] == plan.EPOCHS[1]
+
+
+def test_many_images_get_large_batches_and_the_fewest_epochs():
+    got, _ = planned(replace(SMALL, images=20000, height=64, width=64, smallest=64, largest=64))
+    assert got["batch_size"] == 32 and got["epochs"] == plan.EPOCHS[0]
+
+
+def test_a_gpu_gets_unet_plus_plus_larger_inputs_and_batches_that_fit_its_memory():
+    got, _ = planned(LARGE, GPU)
+    assert got["arch"] == "NestedUNet" and (got["crop"], got["input_w"]) == (False, 512)
+    assert got["batch_size"] == 2                                     # 24 images: 12 steps
+    many = replace(LARGE, images=2000)
+    assert planned(many, GPU)[0]["batch_size"] == 8                   # 8 x 512 x 512 pixels per step at most
+    small_gpu = replace(GPU, memory=8 * 2**30)                         # NestedUNet: 8 KB a pixel -> 2 GiB an image
+    assert planned(many, small_gpu)[0]["batch_size"] == 2
+
+
+def test_grayscale_and_16_bit_images_get_one_channel_and_percentile_normalisation():
+    got, choices = planned(replace(SMALL, channels=1, dtype="uint16"))
+    assert got["input_channels"] == 1 and got["normalize"] == "percentile"
+    assert "uint16 images" in reason(choices, "normalize")
+    assert planned(SMALL)[0]["normalize"] == "imagenet"
+
+
+def test_classes_get_sigmoids_unless_masks_0_is_a_background():
+    got, choices = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.004)))
+    assert (got["num_classes"], got["class_mode"], got["loss"]) == (3, "sigmoid", "BCEDiceLoss")
+    assert "class 2 (0.40% of the pixels)" in reason(choices, "loss")  # a rare class, and why the loss suits it
+    got, choices = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)))
+    assert (got["class_mode"], got["loss"]) == ("softmax", "CEDiceLoss")
+    assert "masks/0 covers 70%" in reason(choices, "loss")
+
+
+def test_the_users_settings_are_kept_and_the_rules_after_them_use_them():
+    got, _ = planned(LARGE, batch_size=4)
+    assert "batch_size" not in got and got["epochs"] == 117          # ceil(700 / (24 // 4))
+    got, _ = planned(LARGE, input_w=256)
+    assert "input_w" not in got and got["input_h"] == 256 and got["crop"] is True
+    got, _ = planned(SMALL, crop=True)
+    assert "crop" not in got and got["input_w"] == 96
+    got, _ = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.1)), loss="CEDiceLoss")
+    assert got["class_mode"] == "softmax" and "loss" not in got
+    got, _ = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)), class_mode="sigmoid")
+    assert got["loss"] == "BCEDiceLoss"
+
+
+@pytest.mark.parametrize("s", [SMALL, LARGE, replace(SMALL, images=3), replace(LARGE, smallest=17, largest=900),
+                               replace(SMALL, classes=4, foreground=(0.9, 0.0, 0.05, 0.05)),
+                               replace(SMALL, height=8, width=8, smallest=8, largest=8)])
+@pytest.mark.parametrize("m", [CPU, GPU])
+def test_every_plan_is_a_valid_config(s, m):
+    got, choices = planned(s, m)
+    config.check({**config.DEFAULTS, **got})
+    assert all(c.reason for c in choices) and len(got) == sum(len(c.settings) for c in choices)
+
+
+def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_path):
+    micro = make_microscopy(tmp_path, n=12, size=48)
+    s = plan.survey(micro, config.DEFAULTS | {"img_ext": ".tif"}, {})
+    assert (s.images, s.height, s.width, s.channels, s.dtype, s.classes) == (12, 48, 48, 1, "uint16", 1)
+    assert 0 < s.foreground[0] < 0.6 and 2 < s.object_size < 48
+    three = make_data(tmp_path, "three", num_classes=3, exclusive=True, size=40)
+    s = plan.survey(three, config.DEFAULTS, {})
+    assert (s.classes, s.channels, s.dtype, s.height) == (3, 3, "uint8", 40) and s.foreground[0] > 0.5
+
+
+def test_train_plan_auto_prints_the_plan_and_saves_it_as_ordinary_keys(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path / "inputs", "cells", n=12, size=48, channels=1)
+    argv = ["--dataset", "cells", "--plan", "auto", "--epochs", "1", "--base_channels", "8", "--num_workers", "0",
+            "--name", "planned"]
+    code, out, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "plan for inputs/cells (12 images, median 48x48, 1 channel of uint8" in out
+    assert "--crop false --input_h 48 --input_w 48" in out and "kept as given: base_channels, epochs" in out
+    saved = yaml.safe_load(open(tmp_path / "models" / "planned" / "config.yml"))
+    assert (saved["input_w"], saved["input_channels"], saved["batch_size"], saved["epochs"]) == (48, 1, 2, 1)
+    assert saved["optimizer"] == "AdamW" and "plan" not in saved
+    # a rerun from the saved config needs no plan and trains the same settings
+    code, out, err = run_main(train.main, ["--config", "models/planned/config.yml", "--name", "again"], tmp_path,
+                              monkeypatch, capsys)
+    assert code == 0 and "plan for" not in out, err
+    again = yaml.safe_load(open(tmp_path / "models" / "again" / "config.yml"))
+    assert {k: v for k, v in again.items() if k != "name"} == {k: v for k, v in saved.items() if k != "name"}
+
+
+def test_plan_with_resume_is_refused_and_a_bad_plan_value_is_one_message(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path / "inputs", "cells")
+    code, _, err = run_main(train.main, ["--dataset", "cells", "--plan", "auto", "--resume"], tmp_path, monkeypatch,
+                            capsys)
+    assert code == 2 and "drop --plan" in err and "Traceback" not in err
+    code, _, err = run_main(train.main, ["--dataset", "cells", "--plan", "manual"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "--plan" in err and "auto" in err
+    code, _, err = run_main(train.main, ["--dataset", "nowhere", "--plan", "auto"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "inputs/nowhere does not exist" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "models")
+
+
+def test_a_membrane_set_is_mostly_foreground_with_thin_lines_and_is_planned_on_crops(tmp_path):
+    from make_demo_data import generate_membranes
+    root = tmp_path / "em"
+    generate_membranes(str(root), n=4, size=320)
+    s = plan.survey(str(root), config.DEFAULTS, {})
+    assert (s.images, s.height, s.channels, s.dtype) == (4, 320, 1, "uint8") and 0.6 < s.foreground[0] < 0.9
+    assert 5 < s.object_size < 60                                     # cells of ~25 px, not the whole image
+    got, _ = planned(s)
+    assert got["crop"] and got["input_w"] == 128 and got["input_channels"] == 1
