@@ -96,7 +96,7 @@ def sha256(path):
 
 def tensor_axes(d, space):
     return [{"type": "batch"}, {"type": "channel", "channel_names": channel_names(d) if space == "input" else
-                                [f"class{c}" for c in d["class_names"]]},
+                                [f"class{c}" for c in range(d["num_classes"])]},
             *({"type": "space", "id": a, "size": {"min": d["size_multiple"], "step": d["size_multiple"]}
                if space == "input" else {"tensor_id": "raw", "axis_id": a}} for a in ("y", "x"))]
 

@@ -20,7 +20,7 @@ from utils import UserError, load_yaml, str2bool
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 
-# name, default, type, choices, help. Types: int, float, str, bool, "int_list".
+# name, default, type, choices, help. Types: int, float, str, bool, "int_list", "str_list".
 OPTIONS = [
     ("name", None, str, None, "run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)"),
     ("epochs", 100, int, None, "number of epochs"),
@@ -33,6 +33,8 @@ OPTIONS = [
     ("input_channels", 3, int, None, "channels of the images: 1 = grayscale, 3 = RGB (grayscale images are "
      "replicated), or any count a multi-channel TIFF has (e.g. 2 for two fluorescence channels)"),
     ("num_classes", 1, int, None, "number of mask classes (folders masks/0 .. masks/<n-1>)"),
+    ("class_names", [], "str_list", None, "a name per class, in the order of masks/0, masks/1, ... (e.g. "
+     "nucleus,membrane), used in val.py's tables, the legends of its figures and curves.png (default: the numbers)"),
     ("input_w", 96, int, None, "network input width (multiple of 16)"),
     ("input_h", 96, int, None, "network input height (multiple of 16)"),
     ("normalize", "auto", str, NORMALIZE_MODES, "how raw intensities become network inputs: imagenet (the "
@@ -116,6 +118,14 @@ def parse_int_list(v):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {v!r}") from None
 
 
+def parse_str_list(v):
+    """['a', 'b'], 'a,b' -> ['a', 'b'] (names trimmed; an empty string is the empty list)."""
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    if any(isinstance(x, (dict, list, tuple)) or x is None for x in items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {v!r}")
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
 def coerce(key, value):
     """A value from YAML or the command line -> the key's type; raises ValueError/TypeError if it cannot be."""
     typ = TYPES[key]
@@ -125,6 +135,8 @@ def coerce(key, value):
         raise TypeError(key)
     if typ == "int_list":
         return parse_int_list(value)
+    if typ == "str_list":
+        return parse_str_list(value)
     if typ is bool:
         return str2bool(value)
     if typ is int:
@@ -147,7 +159,7 @@ def suggest(key):
 
 # --help lists the flags in these groups, in this order
 GROUPS = {
-    "model": ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes", "input_w", "input_h", "normalize",
+    "model": ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes", "class_names", "input_w", "input_h", "normalize",
               "norm_pmin", "norm_pmax", "per_image_norm", "class_mode", "loss"),
     "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
     "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
@@ -231,6 +243,8 @@ def add_option(group, name, typ, choices, help_text):
         group.add_argument(*flags, type=str2bool, nargs="?", const=True, metavar="true|false", help=help_text)
     elif typ == "int_list":
         group.add_argument(*flags, type=parse_int_list, metavar=metavar, help=help_text)
+    elif typ == "str_list":
+        group.add_argument(*flags, type=parse_str_list, metavar="NAMES", help=help_text)
     else:
         group.add_argument(*flags, type=typ, choices=choices, metavar=metavar, help=help_text)
 
@@ -257,7 +271,7 @@ def merge(file_cfg, source, overrides):
 
 def describe_type(key):
     typ = TYPES[key]
-    return {"int_list": "a list of whole numbers", bool: "true or false", int: "a whole number",
+    return {"int_list": "a list of whole numbers", "str_list": "a list of names", bool: "true or false", int: "a whole number",
             float: "a number", str: "a string"}[typ]
 
 
@@ -341,6 +355,11 @@ def check_values(cfg, source):
 
 def check_combinations(cfg, source):
     """Settings that do not go together."""
+    names = cfg["class_names"]
+    if names and (len(names) != cfg["num_classes"] or len(set(names)) != len(names)):
+        raise UserError(f"{origin(source, 'class_names', 'num_classes')}: class_names {','.join(names)} must name each "
+                        f"of the {cfg['num_classes']} class(es) once, in the order of masks/0, masks/1, ... (or leave "
+                        "it out: the classes are then called by their numbers)")
     if cfg["norm_pmin"] >= cfg["norm_pmax"]:
         raise UserError(f"{origin(source, 'norm_pmin', 'norm_pmax')}: norm_pmin {cfg['norm_pmin']:g} must be below "
                         f"norm_pmax {cfg['norm_pmax']:g} (e.g. 1 and 99.8)")
@@ -383,7 +402,7 @@ def default_name(cfg):
 # what --resume may change: how long and where the run goes on, not what it is (optimizer state, schedule and
 # weights belong to the rest); anything else given with --resume is refused by name
 RESUMABLE = ("epochs", "early_stopping", "num_workers", "cache_mb", "loader", "device", "amp", "memory_format",
-             "compile", "deterministic", "data_dir")
+             "compile", "deterministic", "data_dir", "class_names")
 
 
 def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):

@@ -90,6 +90,21 @@ def reduce_totals(meter, loss_sum, count, rt):
     return (totals[0] / totals[1]).item()
 
 
+def warming_ema(decay):
+    """The --ema update, its decay ramped up as min(decay, (1 + n) / (10 + n)) after n steps (TensorFlow's
+    num_updates rule), so that the first steps' near-random weights do not linger in the average: with a fixed
+    0.99, 27% of the initial weights were still in it after 130 steps, and it predicted foreground everywhere."""
+    @torch.no_grad()
+    def update(averaged, current, steps):
+        d = min(decay, (1 + int(steps)) / (10 + int(steps)))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:                                                  # BatchNorm's batch counters
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(a * d + c * (1 - d))
+    return update
+
+
 class Engine:
     """One run's network, optimizer, scheduler, AMP scaler, loss and progress, built once.
 
@@ -113,9 +128,8 @@ class Engine:
         self.optimizer = build_optimizer(cfg, self.model.parameters(), rt.fused)
         # --ema: an exponential moving average of the weights (and BatchNorm statistics) after every step; it is
         # what is validated and saved as model.pth, and smooths out the epoch-to-epoch swings of the raw weights
-        self.ema = (torch.optim.swa_utils.AveragedModel(
-            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
-            if cfg["ema"] else None)
+        self.ema = (torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=warming_ema(cfg["ema"]),
+                                                        use_buffers=True) if cfg["ema"] else None)
         # the scaler is a no-op unless fp16 autocast, whose small gradients would underflow without it
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
         self.criterion = LOSSES[cfg["loss"]]()

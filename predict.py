@@ -21,6 +21,7 @@ import config
 import rundir
 import runtime
 from engine import build_network
+from figures import TRUTH, class_label, colour, panel
 from instances import object_scores, object_sizes, split
 from loaders import image_ranges, resize_image
 from metrics import binarize
@@ -29,10 +30,6 @@ from predictor import Predictor, base_channels, describe
 from tiling import predict_tiled
 from utils import UserError, write_png, write_tiff
 
-# BGR outline colours: predictions per class, and the ground truth (when the images have masks)
-OUTLINE_COLOURS = [(0, 255, 0), (0, 255, 255), (255, 255, 0), (0, 128, 255), (255, 0, 0)]  # green, yellow, cyan, ...
-TRUTH_COLOUR = (255, 0, 255)                                                              # magenta
-COLOUR_NAMES = ["green", "yellow", "cyan", "orange", "blue"]
 WRITER_THREADS = 4   # PNG encoding releases the GIL: a few threads write while the network predicts
 
 
@@ -214,26 +211,29 @@ def outline_overlay(image, pred, truth=None, skip_class0=False):
     for c in range(first, pred.shape[0]):
         if truth is not None:
             contours, _ = cv2.findContours(truth[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(canvas, contours, -1, TRUTH_COLOUR, 1)
+            cv2.drawContours(canvas, contours, -1, TRUTH[1][::-1], 1)
         contours, _ = cv2.findContours(pred[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, OUTLINE_COLOURS[c % len(OUTLINE_COLOURS)], 1)
+        cv2.drawContours(canvas, contours, -1, colour(c)[1][::-1], 1)
     return canvas
 
 
-def legend(num_classes, labeled, skip_class0):
+def legend(cfg, labeled):
     """The overlay's colours in words, for the summary line."""
-    classes = range(1 if skip_class0 else 0, num_classes)
-    words = [f"class {c} {COLOUR_NAMES[c % len(COLOUR_NAMES)]}" for c in classes] if num_classes > 1 else ["prediction green"]
-    return ", ".join(words + (["ground truth magenta"] if labeled else []))
+    classes = range(1 if cfg["class_mode"] == "softmax" else 0, cfg["num_classes"])
+    names = cfg["class_names"]
+    words = ([f"class {class_label(names, c)} {colour(c)[0]}" for c in classes] if cfg["num_classes"] > 1 or names
+             else [f"prediction {colour(0)[0]}"])
+    return ", ".join(words + ([f"ground truth {TRUTH[0]}"] if labeled else []))
 
 
 OUTPUT_FORMATS = ("png", "tif")    # val.py --output_format
 
 
-def write_outputs(out_dir, img_id, arrays, image, args, cfg):
+def write_outputs(out_dir, img_id, arrays, image, args, cfg, objects=None):
     """Binary masks per class (0/255, 8-bit), and optionally probability maps and an outline overlay, as PNG or (with
     args.output_format 'tif') TIFF, where probabilities are float32 instead of 8-bit. The overlay, a picture for a
-    person, is always PNG. arrays: (prediction (C, H, W), probabilities (C, H, W), ground truth (C, H, W) or None)."""
+    person, is always PNG, as are the panels (figures.panel). arrays: (prediction (C, H, W), probabilities
+    (C, H, W), ground truth (C, H, W) or None); objects: with --instances, (predicted labels, true labels or None)."""
     pred, probs, truth = arrays
     tif = getattr(args, "output_format", "png") == "tif"
     for c in range(pred.shape[0]):
@@ -250,6 +250,10 @@ def write_outputs(out_dir, img_id, arrays, image, args, cfg):
     if args.overlay:
         overlay = outline_overlay(image, pred, truth, skip_class0=cfg["class_mode"] == "softmax")
         write_png(os.path.join(out_dir, "overlay", img_id + ".png"), overlay, durable=False)
+    if getattr(args, "panels", False):
+        figure = panel(display_image(image), pred, truth, cfg["class_names"], cfg["class_mode"] == "softmax", objects)
+        write_png(os.path.join(out_dir, "panels", img_id + ".png"), cv2.cvtColor(figure, cv2.COLOR_RGB2BGR),
+                  durable=False)
 
 
 def write_labels(out_dir, img_id, labels, fmt):
@@ -269,15 +273,17 @@ def finish_image(out_dir, data, k, image, arrays, args, cfg):
     """Everything after the network for image k (run in a writer thread): its files, and with --instances its
     objects (instances/<id>.png or .tif, label images) -> the image's row for objects.csv, or None.
     arrays: as write_outputs takes them."""
-    write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
     if not args.instances:
+        write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
         return None
     labels = split(arrays[0][0], args.instances, args.min_size)                          # (H, W) int32
+    truth = data.instances(k) if data.labeled else None
+    write_outputs(out_dir, data.ids[k], arrays, image, args, cfg, (labels, truth))
     write_labels(out_dir, data.ids[k], labels, getattr(args, "output_format", "png"))
     count, mean_area, median_area = object_sizes(labels)
     row = {"id": data.ids[k], "count": count, "mean_area": round(mean_area, 2), "median_area": median_area}
-    if data.labeled:
-        row.update(object_scores(data.instances(k), labels))
+    if truth is not None:
+        row.update(object_scores(truth, labels))
     return row
 
 
@@ -285,7 +291,8 @@ def output_subfolders(num_classes, args):
     """The subfolders of the output folder that write_outputs and write_labels write into."""
     classes = [str(c) for c in range(num_classes)]
     return (classes + ([f"probs/{c}" for c in classes] if args.save_probs else []) +
-            (["overlay"] if args.overlay else []) + (["instances"] if args.instances else []))
+            (["overlay"] if args.overlay else []) + (["panels"] if getattr(args, "panels", False) else []) +
+            (["instances"] if args.instances else []))
 
 
 def output_files(ids, num_classes, args):
@@ -297,6 +304,7 @@ def output_files(ids, num_classes, args):
             files += [f"{c}/{i}{ext}"] + ([f"probs/{c}/{i}{ext}"] if args.save_probs else [])
         files += ([f"overlay/{i}.png"] if args.overlay else []) + ([f"instances/{i}.png", f"instances/{i}.tif"]
                                                                     if args.instances else [])
+        files += [f"panels/{i}.png"] if getattr(args, "panels", False) else []
     return files
 
 

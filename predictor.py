@@ -24,6 +24,11 @@ FORMAT = "unet-toolkit model 1"
 SIZE_MULTIPLE = 16            # four 2x poolings
 
 
+def class_names(cfg):
+    """The config's class_names, or the class numbers '0', '1', ... when it gives none."""
+    return list(cfg.get("class_names") or [str(c) for c in range(cfg["num_classes"])])
+
+
 def describe(cfg, dtypes):
     """A run's model.json: everything needed to rebuild its Predictor (dtypes: the training images' types)."""
     widest = max(dtypes, key=lambda d: full_range(d), default="uint8")
@@ -31,7 +36,7 @@ def describe(cfg, dtypes):
         "format": FORMAT,
         "arch": cfg["arch"], "deep_supervision": cfg["deep_supervision"], "base_channels": cfg["base_channels"],
         "input_channels": cfg["input_channels"], "num_classes": cfg["num_classes"], "class_mode": cfg["class_mode"],
-        "class_names": [str(c) for c in range(cfg["num_classes"])],
+        "class_names": class_names(cfg),
         "input_size": [cfg["input_h"], cfg["input_w"]], "size_multiple": SIZE_MULTIPLE,
         "input_dtype": str(widest),
         "normalize": {"mode": cfg["normalize"], "pmin": cfg["norm_pmin"], "pmax": cfg["norm_pmax"],

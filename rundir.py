@@ -213,8 +213,9 @@ class EpochWriter:
     not a daemon, so even an interrupted process finishes the files it started before exiting.
     """
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, class_names=()):
         self.run_dir, self.thread, self.error, self.curves_at = run_dir, None, None, 0.0
+        self.class_names = class_names     # the curves' labels for the classes
         self.plotted = None        # the log rows curves.png shows now
 
     def save(self, state, improved):
@@ -227,7 +228,7 @@ class EpochWriter:
         try:
             write_epoch(self.run_dir, state, improved)
             if time.monotonic() - self.curves_at >= CURVES_EVERY:
-                plot_curves(os.path.join(self.run_dir, "curves.png"), state["log"])
+                plot_curves(os.path.join(self.run_dir, "curves.png"), state["log"], self.class_names)
                 self.curves_at, self.plotted = time.monotonic(), list(state["log"])
         except OSError as e:
             self.error = disk_error(self.run_dir, e)
@@ -247,4 +248,4 @@ class EpochWriter:
         """Waits for the last epoch's files, then draws the final curves (unless the last epoch's are those)."""
         self.wait()
         if rows and rows != self.plotted:
-            plot_curves(os.path.join(self.run_dir, "curves.png"), rows)
+            plot_curves(os.path.join(self.run_dir, "curves.png"), rows, self.class_names)

@@ -2,6 +2,7 @@
 import csv
 import io
 
+from figures import class_label, colour
 from utils import atomic_write
 
 COLUMNS = ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "seconds"]
@@ -31,8 +32,17 @@ def read_log(path):
         return []
 
 
-def plot_curves(path, rows):
-    """Loss and IoU (train and validation) against epoch, with the learning rate; the best epoch marked."""
+def plot_curves(path, rows, class_names=()):
+    """curves_figure, written to path as a PNG."""
+    fig = curves_figure(rows, class_names)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb")
+
+
+def curves_figure(rows, class_names=()):
+    """Loss and IoU (train and validation) against epoch, with the learning rate; the best epoch marked; with
+    several classes each one's validation IoU too, in its figures.colour, labelled with its class_names name."""
     from matplotlib.figure import Figure   # here: only runs that draw curves pay for the import
     from matplotlib.ticker import MaxNLocator
     epochs = [int(r["epoch"]) for r in rows]
@@ -48,6 +58,11 @@ def plot_curves(path, rows):
     ax_iou.plot(epochs, col("iou"), label="train")
     ax_iou.plot(epochs, col("val_iou"), label="validation (at the network's input size)")
     ax_iou.plot(epochs, col("val_dice"), label="validation Dice", linestyle="--")
+    for key in columns(rows):
+        if key.startswith("val_iou_"):
+            c = int(key[8:])
+            ax_iou.plot(epochs, col(key), color=[v / 255 for v in colour(c)[1]], linewidth=1, alpha=0.8,
+                        label=f"validation, class {class_label(class_names, c)}")
     best = max(range(len(rows)), key=lambda k: float(rows[k]["val_iou"]))
     ax_iou.plot([epochs[best]], [float(rows[best]["val_iou"])], "k*", markersize=12,
                 label=f"best: {float(rows[best]['val_iou']):.4f} at epoch {epochs[best]}")
@@ -57,6 +72,4 @@ def plot_curves(path, rows):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb")
+    return fig

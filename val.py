@@ -20,6 +20,7 @@ import advice
 import config
 import rundir
 from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
+from figures import class_label
 from instances import METHODS
 from metrics import SegMeter
 from outputs import OutputFolder, run_folders
@@ -76,6 +77,9 @@ def parse_args(argv):
                      "image's size (default: 4)")
     out.add_argument("--overlay", action="store_true", help="also write the images with outlines drawn on them to "
                      "<output>/overlay/: the prediction in green (one colour per class), the true mask in magenta")
+    out.add_argument("--panels", action="store_true", help="also write a figure per image to <output>/panels/: the "
+                     "image, the ground truth, the prediction and the errors (false positives red, false negatives "
+                     "blue), class colours and names in a legend; with --instances each object outlined")
     args = p.parse_args(argv)
     if not 0 < args.threshold < 1:
         p.error("--threshold must be between 0 and 1")
@@ -163,7 +167,7 @@ def report(meters, ids, out_dir, cfg, objects=None):
     print("scored at each image's own size (the prediction resized back to it):")
     print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
-        print(f"{c:>10} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
+        print(f"{class_label(cfg['class_names'], c)[:10]:>10} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
     rows = [("mean", slice(None))]
     if cfg["class_mode"] == "softmax":
         rows.append(("mean w/o 0", slice(1, None)))      # class 0: the pixels no mask marks
@@ -251,8 +255,10 @@ def summary(out_dir, n, cfg, args, labeled):
     if args.save_probs:
         where.append(f"probability maps in {out_dir}/probs/<class>/ ({'float32 TIFF' if tif else '8-bit PNG'})")
     if args.overlay:
-        skip0 = cfg["class_mode"] == "softmax"
-        where.append(f"outlines in {out_dir}/overlay/ ({legend(cfg['num_classes'], labeled, skip0)})")
+        where.append(f"outlines in {out_dir}/overlay/ ({legend(cfg, labeled)})")
+    if args.panels:
+        where.append(f"figures in {out_dir}/panels/ (" + ("image, ground truth, prediction, errors" if labeled else
+                                                          "image, prediction") + ")")
     if args.instances:
         where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, 16-bit), counts and areas in "
                      f"{out_dir}/objects.csv")

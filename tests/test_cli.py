@@ -1,6 +1,7 @@
 """End-to-end: train.py and val.py run as a user runs them, as subprocesses (the variants of model and data: their
 main() in this process), on generated data sets."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path, mon
     saved = yaml.safe_load(open(tmp_path / "models" / "m" / "config.yml"))
     assert saved["normalize"] == "percentile" and saved["norm_pmin"] == 1.0 and saved["norm_pmax"] == 99.8
 
-    r = run("val.py", ["--name", "m", "--instances", "--output_format", "tif", "--save_probs", "--overlay"], tmp_path)
+    r = run("val.py", ["--name", "m", "--instances", "--output_format", "tif", "--save_probs", "--overlay",
+                       "--panels"], tmp_path)
     assert "object score (Data Science Bowl)" in r.stdout
     out = tmp_path / "outputs" / "m"
     ids = [row["id"] for row in read_csv(out / "metrics.csv")]
@@ -143,6 +145,7 @@ def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path, mon
         assert mask.dtype == np.uint8 and probs.dtype == np.float32 and labels.dtype == np.uint16
         assert 0 <= probs.min() and probs.max() <= 1 and len(np.unique(probs)) > 256     # not 8-bit
         assert cv2.imread(str(out / "overlay" / f"{i}.png")).dtype == np.uint8         # a picture for a person
+        assert cv2.imread(str(out / "panels" / f"{i}.png")).shape[1] == 4 * 240 + 3 * 6    # 4 tiles of 40 px x 6
 
     unlabelled = tmp_path / "new"
     os.makedirs(unlabelled)
@@ -183,3 +186,22 @@ def test_bad_microscopy_files_get_one_clear_message(tmp_path, breakage, expected
                             monkeypatch, capsys)
     assert code == 2 and expected in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "models")
+
+
+def test_class_names_name_the_classes_in_val_pys_table_and_the_panels(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path / "inputs", "two", num_classes=2)
+    code, _, err = run_main(train.main, ["--dataset", "two", "--arch", "UNet", "--num_classes", "2", "--class_names",
+                                         "nucleus,vesicle", "--name", "named", *FAST, "--epochs", "1"], tmp_path,
+                            monkeypatch, capsys)
+    assert code == 0, err
+    assert json.load(open(tmp_path / "models" / "named" / "model.json"))["class_names"] == ["nucleus", "vesicle"]
+    code, out, err = run_main(val.main, ["--name", "named", "--panels", "--overlay"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines() if line.strip().startswith(("nucleus", "vesicle"))]
+    assert rows == ["nucleus", "vesicle"]
+    assert "class nucleus green, class vesicle yellow, ground truth magenta" in out
+    panels = sorted((tmp_path / "outputs" / "named" / "panels").iterdir())
+    assert panels and all(cv2.imread(str(p)).shape[1] == 4 * 256 + 3 * 6 for p in panels)   # 32 px tiles x 8
+    code, _, err = run_main(train.main, ["--dataset", "two", "--num_classes", "2", "--class_names", "a,a",
+                                         "--name", "dup", *FAST], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "class_names a,a must name each of the 2 class(es) once" in err

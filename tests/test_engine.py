@@ -146,3 +146,17 @@ def test_resume_with_more_epochs_stretches_the_cosine():
     longer = Engine(tiny_cfg(epochs=10), runtime.build(torch.device("cpu"), cfg))
     longer.load_state_dict(state)
     assert longer.scheduler.T_max == 10
+
+
+def test_the_weight_average_warms_up_so_the_first_steps_do_not_linger():
+    from engine import warming_ema
+    update = warming_ema(0.99)
+    averaged, current = [torch.zeros(3)], [torch.ones(3)]      # the initial weights 0, every later step's 1
+    kept = 1.0                                                  # the share of the initial weights in the average
+    for n in range(130):
+        update(averaged, current, torch.tensor(n))
+        kept *= min(0.99, (1 + n) / (10 + n))
+    assert torch.allclose(averaged[0], torch.full((3,), 1 - kept)) and kept < 1e-3   # fixed 0.99: 0.27 still
+    late = [torch.zeros(1)]
+    update(late, [torch.ones(1)], torch.tensor(10_000))
+    assert torch.allclose(late[0], torch.tensor([0.01]))        # later, the decay asked for

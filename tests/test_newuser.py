@@ -11,6 +11,7 @@ import pytest
 
 import bench
 import config
+import figures
 import train
 import val
 from conftest import make_data, run_main
@@ -173,7 +174,8 @@ def test_val_outputs_notes_and_where_things_went(work, monkeypatch, capsys):
     code, out, err = run_main(val.main, ["--name", "old", "--overlay"], work, monkeypatch, capsys)
     assert code == 0 and "ground truth magenta" in out, err
     overlays = [cv2.imread(str(p)) for p in (work / "outputs" / "old" / "overlay").iterdir()]
-    assert any(((o == (255, 0, 255)).all(axis=2)).any() for o in overlays)   # the true outline is drawn
+    magenta = figures.TRUTH[1][::-1]                                        # BGR, as OpenCV reads it
+    assert any(((o == magenta).all(axis=2)).any() for o in overlays)         # the true outline is drawn
 
 
 def test_val_scores_any_labelled_folder(work, monkeypatch, capsys):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import config
-import runtime
+import figures
 import predict
+import runtime
 import val
 from dataset import SegmentationData
 from engine import build_network
@@ -90,11 +91,12 @@ def test_overlay_outlines_prediction_and_truth_in_two_colours_and_not_softmax_cl
     truth[1, 10:16, 10:16] = 1
     pred[0], truth[0] = 1 - pred[1], 1 - truth[1]       # softmax: class 0 is everything else
     colours = lambda canvas: {tuple(int(v) for v in px) for px in canvas.reshape(-1, 3)}  # noqa: E731
+    bgr = lambda rgb: rgb[::-1]                          # noqa: E731 - the overlay is written by OpenCV, in BGR
     drawn = colours(predict.outline_overlay(image, pred, truth, skip_class0=True))
-    assert predict.TRUTH_COLOUR in drawn and predict.OUTLINE_COLOURS[1] in drawn
-    assert predict.OUTLINE_COLOURS[0] not in drawn       # the catch-all class is not outlined
-    assert predict.OUTLINE_COLOURS[0] in colours(predict.outline_overlay(image, pred, None))
-    assert predict.TRUTH_COLOUR not in colours(predict.outline_overlay(image, pred, None))
+    assert bgr(figures.TRUTH[1]) in drawn and bgr(figures.colour(1)[1]) in drawn
+    assert bgr(figures.colour(0)[1]) not in drawn        # the catch-all class is not outlined
+    assert bgr(figures.colour(0)[1]) in colours(predict.outline_overlay(image, pred, None))
+    assert bgr(figures.TRUTH[1]) not in colours(predict.outline_overlay(image, pred, None))
 
 
 def test_to_prediction_thresholds_or_takes_the_argmax():

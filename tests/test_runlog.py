@@ -3,7 +3,7 @@ import csv
 
 import cv2
 
-from runlog import COLUMNS, plot_curves, write_log
+from runlog import COLUMNS, curves_figure, plot_curves, write_log
 
 
 def rows(n):
@@ -27,3 +27,12 @@ def test_plot_curves_writes_a_png(tmp_path):
     image = cv2.imread(path)
     assert image is not None and image.shape[0] > 100 and image.shape[1] > 200
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
+
+
+def test_curves_show_each_classs_validation_iou_labelled_with_its_name():
+    multi = [{**r, "val_iou_0": 0.05 * r["epoch"], "val_iou_1": 0.1 * r["epoch"]} for r in rows(3)]
+    labels = curves_figure(multi, ["nucleus", "membrane"]).axes[1].get_legend_handles_labels()[1]
+    assert "validation, class nucleus" in labels and "validation, class membrane" in labels
+    labels = curves_figure(multi).axes[1].get_legend_handles_labels()[1]
+    assert "validation, class 0" in labels and "validation, class 1" in labels
+    assert not any("class" in lab for lab in curves_figure(rows(3)).axes[1].get_legend_handles_labels()[1])
