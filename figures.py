@@ -54,15 +54,18 @@ def filled(grey, masks, classes):
     return out.astype(np.uint8)
 
 
-def outlined(tile, labels, scale):
+def outlined(tile, labels, scale, bgr=False):
     """Each object of a label image (H, W) outlined in its own colour (cycling through the palette), on a tile
-    already scaled by `scale`."""
-    h, w = labels.shape
+    already scaled by `scale` (RGB, or BGR for OpenCV's pictures)."""
     big = labels if scale == 1 else cv2.resize(labels.astype(np.float32), (tile.shape[1], tile.shape[0]),
                                                interpolation=cv2.INTER_NEAREST).astype(np.int64)
-    for k in range(1, int(big.max()) + 1):
-        contours, _ = cv2.findContours((big == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(tile, contours, -1, colour(k)[1], 1)
+    from scipy import ndimage
+    for k, box in enumerate(ndimage.find_objects(big), start=1):      # each object within its own box: fast
+        if box is None:
+            continue
+        contours, _ = cv2.findContours((big[box] == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE,
+                                       offset=(box[1].start, box[0].start))
+        cv2.drawContours(tile, contours, -1, colour(k)[1][::-1] if bgr else colour(k)[1], 1)
     return tile
 
 

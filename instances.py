@@ -105,3 +105,33 @@ def object_sizes(labels):
     if not len(areas):
         return 0, 0.0, 0.0
     return len(areas), float(areas.mean()), float(np.median(areas))
+
+
+MEASUREMENTS = ["id", "object", "area", "centroid_y", "centroid_x", "bbox_top", "bbox_left", "bbox_bottom",
+                "bbox_right", "eccentricity"]   # then mean_intensity (one channel) or mean_intensity_<c>
+
+
+def measure(labels, image):
+    """Per object of a label image (H, W), on the raw image (H, W, C) it came from -> [{object, area, centroid_y,
+    centroid_x, bbox_top, bbox_left, bbox_bottom, bbox_right (exclusive, as slices), eccentricity (of the ellipse
+    with the same second moments: 0 a disc, towards 1 a line), mean_intensity or mean_intensity_<c> per channel
+    (in the image's own units, e.g. 16-bit grey levels)}] in pixels, via scikit-image's regionprops."""
+    from skimage.measure import regionprops_table
+    if not labels.any():
+        return []
+    t = regionprops_table(labels.astype(np.int32), intensity_image=image.astype(np.float32),
+                          properties=("label", "area", "centroid", "bbox", "intensity_mean", "eccentricity"))
+    channels = image.shape[2] if image.ndim == 3 else 1
+    rows = []
+    for k in range(len(t["label"])):
+        row = {"object": int(t["label"][k]), "area": int(t["area"][k]),
+               "centroid_y": round(float(t["centroid-0"][k]), 2), "centroid_x": round(float(t["centroid-1"][k]), 2),
+               "bbox_top": int(t["bbox-0"][k]), "bbox_left": int(t["bbox-1"][k]), "bbox_bottom": int(t["bbox-2"][k]),
+               "bbox_right": int(t["bbox-3"][k]), "eccentricity": round(float(t["eccentricity"][k]), 4)}
+        if channels == 1:
+            row["mean_intensity"] = round(float(t["intensity_mean-0"][k] if "intensity_mean-0" in t
+                                                else t["intensity_mean"][k]), 3)
+        else:
+            row.update({f"mean_intensity_{c}": round(float(t[f"intensity_mean-{c}"][k]), 3) for c in range(channels)})
+        rows.append(row)
+    return rows

@@ -21,8 +21,8 @@ import config
 import rundir
 import runtime
 from engine import build_network
-from figures import TRUTH, class_label, colour, panel
-from instances import object_scores, object_sizes, split
+from figures import TRUTH, class_label, colour, outlined, panel
+from instances import measure, object_scores, object_sizes, split
 from loaders import image_ranges, resize_image
 from metrics import binarize
 from normalize import as_batch
@@ -203,18 +203,20 @@ def display_image(image):
     return np.repeat(grey, 3, axis=2)
 
 
-def outline_overlay(image, pred, truth=None, skip_class0=False):
+def outline_overlay(image, pred, truth=None, skip_class0=False, objects=None):
     """The image (BGR, as display_image shows it) with each class's predicted outline in its colour and, if given,
-    the true outline in TRUTH_COLOUR; skip_class0: the catch-all class of softmax mode is not outlined."""
+    the true outline in TRUTH's; skip_class0: the catch-all class of softmax mode is not outlined. objects: a
+    label image (H, W) of the predicted objects, each outlined in its own colour instead of the class's."""
     canvas = cv2.cvtColor(display_image(image), cv2.COLOR_RGB2BGR)
     first = 1 if skip_class0 else 0
     for c in range(first, pred.shape[0]):
         if truth is not None:
             contours, _ = cv2.findContours(truth[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(canvas, contours, -1, TRUTH[1][::-1], 1)
-        contours, _ = cv2.findContours(pred[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, colour(c)[1][::-1], 1)
-    return canvas
+        if objects is None:
+            contours, _ = cv2.findContours(pred[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(canvas, contours, -1, colour(c)[1][::-1], 1)
+    return canvas if objects is None else outlined(canvas, objects, 1, bgr=True)
 
 
 def legend(cfg, labeled):
@@ -248,7 +250,8 @@ def write_outputs(out_dir, img_id, arrays, image, args, cfg, objects=None):
             write_png(os.path.join(out_dir, "probs", str(c), img_id + ".png"),
                       np.round(probs[c] * 255).astype(np.uint8), durable=False)
     if args.overlay:
-        overlay = outline_overlay(image, pred, truth, skip_class0=cfg["class_mode"] == "softmax")
+        overlay = outline_overlay(image, pred, truth, cfg["class_mode"] == "softmax",
+                                  None if objects is None else objects[0])
         write_png(os.path.join(out_dir, "overlay", img_id + ".png"), overlay, durable=False)
     if getattr(args, "panels", False):
         figure = panel(display_image(image), pred, truth, cfg["class_names"], cfg["class_mode"] == "softmax", objects)
@@ -271,7 +274,8 @@ def write_labels(out_dir, img_id, labels, fmt):
 
 def finish_image(out_dir, data, k, image, arrays, args, cfg):
     """Everything after the network for image k (run in a writer thread): its files, and with --instances its
-    objects (instances/<id>.png or .tif, label images) -> the image's row for objects.csv, or None.
+    objects (instances/<id>.png or .tif, label images) -> the image's row for objects.csv (with its objects'
+    measurements, instances.measure), or None.
     arrays: as write_outputs takes them."""
     if not args.instances:
         write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
@@ -281,7 +285,8 @@ def finish_image(out_dir, data, k, image, arrays, args, cfg):
     write_outputs(out_dir, data.ids[k], arrays, image, args, cfg, (labels, truth))
     write_labels(out_dir, data.ids[k], labels, getattr(args, "output_format", "png"))
     count, mean_area, median_area = object_sizes(labels)
-    row = {"id": data.ids[k], "count": count, "mean_area": round(mean_area, 2), "median_area": median_area}
+    row = {"id": data.ids[k], "count": count, "mean_area": round(mean_area, 2), "median_area": median_area,
+           "measurements": [{"id": data.ids[k], **m} for m in measure(labels, image)]}
     if truth is not None:
         row.update(object_scores(truth, labels))
     return row

@@ -21,7 +21,7 @@ import config
 import rundir
 from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
 from figures import class_label
-from instances import METHODS
+from instances import MEASUREMENTS, METHODS
 from metrics import SegMeter
 from outputs import OutputFolder, run_folders
 from predict import OUTPUT_FORMATS, legend, load_run, output_files, output_subfolders, run_inference
@@ -149,6 +149,17 @@ def write_objects(path, rows):
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
+def write_measurements(path, rows):
+    """object_measurements.csv: a row per object of every image (instances.measure's columns)."""
+    objects = [m for r in rows for m in r["measurements"]]
+    intensity = [k for k in (objects[0] if objects else {"mean_intensity": 0}) if k.startswith("mean_intensity")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MEASUREMENTS + intensity)
+    writer.writeheader()
+    writer.writerows(objects)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
 def report_objects(rows, args):
     """The object scores over the data set: mean over images of the Bowl's score and of F1 at 0.5, and the mean
     absolute counting error."""
@@ -261,7 +272,8 @@ def summary(out_dir, n, cfg, args, labeled):
                                                           "image, prediction") + ")")
     if args.instances:
         where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, 16-bit), counts and areas in "
-                     f"{out_dir}/objects.csv")
+                     f"{out_dir}/objects.csv, each object's area, centroid, box, eccentricity and mean intensity in "
+                     f"{out_dir}/object_measurements.csv")
     if labeled:
         where.append(f"per-image metrics in {out_dir}/metrics.csv")
     return "; ".join(where)
@@ -281,7 +293,8 @@ def evaluate(args):
     out_dir = args.output or default_out
     with OutputFolder(out_dir, protected_folders(args, members), output_subfolders(cfg["num_classes"], args)) as out:
         try:
-            out.record(output_files(data.ids, cfg["num_classes"], args) + ["metrics.csv", "objects.csv"])
+            out.record(output_files(data.ids, cfg["num_classes"], args) + ["metrics.csv", "objects.csv",
+                                                                            "object_measurements.csv"])
             predict_into(out_dir, members, data, args)
         except OSError as e:            # a full disk or a read-only folder, met by a writer thread or the reports
             raise out.unwritable(e) from None
@@ -318,6 +331,7 @@ def predict_into(out_dir, members, data, args):
     objects = run_inference(members, data, args, out_dir, meters)
     if objects:
         write_objects(os.path.join(out_dir, "objects.csv"), objects)
+        write_measurements(os.path.join(out_dir, "object_measurements.csv"), objects)
     if data.labeled:
         report(meters, data.ids, out_dir, cfg, objects)
         compare_with_trivial(meters["image"], data, cfg)

@@ -146,6 +146,11 @@ def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path, mon
         assert 0 <= probs.min() and probs.max() <= 1 and len(np.unique(probs)) > 256     # not 8-bit
         assert cv2.imread(str(out / "overlay" / f"{i}.png")).dtype == np.uint8         # a picture for a person
         assert cv2.imread(str(out / "panels" / f"{i}.png")).shape[1] == 4 * 240 + 3 * 6    # 4 tiles of 40 px x 6
+    counts = {row["id"]: int(row["count"]) for row in read_csv(out / "objects.csv")}
+    measured = read_csv(out / "object_measurements.csv")
+    assert sum(counts.values()) == len(measured) > 0
+    assert all(sum(m["id"] == i for m in measured) == n for i, n in counts.items())
+    assert max(float(m["mean_intensity"]) for m in measured) > 255            # the raw 16-bit grey levels
 
     unlabelled = tmp_path / "new"
     os.makedirs(unlabelled)

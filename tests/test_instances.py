@@ -140,3 +140,21 @@ def test_instances_need_a_one_class_run(tmp_path, monkeypatch, capsys):
     assert run_main(train.main, argv, tmp_path, monkeypatch, capsys)[0] == 0
     code, _, err = run_main(val.main, ["--name", "two", "--instances"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "one-class run" in err
+
+
+def test_each_object_is_measured_in_pixels_and_the_images_own_units():
+    from instances import measure
+    labels = np.zeros((40, 50), np.int64)
+    yy, xx = np.mgrid[0:40, 0:50]
+    labels[(yy - 20) ** 2 + (xx - 12) ** 2 <= 36] = 1                  # a disc of radius 6
+    labels[30:34, 25:45] = 2                                            # a 4 x 20 bar
+    image = np.zeros((40, 50, 2), np.uint16)
+    image[labels == 1] = (1000, 10)
+    image[labels == 2] = (3000, 30)
+    disc, bar = measure(labels, image)
+    assert (disc["object"], bar["object"]) == (1, 2)
+    assert disc["area"] == (labels == 1).sum() and (disc["centroid_y"], disc["centroid_x"]) == (20.0, 12.0)
+    assert (bar["bbox_top"], bar["bbox_left"], bar["bbox_bottom"], bar["bbox_right"], bar["area"]) == (30, 25, 34, 45, 80)
+    assert disc["eccentricity"] < 0.2 < 0.9 < bar["eccentricity"] < 1
+    assert (disc["mean_intensity_0"], disc["mean_intensity_1"], bar["mean_intensity_0"]) == (1000, 10, 3000)
+    assert measure(np.zeros((5, 5), np.int64), np.zeros((5, 5, 1))) == []
