@@ -16,7 +16,7 @@ import distributed
 from archs import build_model, final_logits
 from losses import LOSSES
 from metrics import SegMeter, binarize
-from utils import UserError, seed_everything
+from utils import UserError, progress_bar, seed_everything
 
 SYNC_EVERY = 10  # batches between host syncs (progress bar, NaN check): syncing each batch stalls a GPU
 
@@ -186,7 +186,7 @@ class Engine:
         net.eval()
         meter = SegMeter(self.cfg["num_classes"], self.rt.device)
         total_loss, count = torch.zeros((), device=self.rt.device), 0
-        for images, masks, _ in loader:
+        for images, masks, _ in progress_bar(loader, "validation", show=self.rt.main):
             images, masks = self.rt.place_batch(images, masks)
             with self.rt.autocast():
                 loss, logits = forward_loss(net, images, masks, self.criterion, self.cfg["deep_supervision"])

@@ -28,7 +28,7 @@ from metrics import binarize
 from normalize import as_batch
 from predictor import Predictor, base_channels, describe
 from tiling import predict_tiled
-from utils import UserError, write_png, write_tiff
+from utils import UserError, progress_bar, write_png, write_tiff
 
 WRITER_THREADS = 4   # PNG encoding releases the GIL: a few threads write while the network predicts
 
@@ -322,7 +322,8 @@ def run_inference(members, data, args, out_dir, meters):
     tiled = args.tile or any(m.cfg["crop"] for m in members)
     with ThreadPoolExecutor(WRITER_THREADS) as pool:
         pending = []
-        for k, image, probs, at_input in (tiled_probs if tiled else resized_probs)(members, data, args):
+        predictions = (tiled_probs if tiled else resized_probs)(members, data, args)
+        for k, image, probs, at_input in progress_bar(predictions, "predicting", total=len(data.ids)):
             pred = to_prediction(probs, cfg, args.threshold)                              # (1, C, H, W)
             truth = data.mask(k) if data.labeled else None                                # (H, W, C) 0/1
             if truth is not None:

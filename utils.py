@@ -110,6 +110,18 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+PROGRESS_AFTER = 3.0   # seconds a loop runs before its progress bar appears (short ones show none)
+
+
+def progress_bar(iterable, desc, total=None, show=True):
+    """A tqdm bar on stderr for a loop a person may wait on: shown only on a terminal (never in a log file), only
+    once the loop has run PROGRESS_AFTER seconds, and gone when it ends. show=False: none (other processes than
+    the first under torchrun)."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, delay=PROGRESS_AFTER,
+                file=sys.stderr, disable=None if show else True)
+
+
 def str2bool(v):
     """'true/false/yes/no/1/0' in any case (and real bools) -> bool; anything else is refused."""
     if isinstance(v, bool):

@@ -1,5 +1,7 @@
 import argparse
+import io
 import os
+import sys
 
 import pytest
 import torch
@@ -70,3 +72,17 @@ def test_atomic_write_takes_a_name_of_the_longest_length_a_file_may_have(tmp_pat
     path = tmp_path / ("n" * 251 + ".png")                 # 255 bytes: a temporary name adding to it would fail
     atomic_write(str(path), lambda f: f.write("x"))
     assert path.read_text() == "x" and os.listdir(tmp_path) == [path.name]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_progress_bar_shows_on_a_terminal_after_a_while_and_never_in_a_log(monkeypatch):
+    import utils
+    for stream, delay, shown in ((Terminal(), 0.0, True), (io.StringIO(), 0.0, False), (Terminal(), 60.0, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(utils, "PROGRESS_AFTER", delay)
+        assert list(utils.progress_bar(range(3), "predicting")) == [0, 1, 2]      # every item, in order
+        assert ("predicting" in stream.getvalue()) == shown, (delay, stream.getvalue())
