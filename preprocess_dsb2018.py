@@ -22,10 +22,9 @@ import zlib
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from dataset import check_png_size
-from utils import Interrupts, UserError, exit_on_user_error, process_alive, write_png
+from utils import Interrupts, UserError, exit_on_user_error, process_alive, progress_bar, write_png
 
 OUTPUT_FOLDERS = ("images", "masks", "instances")
 MAX_MEMBER_BYTES = 256 * 2**20       # a zip member declaring more is refused before it is read (stage1 PNGs: < 1 MB)
@@ -148,20 +147,22 @@ def instance_labels(source, mask_names, shape):
 
 def convert_sample(source, sample, out, size):
     """One sample: images/<id>.png, and if it has nucleus masks, masks/0/<id>.png (their union, resized
-    bilinearly as the reference does) and instances/<id>.png (16-bit labels, resized by nearest neighbour)."""
+    bilinearly as the reference does) and instances/<id>.png (16-bit labels, resized by nearest neighbour).
+    size 0: every file at the image's own size (full resolution, for --crop training and tiled prediction)."""
     sample_id, (image_name, mask_names) = sample
     img = source.read(image_name, cv2.IMREAD_UNCHANGED)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     img = img[:, :, :3]                                          # drop alpha
-    write_png(os.path.join(out, "images", sample_id + ".png"), cv2.resize(img, (size, size)))
+    side = (img.shape[1], img.shape[0]) if size == 0 else (size, size)
+    write_png(os.path.join(out, "images", sample_id + ".png"), img if size == 0 else cv2.resize(img, side))
     if not mask_names:
         return
     labels = instance_labels(source, mask_names, img.shape[:2])
     union = (labels > 0).astype(np.float32)
-    write_png(os.path.join(out, "masks", "0", sample_id + ".png"), (cv2.resize(union, (size, size)) * 255).astype(np.uint8))
+    write_png(os.path.join(out, "masks", "0", sample_id + ".png"), (cv2.resize(union, side) * 255).astype(np.uint8))
     write_png(os.path.join(out, "instances", sample_id + ".png"),
-              cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST_EXACT))
+              cv2.resize(labels, side, interpolation=cv2.INTER_NEAREST_EXACT))
 
 
 def convert(src, out, size, overwrite=False):
@@ -179,7 +180,7 @@ def convert(src, out, size, overwrite=False):
     try:
         for folder in ("images", os.path.join("masks", "0"), "instances") if labeled else ("images",):
             os.makedirs(os.path.join(partial, folder))
-        for sample in tqdm(sorted(source.samples.items()), desc="preprocessing"):
+        for sample in progress_bar(sorted(source.samples.items()), "preprocessing"):
             convert_sample(source, sample, partial, size)
         publish(partial, out)
     except OSError as e:
@@ -204,13 +205,14 @@ def next_step(out, n, labeled):
 def main(argv=None):
     p = argparse.ArgumentParser(description="stage1_train (folder or zip) -> inputs/dsb2018_<size>/")
     p.add_argument("--src", default="inputs/stage1_train", help="stage1_train folder or zip (default: inputs/stage1_train)")
-    p.add_argument("--size", type=int, default=96, help="output side in pixels (default: 96)")
-    p.add_argument("--out", help="output folder (default: inputs/dsb2018_<size>)")
+    p.add_argument("--size", type=int, default=96, help="output side in pixels (default: 96); 0 keeps each image's "
+                   "own size (full resolution: train with --crop, val.py predicts by tiles)")
+    p.add_argument("--out", help="output folder (default: inputs/dsb2018_<size>, inputs/dsb2018_full for --size 0)")
     p.add_argument("--overwrite", action="store_true", help="replace the data set already in --out")
     args = p.parse_args(argv)
-    if args.size < 16:
-        p.error("--size must be at least 16")
-    out = args.out or os.path.join("inputs", f"dsb2018_{args.size}")
+    if 0 < args.size < 16 or args.size < 0:
+        p.error("--size must be at least 16, or 0 for full resolution")
+    out = args.out or os.path.join("inputs", f"dsb2018_{args.size or 'full'}")
     Interrupts().install()        # SIGTERM as Ctrl-C: the partial output is removed, exit 130
     try:
         with exit_on_user_error():

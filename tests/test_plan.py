@@ -34,7 +34,7 @@ def test_small_images_of_one_size_train_whole_at_their_own_size():
     assert (got["crop"], got["input_h"], got["input_w"]) == (False, 96, 96)
     assert "96x96: trained whole, at their own size" in reason(choices, "crop")
     assert got["batch_size"] == 16 and got["epochs"] == 22          # 536 // 16 = 33 steps per epoch, ~700 steps
-    assert got["arch"] == "UNet" and got["ema"] == 0.0
+    assert got["arch"] == "UNet" and got["ema"] == 0.99             # 726 steps: averaged over about the last 100
 
 
 def test_sizes_off_the_multiple_of_16_are_rounded_to_the_nearest():
@@ -47,7 +47,7 @@ def test_large_images_train_on_crops_and_few_images_get_small_batches_and_more_e
     assert (got["crop"], got["input_h"], got["input_w"]) == (True, 128, 128)
     assert "512x512, objects median 14 px: trained on 128x128 crops" in reason(choices, "crop")
     assert got["batch_size"] == 2 and "12 optimizer steps per epoch" in reason(choices, "batch_size")
-    assert got["epochs"] == 59 and got["ema"] == 0.99                # ceil(700 / 12); noisy steps of 2 averaged
+    assert got["epochs"] == 59 and got["ema"] == 0.99                # ceil(700 / 12)
     assert advice.steps_note(24, {**config.DEFAULTS, **got}) == ""    # the plan never earns its own warning
     assert advice.shrunk_note([(512, 512)], {**config.DEFAULTS, **got}) == ""
 
@@ -95,6 +95,27 @@ def test_grayscale_and_16_bit_images_get_one_channel_and_percentile_normalisatio
     assert planned(SMALL)[0]["normalize"] == "imagenet"
 
 
+def test_8_bit_images_of_widely_varying_brightness_are_standardised_one_by_one():
+    dark_and_bright = replace(SMALL, brightness=(0.02, 0.62))        # fluorescence beside brightfield (dsb2018_96)
+    got, choices = planned(dark_and_bright)
+    assert got["normalize"] == "imagenet" and got["per_image_norm"] is True
+    assert "from 2% to 62% of the range" in reason(choices, "per_image_norm")
+    assert planned(replace(SMALL, brightness=(0.51, 0.56)))[0]["per_image_norm"] is False
+    assert planned(replace(dark_and_bright, dtype="uint16"))[0]["per_image_norm"] is False   # percentiles already
+    assert "per_image_norm" not in planned(dark_and_bright, per_image_norm=False)[0]         # the user's kept
+
+
+def test_the_weights_are_always_averaged_over_about_a_seventh_of_the_run():
+    for s, m, steps in ((SMALL, CPU, 726), (LARGE, GPU, 3000), (replace(SMALL, images=20000), CPU, 5000)):
+        got, choices = planned(s, m)
+        total = plan.steps_per_epoch(s, got["batch_size"], config.DEFAULTS["val_split"]) * got["epochs"]
+        assert total >= steps * 0.95
+        assert got["ema"] == round(min(0.995, max(0.99, 1 - 7 / total)), 3) and 0.99 <= got["ema"] <= 0.995
+        assert f"of the run's {total} steps" in reason(choices, "ema")
+    assert planned(replace(SMALL, images=3))[0]["ema"] == 0.99      # 400 steps: the least averaging
+    assert planned(replace(LARGE, images=2000), GPU)[0]["ema"] == 0.995
+
+
 def test_classes_get_sigmoids_unless_masks_0_is_a_background():
     got, choices = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.004)))
     assert (got["num_classes"], got["class_mode"], got["loss"]) == (3, "sigmoid", "BCEDiceLoss")
@@ -135,6 +156,7 @@ def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_pat
     three = make_data(tmp_path, "three", num_classes=3, exclusive=True, size=40)
     s = plan.survey(three, config.DEFAULTS, {})
     assert (s.classes, s.channels, s.dtype, s.height) == (3, 3, "uint8", 40) and s.foreground[0] > 0.5
+    assert 0 < s.brightness[0] <= s.brightness[1] < 1                  # mean intensities, as fractions of 255
 
 
 def test_train_plan_auto_prints_the_plan_and_saves_it_as_ordinary_keys(tmp_path, monkeypatch, capsys):

@@ -200,3 +200,22 @@ def test_damaged_encrypted_or_oversized_zips_get_one_message(tmp_path, monkeypat
     with pytest.raises(UserError, match=expected):
         convert(str(src), str(tmp_path / "out"), 16)
     assert not (tmp_path / "out").exists()
+
+
+def test_size_0_keeps_each_image_and_its_masks_at_full_resolution(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "stage1_train"
+    make_stage1(src)
+    monkeypatch.chdir(tmp_path)
+    main(["--src", str(src), "--size", "0"])
+    out = tmp_path / "inputs" / "dsb2018_full"
+    assert "--dataset dsb2018_full" in capsys.readouterr().out
+    original = cv2.imread(str(src / "sample2" / "images" / "sample2.png"), cv2.IMREAD_UNCHANGED)
+    img = cv2.imread(str(out / "images" / "sample2.png"), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (64, 80, 3) and np.array_equal(img, original)              # the pixels, not resized
+    mask = cv2.imread(str(out / "masks" / "0" / "sample2.png"), cv2.IMREAD_UNCHANGED)
+    labels = cv2.imread(str(out / "instances" / "sample2.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == labels.shape == (64, 80)
+    assert (mask > 127).sum() == 2 * 200 and sorted(np.unique(labels).tolist()) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        main(["--src", str(src), "--size", "-1"])
+    assert "or 0 for full resolution" in capsys.readouterr().err
