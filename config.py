@@ -11,7 +11,7 @@ import os
 
 import checkpoint
 from archs import ARCHS
-from dataset import TRAIN_HINTS
+from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS
 from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
@@ -45,6 +45,10 @@ OPTIONS = [
     ("norm_pmax", 99.8, float, None, "normalize percentile: the percentile that becomes 1"),
     ("per_image_norm", False, bool, None, "after normalize, standardise each network input per channel (zero mean, "
      "unit variance), so that dark and bright microscopy images look alike to it"),
+    ("target", "masks", str, TARGETS, "what the network learns: masks (the masks/ folders, or the label images' "
+     "foreground), or objects, to count and measure touching objects: from the label images (labels/ or instances/), "
+     "plane 0 the objects and plane 1 the borders where they touch (2 sigmoid classes, named objects and borders), "
+     "so that val.py --instances seeds one object per body"),
     ("class_mode", "sigmoid", str, ("sigmoid", "softmax"),
      "sigmoid: independent per-class masks; softmax: mutually exclusive classes (argmax)"),
     # loss
@@ -160,7 +164,7 @@ def suggest(key):
 # --help lists the flags in these groups, in this order
 GROUPS = {
     "model": ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes", "class_names", "input_w", "input_h", "normalize",
-              "norm_pmin", "norm_pmax", "per_image_norm", "class_mode", "loss"),
+              "norm_pmin", "norm_pmax", "per_image_norm", "target", "class_mode", "loss"),
     "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
     "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
     "schedule": ("epochs", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma", "early_stopping"),
@@ -355,6 +359,10 @@ def check_values(cfg, source):
 
 def check_combinations(cfg, source):
     """Settings that do not go together."""
+    if cfg["target"] == "objects" and (cfg["num_classes"] != len(OBJECT_PLANES) or cfg["class_mode"] != "sigmoid"):
+        raise UserError(f"{origin(source, 'num_classes', 'class_mode')}: target objects trains {len(OBJECT_PLANES)} "
+                        f"sigmoid planes ({', '.join(OBJECT_PLANES)}), not num_classes {cfg['num_classes']} in "
+                        f"class_mode {cfg['class_mode']}; leave num_classes and class_mode out (they follow the target)")
     names = cfg["class_names"]
     if names and (len(names) != cfg["num_classes"] or len(set(names)) != len(names)):
         raise UserError(f"{origin(source, 'class_names', 'num_classes')}: class_names {','.join(names)} must name each "
@@ -423,6 +431,7 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     file_cfg = load_yaml(run["config"]) if run["config"] else {}
     sources = {**{k: run["config"] for k in file_cfg}, **{k: "the command line" for k in args}}
     cfg = merge(file_cfg, run["config"], args)
+    cfg, sources = follow_target(cfg, sources)
     run["plan_lines"] = []
     if run["plan"]:
         check_values(cfg, sources)         # the user's own values first, with their own messages
@@ -437,6 +446,16 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
         saved = os.path.join(run["runs_dir"], cfg["name"], "config.yml")
         run["sources"] = {**{k: saved for k in cfg}, **{k: "the command line" for k in args}}
     return cfg, run
+
+
+def follow_target(cfg, sources):
+    """--target objects: the two planes it trains (num_classes 2, sigmoid, named objects and borders), where the
+    user left those keys out (given ones are checked by check_combinations). -> (cfg, sources)."""
+    if cfg["target"] != "objects":
+        return cfg, sources
+    derived = {"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "class_names": list(OBJECT_PLANES)}
+    derived = {k: v for k, v in derived.items() if k not in sources}
+    return {**cfg, **derived}, {**{k: sources.get("target", "the command line") for k in derived}, **sources}
 
 
 def whence(sources, key, value):

@@ -6,7 +6,8 @@ Layout (as in the reference, plus label images):
     <root>/labels/<id>.png|.tif|.tiff        label images (0 background, 1..N one number per object), as
                                              napari, Cellpose or StarDist write them: the target when there
                                              is no masks/ (foreground = label > 0), and the objects of
-                                             val.py --instances (instances/ is the older name for the same)
+                                             val.py --instances (instances/ is the older name for the same);
+                                             with --target objects the only target (objects and their borders)
 
 Images are 8- or 16-bit PNG or TIFF, float32 TIFF or JPEG, with any number of channels (TIFF through
 tifffile). Every image and mask is decoded once, checked, and kept in memory in its own type (uint8,
@@ -34,6 +35,7 @@ TRAIN_HINTS = {
     "mask_ext": "pass --mask_ext {}",
     "input_channels": "pass --input_channels {} (or convert the images to grayscale first)",
     "num_classes": "pass --num_classes {}",
+    "target": ", or train on the masks with --target masks",
 }
 
 MAX_LISTED = 10                           # file names shown in one error message
@@ -44,6 +46,32 @@ LABEL_EXTS = (".png", ".tif", ".tiff")    # label images, whatever --mask_ext sa
 LABEL_FOLDERS = ("labels", "instances")   # the label-image folder; instances/ is its older name
 MAX_IMAGE_BYTES = 2 * 2**30               # a file whose pixels would take more is refused before it is decoded
 IMAGE_TYPES = (np.uint8, np.uint16, np.float32)   # kept as they are; other integer and float types -> float32
+TARGETS = ("masks", "objects")            # the config's target: what the network learns (Targets)
+OBJECT_PLANES = ("objects", "borders")    # --target objects: its two planes (instances.object_targets)
+BORDER_RADIUS = 1                         # --target objects: border half-width, in pixels of the network input
+
+
+@dataclass
+class Targets:
+    """What an image's training target is, from the run's config (Targets.of): its masks, made exclusive in
+    softmax mode; or, with objects, the planes of instances.object_targets from its label image, the borders
+    drawn BORDER_RADIUS pixels wide at the network's input (so wider at an image resized down to it: a border
+    must not vanish in the resizing)."""
+    softmax: bool = False
+    objects: bool = False
+    input_size: tuple = None     # (h, w) the images are resized to for the network; None: crops at their own size
+
+    @classmethod
+    def of(cls, cfg):
+        objects = cfg.get("target") == "objects"
+        return cls(cfg["class_mode"] == "softmax", objects,
+                   (cfg["input_h"], cfg["input_w"]) if objects and not cfg["crop"] else None)
+
+    def border_radius(self, size):
+        """The border half-width in the pixels of an image of size (H, W)."""
+        if self.input_size is None:
+            return BORDER_RADIUS
+        return max(1, round(BORDER_RADIUS * max(size[0] / self.input_size[0], size[1] / self.input_size[1])))
 
 
 def listing(names):
@@ -348,8 +376,12 @@ class Sample:
     labels: str = None
 
 
-def read_target(sample, size):
-    """-> (0/1 uint8 (H, W, C) target, whether a mask was stored as 0/1): the masks, or the label image's foreground."""
+def read_target(sample, size, targets=None):
+    """-> (0/1 uint8 (H, W, C) target, whether a mask was stored as 0/1): the masks, or the label image's foreground;
+    with targets.objects, the label image's objects and borders (instances.object_targets)."""
+    if targets is not None and targets.objects:
+        from instances import object_targets
+        return object_targets(checked_labels(sample.labels, size), targets.border_radius(size)), False
     if sample.masks:
         return read_masks(sample.masks, sample.image, size)
     return (checked_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
@@ -364,10 +396,10 @@ def exclusive(mask):
     return (index[:, :, None] == np.arange(mask.shape[2])).astype(np.uint8), bool((mask.sum(2) > 1).any())
 
 
-def read_pair(sample, input_channels, hints):
+def read_pair(sample, input_channels, hints, targets=None):
     """A Sample -> checked image (H, W, C_in) in its own type, 0/1 target (H, W, C), whether a mask was stored as 0/1."""
     img = read_image(sample.image, input_channels, hints)
-    return (img, *read_target(sample, img.shape[:2]))
+    return (img, *read_target(sample, img.shape[:2], targets))
 
 
 def class_folders(mask_root, num_classes, hints):
@@ -422,9 +454,10 @@ def missing_reason(path):
     return "does not exist"
 
 
-def scan(root, img_ext, mask_ext, num_classes, hints):
+def scan(root, img_ext, mask_ext, num_classes, hints, objects=False):
     """Finds the data set's files and checks that they pair up -> {id: Sample}, ids sorted. Nothing is decoded yet.
-    Without masks/, the label images in labels/ are the target (one class: label > 0)."""
+    Without masks/, the label images in labels/ are the target (one class: label > 0). objects (--target objects):
+    the label images are the target whatever masks/ holds, and every image needs one."""
     if not os.path.isdir(root):
         raise UserError(f"data set folder {root} {missing_reason(root)}; create it with images/ and masks/0/ (or labels/) inside, "
                         f"or {hints['data']}")
@@ -435,10 +468,14 @@ def scan(root, img_ext, mask_ext, num_classes, hints):
     if labels_dir:
         labels = find_files(labels_dir, LABEL_EXTS, "label images")
         check_pairs(ids, labels, labels_dir, ".tif", "label image")
-    mask_dirs = []
-    if labels_dir is None or os.path.isdir(os.path.join(root, "masks")):
+    mask_dirs = []                                            # with objects: masks/, if any, is not the target
+    if objects and labels_dir is None:
+        raise UserError(f"{root} has no label images (labels/ or instances/), which a run with target objects learns "
+                        "from (one number per object, 0 the background, as napari, Cellpose or StarDist save them); "
+                        f"add them{hints.get('target', '')}")
+    if not objects and (labels_dir is None or os.path.isdir(os.path.join(root, "masks"))):
         mask_dirs = class_folders(os.path.join(root, "masks"), num_classes, hints)
-    elif num_classes != 1:
+    elif not objects and num_classes != 1:
         raise UserError(f"{root} has label images ({labels_dir}/) and no masks/, which gives one class (label > 0), "
                         f"but num_classes is {num_classes}: {hints['num_classes'].format(1)}, or add masks/0 .. "
                         f"masks/{num_classes - 1}")
@@ -467,7 +504,7 @@ class SegmentationData:
         self.input_channels = input_channels
         self.hints = hints or TRAIN_HINTS
         self.dtypes = {im.dtype for im in images if im is not None}   # decode() adds those of uncached images
-        self.softmax = False                  # decode(softmax=True): targets made exclusive, as for softmax mode
+        self.targets = Targets()              # decode(): what each image's target is (softmax, objects)
         self.target_pixels = None             # decode(): (N, C) foreground pixels of each image's target
         self.sizes = None                     # decode(): each image's (H, W)
 
@@ -479,9 +516,10 @@ class SegmentationData:
         return cls.decode(scanned, input_channels, cache_bytes, root, TRAIN_HINTS)
 
     @classmethod
-    def decode(cls, scanned, input_channels, cache_bytes, root, hints, softmax=False):
-        """scan()'s {id: Sample} -> the checked, decoded data set (cached up to cache_bytes). softmax: the targets
-        are made exclusive (exclusive()), with one warning for the images where masks overlap.
+    def decode(cls, scanned, input_channels, cache_bytes, root, hints, targets=Targets()):
+        """scan()'s {id: Sample} -> the checked, decoded data set (cached up to cache_bytes). targets.softmax: the
+        targets are made exclusive (exclusive()), with one warning for the images where masks overlap;
+        targets.objects: the objects and borders of each label image.
         data.target_pixels: per image and class, the target's foreground pixels; data.sizes: per image (H, W)."""
         ids, samples = list(scanned), list(scanned.values())
         images, masks, zero_one, dtypes, used = [], [], [], set(), 0
@@ -491,9 +529,10 @@ class SegmentationData:
         threads = 1 if any(is_tiff(s.image) for s in samples[:1]) else DECODE_THREADS
         with ThreadPoolExecutor(threads) as pool:
             for start in range(0, len(ids), DECODE_CHUNK):
-                chunk = pool.map(read_pair, samples[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints))
+                chunk = pool.map(read_pair, samples[start:start + DECODE_CHUNK], repeat(input_channels), repeat(hints),
+                                 repeat(targets))
                 for i, (img, mask, was_zero_one) in zip(ids[start:], chunk):
-                    if softmax:
+                    if targets.softmax:
                         mask, overlaps = exclusive(mask)
                         overlapping += [i] if overlaps else []
                     counts.append(mask.reshape(-1, mask.shape[2]).sum(0, dtype=np.int64))
@@ -510,7 +549,7 @@ class SegmentationData:
                           f"two class masks under {root}/masks mark; in softmax mode each pixel is one class, so "
                           "those count as the higher-numbered class (in training and in val.py alike)", stacklevel=3)
         data = cls(ids, images, masks, samples, input_channels, hints)
-        data.dtypes, data.softmax = dtypes, softmax
+        data.dtypes, data.targets = dtypes, targets
         data.target_pixels, data.sizes = np.array(counts, np.int64).reshape(len(ids), -1), sizes
         return data
 
@@ -532,8 +571,8 @@ class SegmentationData:
         """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
         if self.masks[k] is not None:
             return self.masks[k]
-        mask = read_target(self.samples[k], self.image(k).shape[:2])[0]
-        return exclusive(mask)[0] if self.softmax else mask
+        mask = read_target(self.samples[k], self.image(k).shape[:2], self.targets)[0]
+        return exclusive(mask)[0] if self.targets.softmax else mask
 
     def instances(self, k):
         """int64 (H, W) object labels of image k (0 background, 1..N): its label image when the data set has
@@ -550,7 +589,7 @@ class SegmentationData:
                                 None if self.masks is None else [self.masks[k] for k in pick],
                                 None if self.samples is None else [self.samples[k] for k in pick],
                                 self.input_channels, self.hints)
-        data.dtypes, data.softmax = self.dtypes, self.softmax
+        data.dtypes, data.targets = self.dtypes, self.targets
         if self.sizes is not None:
             data.target_pixels, data.sizes = self.target_pixels[pick], [self.sizes[k] for k in pick]
         return data
@@ -620,7 +659,7 @@ def load_validation(cfg, recorded, hints):
     images; several (an ensemble): the images none of them trained on. -> (data, a note on files added or
     removed since the run trained, or '')."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints)
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints, Targets.of(cfg).objects)
     splits = [r or dict(zip(("train", "val"), split_for(list(scanned), cfg))) for r in recorded]
     if len(splits) > 1:
         seen = set().union(*(r["train"] for r in splits))
@@ -636,7 +675,7 @@ def load_validation(cfg, recorded, hints):
         raise UserError(f"none of the images to evaluate on is in {root} (the run's validation images, or with several "
                         f"runs the images none of them trained on); {hints['data']}")
     data = SegmentationData.decode({i: scanned[i] for i in val_ids}, cfg["input_channels"],
-                                   cache_budget(cfg["cache_mb"]), root, hints, cfg["class_mode"] == "softmax")
+                                   cache_budget(cfg["cache_mb"]), root, hints, Targets.of(cfg))
     return data, note
 
 
@@ -652,7 +691,8 @@ def load_splits(cfg, hints=None, recorded=None):
     recorded: a resumed run's split.csv ({'train', 'val'}): then its split of the images still there, never a new
     one (images added since are left out, so no validation image is ever trained on)."""
     root, hints = os.path.join(cfg["data_dir"], cfg["dataset"]), hints or TRAIN_HINTS
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints)
+    targets = Targets.of(cfg)
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints, targets.objects)
     if recorded is not None:
         note = split_changes(root, recorded, scanned)
         if note:
@@ -661,16 +701,15 @@ def load_splits(cfg, hints=None, recorded=None):
         if not any(i in scanned for i in recorded["val"]) or not any(i in scanned for i in recorded["train"]):
             raise UserError(f"{root} no longer holds the run's training or validation images (its split.csv); "
                             "start a new run on the data set as it is now (another --name)")
-    data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints,
-                                   cfg["class_mode"] == "softmax")
-    check_foreground(data.target_pixels.sum(0), root, cfg["class_mode"])
+    data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root, hints, targets)
+    check_foreground(data.target_pixels.sum(0), root, cfg["class_mode"], targets.objects)
     if recorded is not None:
         return data.subset([i for i in recorded["train"] if i in scanned]), \
             data.subset([i for i in recorded["val"] if i in scanned])
     return split(data, cfg)
 
 
-def check_foreground(foreground, root, class_mode):
+def check_foreground(foreground, root, class_mode, objects=False):
     """Training on masks that mark nothing: a UserError when no class has a foreground pixel in any image (the model
     could only learn to predict nothing, at IoU 0); a warning per class that has none. In softmax mode class 0
     is the background, which unmarked pixels fill: only classes 1.. are checked."""
@@ -680,6 +719,11 @@ def check_foreground(foreground, root, class_mode):
         raise UserError(f"no mask under {root} marks any pixel (masks: values above 127; label images: above 0), so "
                         "there is nothing to learn. Check that masks/ (or labels/) holds the right files and that "
                         "foreground is stored as 255 (or as 1 in masks that hold only 0 and 1)")
+    if objects:
+        if empty:
+            warnings.warn(f"no two objects touch in any label image under {root}, so the borders plane of --target "
+                          "objects is empty and adds nothing: train with --target masks", stacklevel=3)
+        return
     for c in empty:
         warnings.warn(f"class {c} has no foreground pixel in any mask under {root}/masks/{c}: the model cannot learn "
                       "it and its IoU will stay 0 (or 1 where it predicts nothing). Check that folder's masks",

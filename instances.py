@@ -71,6 +71,41 @@ def split(mask, method, min_size):
     return watershed_split(mask, min_size) if method == "watershed" else components(mask, min_size)
 
 
+def object_targets(labels, radius):
+    """Label image (H, W) (0 background, one number per object) -> uint8 (H, W, 2) of 0/1, the training target of
+    --target objects: plane 0 the objects (label > 0, the same as their mask), plane 1 their borders: the pixels of
+    an object within `radius` pixels (a disc) of a pixel of another object, so a band 2 * radius wide where two
+    objects touch and nothing along an object's edge with the background. The bodies (objects minus borders) of
+    touching objects are then apart: one seed each for split_by_borders."""
+    labels = np.asarray(labels)
+    objects = labels > 0
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disc = yy ** 2 + xx ** 2 <= radius ** 2
+    highest = ndi.maximum_filter(labels, footprint=disc, mode="constant", cval=0)
+    # the lowest object label nearby: the background counts as above every label
+    lowest = ndi.minimum_filter(np.where(objects, labels, np.iinfo(np.int64).max).astype(np.int64), footprint=disc,
+                                mode="constant", cval=np.iinfo(np.int64).max)
+    borders = objects & ((highest != labels) | (lowest != labels))
+    return np.stack([objects, borders], axis=2).astype(np.uint8)
+
+
+def split_by_borders(objects, borders, min_size):
+    """The objects of a model trained with --target objects: 0/1 masks (H, W) of its two planes (objects, borders)
+    -> int32 labels. Each connected body (objects minus borders) seeds one object; a watershed on the objects mask
+    from those seeds gives each border pixel to the nearest body; a part of the objects mask that holds no body
+    (a small object drawn all border) is kept as one object; objects under min_size pixels are dropped."""
+    from skimage.segmentation import watershed
+    objects = objects > 0
+    if not objects.any():
+        return np.zeros(objects.shape, np.int32)
+    seeds, _ = ndi.label(objects & ~(borders > 0))
+    distance = ndi.distance_transform_edt(~(seeds > 0))               # from the nearest body
+    labels = watershed(distance, seeds, mask=objects)
+    missed, _ = ndi.label(objects & (labels == 0))
+    labels = np.where(missed > 0, missed + labels.max(), labels)
+    return drop_small(labels, min_size)
+
+
 def iou_matrix(true, pred):
     """Label images (H, W) with objects 1..N and 1..M -> (N, M) IoU of every true/predicted pair."""
     n, m = int(true.max()), int(pred.max())

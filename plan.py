@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from archs import training_bytes_per_pixel
-from dataset import TRAIN_HINTS, decode, image_type, read_labels, read_target, scan
+from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, read_labels, read_target, scan
 from losses import SOFTMAX_LOSSES
 from utils import resolve_device
 
@@ -104,7 +104,8 @@ def survey(root, cfg, sources):
     """Reads up to SURVEY_IMAGES images of <root> (and their masks) -> Survey. The files are checked as training
     checks them; num_classes is the user's if given, else the count of masks/ folders."""
     classes = cfg["num_classes"] if "num_classes" in sources else class_count(root)
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, TRAIN_HINTS)
+    targets = Targets(objects=cfg["target"] == "objects")         # borders at the images' own size
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, TRAIN_HINTS, targets.objects)
     ids = list(scanned)
     picked = sorted({ids[round(k)] for k in np.linspace(0, len(ids) - 1, min(SURVEY_IMAGES, len(ids)))})
     shapes, channels, dtypes, covered, pixels, diameters, means = [], set(), set(), 0, 0, [], []
@@ -115,7 +116,7 @@ def survey(root, cfg, sources):
         shapes.append(img.shape[:2])
         channels.add(img.shape[2] if img.ndim == 3 else 1)
         dtypes.add(img.dtype)
-        target = read_target(scanned[i], img.shape[:2])[0]
+        target = read_target(scanned[i], img.shape[:2], targets)[0]
         covered, pixels = covered + target.reshape(-1, target.shape[2]).sum(0), pixels + target.shape[0] * target.shape[1]
         diameters.extend(object_diameters(scanned[i], target))
     sides = [s for shape in shapes for s in shape]
@@ -218,6 +219,10 @@ def plan_classes(s, cfg, given):
     class mode or loss the user gave decides the other."""
     rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE]
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
+    if cfg["target"] == "objects":
+        return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": "BCEDiceLoss"},
+                      f"--target objects: a sigmoid per plane ({', '.join(OBJECT_PLANES)}), with a cross-entropy + "
+                      f"Dice loss{weighs}")
     if "class_mode" in given or "loss" in given:
         softmax = cfg["class_mode"] == "softmax" if "class_mode" in given else cfg["loss"] in SOFTMAX_LOSSES
         why = f"as --{'class_mode' if 'class_mode' in given else 'loss'} {cfg['class_mode' if 'class_mode' in given else 'loss']} asks"

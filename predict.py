@@ -22,7 +22,7 @@ import rundir
 import runtime
 from engine import build_network
 from figures import TRUTH, class_label, colour, outlined, panel
-from instances import measure, object_scores, object_sizes, split
+from instances import measure, object_scores, object_sizes, split, split_by_borders
 from loaders import image_ranges, resize_image
 from metrics import binarize
 from normalize import as_batch
@@ -90,7 +90,7 @@ def trained_settings(d):
             "input_channels": d["input_channels"],
             "num_classes": d["num_classes"], "class_mode": d["class_mode"], "input_h": d["input_size"][0],
             "input_w": d["input_size"][1], "normalize": n["mode"], "norm_pmin": n["pmin"], "norm_pmax": n["pmax"],
-            "per_image_norm": n["per_image"], "crop": d["crop"]}
+            "per_image_norm": n["per_image"], "crop": d["crop"], "target": d.get("target", "masks")}
 
 
 def as_trained(cfg, description, cfg_path):
@@ -272,6 +272,20 @@ def write_labels(out_dir, img_id, labels, fmt):
     return name
 
 
+def object_labels(pred, cfg, method, min_size):
+    """A predicted (C, H, W) 0/1 mask -> its objects (H, W) int32. A run trained with --target objects: the watershed
+    is seeded by its bodies (plane 0 minus the borders of plane 1); any other run: `method` on its mask."""
+    if cfg["target"] == "objects" and method == "watershed":
+        return split_by_borders(pred[0], pred[1], min_size)
+    return split(pred[0], method, min_size)
+
+
+def objects_method(cfg, method):
+    """How object_labels finds objects, as val.py reports it."""
+    return "watershed seeded by the bodies, between the borders" if (cfg["target"] == "objects" and
+                                                                     method == "watershed") else method
+
+
 def finish_image(out_dir, data, k, image, arrays, args, cfg):
     """Everything after the network for image k (run in a writer thread): its files, and with --instances its
     objects (instances/<id>.png or .tif, label images) -> the image's row for objects.csv (with its objects'
@@ -280,7 +294,7 @@ def finish_image(out_dir, data, k, image, arrays, args, cfg):
     if not args.instances:
         write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
         return None
-    labels = split(arrays[0][0], args.instances, args.min_size)                          # (H, W) int32
+    labels = object_labels(arrays[0], cfg, args.instances, args.min_size)                # (H, W) int32
     truth = data.instances(k) if data.labeled else None
     write_outputs(out_dir, data.ids[k], arrays, image, args, cfg, (labels, truth))
     write_labels(out_dir, data.ids[k], labels, getattr(args, "output_format", "png"))

@@ -42,6 +42,7 @@ def describe(cfg, dtypes):
         "normalize": {"mode": cfg["normalize"], "pmin": cfg["norm_pmin"], "pmax": cfg["norm_pmax"],
                       "per_image": bool(cfg["per_image_norm"]), "full_range": full_range(widest)},
         "crop": cfg["crop"],
+        "target": cfg["target"],      # objects: planes 0 objects and 1 borders (the objects come from both)
     }
 
 

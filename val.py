@@ -19,12 +19,12 @@ import warnings
 import advice
 import config
 import rundir
-from dataset import Sample, SegmentationData, find_ids, load_validation, read_image, scan
+from dataset import Sample, SegmentationData, Targets, find_ids, load_validation, read_image, scan
 from figures import class_label
 from instances import MEASUREMENTS, METHODS
 from metrics import SegMeter
 from outputs import OutputFolder, run_folders
-from predict import OUTPUT_FORMATS, legend, load_run, output_files, output_subfolders, run_inference
+from predict import OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -160,11 +160,11 @@ def write_measurements(path, rows):
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def report_objects(rows, args):
+def report_objects(rows, args, cfg):
     """The object scores over the data set: mean over images of the Bowl's score and of F1 at 0.5, and the mean
     absolute counting error."""
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    print(f"objects ({args.instances}, min_size {args.min_size}): object score (Data Science Bowl) "
+    print(f"objects ({objects_method(cfg, args.instances)}, min_size {args.min_size}): object score (Data Science Bowl) "
           f"{mean('score'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, counting error {mean('count_error'):.2f} per "
           f"image ({sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects)")
 
@@ -222,8 +222,10 @@ def load_data(args, members):
     if args.data:
         folder = os.path.normpath(args.data)
         how = hints(cfg, name)
-        scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"], how)
-        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, how, cfg["class_mode"] == "softmax")
+        targets = Targets.of(cfg)
+        scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"], how,
+                       targets.objects)
+        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, how, targets)
         return data, os.path.join(OUTPUTS_DIR, label, "on_" + os.path.basename(folder))
     recorded = [rundir.read_split(os.path.join(args.runs_dir, m.name)) for m in members]
     data, note = load_validation(cfg, recorded, hints(cfg, name))
@@ -283,7 +285,7 @@ def evaluate(args):
     members = [load_run(name, args.device, args.runs_dir) for name in args.name]
     check_ensemble(members)
     cfg = members[0].cfg
-    if args.instances and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
+    if args.instances and cfg["target"] != "objects" and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
         raise UserError(f"--instances splits one class's mask into objects; the run {members[0].name} predicts "
                         f"{cfg['num_classes']} classes ({cfg['class_mode']}). Use it with a one-class run.")
     data, default_out = load_data(args, members)
@@ -336,7 +338,7 @@ def predict_into(out_dir, members, data, args):
         report(meters, data.ids, out_dir, cfg, objects)
         compare_with_trivial(meters["image"], data, cfg)
     if objects and data.labeled:
-        report_objects(objects, args)
+        report_objects(objects, args, cfg)
     print(summary(out_dir, len(data.ids), cfg, args, data.labeled))
 
 

@@ -16,7 +16,7 @@ from predictor import Predictor, describe
 
 CFG = {"arch": "NestedUNet", "deep_supervision": True, "base_channels": 8, "input_channels": 2, "num_classes": 2, "class_mode": "sigmoid",
        "input_h": 32, "input_w": 32, "normalize": "percentile", "norm_pmin": 2.0, "norm_pmax": 99.0,
-       "per_image_norm": True, "crop": False}
+       "per_image_norm": True, "crop": False, "target": "masks"}
 
 
 def predictor(cfg=CFG, dtype="uint16"):

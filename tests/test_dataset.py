@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+import config
 from conftest import make_data
 from dataset import (TRAIN_HINTS, SegmentationData, binarize_mask, fold_ids, load_splits, read_image, read_mask, scan,
                      split_for, split_ids)
@@ -310,3 +311,32 @@ def test_an_extension_without_its_dot_and_a_data_set_that_is_a_file_are_explaine
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="afile is a file, not a folder"):
         load(str(tmp_path / "afile"))
+
+
+def test_object_borders_are_drawn_at_the_networks_resolution():
+    from dataset import BORDER_RADIUS, Targets
+    resized = Targets.of({**config.DEFAULTS, "target": "objects", "input_h": 32, "input_w": 32})
+    assert resized.input_size == (32, 32) and resized.border_radius((64, 64)) == 2 * BORDER_RADIUS
+    assert resized.border_radius((32, 48)) == round(1.5 * BORDER_RADIUS) and resized.border_radius((8, 8)) == 1
+    cropped = Targets.of({**config.DEFAULTS, "target": "objects", "crop": True})
+    assert cropped.input_size is None and cropped.border_radius((1000, 1000)) == BORDER_RADIUS
+    assert not Targets.of(config.DEFAULTS).objects and Targets.of({**config.DEFAULTS, "class_mode": "softmax"}).softmax
+
+
+def test_target_objects_reads_the_label_images_whatever_masks_holds(tmp_path):
+    from dataset import SegmentationData, Targets, scan
+    root = tmp_path / "set"
+    for folder in ("images", "masks/0", "labels"):
+        os.makedirs(root / folder)
+    labels = np.zeros((64, 64), np.uint16)
+    labels[10:30, 10:30], labels[10:30, 30:50] = 1, 2                      # two touching squares
+    cv2.imwrite(str(root / "images" / "a.png"), np.full((64, 64, 3), 90, np.uint8))
+    cv2.imwrite(str(root / "masks" / "0" / "a.png"), np.zeros((64, 64), np.uint8))   # an empty mask: not read
+    cv2.imwrite(str(root / "labels" / "a.png"), labels)
+    targets = Targets(objects=True, input_size=(32, 32))
+    data = SegmentationData.decode(scan(str(root), ".png", ".png", 2, TRAIN_HINTS, objects=True), 3, None, str(root),
+                                   TRAIN_HINTS, targets)
+    mask = data.mask(0)
+    assert mask.shape == (64, 64, 2) and mask[:, :, 0].sum() == 800
+    assert np.flatnonzero(mask[20, :, 1]).tolist() == [28, 29, 30, 31]   # 2 pixels each side at 64 for 1 at 32
+    assert data.target_pixels.tolist() == [[800, 4 * 20]]

@@ -1,11 +1,13 @@
 """instances.py and val.py --instances: objects from masks, the Data Science Bowl object score (checked against
 hand computations), the label and CSV files, and the data set's optional instances/ folder."""
 import csv
+import json
 import os
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 import instances
 import train
@@ -66,6 +68,46 @@ def test_watershed_separates_touching_discs_that_components_merge(centres):
     assert split.max() == len(centres) and instances.object_scores(truth, split)["f1_50"] == 1.0
     assert (split > 0).sum() == mask.sum()                               # every foreground pixel is in an object
     assert instances.watershed_split(np.zeros((8, 8), np.uint8), 4).max() == 0
+
+
+@pytest.mark.parametrize("centres", [[(32, 22), (32, 40)], [(20, 20), (20, 38), (36, 29)]], ids=["two", "three"])
+@pytest.mark.parametrize("radius", [1, 2])
+def test_the_border_plane_marks_where_discs_touch_and_nowhere_else(centres, radius):
+    mask, labels = discs(centres, 10)
+    target = instances.object_targets(labels, radius)
+    assert target.dtype == np.uint8 and target.shape == (64, 64, 2)
+    assert np.array_equal(target[:, :, 0], mask)                          # plane 0: the objects, as their mask
+    borders = target[:, :, 1] > 0
+    yy, xx = np.nonzero(labels)
+    # every object pixel within `radius` of another disc's pixel is border, every other one is not
+    near = np.zeros(len(yy), bool)
+    for n in range(len(centres)):
+        pixels = np.flatnonzero(labels[yy, xx] == n + 1)
+        for m in range(len(centres)):
+            if m != n:
+                theirs = np.flatnonzero(labels[yy, xx] == m + 1)
+                d = np.hypot(yy[pixels, None] - yy[None, theirs], xx[pixels, None] - xx[None, theirs]).min(1)
+                near[pixels] |= d <= radius
+    assert np.array_equal(borders[yy, xx], near) and not borders[labels == 0].any()
+    assert near.any() and (~near).sum() > 0.8 * len(near)                # a thin band, not the outlines
+    alone = instances.object_targets(discs([(32, 32)], 10)[1], radius)
+    assert alone[:, :, 1].sum() == 0                                     # one object: no border at all
+
+
+@pytest.mark.parametrize("centres", [[(32, 22), (32, 40)], [(20, 20), (20, 38), (36, 29)]], ids=["two", "three"])
+def test_split_by_borders_gives_one_object_per_body(centres):
+    mask, truth = discs(centres, 10)
+    target = instances.object_targets(truth, 1)
+    split = instances.split_by_borders(target[:, :, 0], target[:, :, 1], 4)
+    assert split.max() == len(centres) and instances.object_scores(truth, split)["score"] > 0.95
+    assert (split > 0).sum() == mask.sum()                               # border pixels go to a neighbour
+    merged = instances.split_by_borders(target[:, :, 0], np.zeros_like(mask), 4)
+    assert merged.max() == 1                                             # no border predicted: one blob
+    tiny = np.zeros((16, 16), np.uint8)
+    tiny[2:5, 2:5] = 1                                                   # an object drawn all border: kept
+    assert instances.split_by_borders(tiny, tiny, 4).max() == 1
+    assert instances.split_by_borders(tiny, tiny, 10).max() == 0          # ... unless under min_size
+    assert instances.split_by_borders(tiny * 0, tiny, 4).max() == 0
 
 
 def test_small_objects_are_dropped_and_the_rest_renumbered():
@@ -158,3 +200,40 @@ def test_each_object_is_measured_in_pixels_and_the_images_own_units():
     assert disc["eccentricity"] < 0.2 < 0.9 < bar["eccentricity"] < 1
     assert (disc["mean_intensity_0"], disc["mean_intensity_1"], bar["mean_intensity_0"]) == (1000, 10, 3000)
     assert measure(np.zeros((5, 5), np.int64), np.zeros((5, 5, 1))) == []
+
+
+def test_target_objects_trains_objects_and_borders_and_val_seeds_objects_from_the_bodies(tmp_path, monkeypatch,
+                                                                                        capsys):
+    nuclei_set(tmp_path / "inputs" / "nuclei")
+    argv = ["--dataset", "nuclei", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w",
+            "32", "--input_h", "32", "--device", "cpu", "--optimizer", "Adam", "--name", "sep", "--target", "objects"]
+    code, _, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    run = tmp_path / "models" / "sep"
+    saved = yaml.safe_load(open(run / "config.yml"))
+    assert (saved["target"], saved["num_classes"], saved["class_mode"]) == ("objects", 2, "sigmoid")
+    assert saved["class_names"] == ["objects", "borders"]
+    assert json.load(open(run / "model.json"))["target"] == "objects"
+    assert "iou_1" in open(run / "log.csv").readline()                  # the borders plane is trained and scored
+    code, out, err = run_main(val.main, ["--name", "sep", "--instances"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "objects (watershed seeded by the bodies, between the borders" in out and "objects" in out
+    outputs = tmp_path / "outputs" / "sep"
+    assert sorted(os.listdir(outputs / "1")) == sorted(os.listdir(outputs / "0"))   # a borders mask per image
+    metrics = list(csv.DictReader(open(outputs / "metrics.csv")))
+    assert len(metrics) == 2 and all(m["true_count"] == "2" for m in metrics) and "iou_1" in metrics[0]
+    assert len(list(csv.DictReader(open(outputs / "objects.csv")))) == 2
+
+
+def test_target_objects_needs_label_images_and_its_two_planes(tmp_path, monkeypatch, capsys):
+    root = nuclei_set(tmp_path / "inputs" / "nuclei", n=4)
+    base = ["--dataset", "nuclei", "--epochs", "1", "--device", "cpu", "--target", "objects"]
+    code, _, err = run_main(train.main, base + ["--num_classes", "3"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "target objects trains 2 sigmoid planes (objects, borders)" in err and "num_classes 3" in err
+    code, _, err = run_main(train.main, base + ["--class_mode", "softmax", "--loss", "CEDiceLoss"], tmp_path,
+                            monkeypatch, capsys)
+    assert code == 2 and "class_mode softmax" in err
+    os.rename(root / "instances", root / "elsewhere")
+    code, _, err = run_main(train.main, base, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "has no label images (labels/ or instances/)" in err and "--target masks" in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "models")

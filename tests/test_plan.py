@@ -125,6 +125,17 @@ def test_classes_get_sigmoids_unless_masks_0_is_a_background():
     assert "masks/0 covers 70%" in reason(choices, "loss")
 
 
+def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path):
+    got, choices = planned(replace(SMALL, classes=2, foreground=(0.15, 0.01)), target="objects", num_classes=2,
+                           class_mode="sigmoid")
+    assert got["loss"] == "BCEDiceLoss" and "--target objects: a sigmoid per plane (objects, borders)" in reason(
+        choices, "loss")
+    micro = make_microscopy(tmp_path, n=6, size=48)
+    cfg = config.DEFAULTS | {"img_ext": ".tif", "target": "objects", "num_classes": 2}
+    s = plan.survey(micro, cfg, {"num_classes": "the command line"})
+    assert s.classes == 2 and len(s.foreground) == 2 and 0 <= s.foreground[1] < s.foreground[0]
+
+
 def test_the_users_settings_are_kept_and_the_rules_after_them_use_them():
     got, _ = planned(LARGE, batch_size=4)
     assert "batch_size" not in got and got["epochs"] == 117          # ceil(700 / (24 // 4))
