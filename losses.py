@@ -43,6 +43,25 @@ class BCEDiceLoss(nn.Module):
         return 0.5 * bce + soft_dice_loss(torch.sigmoid(logits), target)
 
 
+def batch_dice_loss(probs, target):
+    """1 - soft Dice per class over the whole batch (all images' pixels pooled), averaged over the classes. A class
+    that is absent from most images (the borders of --target objects, under 1% of the pixels) is then scored where
+    it is, instead of each image without it rewarding a prediction of nothing, as per-image Dice does."""
+    probs, target = probs.float(), target.float()
+    inter = (probs * target).sum((0, 2, 3))
+    dice = (2 * inter + SMOOTH) / (probs.sum((0, 2, 3)) + target.sum((0, 2, 3)) + SMOOTH)
+    return 1 - dice.mean()
+
+
+class BCEBatchDiceLoss(nn.Module):
+    """0.5 * BCE + soft Dice per class over the batch (batch_dice_loss): for rare, thin classes such as the borders
+    of --target objects, whose default loss it is."""
+
+    def forward(self, logits, target):
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return 0.5 * bce + batch_dice_loss(torch.sigmoid(logits), target)
+
+
 def lovasz_grad(gt_sorted):
     """Gradient of the Lovász extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018, alg. 1)."""
     gts = gt_sorted.sum()
@@ -92,6 +111,7 @@ class CEDiceLoss(nn.Module):
 SIGMOID_LOSSES = {
     "BCEWithLogitsLoss": BCEWithLogitsLoss,
     "BCEDiceLoss": BCEDiceLoss,
+    "BCEBatchDiceLoss": BCEBatchDiceLoss,
     "LovaszHingeLoss": LovaszHingeLoss,
     "DiceLoss": DiceLoss,
 }

@@ -220,9 +220,9 @@ def plan_classes(s, cfg, given):
     rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE]
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
     if cfg["target"] == "objects":
-        return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": "BCEDiceLoss"},
+        return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": "BCEBatchDiceLoss"},
                       f"--target objects: a sigmoid per plane ({', '.join(OBJECT_PLANES)}), with a cross-entropy + "
-                      f"Dice loss{weighs}")
+                      "Dice loss whose Dice pools the batch, so the thin borders, absent from most crops, are learned")
     if "class_mode" in given or "loss" in given:
         softmax = cfg["class_mode"] == "softmax" if "class_mode" in given else cfg["loss"] in SOFTMAX_LOSSES
         why = f"as --{'class_mode' if 'class_mode' in given else 'loss'} {cfg['class_mode' if 'class_mode' in given else 'loss']} asks"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import LOSSES, SOFTMAX_LOSSES, BCEDiceLoss, BCEWithLogitsLoss, CEDiceLoss, CrossEntropyLoss, DiceLoss, LovaszHingeLoss
+from losses import LOSSES, SOFTMAX_LOSSES, BCEDiceLoss, BCEWithLogitsLoss, CEDiceLoss, CrossEntropyLoss, DiceLoss, LovaszHingeLoss, soft_dice_loss
 
 
 def sigmoid(x):
@@ -99,3 +99,24 @@ def test_every_loss_takes_multiclass_batches_and_backpropagates(name):
     assert logits.grad.abs().sum() > 0
     perfect = target * 20 - 10                                          # confident and right
     assert LOSSES[name]()(perfect, target) < loss
+
+
+def test_batch_dice_pools_the_images_so_a_class_absent_from_most_of_them_counts_where_it_is():
+    from losses import BCEBatchDiceLoss, batch_dice_loss
+    target = torch.zeros(4, 2, 8, 8)
+    target[:, 0, 2:6, 2:6] = 1
+    target[0, 1, 3, 2:6] = 1                                   # a thin class in one image of four
+    found = target.clone()
+    nothing = target.clone()
+    nothing[:, 1] = 0                                          # the objects right, the thin class missed
+    # per-image Dice rewards predicting nothing of the thin class in the three images without it; pooled Dice does not
+    per_image = [soft_dice_loss(p, target).item() for p in (nothing, found)]
+    pooled = [batch_dice_loss(p, target).item() for p in (nothing, found)]
+    assert pooled[0] - pooled[1] > per_image[0] - per_image[1] > 0
+    assert pooled[1] == pytest.approx(0.0, abs=1e-6) and pooled[0] == pytest.approx(0.5, abs=1e-5)
+    assert per_image[0] == pytest.approx(0.125, abs=1e-5)     # 3 of 4 images "perfect" for the missed class
+    logits = torch.randn(4, 2, 8, 8)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
+    assert BCEBatchDiceLoss()(logits, target).item() == pytest.approx(
+        0.5 * bce + batch_dice_loss(torch.sigmoid(logits), target).item(), rel=1e-6)
+    assert "BCEBatchDiceLoss" in LOSSES
