@@ -101,7 +101,7 @@ def check_ensemble(members):
     """The runs of an ensemble must predict the same classes from the same kind of image."""
     first = members[0]
     for m in members[1:]:
-        for key in ("num_classes", "class_mode", "input_channels"):
+        for key in ("num_classes", "class_mode", "input_channels", "target"):
             if m.cfg[key] != first.cfg[key]:
                 raise UserError(f"--name: runs {first.name} and {m.name} differ in {key} ({first.cfg[key]} and "
                                 f"{m.cfg[key]}), so their predictions cannot be averaged; ensemble runs trained "

@@ -237,3 +237,13 @@ def test_target_objects_needs_label_images_and_its_two_planes(tmp_path, monkeypa
     code, _, err = run_main(train.main, base, tmp_path, monkeypatch, capsys)
     assert code == 2 and "has no label images (labels/ or instances/)" in err and "--target masks" in err
     assert "Traceback" not in err and not os.path.exists(tmp_path / "models")
+
+
+def test_an_ensemble_of_an_objects_run_and_a_masks_run_is_refused():
+    from types import SimpleNamespace
+    cfg = {"num_classes": 2, "class_mode": "sigmoid", "input_channels": 3}
+    masks = SimpleNamespace(name="two_classes", cfg={**cfg, "target": "masks"})
+    objects = SimpleNamespace(name="sep", cfg={**cfg, "target": "objects"})
+    val.check_ensemble([objects, SimpleNamespace(name="sep2", cfg=dict(objects.cfg))])     # alike: accepted
+    with pytest.raises(UserError, match="runs sep and two_classes differ in target"):
+        val.check_ensemble([objects, masks])
