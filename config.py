@@ -12,13 +12,12 @@ import os
 import checkpoint
 from archs import ARCHS
 from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS
-from losses import LOSSES, SIGMOID_LOSSES, SOFTMAX_LOSSES
+from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
 from utils import UserError, load_yaml, str2bool
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
-OBJECTS_LOSS = "BCEBatchDiceLoss"   # --target objects' default loss: its Dice pools the batch, for the rare borders
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 
 # name, default, type, choices, help. Types: int, float, str, bool, "int_list", "str_list".
@@ -451,7 +450,8 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
 
 def follow_target(cfg, sources):
     """--target objects: the two planes it trains (num_classes 2, sigmoid, named objects and borders) and the loss
-    for its thin border plane (OBJECTS_LOSS), where the user left those keys out (given ones are checked by check_combinations). -> (cfg, sources)."""
+    for its thin border plane (OBJECTS_LOSS), where the user left those keys out (given ones are checked by
+    check_combinations). -> (cfg, sources)."""
     if cfg["target"] != "objects":
         return cfg, sources
     derived = {"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "class_names": list(OBJECT_PLANES),

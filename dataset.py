@@ -658,8 +658,8 @@ def load_validation(cfg, recorded, hints):
     None for a run from before it was recorded (then the split of the files present). One run: its validation
     images; several (an ensemble): the images none of them trained on. -> (data, a note on files added or
     removed since the run trained, or '')."""
-    root = os.path.join(cfg["data_dir"], cfg["dataset"])
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints, Targets.of(cfg).objects)
+    root, targets = os.path.join(cfg["data_dir"], cfg["dataset"]), Targets.of(cfg)
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], cfg["num_classes"], hints, targets.objects)
     splits = [r or dict(zip(("train", "val"), split_for(list(scanned), cfg))) for r in recorded]
     if len(splits) > 1:
         seen = set().union(*(r["train"] for r in splits))
@@ -675,7 +675,7 @@ def load_validation(cfg, recorded, hints):
         raise UserError(f"none of the images to evaluate on is in {root} (the run's validation images, or with several "
                         f"runs the images none of them trained on); {hints['data']}")
     data = SegmentationData.decode({i: scanned[i] for i in val_ids}, cfg["input_channels"],
-                                   cache_budget(cfg["cache_mb"]), root, hints, Targets.of(cfg))
+                                   cache_budget(cfg["cache_mb"]), root, hints, targets)
     return data, note
 
 

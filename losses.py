@@ -120,3 +120,4 @@ SOFTMAX_LOSSES = {
     "CEDiceLoss": CEDiceLoss,
 }
 LOSSES = {**SIGMOID_LOSSES, **SOFTMAX_LOSSES}
+OBJECTS_LOSS = "BCEBatchDiceLoss"   # --target objects' default loss: its Dice pools the batch, for the rare borders

@@ -14,7 +14,7 @@ import torch
 
 from archs import training_bytes_per_pixel
 from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, read_labels, read_target, scan
-from losses import SOFTMAX_LOSSES
+from losses import OBJECTS_LOSS, SOFTMAX_LOSSES
 from utils import resolve_device
 
 SURVEY_IMAGES = 48          # images read for the survey, evenly spread over the sorted ids
@@ -220,7 +220,7 @@ def plan_classes(s, cfg, given):
     rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE]
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
     if cfg["target"] == "objects":
-        return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": "BCEBatchDiceLoss"},
+        return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": OBJECTS_LOSS},
                       f"--target objects: a sigmoid per plane ({', '.join(OBJECT_PLANES)}), with a cross-entropy + "
                       "Dice loss whose Dice pools the batch, so the thin borders, absent from most crops, are learned")
     if "class_mode" in given or "loss" in given:
