@@ -14,7 +14,7 @@ SHRINK_WARN = 2.0      # images more than this many times larger than the networ
 MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
 RARE_CLASS = 0.01      # a class covering less of the training pixels than this
 MARGIN = 0.05          # how much IoU a model must gain over the better trivial prediction
-OVERLAP_LOSSES = ("BCEDiceLoss", "BCEBatchDiceLoss", "DiceLoss", "LovaszHingeLoss", "CEDiceLoss")   # losses that weigh a class by overlap
+OVERLAP_LOSSES = ("BCEDiceLoss", "BCEBatchDiceLoss", "BorderWeightedLoss", "DiceLoss", "LovaszHingeLoss", "CEDiceLoss")   # losses that weigh a class by overlap
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import checkpoint
 from archs import ARCHS
 from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS
-from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES
+from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
 from utils import UserError, load_yaml, str2bool
@@ -363,6 +363,10 @@ def check_combinations(cfg, source):
         raise UserError(f"{origin(source, 'num_classes', 'class_mode')}: target objects trains {len(OBJECT_PLANES)} "
                         f"sigmoid planes ({', '.join(OBJECT_PLANES)}), not num_classes {cfg['num_classes']} in "
                         f"class_mode {cfg['class_mode']}; leave num_classes and class_mode out (they follow the target)")
+    if cfg["loss"] in TARGET_LOSSES and cfg["target"] != TARGET_LOSSES[cfg["loss"]]:
+        raise UserError(f"{origin(source, 'loss', 'target')}: loss {cfg['loss']} weighs the border plane of --target "
+                        f"{TARGET_LOSSES[cfg['loss']]}, and this run's target is {cfg['target']}; add --target "
+                        f"{TARGET_LOSSES[cfg['loss']]} or choose another loss (e.g. BCEDiceLoss)")
     names = cfg["class_names"]
     if names and (len(names) != cfg["num_classes"] or len(set(names)) != len(names)):
         raise UserError(f"{origin(source, 'class_names', 'num_classes')}: class_names {','.join(names)} must name each "

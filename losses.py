@@ -62,6 +62,21 @@ class BCEBatchDiceLoss(nn.Module):
         return 0.5 * bce + batch_dice_loss(torch.sigmoid(logits), target)
 
 
+BORDER_WEIGHT = 10.0   # how much more a border pixel weighs in BorderWeightedLoss's cross-entropy (the U-Net paper's
+                       # w0 = 10 on the gaps between touching cells; Caicedo et al. 2019 weigh their boundary class 10x)
+
+
+class BorderWeightedLoss(nn.Module):
+    """--target objects' loss: 0.5 * BCE in which the pixels of the borders plane (the last; plane 1 of the objects
+    target) weigh BORDER_WEIGHT times the others, on every plane, + soft Dice per class over the batch. Unweighted,
+    the 2-pixel borders (0.2-0.3% of stage1_train's pixels) were not learned in 726 steps (BENCHMARKS.md)."""
+
+    def forward(self, logits, target):
+        weight = 1 + (BORDER_WEIGHT - 1) * target[:, -1:].float()          # (B, 1, H, W), broadcast over the planes
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), weight=weight)
+        return 0.5 * bce + batch_dice_loss(torch.sigmoid(logits), target)
+
+
 def lovasz_grad(gt_sorted):
     """Gradient of the Lovász extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018, alg. 1)."""
     gts = gt_sorted.sum()
@@ -112,6 +127,7 @@ SIGMOID_LOSSES = {
     "BCEWithLogitsLoss": BCEWithLogitsLoss,
     "BCEDiceLoss": BCEDiceLoss,
     "BCEBatchDiceLoss": BCEBatchDiceLoss,
+    "BorderWeightedLoss": BorderWeightedLoss,
     "LovaszHingeLoss": LovaszHingeLoss,
     "DiceLoss": DiceLoss,
 }
@@ -120,4 +136,5 @@ SOFTMAX_LOSSES = {
     "CEDiceLoss": CEDiceLoss,
 }
 LOSSES = {**SIGMOID_LOSSES, **SOFTMAX_LOSSES}
-OBJECTS_LOSS = "BCEBatchDiceLoss"   # --target objects' default loss: its Dice pools the batch, for the rare borders
+TARGET_LOSSES = {"BorderWeightedLoss": "objects"}   # losses that only make sense for one --target
+OBJECTS_LOSS = "BorderWeightedLoss"   # --target objects' default loss: its borders weigh more, its Dice pools the batch

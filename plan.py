@@ -14,7 +14,7 @@ import torch
 
 from archs import training_bytes_per_pixel
 from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, read_labels, read_target, scan
-from losses import OBJECTS_LOSS, SOFTMAX_LOSSES
+from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
 from utils import resolve_device
 
 SURVEY_IMAGES = 48          # images read for the survey, evenly spread over the sorted ids
@@ -220,8 +220,9 @@ def plan_classes(s, cfg, given):
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
     if cfg["target"] == "objects":
         return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": OBJECTS_LOSS},
-                      f"--target objects: a sigmoid per plane ({', '.join(OBJECT_PLANES)}), with a cross-entropy + "
-                      "Dice loss whose Dice pools the batch, so the thin borders, absent from most crops, are learned")
+                      f"--target objects: a sigmoid per plane ({', '.join(OBJECT_PLANES)}), with a cross-entropy in "
+                      f"which border pixels weigh {BORDER_WEIGHT:g}x + a Dice that pools the batch, so the thin borders "
+                      "are learned")
     if "class_mode" in given or "loss" in given:
         softmax = cfg["class_mode"] == "softmax" if "class_mode" in given else cfg["loss"] in SOFTMAX_LOSSES
         why = f"as --{'class_mode' if 'class_mode' in given else 'loss'} {cfg['class_mode' if 'class_mode' in given else 'loss']} asks"

@@ -31,6 +31,7 @@ from tiling import predict_tiled
 from utils import UserError, progress_bar, write_png, write_tiff
 
 WRITER_THREADS = 4   # PNG encoding releases the GIL: a few threads write while the network predicts
+BORDER_THRESHOLD = 0.5   # val.py --border_threshold's default: see BENCHMARKS.md, "Objects ... (issue 20)"
 
 
 class Member:
@@ -146,10 +147,22 @@ def predict_probs(predictor, images, ranges, rt, tta):
     return total / len(views)
 
 
+def class_thresholds(cfg, threshold, border_threshold=None):
+    """The probability above which each class is predicted: `threshold`, except the borders plane of a --target
+    objects run, whose probabilities stay low (2-pixel bands): border_threshold, BORDER_THRESHOLD if not given.
+    -> a float, or a tuple with one per class."""
+    if cfg["target"] != "objects":
+        return threshold
+    return (threshold, BORDER_THRESHOLD if border_threshold is None else border_threshold)
+
+
 def to_prediction(probs, cfg, threshold):
-    """Probabilities (1, C, H, W) -> 0/1 masks: threshold per class, or one-hot argmax in softmax mode."""
+    """Probabilities (1, C, H, W) -> 0/1 masks: threshold per class (a float, or one per class as class_thresholds
+    gives), or one-hot argmax in softmax mode."""
     if cfg["class_mode"] == "softmax":
         return binarize(probs, "softmax")  # argmax of probabilities = argmax of logits
+    if isinstance(threshold, (tuple, list)):
+        threshold = torch.tensor(threshold, dtype=probs.dtype, device=probs.device).view(1, -1, 1, 1)
     return (probs > threshold).float()
 
 
@@ -280,10 +293,12 @@ def object_labels(pred, cfg, method, min_size):
     return split(pred[0], method, min_size)
 
 
-def objects_method(cfg, method):
+def objects_method(cfg, method, border_threshold=None):
     """How object_labels finds objects, as val.py reports it."""
-    return "watershed seeded by the bodies, between the borders" if (cfg["target"] == "objects" and
-                                                                     method == "watershed") else method
+    if cfg["target"] == "objects" and method == "watershed":
+        return (f"watershed seeded by the bodies, between the borders (border threshold "
+                f"{class_thresholds(cfg, 0.5, border_threshold)[1]:g})")
+    return method
 
 
 def finish_image(out_dir, data, k, image, arrays, args, cfg):
@@ -337,13 +352,14 @@ def run_inference(members, data, args, out_dir, meters):
     with ThreadPoolExecutor(WRITER_THREADS) as pool:
         pending = []
         predictions = (tiled_probs if tiled else resized_probs)(members, data, args)
+        thresholds = class_thresholds(cfg, args.threshold, getattr(args, "border_threshold", None))
         for k, image, probs, at_input in progress_bar(predictions, "predicting", total=len(data.ids)):
-            pred = to_prediction(probs, cfg, args.threshold)                              # (1, C, H, W)
+            pred = to_prediction(probs, cfg, thresholds)                                  # (1, C, H, W)
             truth = data.mask(k) if data.labeled else None                                # (H, W, C) 0/1
             if truth is not None:
                 meters["image"].update(pred, torch.from_numpy(truth).permute(2, 0, 1)[None].float().to(rt.device))
             if truth is not None and at_input is not None and meters.get("input") is not None:
-                score_at_input(meters["input"], at_input, truth, cfg, args.threshold)
+                score_at_input(meters["input"], at_input, truth, cfg, thresholds)
             arrays = (pred[0].cpu().numpy(), probs[0].cpu().numpy(), None if truth is None else truth.transpose(2, 0, 1))
             pending.append(pool.submit(finish_image, out_dir, data, k, image, arrays, args, cfg))
         rows = [job.result() for job in pending]      # a failed write raises here

@@ -24,7 +24,7 @@ from figures import class_label
 from instances import MEASUREMENTS, METHODS
 from metrics import SegMeter
 from outputs import OutputFolder, run_folders
-from predict import OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
+from predict import BORDER_THRESHOLD, OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -52,6 +52,9 @@ def parse_args(argv):
     how = p.add_argument_group("prediction")
     how.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability above which a pixel is "
                      "foreground (default: 0.5)")
+    how.add_argument("--border_threshold", type=float, default=None, help="a run trained with --target objects: "
+                     f"probability above which a pixel is a border between touching objects (default: "
+                     f"{BORDER_THRESHOLD}, chosen on stage1_train's validation split; lower splits more)")
     how.add_argument("--tta", action="store_true", help="test-time augmentation: average over the eight flips and "
                      "quarter turns of a square input (four for a rectangular one)")
     how.add_argument("--tile", action="store_true", help="predict whole images at full resolution by overlapping "
@@ -81,8 +84,17 @@ def parse_args(argv):
                      "image, the ground truth, the prediction and the errors (false positives red, false negatives "
                      "blue), class colours and names in a legend; with --instances each object outlined")
     args = p.parse_args(argv)
+    check_args(p, args)
+    args.runs_dir = config.runs_dir(args.runs_dir)
+    return args
+
+
+def check_args(p, args):
+    """The flag values parse_args' parser cannot check by type alone; p.error names the flag."""
     if not 0 < args.threshold < 1:
         p.error("--threshold must be between 0 and 1")
+    if args.border_threshold is not None and not 0 < args.border_threshold < 1:
+        p.error("--border_threshold must be between 0 and 1")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
     if not 0 <= args.overlap < 1:
@@ -93,8 +105,6 @@ def parse_args(argv):
         p.error("--min_size must be at least 1")
     if len(set(args.name)) < len(args.name):
         p.error("--name lists a run twice")
-    args.runs_dir = config.runs_dir(args.runs_dir)
-    return args
 
 
 def check_ensemble(members):
@@ -164,7 +174,7 @@ def report_objects(rows, args, cfg):
     """The object scores over the data set: mean over images of the Bowl's score and of F1 at 0.5, and the mean
     absolute counting error."""
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    print(f"objects ({objects_method(cfg, args.instances)}, min_size {args.min_size}): object score (Data Science Bowl) "
+    print(f"objects ({objects_method(cfg, args.instances, args.border_threshold)}, min_size {args.min_size}): object score (Data Science Bowl) "
           f"{mean('score'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, counting error {mean('count_error'):.2f} per "
           f"image ({sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects)")
 

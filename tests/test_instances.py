@@ -7,6 +7,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import instances
@@ -212,7 +213,7 @@ def test_target_objects_trains_objects_and_borders_and_val_seeds_objects_from_th
     run = tmp_path / "models" / "sep"
     saved = yaml.safe_load(open(run / "config.yml"))
     assert (saved["target"], saved["num_classes"], saved["class_mode"]) == ("objects", 2, "sigmoid")
-    assert saved["class_names"] == ["objects", "borders"]
+    assert saved["class_names"] == ["objects", "borders"] and saved["loss"] == "BorderWeightedLoss"
     assert json.load(open(run / "model.json"))["target"] == "objects"
     assert "iou_1" in open(run / "log.csv").readline()                  # the borders plane is trained and scored
     code, out, err = run_main(val.main, ["--name", "sep", "--instances"], tmp_path, monkeypatch, capsys)
@@ -233,6 +234,8 @@ def test_target_objects_needs_label_images_and_its_two_planes(tmp_path, monkeypa
     code, _, err = run_main(train.main, base + ["--class_mode", "softmax", "--loss", "CEDiceLoss"], tmp_path,
                             monkeypatch, capsys)
     assert code == 2 and "class_mode softmax" in err
+    code, _, err = run_main(train.main, base[:-2] + ["--loss", "BorderWeightedLoss"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "loss BorderWeightedLoss weighs the border plane of --target objects" in err
     os.rename(root / "instances", root / "elsewhere")
     code, _, err = run_main(train.main, base, tmp_path, monkeypatch, capsys)
     assert code == 2 and "has no label images (labels/ or instances/)" in err and "--target masks" in err
@@ -247,3 +250,16 @@ def test_an_ensemble_of_an_objects_run_and_a_masks_run_is_refused():
     val.check_ensemble([objects, SimpleNamespace(name="sep2", cfg=dict(objects.cfg))])     # alike: accepted
     with pytest.raises(UserError, match="runs sep and two_classes differ in target"):
         val.check_ensemble([objects, masks])
+
+
+def test_the_borders_plane_has_its_own_threshold_and_other_runs_one_for_all():
+    from predict import BORDER_THRESHOLD, class_thresholds, objects_method, to_prediction
+    objects, masks = {"target": "objects", "class_mode": "sigmoid"}, {"target": "masks", "class_mode": "sigmoid"}
+    assert class_thresholds(masks, 0.4, 0.1) == 0.4
+    assert class_thresholds(objects, 0.4, 0.1) == (0.4, 0.1)
+    assert class_thresholds(objects, 0.5) == (0.5, BORDER_THRESHOLD)
+    probs = torch.tensor([0.45, 0.45]).view(1, 2, 1, 1).expand(1, 2, 2, 3)
+    pred = to_prediction(probs, objects, (0.5, 0.3))
+    assert pred[0, 0].sum() == 0 and pred[0, 1].sum() == 6                # the same probability, two answers
+    assert "border threshold 0.3" in objects_method(objects, "watershed", 0.3)
+    assert objects_method(masks, "watershed", 0.3) == "watershed"

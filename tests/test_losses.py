@@ -120,3 +120,25 @@ def test_batch_dice_pools_the_images_so_a_class_absent_from_most_of_them_counts_
     assert BCEBatchDiceLoss()(logits, target).item() == pytest.approx(
         0.5 * bce + batch_dice_loss(torch.sigmoid(logits), target).item(), rel=1e-6)
     assert "BCEBatchDiceLoss" in LOSSES
+
+
+def test_border_weighted_loss_weighs_a_missed_border_pixel_ten_times_a_missed_background_pixel():
+    from losses import BORDER_WEIGHT, BorderWeightedLoss, batch_dice_loss
+    target = torch.zeros(2, 2, 8, 8)
+    target[:, 0, 2:6, 2:6] = 1
+    target[:, 1, 3, 2:6] = 1                                   # the borders plane, last
+    logits = torch.randn(2, 2, 8, 8)
+    weight = 1 + (BORDER_WEIGHT - 1) * target[:, 1:]
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    expected = 0.5 * (per_pixel * weight).mean() + batch_dice_loss(torch.sigmoid(logits), target)
+    assert BorderWeightedLoss()(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # the cross-entropy of one wrong pixel: on a border it costs BORDER_WEIGHT times what it costs on the background
+    right = target * 20 - 10
+    on_border, on_background = right.clone(), right.clone()
+    on_border[0, 1, 3, 2] = -10                                # a border pixel called no border
+    on_background[0, 1, 0, 0] = 10                             # a background pixel called border
+    base = BorderWeightedLoss()(right, target)
+    dice = [batch_dice_loss(torch.sigmoid(x), target) for x in (on_border, on_background, right)]
+    extra = [(BorderWeightedLoss()(x, target) - d - (base - dice[2])).item() for x, d in zip((on_border, on_background), dice)]
+    assert extra[0] == pytest.approx(BORDER_WEIGHT * extra[1], rel=1e-3) and extra[1] > 0
+    assert LOSSES["BorderWeightedLoss"] is BorderWeightedLoss

@@ -127,7 +127,7 @@ def test_classes_get_sigmoids_unless_masks_0_is_a_background():
 def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path):
     got, choices = planned(replace(SMALL, classes=2, foreground=(0.15, 0.01)), target="objects", num_classes=2,
                            class_mode="sigmoid")
-    assert got["loss"] == "BCEBatchDiceLoss" and "--target objects: a sigmoid per plane (objects, borders)" in reason(
+    assert got["loss"] == "BorderWeightedLoss" and "--target objects: a sigmoid per plane (objects, borders)" in reason(
         choices, "loss")
     micro = make_microscopy(tmp_path, n=6, size=48)
     cfg = config.DEFAULTS | {"img_ext": ".tif", "target": "objects", "num_classes": 2}
