@@ -285,19 +285,19 @@ def write_labels(out_dir, img_id, labels, fmt):
     return name
 
 
-def object_labels(pred, cfg, method, min_size):
-    """A predicted (C, H, W) 0/1 mask -> its objects (H, W) int32. A run trained with --target objects: the watershed
-    is seeded by its bodies (plane 0 minus the borders of plane 1); any other run: `method` on its mask."""
+def object_labels(pred, probs, cfg, method, min_size):
+    """A predicted (C, H, W) 0/1 mask and its probabilities -> its objects (H, W) int32. A run trained with
+    --target objects: the watershed of plane 0, lowered where plane 1's probability says border; any other run:
+    `method` on its mask."""
     if cfg["target"] == "objects" and method == "watershed":
-        return split_by_borders(pred[0], pred[1], min_size)
+        return split_by_borders(pred[0], probs[1], min_size)
     return split(pred[0], method, min_size)
 
 
-def objects_method(cfg, method, border_threshold=None):
+def objects_method(cfg, method):
     """How object_labels finds objects, as val.py reports it."""
     if cfg["target"] == "objects" and method == "watershed":
-        return (f"watershed seeded by the bodies, between the borders (border threshold "
-                f"{class_thresholds(cfg, 0.5, border_threshold)[1]:g})")
+        return "watershed, lowered along the predicted borders"
     return method
 
 
@@ -309,7 +309,7 @@ def finish_image(out_dir, data, k, image, arrays, args, cfg):
     if not args.instances:
         write_outputs(out_dir, data.ids[k], arrays, image, args, cfg)
         return None
-    labels = object_labels(arrays[0], cfg, args.instances, args.min_size)                # (H, W) int32
+    labels = object_labels(arrays[0], arrays[1], cfg, args.instances, args.min_size)     # (H, W) int32
     truth = data.instances(k) if data.labeled else None
     write_outputs(out_dir, data.ids[k], arrays, image, args, cfg, (labels, truth))
     write_labels(out_dir, data.ids[k], labels, getattr(args, "output_format", "png"))

@@ -53,8 +53,8 @@ def parse_args(argv):
     how.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability above which a pixel is "
                      "foreground (default: 0.5)")
     how.add_argument("--border_threshold", type=float, default=None, help="a run trained with --target objects: "
-                     f"probability above which a pixel is a border between touching objects (default: "
-                     f"{BORDER_THRESHOLD}, chosen on stage1_train's validation split; lower splits more)")
+                     f"probability above which a pixel of its borders plane is a border in the masks written and "
+                     f"scored (default: {BORDER_THRESHOLD}; --instances uses the probabilities themselves)")
     how.add_argument("--tta", action="store_true", help="test-time augmentation: average over the eight flips and "
                      "quarter turns of a square input (four for a rectangular one)")
     how.add_argument("--tile", action="store_true", help="predict whole images at full resolution by overlapping "
@@ -174,7 +174,7 @@ def report_objects(rows, args, cfg):
     """The object scores over the data set: mean over images of the Bowl's score and of F1 at 0.5, and the mean
     absolute counting error."""
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    print(f"objects ({objects_method(cfg, args.instances, args.border_threshold)}, min_size {args.min_size}): object score (Data Science Bowl) "
+    print(f"objects ({objects_method(cfg, args.instances)}, min_size {args.min_size}): object score (Data Science Bowl) "
           f"{mean('score'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, counting error {mean('count_error'):.2f} per "
           f"image ({sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects)")
 
