@@ -461,7 +461,7 @@ def follow_target(cfg, sources):
     derived = {"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "class_names": list(OBJECT_PLANES),
                "loss": OBJECTS_LOSS}
     derived = {k: v for k, v in derived.items() if k not in sources}
-    return {**cfg, **derived}, {**{k: sources.get("target", "the command line") for k in derived}, **sources}
+    return {**cfg, **derived}, {**{k: f"--target {cfg['target']}" for k in derived}, **sources}
 
 
 def whence(sources, key, value):

@@ -287,7 +287,10 @@ def planned(cfg, sources):
     choices = make_plan(s, m, cfg, sources)
     lines = [f"plan for {root} ({s.line()}) on the {'GPU' if m.cuda else 'CPU'}:"]
     lines += [f"  {c.flags():<44} {c.reason}" for c in choices]
-    yours = sorted(k for k in sources if k not in ("name", "dataset", "data_dir"))
+    followed = sorted(k for k, where in sources.items() if where.startswith("--target"))
+    yours = sorted(k for k in sources if k not in ("name", "dataset", "data_dir", *followed))
+    if followed:
+        lines.append(f"  set by {sources[followed[0]]}: {', '.join(followed)}")
     if yours:
         lines.append(f"  kept as given: {', '.join(yours)}")
     return {**cfg, **{k: v for c in choices for k, v in c.settings.items()}}, choices, lines

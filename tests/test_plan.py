@@ -133,6 +133,11 @@ def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(t
     cfg = config.DEFAULTS | {"img_ext": ".tif", "target": "objects", "num_classes": 2}
     s = plan.survey(micro, cfg, {"num_classes": "the command line"})
     assert s.classes == 2 and len(s.foreground) == 2 and 0 <= s.foreground[1] < s.foreground[0]
+    given, sources = config.follow_target({**cfg, "dataset": os.path.basename(micro), "data_dir": str(tmp_path)},
+                                          {"target": "the command line"})
+    lines = plan.planned(given, sources)[2]
+    assert "  set by --target objects: class_mode, class_names, loss, num_classes" in lines
+    assert "  kept as given: target" in lines                           # the keys the target set are not "yours"
 
 
 def test_the_users_settings_are_kept_and_the_rules_after_them_use_them():
