@@ -48,7 +48,7 @@ OPTIONS = [
     ("target", "masks", str, TARGETS, "what the network learns: masks (the masks/ folders, or the label images' "
      "foreground), or objects, to count and measure touching objects: from the label images (labels/ or instances/), "
      "plane 0 the objects and plane 1 the borders where they touch (2 sigmoid classes, named objects and borders), "
-     "so that val.py --instances seeds one object per body"),
+     "so that val.py --instances splits objects where the network sees their border"),
     ("class_mode", "sigmoid", str, ("sigmoid", "softmax"),
      "sigmoid: independent per-class masks; softmax: mutually exclusive classes (argmax)"),
     # loss
