@@ -6,6 +6,8 @@
     python bench.py --device cuda --time_to_iou 0.82   # also train the recipe and time it to that IoU
     python bench.py --scaling --images 40 --archs UNet --batch_size 8 --epochs 1 --device cpu   # cost vs size
     python bench.py --decode --keep_tiff inputs/dsb2018_96_tif16   # start-up check: 8-bit PNG vs 16-bit TIFF
+    python bench.py --profile --recipe recipes/dsb2018_cpu.yml --device cpu   # where a training epoch's time goes
+    python bench.py --variants all --archs UNet --device cpu   # training-step variants beside a plain eager loop
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
@@ -18,6 +20,7 @@ and optionally seconds from the command's start until validation IoU first reach
 with the run's best IoU.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -28,11 +31,14 @@ import time
 
 import cv2
 import torch
+from torch.profiler import record_function
 
 import config
 import runtime
 from dataset import SegmentationData, scan, split
+from archs import build_model, final_logits
 from engine import Engine, build_network
+from losses import LOSSES
 from loaders import make_loaders
 from metrics import SegMeter
 from normalize import resolve_mode
@@ -52,20 +58,120 @@ def peak_memory_mb(rt):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
+def fixed_batch(cfg, rt):
+    """A random batch of the config's shape already on the device, images in the runtime's memory format."""
+    x = torch.randn(cfg["batch_size"], cfg["input_channels"], cfg["input_h"], cfg["input_w"], device=rt.device)
+    y = (torch.rand(cfg["batch_size"], cfg["num_classes"], cfg["input_h"], cfg["input_w"], device=rt.device) > 0.85).float()
+    return rt.place_batch(x, y)
+
+
+def timed_steps(step, rt, steps, batch_size):
+    """-> (images/s of `steps` calls of step() after 3 warm-up calls, seconds of the warm-up: cudnn autotuning,
+    compilation)."""
+    t0 = time.perf_counter()
+    for i in range(steps + 3):
+        if i == 3:
+            rt.synchronize()
+            t1 = time.perf_counter()
+        step()
+    rt.synchronize()
+    return steps * batch_size / (time.perf_counter() - t1), t1 - t0
+
+
 def pure_rate(cfg, rt, steps):
     """Images/s of forward + backward + step alone, on one batch that already sits on the device."""
     engine = Engine(cfg, rt)
-    x = torch.randn(cfg["batch_size"], cfg["input_channels"], cfg["input_h"], cfg["input_w"], device=rt.device)
-    y = (torch.rand(cfg["batch_size"], cfg["num_classes"], cfg["input_h"], cfg["input_w"], device=rt.device) > 0.85).float()
-    x, y = rt.place_batch(x, y)
+    x, y = fixed_batch(cfg, rt)
     engine.net.train()
-    for i in range(steps + 3):       # 3 warm-up steps (cudnn autotuning, compilation)
-        if i == 3:
-            rt.synchronize()
-            t0 = time.perf_counter()
-        engine.train_step(x, y)
-    rt.synchronize()
-    return steps * cfg["batch_size"] / (time.perf_counter() - t0)
+    return timed_steps(lambda: engine.train_step(x, y), rt, steps, cfg["batch_size"])[0]
+
+
+def reference_step(cfg, rt):
+    """One step of a plain eager PyTorch loop on the config's network, batch, precision and layout: forward under
+    autocast, the config's loss, backward, AdamW step on one fixed batch (a closure)."""
+    torch.manual_seed(0)
+    net = build_model(cfg).to(rt.device, memory_format=rt.memory_format).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    criterion = LOSSES[cfg["loss"]]()
+    x, y = fixed_batch(cfg, rt)
+
+    def step():
+        with rt.autocast():
+            loss = criterion(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def reference_rate(cfg, rt, steps):
+    """Images/s of reference_step. Machines' load moves absolute rates from hour to hour; a rate over this one,
+    measured in the same run, holds."""
+    return timed_steps(reference_step(cfg, rt), rt, steps, cfg["batch_size"])[0]
+
+
+# the training-step variants that `--variants` sets side by side (BENCHMARKS.md says which were adopted)
+VARIANTS = {
+    "reference": "plain eager loop (reference_step)",
+    "toolkit": "engine.train_step as the config sets it",
+    "fused_adamw": "AdamW(fused=True): one kernel for the whole update",
+    "batch32": "batch 32 instead of the config's",
+    "bf16_weights": "the network's weights held in bf16 (no fp32 master copy: an upper bound of the casts' cost)",
+    "compile": "torch.compile (inductor, default mode)",
+    "compile_max_autotune": "torch.compile(mode='max-autotune')",
+}
+
+
+def variant_step(cfg, rt, name):
+    """-> (step closure, batch size) of one of VARIANTS."""
+    if name == "reference":
+        return reference_step(cfg, rt), cfg["batch_size"]
+    if name == "batch32":
+        cfg = {**cfg, "batch_size": 32}
+    if name == "fused_adamw":
+        rt = runtime.Runtime(rt.device, rt.amp_dtype, rt.channels_last, True)
+    engine = Engine({**cfg, "compile": name == "compile"}, rt)
+    if name == "bf16_weights":
+        engine.model.to(torch.bfloat16)
+    if name == "compile_max_autotune":
+        engine.net = torch.compile(engine.model, mode="max-autotune")
+    engine.net.train()
+    x, y = fixed_batch(cfg, rt)
+    return (lambda: engine.train_step(x, y)), cfg["batch_size"]
+
+
+def variant_rows(base, device, args):
+    """Every variant's training-step rate beside the reference loop's, measured just before it (its ratio holds
+    under a moving load), with its warm-up seconds (compilation) and TFLOP/s."""
+    names = args.variants.split(",") if args.variants != "all" else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)} (or all)")
+    for arch in args.archs.split(","):
+        cfg = config.check({**base, **overrides_from(args, device), "arch": arch, "deep_supervision": False})
+        rt = runtime.build(device, cfg)
+        tflop = train_flop_per_image(cfg) / 1e12
+        for name in names:
+            reference = reference_rate(cfg, rt, args.steps)
+            step, batch = variant_step(cfg, rt, name)
+            rate, warm_s = timed_steps(step, rt, args.steps, batch)
+            yield {"case": f"variant-{arch}-{name}", "variant": VARIANTS[name], "device": device_name(rt),
+                   "arch": arch, "batch_size": batch, "input": cfg["input_h"], "precision": rt.precision_name(),
+                   "img_s": round(rate, 1), "reference_img_s": round(reference, 1),
+                   "over_reference": round(rate / reference, 3), "tflop_s": round(rate * tflop, 3),
+                   "warmup_s": round(warm_s, 1), "torch": torch.__version__}
+
+
+def train_flop_per_image(cfg):
+    """Floating-point operations of one training image (forward + backward, counted by torch's FlopCounterMode on
+    the config's network at its input size, an FMA counted as two): the TFLOP/s beside each rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = build_model(cfg)
+    x = torch.randn(2, cfg["input_channels"], cfg["input_h"], cfg["input_w"])
+    with FlopCounterMode(display=False) as counter:
+        out = net(x)
+        final_logits(out, cfg["deep_supervision"]).sum().backward()
+    return counter.get_total_flops() / 2
 
 
 def e2e_rate(cfg, rt, data, epochs):
@@ -180,6 +286,70 @@ def scaling_rows(base, data, device, args):
                    "epoch_s": round(e2e["epoch_s"], 3), "peak_mem_mb": round(peak_memory_mb(rt), 1)}
 
 
+PHASES = ("data", "place", "forward", "backward", "optimizer", "ema", "metrics", "sync")   # engine's labels
+
+
+class Labelled:
+    """A loader whose batches are fetched inside a profiler range named `name` (the loader's own work: batching,
+    augmentation, normalisation, or waiting for the workers)."""
+
+    def __init__(self, loader, name="data"):
+        self.loader, self.name = loader, name
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            with record_function(self.name):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+
+def profile_rows(base, data, device, args):
+    """One training epoch under the torch profiler (after a warm-up epoch) per architecture: seconds and share of
+    the epoch in each phase that engine.train_one_epoch labels, the unlabelled rest (the loop, tqdm, Python), the
+    same epoch's rate unprofiled, the pure rate of the step beside it, and the operators with most self time."""
+    for arch in args.archs.split(","):
+        cfg = config.check({**base, **overrides_from(args, device), "arch": arch, "deep_supervision": False})
+        rt = runtime.build(device, cfg)
+        pure = pure_rate(cfg, rt, args.steps)
+        train_data, val_data = split(data, cfg)
+        train_loader, _ = make_loaders(cfg, train_data, val_data, rt)
+        engine = Engine(cfg, rt)
+        loader = Labelled(train_loader)
+        seconds = []
+        for epoch in range(3):                     # 0 warms up, 1 unprofiled, 2 profiled
+            train_loader.set_epoch(epoch)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if epoch == 2 \
+                    else contextlib.nullcontext() as prof:
+                t0 = time.perf_counter()
+                engine.train_one_epoch(loader, epoch)
+                rt.synchronize()
+                seconds.append(time.perf_counter() - t0)
+        yield profile_row(cfg, rt, prof, seconds[1], seconds[2], len(train_loader) * cfg["batch_size"], pure)
+
+
+def profile_row(cfg, rt, prof, plain_s, profiled_s, images, pure):
+    """The JSON row of profile_rows from the profiler's averages (times in its microseconds)."""
+    events = prof.key_averages()
+    phase_s = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in PHASES}
+    phase_s = {k: phase_s.get(k, 0.0) for k in PHASES}
+    rest = profiled_s - sum(phase_s.values())
+    top = sorted((e for e in events if e.key not in PHASES), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"case": f"profile-{cfg['arch']}-b{cfg['batch_size']}-{rt.precision_name()}-{cfg['input_h']}px",
+            "device": device_name(rt), "images": images, "epoch_s": round(plain_s, 3),
+            "e2e_img_s": round(images / plain_s, 1), "pure_img_s": round(pure, 1),
+            "e2e_over_pure": round(images / plain_s / pure, 3), "profiled_epoch_s": round(profiled_s, 3),
+            "phases_s": {k: round(v, 4) for k, v in {**phase_s, "rest": rest}.items()},
+            "phases_share": {k: round(v / profiled_s, 4) for k, v in {**phase_s, "rest": rest}.items()},
+            "top_self_ops_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top[:12]},
+            "torch": torch.__version__}
+
+
 def write_tiff16(data, out):
     """The PNG data set as a microscope and an annotation tool would give it: 16-bit TIFF images (values x 257, so
     x / 65535 is exactly x / 255) and 16-bit TIFF label images (the connected components of the mask) in labels/."""
@@ -237,10 +407,16 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=30, help="timed steps for pure_img_s")
     p.add_argument("--quick", action="store_true", help="64 images at 64x64, batch 8, 1 epoch: a CPU smoke run")
     p.add_argument("--time_to_iou", type=float, help="also run train.py on the recipe and time it to this val IoU")
+    p.add_argument("--seeds", type=config.parse_int_list, metavar="S,S,...",
+                   help="with --time_to_iou: one timed training per seed (e.g. 0,1,2), instead of the recipe's seed")
     p.add_argument("--scaling", action="store_true",
                    help="instead: epoch cost against image count (x1, x4) and image side (96, 192, 384)")
     p.add_argument("--decode", action="store_true",
                    help="instead: the start-up check's seconds for the data set and for its 16-bit TIFF copy")
+    p.add_argument("--variants", metavar="NAMES",
+                   help=f"instead: training-step variants beside a plain eager loop: all, or some of {','.join(VARIANTS)}")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where one training epoch's time goes (torch profiler), per architecture")
     p.add_argument("--keep_tiff", metavar="DIR", help="with --decode: write the 16-bit TIFF copy here and keep it")
     p.add_argument("--images", type=int, help="use only the first N images of the data set")
     p.add_argument("--out", help="append the JSON lines to this file too")
@@ -267,23 +443,34 @@ def case_row(cfg, rt, data, args):
     if rt.cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
     pure = pure_rate(cfg, rt, args.steps)
+    reference = reference_rate(cfg, rt, args.steps)
     e2e = e2e_rate(cfg, rt, data, args.epochs)
+    tflop = train_flop_per_image(cfg) / 1e12
     row = {"case": f"{arch}-b{cfg['batch_size']}-{rt.precision_name()}{'-compile' if cfg['compile'] else ''}"
                    f"-{cfg['input_h']}px",
            "device": device_name(rt), "arch": arch, "batch_size": cfg["batch_size"], "input": cfg["input_h"],
            "precision": rt.precision_name(), "channels_last": rt.channels_last, "loader": e2e["loader"],
            "train_images": e2e["train_images"], "pure_img_s": round(pure, 1), "e2e_img_s": round(e2e["e2e_img_s"], 1),
-           "e2e_over_pure": round(e2e["e2e_img_s"] / pure, 3), "epoch_s": round(e2e["epoch_s"], 3),
+           "e2e_over_pure": round(e2e["e2e_img_s"] / pure, 3), "reference_img_s": round(reference, 1),
+           "e2e_over_reference": round(e2e["e2e_img_s"] / reference, 3),
+           "e2e_tflop_s": round(e2e["e2e_img_s"] * tflop, 3), "gflop_per_image": round(tflop * 1e3, 2), "epoch_s": round(e2e["epoch_s"], 3),
            "files_s_per_epoch": round(e2e["files_s_per_epoch"], 4),
            "predict_img_s": round(predict_rate(cfg, rt, split(data, cfg)[1]), 1),
            "peak_mem_mb": round(peak_memory_mb(rt), 1), "torch": torch.__version__}
     extra = ["--arch", arch, "--amp", cfg["amp"], "--memory_format", cfg["memory_format"]]
     extra += ["--input_h", "64", "--input_w", "64"] if args.quick else []
-    row.update(timed_run(args.recipe, args.data, rt.device, extra, args.time_to_iou))
+    if args.time_to_iou is None or args.seeds is None:
+        row.update(timed_run(args.recipe, args.data, rt.device, extra, args.time_to_iou))
+    else:                                     # one timed training per seed, one after the other
+        runs = [{"seed": seed, **timed_run(args.recipe, args.data, rt.device, extra + ["--seed", str(seed)],
+                                           args.time_to_iou)} for seed in args.seeds]
+        row.update(startup_s=runs[0]["startup_s"], target_iou=args.time_to_iou, runs=runs)
     return row
 
 
 def benchmark(args):
+    if args.seeds and args.time_to_iou is None:
+        raise UserError("--seeds times one training per seed to --time_to_iou: pass --time_to_iou too (e.g. 0.80)")
     device = resolve_device(args.device)
     base = config.load_run_config(args.recipe)
     data = SegmentationData.decode(scan(args.data, ".png", ".png", 1, BENCH_HINTS), 3, None, args.data, BENCH_HINTS)
@@ -293,8 +480,11 @@ def benchmark(args):
         data = data.subset(data.ids[:args.images])
     if args.quick:
         data = data.subset(data.ids[:64])
-    if args.scaling or args.decode:
-        for row in (scaling_rows(base, data, device, args) if args.scaling else decode_rows(data, args)):
+    if args.scaling or args.decode or args.profile or args.variants:
+        rows = (scaling_rows(base, data, device, args) if args.scaling else
+                profile_rows(base, data, device, args) if args.profile else
+                variant_rows(base, device, args) if args.variants else decode_rows(data, args))
+        for row in rows:
             emit(row, args.out)
         return
     for arch in args.archs.split(","):

@@ -9,6 +9,7 @@ heads) that val.py and bench.py use too.
 import math
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import checkpoint
@@ -148,15 +149,20 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, images, masks):
-        """Forward, backward and optimizer step on one batch already on the device -> (loss, final logits)."""
-        with self.rt.autocast():
+        """Forward, backward and optimizer step on one batch already on the device -> (loss, final logits).
+
+        The record_function labels name the phases in `bench.py --profile` (microseconds a step when no profiler runs)."""
+        with record_function("forward"), self.rt.autocast():
             loss, logits = forward_loss(self.net, images, masks, self.criterion, self.cfg["deep_supervision"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()    # under DDP this also all-reduces the gradients
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with record_function("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()    # under DDP this also all-reduces the gradients
+        with record_function("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            with record_function("ema"):
+                self.ema.update_parameters(self.model)
         return loss.detach(), logits.detach()
 
     def train_one_epoch(self, loader, epoch):
@@ -167,14 +173,17 @@ class Engine:
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg['epochs']}", leave=False, dynamic_ncols=True,
                    disable=None if self.rt.main else True)   # no bar in logs, nor on other processes than the first
         for step, (images, masks, _) in enumerate(bar, 1):
-            images, masks = self.rt.place_batch(images, masks)   # (B, C_in, H, W), (B, C, H, W)
+            with record_function("place"):
+                images, masks = self.rt.place_batch(images, masks)   # (B, C_in, H, W), (B, C, H, W)
             loss, logits = self.train_step(images, masks)
             batch_losses.append(loss)
             sizes.append(images.shape[0])
-            meter.update(binarize(logits, self.cfg["class_mode"]), masks)
+            with record_function("metrics"):
+                meter.update(binarize(logits, self.cfg["class_mode"]), masks)
             if step % SYNC_EVERY == 0 or step == len(loader):
-                mean_loss = check_finite(batch_losses, sizes, epoch)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", iou=f"{meter.iou():.4f}")
+                with record_function("sync"):
+                    mean_loss = check_finite(batch_losses, sizes, epoch)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", iou=f"{meter.iou():.4f}")
         loss_sum = check_finite(batch_losses, sizes, epoch) * sum(sizes)
         mean_loss = reduce_totals(meter, loss_sum, sum(sizes), self.rt)   # over all processes: then the IoU
         return {"loss": mean_loss, "iou": meter.iou()}

@@ -1,0 +1,108 @@
+"""bench.py's measuring modes on a generated data set: the profile's phases, the step variants, the FLOP count."""
+import json
+import os
+
+import pytest
+import torch
+
+import bench
+import config
+import runtime
+from conftest import make_data, run_main
+
+SMALL = ["--device", "cpu", "--archs", "UNet", "--batch_size", "4", "--steps", "2", "--amp", "off"]
+
+
+@pytest.fixture
+def bench_data(tmp_path):
+    """24 generated 32x32 images, and SMALL's recipe (the CPU recipe at 32 pixels) -> the argument list."""
+    recipe = tmp_path / "recipe32.yml"
+    recipe.write_text(open(os.path.join(bench.HERE, "recipes", "dsb2018_cpu.yml")).read()
+                      .replace("input_w: 96", "input_w: 32").replace("input_h: 96", "input_h: 32"))
+    return SMALL + ["--recipe", str(recipe), "--data", make_data(tmp_path / "inputs", name="b", n=24, size=32)]
+
+
+def rows(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def small_cfg(**kw):
+    base = config.load_run_config("recipes/dsb2018_cpu.yml")
+    return config.check({**base, "device": "cpu", "amp": "off", "input_h": 32, "input_w": 32, **kw})
+
+
+def test_profile_accounts_for_the_epoch_in_named_phases(bench_data, tmp_path, monkeypatch, capsys):
+    code, out, err = run_main(bench.main, bench_data + ["--profile"], bench.HERE, monkeypatch,
+                              capsys)
+    assert code == 0, err
+    (row,) = rows(out)
+    phases = row["phases_s"]
+    assert set(phases) == {*bench.PHASES, "rest"}
+    # each labelled phase ran, and the labels cover the profiled epoch (the rest is the loop itself)
+    for name in ("data", "forward", "backward", "optimizer", "metrics"):
+        assert phases[name] > 0, (name, phases)
+    assert phases["ema"] == 0 and min(phases["place"], phases["sync"]) >= 0   # no --ema; place, sync: microseconds
+    assert abs(sum(phases.values()) - row["profiled_epoch_s"]) < 1e-3
+    assert 0 <= phases["rest"] < 0.5 * row["profiled_epoch_s"], phases
+    assert row["images"] == (24 - 5) // 4 * 4         # the training split (a fifth held out) in whole batches
+    assert row["top_self_ops_s"] and all(k not in bench.PHASES for k in row["top_self_ops_s"])
+
+
+def test_labelled_loader_yields_the_same_batches_inside_data_ranges():
+    batches = [(torch.full((1,), float(i)),) for i in range(3)]
+    labelled = bench.Labelled(batches)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        seen = list(labelled)
+    assert len(labelled) == 3 and [b[0].item() for b in seen] == [0, 1, 2]
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("data") == 4                    # three batches and the fetch that ends the loop
+
+
+def test_variants_rows_are_ratios_over_the_reference(bench_data, monkeypatch, capsys):
+    code, out, err = run_main(bench.main, bench_data + ["--variants", "reference,fused_adamw,batch32"], bench.HERE, monkeypatch, capsys)
+    assert code == 0, err
+    got = {r["case"]: r for r in rows(out)}
+    assert set(got) == {"variant-UNet-reference", "variant-UNet-fused_adamw", "variant-UNet-batch32"}
+    assert got["variant-UNet-batch32"]["batch_size"] == 32 and got["variant-UNet-fused_adamw"]["batch_size"] == 4
+    for r in got.values():
+        assert r["img_s"] > 0 and r["over_reference"] == pytest.approx(r["img_s"] / r["reference_img_s"], abs=0.01)
+
+
+def test_unknown_variant_is_named(bench_data, monkeypatch, capsys):
+    code, _, err = run_main(bench.main, bench_data + ["--variants", "reference,turbo"], bench.HERE,
+                            monkeypatch, capsys)
+    assert code == 2 and "--variants: unknown turbo" in err and "compile_max_autotune" in err, err
+
+
+@pytest.mark.parametrize("name", ["toolkit", "fused_adamw", "bf16_weights"])
+def test_variant_steps_train_the_network(name):
+    cfg = small_cfg(batch_size=2, amp="bf16")      # bf16 weights need bf16 autocast
+    rt = runtime.build(torch.device("cpu"), cfg)
+    step, batch = bench.variant_step(cfg, rt, name)
+    assert batch == 2
+    step()                                            # runs a whole step without error, in its own precision
+
+
+def test_flop_count_grows_with_pixels_and_architecture():
+    unet32, unet64 = bench.train_flop_per_image(small_cfg()), bench.train_flop_per_image(small_cfg(input_h=64,
+                                                                                                     input_w=64))
+    assert unet64 == pytest.approx(4 * unet32, rel=0.02)
+    assert bench.train_flop_per_image(small_cfg(arch="NestedUNet")) > 2 * unet32
+
+
+def test_seeds_need_a_target(bench_data, monkeypatch, capsys):
+    code, _, err = run_main(bench.main, bench_data + ["--seeds", "0,1"], bench.HERE, monkeypatch, capsys)
+    assert code == 2 and "pass --time_to_iou too" in err, err
+
+
+def test_time_to_iou_per_seed(bench_data, monkeypatch, capsys):
+    """Each seed's training is its own timed run of train.py; a target no run reaches is None, never a time."""
+    argv = bench_data + ["--epochs", "1", "--time_to_iou", "1.01", "--seeds", "3,4"]
+    monkeypatch.setattr(bench, "timed_run", lambda recipe, data, device, extra, target: {
+        "startup_s": 1.0, "seconds_to_iou": None, "best_val_iou": 0.5, "seed_args": extra[-2:]})
+    code, out, err = run_main(bench.main, argv, bench.HERE, monkeypatch, capsys)
+    assert code == 0, err
+    (row,) = rows(out)
+    assert [r["seed"] for r in row["runs"]] == [3, 4]
+    assert [r["seed_args"] for r in row["runs"]] == [["--seed", "3"], ["--seed", "4"]]
+    assert row["target_iou"] == 1.01 and all(r["seconds_to_iou"] is None for r in row["runs"])
