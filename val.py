@@ -179,13 +179,14 @@ def report_objects(rows, args, cfg):
           f"image ({sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects)")
 
 
-def report(meters, ids, out_dir, cfg, objects=None):
+def report(meters, ids, out_dir, cfg, objects=None, tiled=False):
     """Prints per-class data-set-level and per-image-mean IoU/Dice at the images' own size and their mean over
     classes (and without class 0, the catch-all class in softmax mode), then the IoU at the network input."""
     ds_iou, ds_dice = meters["image"].dataset_scores()
     img_iou, img_dice = meters["image"].image_scores()
     write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice, objects)
-    print("scored at each image's own size (the prediction resized back to it):")
+    how = "predicted by tiles at full resolution" if tiled else "the prediction resized back to it"
+    print(f"scored at each image's own size ({how}):")
     print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
         print(f"{class_label(cfg['class_names'], c)[:10]:>10} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
@@ -345,7 +346,7 @@ def predict_into(out_dir, members, data, args):
         write_objects(os.path.join(out_dir, "objects.csv"), objects)
         write_measurements(os.path.join(out_dir, "object_measurements.csv"), objects)
     if data.labeled:
-        report(meters, data.ids, out_dir, cfg, objects)
+        report(meters, data.ids, out_dir, cfg, objects, tiled=args.tile or cfg["crop"])
         compare_with_trivial(meters["image"], data, cfg)
     if objects and data.labeled:
         report_objects(objects, args, cfg)

@@ -75,4 +75,4 @@ def test_train_on_crops_then_predict_whole_images(tmp_path, monkeypatch, capsys)
     out = tmp_path / "outputs" / "crops" / "0"
     masks = [cv2.imread(str(out / f), cv2.IMREAD_UNCHANGED) for f in sorted(os.listdir(out))]
     assert len(masks) == 2 and all(m.shape == (64, 64) for m in masks)   # whole images, full resolution
-    assert "IoU:" in r.stdout
+    assert "IoU:" in r.stdout and "(predicted by tiles at full resolution)" in r.stdout, r.stdout
