@@ -86,9 +86,13 @@ def pure_rate(cfg, rt, steps):
     return timed_steps(lambda: engine.train_step(x, y), rt, steps, cfg["batch_size"])[0]
 
 
+REFERENCE_BATCH = 16   # the reference loop's batch, whatever the config's: its rate is a fixed yardstick
+
+
 def reference_step(cfg, rt):
-    """One step of a plain eager PyTorch loop on the config's network, batch, precision and layout: forward under
-    autocast, the config's loss, backward, AdamW step on one fixed batch (a closure)."""
+    """One step of a plain eager PyTorch loop on the config's network, precision, layout and input size: forward
+    under autocast, the config's loss, backward, AdamW step on one fixed batch of REFERENCE_BATCH (a closure)."""
+    cfg = {**cfg, "batch_size": REFERENCE_BATCH}
     torch.manual_seed(0)
     net = build_model(cfg).to(rt.device, memory_format=rt.memory_format).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -107,7 +111,7 @@ def reference_step(cfg, rt):
 def reference_rate(cfg, rt, steps):
     """Images/s of reference_step. Machines' load moves absolute rates from hour to hour; a rate over this one,
     measured in the same run, holds."""
-    return timed_steps(reference_step(cfg, rt), rt, steps, cfg["batch_size"])[0]
+    return timed_steps(reference_step(cfg, rt), rt, steps, REFERENCE_BATCH)[0]
 
 
 # the training-step variants that `--variants` sets side by side (BENCHMARKS.md says which were adopted)
@@ -125,14 +129,16 @@ VARIANTS = {
 def variant_step(cfg, rt, name):
     """-> (step closure, batch size) of one of VARIANTS."""
     if name == "reference":
-        return reference_step(cfg, rt), cfg["batch_size"]
+        return reference_step(cfg, rt), REFERENCE_BATCH
     if name == "batch32":
         cfg = {**cfg, "batch_size": 32}
     if name == "fused_adamw":
         rt = runtime.Runtime(rt.device, rt.amp_dtype, rt.channels_last, True)
     engine = Engine({**cfg, "compile": name == "compile"}, rt)
     if name == "bf16_weights":
-        engine.model.to(torch.bfloat16)
+        for module in (engine.model, engine.ema and engine.ema.module):
+            if module is not None:
+                module.to(torch.bfloat16)
     if name == "compile_max_autotune":
         engine.net = torch.compile(engine.model, mode="max-autotune")
     engine.net.train()
