@@ -245,8 +245,11 @@ def plan_ema(steps):
     """An average of the weights, always: the raw weights' validation IoU fell from 0.78 to 0.23 between two epochs
     on dsb2018_96, the averaged ones never more than 0.002 (BENCHMARKS.md). It spans about 1/EMA_SPAN of the run."""
     decay = round(min(EMA_DECAY[1], max(EMA_DECAY[0], 1 - EMA_SPAN / max(1, steps))), 3)
-    return Choice({"ema": decay}, f"the model saved is an average of the weights over about the last "
-                  f"{round(1 / (1 - decay))} of the run's {steps} steps (raw weights can collapse between epochs)")
+    span = round(1 / (1 - decay))
+    over = (f"about the last {span} of the run's {steps} steps" if span < steps else
+            f"the run's {steps} steps, the later ones weighing more")   # a run shorter than the average's span
+    return Choice({"ema": decay}, f"the model saved is an average of the weights over {over} (raw weights can "
+                  "collapse between epochs)")
 
 
 def make_plan(s, m, cfg, given):

@@ -214,3 +214,11 @@ def test_a_membrane_set_is_mostly_foreground_with_thin_lines_and_is_planned_on_c
     assert 5 < s.object_size < 60                                     # cells of ~25 px, not the whole image
     got, _ = planned(s)
     assert got["crop"] and got["input_w"] == 128 and got["input_channels"] == 1
+
+
+def test_weight_average_is_described_within_the_run():
+    long_run, short_run = plan.plan_ema(1518), plan.plan_ema(48)
+    assert long_run.settings == {"ema": 0.995} and "the last 200 of the run's 1518 steps" in long_run.reason
+    # a run shorter than the average's span: the average covers the whole run, never "the last 100 of 48"
+    assert short_run.settings == {"ema": 0.99} and "the run's 48 steps" in short_run.reason
+    assert "last" not in short_run.reason
