@@ -76,7 +76,7 @@ def row(run, keys):
             duration(seconds) if log else "-"]
 
 
-HEADER = ["name", "arch", "settings that differ", "epochs", "best val_iou", "val.py IoU", "train time"]
+HEADER = ["name", "arch", "settings that differ", "epochs", "best val_iou", "val.py per-image IoU", "train time"]
 
 
 def table(runs):
