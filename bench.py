@@ -35,8 +35,8 @@ from torch.profiler import record_function
 
 import config
 import runtime
-from dataset import SegmentationData, scan, split
 from archs import build_model, final_logits
+from dataset import SegmentationData, scan, split
 from engine import Engine, build_network
 from losses import LOSSES
 from loaders import make_loaders
@@ -79,11 +79,10 @@ def timed_steps(step, rt, steps, batch_size):
 
 
 def pure_rate(cfg, rt, steps):
-    """Images/s of forward + backward + step alone, on one batch that already sits on the device."""
-    engine = Engine(cfg, rt)
-    x, y = fixed_batch(cfg, rt)
-    engine.net.train()
-    return timed_steps(lambda: engine.train_step(x, y), rt, steps, cfg["batch_size"])[0]
+    """Images/s of forward + backward + step alone, on one batch that already sits on the device (the toolkit's
+    own step: variant_step's "toolkit")."""
+    step, batch_size = variant_step(cfg, rt, "toolkit")
+    return timed_steps(step, rt, steps, batch_size)[0]
 
 
 REFERENCE_BATCH = 16   # the reference loop's batch, whatever the config's: its rate is a fixed yardstick
