@@ -8,6 +8,7 @@
     python bench.py --decode --keep_tiff inputs/dsb2018_96_tif16   # start-up check: 8-bit PNG vs 16-bit TIFF
     python bench.py --profile --recipe recipes/dsb2018_cpu.yml --device cpu   # where a training epoch's time goes
     python bench.py --variants all --archs UNet --device cpu   # training-step variants beside a plain eager loop
+    python bench.py --limits --recipe recipes/dsb2018_cpu.yml --device cpu   # the step's ceiling: its convolutions alone
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
@@ -165,6 +166,66 @@ def variant_rows(base, device, args):
                    "img_s": round(rate, 1), "reference_img_s": round(reference, 1),
                    "over_reference": round(rate / reference, 3), "tflop_s": round(rate * tflop, 3),
                    "warmup_s": round(warm_s, 1), "torch": torch.__version__}
+
+
+def network_convolutions(cfg, rt):
+    """-> [(name, module, input shape)] of every convolution of the config's network, in the order a forward pass
+    at the config's batch and input size runs them."""
+    net = build_model(cfg).to(rt.device, memory_format=rt.memory_format).train()
+    names = {m: n for n, m in net.named_modules()}
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((names[m], m, tuple(inp[0].shape))))
+             for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    with torch.no_grad(), rt.autocast():
+        net(fixed_batch(cfg, rt)[0])
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def convolution_step(conv, shape, rt, input_grad):
+    """A training step of one convolution alone (forward under the runtime's autocast, backward to its weights and,
+    unless it reads the images, to its input), on a fixed input of its shape in the runtime's memory format."""
+    x = torch.randn(shape, device=rt.device).to(memory_format=rt.memory_format).requires_grad_(input_grad)
+    with rt.autocast():
+        grad = torch.randn_like(conv(x))
+
+    def step():
+        conv.weight.grad = None
+        with rt.autocast():
+            out = conv(x)
+        out.backward(grad)
+    return step
+
+
+def limit_rows(base, device, args):
+    """The machine's ceiling for the network's training step: every convolution timed alone (forward and backward,
+    the config's precision and layout), and the images/s the network would reach if nothing but its convolutions
+    took time, beside the toolkit's own step measured just before; with the square matmul's TFLOP/s."""
+    for arch in args.archs.split(","):
+        cfg = config.check({**base, **overrides_from(args, device), "arch": arch, "deep_supervision": False})
+        rt = runtime.build(device, cfg)
+        pure = pure_rate(cfg, rt, args.steps)
+        layers = []
+        for i, (name, conv, shape) in enumerate(network_convolutions(cfg, rt)):
+            rate = timed_steps(convolution_step(conv, shape, rt, input_grad=i > 0), rt, args.steps, shape[0])[0]
+            layers.append((1 / rate, name, shape))
+        per_image_s = sum(s for s, _, _ in layers)
+        tflop = train_flop_per_image(cfg) / 1e12
+        side = 2048
+        a = torch.randn(side, side, device=rt.device, dtype=rt.amp_dtype or torch.float32)
+        matmul = timed_steps(lambda: a @ a, rt, args.steps, 1)[0] * 2 * side ** 3 / 1e12
+        slowest = sorted(layers, reverse=True)[:6]
+        yield {"case": f"limit-{arch}-b{cfg['batch_size']}-{rt.precision_name()}-{cfg['input_h']}px",
+               "device": device_name(rt), "arch": arch, "batch_size": cfg["batch_size"], "input": cfg["input_h"],
+               "precision": rt.precision_name(), "convolutions": len(layers),
+               "convolutions_only_img_s": round(1 / per_image_s, 1), "pure_img_s": round(pure, 1),
+               "pure_over_convolutions_only": round(pure * per_image_s, 3),
+               "convolutions_only_tflop_s": round(tflop / per_image_s, 3), "pure_tflop_s": round(pure * tflop, 3),
+               "matmul_tflop_s": round(matmul, 3),
+               "slowest_convolutions": {f"{n} {'x'.join(map(str, shape[1:]))}": round(s / per_image_s, 3)
+                                        for s, n, shape in slowest},
+               "torch": torch.__version__}
 
 
 def train_flop_per_image(cfg):
@@ -422,6 +483,8 @@ def parse_args(argv):
                    help=f"instead: training-step variants beside a plain eager loop: all, or some of {','.join(VARIANTS)}")
     p.add_argument("--profile", action="store_true",
                    help="instead: where one training epoch's time goes (torch profiler), per architecture")
+    p.add_argument("--limits", action="store_true",
+                   help="instead: each convolution of the network timed alone, and the images/s of its convolutions only")
     p.add_argument("--keep_tiff", metavar="DIR", help="with --decode: write the 16-bit TIFF copy here and keep it")
     p.add_argument("--images", type=int, help="use only the first N images of the data set")
     p.add_argument("--out", help="append the JSON lines to this file too")
@@ -485,10 +548,11 @@ def benchmark(args):
         data = data.subset(data.ids[:args.images])
     if args.quick:
         data = data.subset(data.ids[:64])
-    if args.scaling or args.decode or args.profile or args.variants:
+    if args.scaling or args.decode or args.profile or args.variants or args.limits:
         rows = (scaling_rows(base, data, device, args) if args.scaling else
                 profile_rows(base, data, device, args) if args.profile else
-                variant_rows(base, device, args) if args.variants else decode_rows(data, args))
+                variant_rows(base, device, args) if args.variants else
+                limit_rows(base, device, args) if args.limits else decode_rows(data, args))
         for row in rows:
             emit(row, args.out)
         return

@@ -91,6 +91,30 @@ def test_flop_count_grows_with_pixels_and_architecture():
     assert bench.train_flop_per_image(small_cfg(arch="NestedUNet")) > 2 * unet32
 
 
+def test_limits_time_each_convolution_of_the_network(bench_data, monkeypatch, capsys):
+    code, out, err = run_main(bench.main, bench_data + ["--limits"], bench.HERE, monkeypatch, capsys)
+    assert code == 0, err
+    (row,) = rows(out)
+    net = bench.build_model(small_cfg())
+    assert row["convolutions"] == sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert row["pure_over_convolutions_only"] == pytest.approx(row["pure_img_s"] / row["convolutions_only_img_s"],
+                                                               rel=0.05)
+    shares = row["slowest_convolutions"]
+    assert len(shares) == 6 and 0 < sum(shares.values()) <= 1.0001
+    assert all(name.split()[0] in dict(net.named_modules()) for name in shares)   # named as the network names them
+
+
+def test_network_convolutions_in_forward_order_with_their_inputs():
+    cfg = small_cfg(batch_size=2)
+    rt = runtime.build(torch.device("cpu"), cfg)
+    convs = bench.network_convolutions(cfg, rt)
+    assert convs[0][2] == (2, 3, 32, 32)               # the first reads the images
+    assert all(shape[1] == conv.in_channels for _, conv, shape in convs)
+    step = bench.convolution_step(convs[1][1], convs[1][2], rt, input_grad=True)
+    step()
+    assert convs[1][1].weight.grad is not None         # a training step: backward reached the weights
+
+
 def test_seeds_need_a_target(bench_data, monkeypatch, capsys):
     code, _, err = run_main(bench.main, bench_data + ["--seeds", "0,1"], bench.HERE, monkeypatch, capsys)
     assert code == 2 and "pass --time_to_iou too" in err, err
