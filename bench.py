@@ -12,7 +12,8 @@
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
-pipeline and metrics included), epoch_s (training + validation of one epoch), files_s_per_epoch
+pipeline and metrics included), e2e_over_adjacent_pure (each epoch's rate over the pure rate timed
+right after it, the median over the epochs), epoch_s (training + validation of one epoch), files_s_per_epoch
 (what the training thread spends on an epoch's files: the state's copy and handing it to the
 background writer, waiting if the previous epoch's files are still being written),
 predict_img_s (val.py's prediction of the validation split, mask files included), peak memory,
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -240,14 +242,18 @@ def train_flop_per_image(cfg):
     return counter.get_total_flops() / 2
 
 
-def e2e_rate(cfg, rt, data, epochs):
+def e2e_rate(cfg, rt, data, epochs, steps=0):
     """Training epochs over the real data set (input pipeline and metrics included) -> {'e2e_img_s': images/s of
-    train_one_epoch, 'epoch_s': seconds per training + validation epoch, 'loader': its kind, 'train_images'}."""
+    train_one_epoch, 'epoch_s': seconds per training + validation epoch, 'loader': its kind, 'train_images',
+    'e2e_over_adjacent_pure': the median over epochs of the epoch's rate over the same engine's pure rate (`steps`
+    steps on a fixed batch) measured right after it, a ratio that a load moving between minutes does not blur;
+    None with steps 0}."""
     train_data, val_data = split(data, cfg)
     train_loader, val_loader = make_loaders(cfg, train_data, val_data, rt)
     engine = Engine(cfg, rt)
     images = len(train_loader) * cfg["batch_size"]
-    train_s, epoch_s, files_s = 0.0, 0.0, 0.0
+    x, y = fixed_batch(cfg, rt)
+    train_s, epoch_s, files_s, ratios = 0.0, 0.0, 0.0, []
     with tempfile.TemporaryDirectory() as run_dir:
         writer = EpochWriter(run_dir)
         for epoch in range(epochs + 1):  # epoch 0 warms up
@@ -263,9 +269,13 @@ def e2e_rate(cfg, rt, data, epochs):
             writer.save(engine.snapshot(), improved=True)   # what train.py's thread spends on an epoch's files
             if epoch:
                 train_s, epoch_s, files_s = train_s + t1 - t0, epoch_s + t2 - t0, files_s + time.perf_counter() - t2
+                if steps:
+                    pure = timed_steps(lambda: engine.train_step(x, y), rt, steps, cfg["batch_size"])[0]
+                    ratios.append(images / (t1 - t0) / pure)
         writer.close([])
     return {"e2e_img_s": epochs * images / train_s, "epoch_s": epoch_s / epochs, "files_s_per_epoch": files_s / epochs,
-            "loader": train_loader.kind, "train_images": len(train_data.ids)}
+            "loader": train_loader.kind, "train_images": len(train_data.ids),
+            "e2e_over_adjacent_pure": statistics.median(ratios) if ratios else None}
 
 
 def timed_run(recipe, data, device, extra, target=None):
@@ -512,14 +522,15 @@ def case_row(cfg, rt, data, args):
         torch.cuda.reset_peak_memory_stats(rt.device)
     pure = pure_rate(cfg, rt, args.steps)
     reference = reference_rate(cfg, rt, args.steps)
-    e2e = e2e_rate(cfg, rt, data, args.epochs)
+    e2e = e2e_rate(cfg, rt, data, args.epochs, args.steps)
     tflop = train_flop_per_image(cfg) / 1e12
     row = {"case": f"{arch}-b{cfg['batch_size']}-{rt.precision_name()}{'-compile' if cfg['compile'] else ''}"
                    f"-{cfg['input_h']}px",
            "device": device_name(rt), "arch": arch, "batch_size": cfg["batch_size"], "input": cfg["input_h"],
            "precision": rt.precision_name(), "channels_last": rt.channels_last, "loader": e2e["loader"],
            "train_images": e2e["train_images"], "pure_img_s": round(pure, 1), "e2e_img_s": round(e2e["e2e_img_s"], 1),
-           "e2e_over_pure": round(e2e["e2e_img_s"] / pure, 3), "reference_img_s": round(reference, 1),
+           "e2e_over_pure": round(e2e["e2e_img_s"] / pure, 3),
+           "e2e_over_adjacent_pure": round(e2e["e2e_over_adjacent_pure"], 3), "reference_img_s": round(reference, 1),
            "e2e_over_reference": round(e2e["e2e_img_s"] / reference, 3),
            "e2e_tflop_s": round(e2e["e2e_img_s"] * tflop, 3), "gflop_per_image": round(tflop * 1e3, 2), "epoch_s": round(e2e["epoch_s"], 3),
            "files_s_per_epoch": round(e2e["files_s_per_epoch"], 4),

@@ -131,3 +131,14 @@ def test_time_to_iou_per_seed(bench_data, monkeypatch, capsys):
     assert [r["seed"] for r in row["runs"]] == [3, 4]
     assert [r["seed_args"] for r in row["runs"]] == [["--seed", "3"], ["--seed", "4"]]
     assert row["target_iou"] == 1.01 and all(r["seconds_to_iou"] is None for r in row["runs"])
+    # the epoch's rate over the pure rate of the same engine timed right after it
+    assert row["e2e_over_adjacent_pure"] > 0
+
+
+def test_e2e_rate_pairs_each_epoch_with_a_pure_window_only_when_asked(tmp_path):
+    data = bench.SegmentationData.decode(bench.scan(make_data(tmp_path, name="e", n=12, size=32), ".png", ".png", 1,
+                                                    bench.BENCH_HINTS), 3, None, "e", bench.BENCH_HINTS)
+    cfg = small_cfg(batch_size=4, loader="memory")
+    rt = runtime.build(torch.device("cpu"), cfg)
+    assert bench.e2e_rate(cfg, rt, data, 1)["e2e_over_adjacent_pure"] is None
+    assert bench.e2e_rate(cfg, rt, data, 2, steps=2)["e2e_over_adjacent_pure"] > 0
