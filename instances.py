@@ -126,19 +126,21 @@ def iou_matrix(true, pred):
 
 
 def object_scores(true, pred):
-    """Label images (true, predicted; 0 background, 1..N consecutive) -> {'score', 'f1_50', 'true_count',
-    'pred_count', 'count_error'}: the Bowl's score (mean over THRESHOLDS of TP/(TP+FP+FN)), F1 at IoU 0.5,
-    the object counts and the absolute counting error."""
+    """Label images (true, predicted; 0 background, 1..N consecutive) -> {'score', 'ap_50', 'f1_50',
+    'true_count', 'pred_count', 'count_error'}: the Bowl's score (mean over THRESHOLDS of TP/(TP+FP+FN)), that
+    ratio at IoU 0.5 alone (the Bowl's "average precision" at 0.5), F1 at IoU 0.5, the object counts and the
+    absolute counting error."""
     iou = iou_matrix(true, pred)
     n_true, n_pred = iou.shape
-    per_threshold, f1 = [], 1.0
+    per_threshold, f1, ap = [], 1.0, 1.0
     for t in THRESHOLDS:
         tp = int((iou > t).any(1).sum())
         fp, fn = n_pred - tp, n_true - tp
         per_threshold.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
         if t == 0.5:
             f1 = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-    return {"score": float(np.mean(per_threshold)), "f1_50": f1, "true_count": n_true, "pred_count": n_pred,
+            ap = per_threshold[-1]
+    return {"score": float(np.mean(per_threshold)), "ap_50": ap, "f1_50": f1, "true_count": n_true, "pred_count": n_pred,
             "count_error": abs(n_pred - n_true)}
 
 

@@ -134,7 +134,7 @@ def hints(cfg, name):
     }
 
 
-OBJECT_COLUMNS = ["object_score", "f1_50", "true_count", "pred_count", "count_error"]
+OBJECT_COLUMNS = ["object_score", "ap_50", "f1_50", "true_count", "pred_count", "count_error"]
 
 
 def write_metrics(path, ids, iou, dice, objects=None):
@@ -171,12 +171,13 @@ def write_measurements(path, rows):
 
 
 def report_objects(rows, args, cfg):
-    """The object scores over the data set: mean over images of the Bowl's score and of F1 at 0.5, and the mean
-    absolute counting error."""
+    """The object scores over the data set: mean over images of the Bowl's score, of its AP and F1 at 0.5, and the
+    mean absolute counting error."""
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    counts = f"{sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects"
     print(f"objects ({objects_method(cfg, args.instances)}, min_size {args.min_size}): object score (Data Science Bowl) "
-          f"{mean('score'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, counting error {mean('count_error'):.2f} per "
-          f"image ({sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects)")
+          f"{mean('score'):.4f}, AP at IoU 0.5 {mean('ap_50'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, "
+          f"counting error {mean('count_error'):.2f} per image ({counts})")
 
 
 def report(meters, ids, out_dir, cfg, objects=None, tiled=False):

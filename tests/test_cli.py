@@ -137,7 +137,7 @@ def test_16_bit_tiffs_with_label_images_train_evaluate_and_predict(tmp_path, mon
     assert "object score (Data Science Bowl)" in r.stdout
     out = tmp_path / "outputs" / "m"
     ids = [row["id"] for row in read_csv(out / "metrics.csv")]
-    assert ids and {"object_score", "f1_50"} <= set(read_csv(out / "metrics.csv")[0])
+    assert ids and {"object_score", "ap_50", "f1_50"} <= set(read_csv(out / "metrics.csv")[0])
     for i in ids:
         mask, probs = tifffile.imread(out / "0" / f"{i}.tif"), tifffile.imread(out / "probs" / "0" / f"{i}.tif")
         labels = tifffile.imread(out / "instances" / f"{i}.tif")

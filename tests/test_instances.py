@@ -27,28 +27,29 @@ def boxes(*rects, shape=(40, 40)):
 
 
 A, B = (0, 10, 0, 10), (20, 30, 20, 30)
-# case: true objects, predicted objects, (score, F1 at 0.5, counting error) computed by hand in the comments
+# case: true objects, predicted objects, (score, AP at 0.5 = TP/(TP+FP+FN) there, F1 at 0.5, counting error)
+# computed by hand in the comments
 CASES = [
-    ("perfect", boxes(A, B), boxes(A, B), (1.0, 1.0, 0)),
+    ("perfect", boxes(A, B), boxes(A, B), (1.0, 1.0, 1.0, 0)),
     # 1 of 2 found at every threshold: TP 1, FP 0, FN 1 -> 1/2; F1 = 2/(2+0+1)
-    ("one-missed", boxes(A, B), boxes(A), (0.5, 2 / 3, 1)),
+    ("one-missed", boxes(A, B), boxes(A), (0.5, 0.5, 2 / 3, 1)),
     # TP 1, FP 1, FN 0 -> 1/2 at every threshold
-    ("one-extra", boxes(A), boxes(A, B), (0.5, 2 / 3, 1)),
+    ("one-extra", boxes(A), boxes(A, B), (0.5, 0.5, 2 / 3, 1)),
     # a 10x20 nucleus predicted as 10x14 + 10x6: IoU 0.7 with the larger part, a match for t = 0.50 .. 0.65 only
     # (4 thresholds: TP 1, FP 1, FN 0 -> 1/2), none above (TP 0, FP 2, FN 1 -> 0): 4 x 0.5 / 10 = 0.2
-    ("split", boxes((0, 10, 0, 20)), boxes((0, 10, 0, 14), (0, 10, 14, 20)), (0.2, 2 / 3, 1)),
+    ("split", boxes((0, 10, 0, 20)), boxes((0, 10, 0, 14), (0, 10, 14, 20)), (0.2, 0.5, 2 / 3, 1)),
     # 10x15 and 10x5 nuclei predicted as one 10x20 object: IoU 0.75 with the larger, a match for t = 0.50 .. 0.70
     # (5 thresholds: TP 1, FP 0, FN 1 -> 1/2), none above: 5 x 0.5 / 10 = 0.25
-    ("merged", boxes((0, 10, 0, 15), (0, 10, 15, 20)), boxes((0, 10, 0, 20)), (0.25, 2 / 3, 1)),
-    ("empty", boxes(), boxes(), (1.0, 1.0, 0)),
-    ("nothing-to-find-but-found", boxes(), boxes(A), (0.0, 0.0, 1)),
+    ("merged", boxes((0, 10, 0, 15), (0, 10, 15, 20)), boxes((0, 10, 0, 20)), (0.25, 0.5, 2 / 3, 1)),
+    ("empty", boxes(), boxes(), (1.0, 1.0, 1.0, 0)),
+    ("nothing-to-find-but-found", boxes(), boxes(A), (0.0, 0.0, 0.0, 1)),
 ]
 
 
 @pytest.mark.parametrize("case, true, pred, expected", CASES, ids=[c[0] for c in CASES])
 def test_object_score_agrees_with_a_hand_computation(case, true, pred, expected):
     r = instances.object_scores(true, pred)
-    assert (r["score"], r["f1_50"], r["count_error"]) == pytest.approx(expected)
+    assert (r["score"], r["ap_50"], r["f1_50"], r["count_error"]) == pytest.approx(expected)
     assert (r["true_count"], r["pred_count"]) == (true.max(), pred.max())
 
 
@@ -172,7 +173,7 @@ def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, ca
     assert code == 0, err
     code, out, err = run_main(val.main, ["--name", "n", "--instances"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
-    assert "object score (Data Science Bowl)" in out and "F1 at IoU 0.5" in out and "counting error" in out
+    assert "object score (Data Science Bowl)" in out and "AP at IoU 0.5" in out and "F1 at IoU 0.5" in out and "counting error" in out
     outputs = tmp_path / "outputs" / "n"
     metrics = list(csv.DictReader(open(outputs / "metrics.csv")))
     objects = list(csv.DictReader(open(outputs / "objects.csv")))
