@@ -74,7 +74,7 @@ def parse_args(argv):
     out.add_argument("--instances", nargs="?", const="watershed", choices=METHODS, metavar="METHOD",
                      help="also split the predicted foreground into objects (nuclei): 16-bit labels in "
                           "<output>/instances/, counts and areas in objects.csv and, with masks, the Data Science "
-                          "Bowl object score, F1 at IoU 0.5 and the counting error. METHOD: watershed (the default: "
+                          "Bowl object score, AP and F1 at IoU 0.5 and the counting error. METHOD: watershed (the default: "
                           "separates touching nuclei) or components (connected components)")
     out.add_argument("--min_size", type=int, default=4, help="--instances: smallest object kept, in pixels at the "
                      "image's size (default: 4)")
