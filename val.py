@@ -77,7 +77,7 @@ def parse_args(argv):
                           "Bowl object score, AP and F1 at IoU 0.5 and the counting error. METHOD: watershed (the default: "
                           "separates touching nuclei) or components (connected components)")
     out.add_argument("--min_size", type=int, default=4, help="--instances: smallest object kept, in pixels at the "
-                     "image's size (default: 4)")
+                     "image's size; raise it with the objects' size (default: 4)")
     out.add_argument("--overlay", action="store_true", help="also write the images with outlines drawn on them to "
                      "<output>/overlay/: the prediction in green (one colour per class), the true mask in magenta")
     out.add_argument("--panels", action="store_true", help="also write a figure per image to <output>/panels/: the "
