@@ -498,7 +498,16 @@ def parse_args(argv):
     p.add_argument("--keep_tiff", metavar="DIR", help="with --decode: write the 16-bit TIFF copy here and keep it")
     p.add_argument("--images", type=int, help="use only the first N images of the data set")
     p.add_argument("--out", help="append the JSON lines to this file too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("epochs", "steps", "images"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    if args.time_to_iou is not None and not 0 < args.time_to_iou <= 1:
+        p.error("--time_to_iou is a validation IoU: between 0 and 1")
+    instead = [f"--{m}" for m in ("scaling", "decode", "variants", "profile", "limits") if getattr(args, m)]
+    if args.amps and instead:
+        p.error(f"--amps compares precisions in the rate rows; {instead[0]} measures one: pass --amp (e.g. --amp off)")
+    return args
 
 
 def overrides_from(args, device):

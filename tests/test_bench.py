@@ -115,6 +115,15 @@ def test_network_convolutions_in_forward_order_with_their_inputs():
     assert convs[1][1].weight.grad is not None         # a training step: backward reached the weights
 
 
+@pytest.mark.parametrize("flags, says", [(["--steps", "0"], "--steps must be at least 1"),
+                                          (["--epochs", "-1"], "--epochs must be at least 1"),
+                                          (["--time_to_iou", "80"], "--time_to_iou is a validation IoU"),
+                                          (["--limits", "--amps", "auto,off"], "--limits measures one: pass --amp")])
+def test_flag_mistakes_are_named(bench_data, flags, says, monkeypatch, capsys):
+    code, _, err = run_main(bench.main, bench_data + flags, bench.HERE, monkeypatch, capsys)
+    assert code == 2 and says in err and "Traceback" not in err, err
+
+
 def test_seeds_need_a_target(bench_data, monkeypatch, capsys):
     code, _, err = run_main(bench.main, bench_data + ["--seeds", "0,1"], bench.HERE, monkeypatch, capsys)
     assert code == 2 and "pass --time_to_iou too" in err, err
@@ -122,7 +131,7 @@ def test_seeds_need_a_target(bench_data, monkeypatch, capsys):
 
 def test_time_to_iou_per_seed(bench_data, monkeypatch, capsys):
     """Each seed's training is its own timed run of train.py; a target no run reaches is None, never a time."""
-    argv = bench_data + ["--epochs", "1", "--time_to_iou", "1.01", "--seeds", "3,4"]
+    argv = bench_data + ["--epochs", "1", "--time_to_iou", "1.0", "--seeds", "3,4"]
     monkeypatch.setattr(bench, "timed_run", lambda recipe, data, device, extra, target: {
         "startup_s": 1.0, "seconds_to_iou": None, "best_val_iou": 0.5, "seed_args": extra[-2:]})
     code, out, err = run_main(bench.main, argv, bench.HERE, monkeypatch, capsys)
@@ -130,7 +139,7 @@ def test_time_to_iou_per_seed(bench_data, monkeypatch, capsys):
     (row,) = rows(out)
     assert [r["seed"] for r in row["runs"]] == [3, 4]
     assert [r["seed_args"] for r in row["runs"]] == [["--seed", "3"], ["--seed", "4"]]
-    assert row["target_iou"] == 1.01 and all(r["seconds_to_iou"] is None for r in row["runs"])
+    assert row["target_iou"] == 1.0 and all(r["seconds_to_iou"] is None for r in row["runs"])
     # the epoch's rate over the pure rate of the same engine timed right after it
     assert row["e2e_over_adjacent_pure"] > 0
 
