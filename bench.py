@@ -504,10 +504,15 @@ def parse_args(argv):
             p.error(f"--{flag} must be at least 1")
     if args.time_to_iou is not None and not 0 < args.time_to_iou <= 1:
         p.error("--time_to_iou is a validation IoU: between 0 and 1")
-    instead = [f"--{m}" for m in ("scaling", "decode", "variants", "profile", "limits") if getattr(args, m)]
-    if args.amps and instead:
-        p.error(f"--amps compares precisions in the rate rows; {instead[0]} measures one: pass --amp (e.g. --amp off)")
+    if args.amps and instead_of_rates(args):
+        p.error(f"--amps compares precisions in the rate rows; --{instead_of_rates(args)} measures one: pass --amp "
+                "(e.g. --amp off)")
     return args
+
+
+def instead_of_rates(args):
+    """The mode asked for instead of the rate rows (scaling, decode, variants, profile, limits), or None."""
+    return next((m for m in ("scaling", "decode", "variants", "profile", "limits") if getattr(args, m)), None)
 
 
 def overrides_from(args, device):
@@ -568,7 +573,7 @@ def benchmark(args):
         data = data.subset(data.ids[:args.images])
     if args.quick:
         data = data.subset(data.ids[:64])
-    if args.scaling or args.decode or args.profile or args.variants or args.limits:
+    if instead_of_rates(args):
         rows = (scaling_rows(base, data, device, args) if args.scaling else
                 profile_rows(base, data, device, args) if args.profile else
                 variant_rows(base, device, args) if args.variants else
