@@ -32,6 +32,29 @@ def detached_copy(obj):
     return obj
 
 
+def device_copy(obj):
+    """obj with every tensor cloned where it is (on a GPU: queued after the work that produced it, without waiting
+    for it): the snapshot of an epoch that training goes on changing. to_cpu() brings it to the host later."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: device_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(device_copy(v) for v in obj)
+    return obj
+
+
+def to_cpu(obj):
+    """obj with every tensor that is not on the CPU moved there (those on the CPU are kept as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.to("cpu")
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def load(path):
     """torch.load(weights_only=True): a file from elsewhere cannot run code; a non-checkpoint is a UserError."""
     try:

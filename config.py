@@ -96,6 +96,11 @@ OPTIONS = [
     ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
     ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
     ("compile", False, bool, None, "torch.compile the model (slow first epoch; pays on long GPU runs)"),
+    ("cuda_graph", "off", str, ("on", "off"), "on: capture the training step as one CUDA graph and replay it per "
+     "batch (one CUDA GPU, Adam/AdamW, bf16 or fp32); a step that cannot be captured runs op by op with a warning. "
+     "Off by default: on an H200 the capture failed at the fast recipe's size (BENCHMARKS.md)"),
+    ("save_every", 30.0, float, None, "seconds between writes of the run's files (last.pth, model.pth, log.csv) after "
+     "the first epoch; the last epoch is always written, and a kill loses at most this much training (0: every epoch)"),
     ("sync_bn", False, bool, None, "under torchrun: SyncBatchNorm (batch statistics over all processes)"),
 ]
 DEFAULTS = {name: default for name, default, *_ in OPTIONS}
@@ -168,8 +173,9 @@ GROUPS = {
     "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
     "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
     "schedule": ("epochs", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma", "early_stopping"),
-    "hardware": ("device", "amp", "memory_format", "loader", "num_workers", "cache_mb", "compile", "sync_bn"),
-    "reliability": ("seed", "deterministic"),
+    "hardware": ("device", "amp", "memory_format", "loader", "num_workers", "cache_mb", "compile", "cuda_graph",
+                 "sync_bn"),
+    "reliability": ("seed", "deterministic", "save_every"),
 }
 RUNS_DIR_ENV = "UNET_RUNS_DIR"   # where the runs folder is when --runs_dir is not given
 EXAMPLES = """examples:
@@ -312,6 +318,7 @@ RANGES = [
     ("affine", lambda v: finite(v) and 0 <= v <= 1, "a probability between 0 and 1"),
     ("fold", lambda v: v >= 0, "0 or more (a fold number, 0 .. folds-1)"),
     ("cache_mb", lambda v: finite(v) and v >= 0, "0 (automatic) or more"),
+    ("save_every", lambda v: finite(v) and 0 <= v <= 86400, "0 (every epoch) to 86400 seconds"),
     ("name", lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; no '/', "
      f"not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)"),
 ]
@@ -414,7 +421,7 @@ def default_name(cfg):
 # what --resume may change: how long and where the run goes on, not what it is (optimizer state, schedule and
 # weights belong to the rest); anything else given with --resume is refused by name
 RESUMABLE = ("epochs", "early_stopping", "num_workers", "cache_mb", "loader", "device", "amp", "memory_format",
-             "compile", "deterministic", "data_dir", "class_names")
+             "compile", "cuda_graph", "save_every", "deterministic", "data_dir", "class_names")
 
 
 def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):

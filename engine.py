@@ -6,7 +6,9 @@ state_dict()/load_state_dict() for last.pth. Its train_one_epoch() and validate(
 bodies; forward_loss() and predict_logits() are the forward pass (with the deep-supervision
 heads) that val.py and bench.py use too.
 """
+import copy
 import math
+import warnings
 
 import torch
 from torch.profiler import record_function
@@ -27,16 +29,34 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def build_optimizer(cfg, params, fused):
-    """The optimizer; `fused`: the single-kernel implementations where torch has them (CUDA)."""
-    name, lr, wd, fused = cfg["optimizer"], cfg["lr"], cfg["weight_decay"], fused or None
+GRAPH_OPTIMIZERS = ("Adam", "AdamW")   # torch's capturable optimizers among OPTIMIZERS (a CUDA graph replays their step)
+
+
+def build_optimizer(cfg, params, fused, capturable=False, device=None):
+    """The optimizer; `fused`: the single-kernel implementations where torch has them (CUDA, and CPUs since torch 2.4:
+    on a CPU the fused AdamW made a narrow UNet's step 3-4% faster, BENCHMARKS.md; where this torch has none for the
+    device, the plain one). capturable (Adam, AdamW): safe to capture in a CUDA graph, its learning rate a tensor on
+    `device` that the schedule fills in place."""
+    params = list(params)
+    try:
+        return make_optimizer(cfg, params, fused or None, capturable, device)
+    except RuntimeError:
+        if not fused:
+            raise
+        return make_optimizer(cfg, params, None, capturable, device)
+
+
+def make_optimizer(cfg, params, fused, capturable, device):
+    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+    if capturable:
+        lr = torch.tensor(lr, dtype=torch.float32, device=device)
     if name == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=wd,
                                fused=fused)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused, capturable=capturable)
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused, capturable=capturable)
     return torch.optim.RMSprop(params, lr=lr, momentum=cfg["momentum"], weight_decay=wd)
 
 
@@ -91,19 +111,52 @@ def reduce_totals(meter, loss_sum, count, rt):
     return (totals[0] / totals[1]).item()
 
 
-def warming_ema(decay):
-    """The --ema update, its decay ramped up as min(decay, (1 + n) / (10 + n)) after n steps (TensorFlow's
-    num_updates rule), so that the first steps' near-random weights do not linger in the average: with a fixed
-    0.99, 27% of the initial weights were still in it after 130 steps, and it predicted foreground everywhere."""
+def ema_decay(decay, steps):
+    """The --ema decay after `steps` updates, ramped up as min(decay, (1 + n) / (10 + n)) (TensorFlow's num_updates
+    rule), so that the first steps' near-random weights do not linger in the average: with a fixed 0.99, 27% of the
+    initial weights were still in it after 130 steps, and it predicted foreground everywhere."""
+    return min(decay, (1 + steps) / (10 + steps))
+
+
+class WeightAverage:
+    """--ema: an exponential moving average of a network's weights and BatchNorm statistics, updated after every
+    step. `module` is the averaged copy (validated, saved as model.pth); `steps` counts the updates on the host.
+
+    torch's AveragedModel reads its update counter from the device twice per step (a host sync that stalls a GPU
+    step after step); here the count lives on the host and the update is a handful of foreach kernels. For a
+    captured CUDA graph the weight (1 - decay) is a device tensor, filled before each replay."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.steps = decay, 0
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        self.float_pairs = ([a for a, _ in floats], [c for _, c in floats])
+        self.other_pairs = [(a, c) for a, c in zip(averaged, current) if not a.is_floating_point()]  # BN's counters
+        self.weight = None     # (1 - decay) as a device tensor, for a captured step
+
     @torch.no_grad()
-    def update(averaged, current, steps):
-        d = min(decay, (1 + int(steps)) / (10 + int(steps)))
-        if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1 - d)
-        else:                                                  # BatchNorm's batch counters
-            for a, c in zip(averaged, current, strict=True):
-                a.copy_(a * d + c * (1 - d))
-    return update
+    def update(self, weight=None):
+        """One update after a step; weight: a device tensor holding 1 - decay (inside a CUDA graph), else the
+        decay is computed here from the host's count. The first update copies the weights."""
+        averaged, current = self.float_pairs
+        if self.steps == 0 and weight is None:
+            torch._foreach_copy_(averaged, current)
+            for a, c in self.other_pairs:
+                a.copy_(c)
+        else:
+            w = 1 - ema_decay(self.decay, self.steps) if weight is None else weight
+            torch._foreach_lerp_(averaged, current, w)
+            for a, c in self.other_pairs:
+                a.copy_(a * (1 - w) + c * w)
+        self.steps += 1
+
+    def next_weight(self):
+        """1 - the decay of the next update, into the device tensor a captured step reads."""
+        self.weight.fill_(1 - ema_decay(self.decay, self.steps))
 
 
 class Engine:
@@ -126,11 +179,12 @@ class Engine:
         self.model = rt.place_model(model)
         net = distributed.wrap(self.model, rt)
         self.net = torch.compile(net) if cfg["compile"] else net
-        self.optimizer = build_optimizer(cfg, self.model.parameters(), rt.fused)
+        self.graphed = use_cuda_graph(cfg, rt)
+        self.optimizer = build_optimizer(cfg, self.model.parameters(), rt.fused, self.graphed, rt.device)
         # --ema: an exponential moving average of the weights (and BatchNorm statistics) after every step; it is
         # what is validated and saved as model.pth, and smooths out the epoch-to-epoch swings of the raw weights
-        self.ema = (torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=warming_ema(cfg["ema"]),
-                                                        use_buffers=True) if cfg["ema"] else None)
+        self.ema = WeightAverage(self.model, cfg["ema"]) if cfg["ema"] else None
+        self.captured = CapturedStep(self) if self.graphed else None
         # the scaler is a no-op unless fp16 autocast, whose small gradients would underflow without it
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
         self.criterion = LOSSES[cfg["loss"]]()
@@ -145,11 +199,18 @@ class Engine:
 
     @property
     def lr(self):
-        """The learning rate in force now."""
-        return self.optimizer.param_groups[0]["lr"]
+        """The learning rate in force now (a float, also when the optimizer holds it as a tensor)."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def train_step(self, images, masks):
-        """Forward, backward and optimizer step on one batch already on the device -> (loss, final logits).
+        """Forward, backward and optimizer step on one batch already on the device -> (loss, final logits): the
+        captured CUDA graph's replay with --cuda_graph on (after its warm-up steps), else eager_step."""
+        if self.captured is not None:
+            return self.captured(images, masks)
+        return self.eager_step(images, masks)
+
+    def eager_step(self, images, masks, ema_weight=None):
+        """train_step run op by op; under a CUDA graph capture, the operations the graph records.
 
         The record_function labels name the phases in `bench.py --profile` (microseconds a step when no profiler runs)."""
         with record_function("forward"), self.rt.autocast():
@@ -162,7 +223,7 @@ class Engine:
             self.scaler.update()
         if self.ema is not None:
             with record_function("ema"):
-                self.ema.update_parameters(self.model)
+                self.ema.update(ema_weight)
         return loss.detach(), logits.detach()
 
     def train_one_epoch(self, loader, epoch):
@@ -233,17 +294,20 @@ class Engine:
         return 0 < self.cfg["early_stopping"] <= self.best["stale"]
 
     def state_dict(self):
-        """Everything a resumed run needs: the objects' states, the progress, RNG states and the config."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+        """Everything a resumed run needs: the objects' states, the progress, RNG states and the config. Learning
+        rates are plain numbers in it, also when a capturable optimizer holds them as device tensors."""
+        return {"model": self.model.state_dict(), "optimizer": plain_numbers(self.optimizer.state_dict()),
+                "scheduler": plain_numbers(self.scheduler.state_dict()), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch,
                 "best_iou": self.best["iou"], "best_epoch": self.best["epoch"], "stale_epochs": self.best["stale"],
                 "log": self.rows, "rng": checkpoint.rng_state(), "config": self.cfg,
                 "ema": None if self.ema is None else self.ema.module.state_dict(),
-                "ema_steps": 0 if self.ema is None else int(self.ema.n_averaged)}
+                "ema_steps": 0 if self.ema is None else self.ema.steps}
 
     def snapshot(self):
-        """state_dict() with its tensors copied (milliseconds): saved in the background while training goes on."""
-        return checkpoint.detached_copy(self.state_dict())
+        """state_dict() with its tensors copied on their device (milliseconds; no wait for a GPU): what a background
+        writer saves while training changes the originals."""
+        return checkpoint.device_copy(self.state_dict())
 
     def stretch_schedule(self):
         """--epochs changed on resume: the cosine is redrawn to end at the new last epoch, from where it stands
@@ -253,16 +317,27 @@ class Engine:
         self.scheduler.T_max = self.cfg["epochs"]
         done, base, floor = self.scheduler.last_epoch, self.scheduler.base_lrs, self.scheduler.eta_min
         for group, base_lr in zip(self.optimizer.param_groups, base):
-            group["lr"] = floor + (base_lr - floor) * (1 + math.cos(math.pi * done / self.cfg["epochs"])) / 2
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            set_lr(group, floor + (base_lr - floor) * (1 + math.cos(math.pi * done / self.cfg["epochs"])) / 2)
+        self.scheduler._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def load_state_dict(self, state, path="last.pth"):
         """Restores a state_dict() (from last.pth at `path`, named in errors)."""
         checkpoint.load_weights(self.model, state["model"], path)
         if self.ema is not None:
             checkpoint.load_weights(self.ema.module, state["ema"], path)
-            self.ema.n_averaged.fill_(state["ema_steps"])
+            self.ema.steps = int(state["ema_steps"])
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):   # a captured step reads the lr from its tensor
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+        if self.graphed:        # the saved groups' settings replaced this optimizer's: a captured step needs these
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True
+            for param, st in self.optimizer.state.items():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(param.device, torch.float32)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stretch_schedule()
         if state["scaler"] and self.scaler.is_enabled():   # empty when saved without fp16 (--amp may change)
@@ -270,3 +345,114 @@ class Engine:
         checkpoint.set_rng_state(state["rng"])
         self.epoch, self.rows = state["epoch"], state["log"]
         self.best = {"iou": state["best_iou"], "epoch": state["best_epoch"], "stale": state["stale_epochs"]}
+
+
+def set_lr(group, lr):
+    """Sets a parameter group's learning rate, in place when it is a tensor (a captured step reads that tensor)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def plain_numbers(state):
+    """An optimizer's or scheduler's state_dict with one-element learning-rate tensors as floats (last.pth stays the
+    same whether the run captured its step or not)."""
+    def plain(v):
+        return float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+    out = dict(state)
+    if "param_groups" in out:
+        out["param_groups"] = [{k: plain(v) if k in ("lr", "initial_lr") else v for k, v in g.items()}
+                               for g in out["param_groups"]]
+    for key in ("base_lrs", "_last_lr"):
+        if key in out:
+            out[key] = [plain(v) for v in out[key]]
+    return out
+
+
+def use_cuda_graph(cfg, rt):
+    """Whether the training step is captured as a CUDA graph (--cuda_graph on): on one CUDA process, with an
+    optimizer torch can capture, no fp16 loss scaling (its skipped steps are decided on the host) and no
+    torch.compile; a UserError says why not."""
+    if cfg["cuda_graph"] != "on":
+        return False
+    why_not = ("it needs a CUDA device" if not rt.cuda else
+               "torchrun runs several processes" if rt.active else
+               f"--optimizer {cfg['optimizer']} cannot be captured (use {' or '.join(GRAPH_OPTIMIZERS)})"
+               if cfg["optimizer"] not in GRAPH_OPTIMIZERS else
+               "--amp fp16 scales the loss on the host" if rt.amp_dtype == torch.float16 else
+               "--compile captures graphs of its own" if cfg["compile"] else None)
+    if why_not:
+        raise UserError(f"--cuda_graph on: {why_not}; drop it (or pass --cuda_graph off)")
+    return True
+
+
+CAPTURE_ERROR_MODE = "global"   # torch.cuda.graph's: what other CUDA calls during the capture are refused
+
+
+class CapturedStep:
+    """The training step as one CUDA graph, replayed for every batch: a GPU step of a small network is a few
+    milliseconds of kernels, and launching its ~1,000 kernels one by one from Python took longer than running them
+    (BENCHMARKS.md). PyTorch's whole-network recipe: WARMUP eager steps on a side stream (the optimizer's state and
+    cudnn's choices exist before the capture), then the capture of forward, backward, optimizer step and weight
+    average on static input buffers; each later batch is copied into those buffers and the graph replayed. The
+    training batches all have one shape (the last partial batch is dropped), so one graph serves the whole run."""
+
+    WARMUP = 3
+
+    def __init__(self, engine):
+        self.engine, self.graph, self.eager_steps = engine, None, 0
+        self.images = self.masks = self.loss = self.logits = None
+
+    def __call__(self, images, masks):
+        engine = self.engine
+        if self.graph is not None and images.shape != self.images.shape:
+            return engine.eager_step(images, masks)          # another shape (bench.py's batches): not captured
+        if self.graph is None and self.eager_steps < self.WARMUP:
+            self.eager_steps += 1
+            side = torch.cuda.Stream(engine.rt.device)
+            side.wait_stream(torch.cuda.current_stream(engine.rt.device))
+            with torch.cuda.stream(side):
+                out = engine.eager_step(images, masks)
+            torch.cuda.current_stream(engine.rt.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            try:
+                self.capture(images, masks)
+            except RuntimeError as e:       # a kernel that cannot be captured: the run goes on eagerly
+                first = e.__context__ or e     # the error inside the capture, not the capture's end that followed
+                warnings.warn(f"--cuda_graph on: the training step could not be captured ({str(first).splitlines()[0]}"
+                              "); it runs op by op", stacklevel=2)
+                engine.captured = None
+                engine.optimizer.zero_grad(set_to_none=True)
+                return engine.eager_step(images, masks)
+        self.images.copy_(images)
+        self.masks.copy_(masks)
+        if engine.ema is not None:
+            engine.ema.next_weight()
+        self.graph.replay()
+        if engine.ema is not None:
+            engine.ema.steps += 1
+        return self.loss.clone(), self.logits
+
+    def capture(self, images, masks):
+        engine = self.engine
+        self.images, self.masks = images.clone(), masks.clone()
+        if engine.ema is not None:
+            engine.ema.weight = torch.zeros((), device=engine.rt.device)
+        engine.optimizer.zero_grad(set_to_none=True)   # the graph's backward writes the gradients, not adds to them
+        graph = torch.cuda.CUDAGraph()
+        steps = engine.ema.steps if engine.ema is not None else 0
+        # cudnn's autotuning synchronises the device, which a capture forbids: the warm-up steps have tuned every
+        # convolution, and a shape it has not seen takes cudnn's heuristic choice instead
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        torch.cuda.synchronize(engine.rt.device)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
+                self.loss, self.logits = engine.eager_step(self.images, self.masks,
+                                                           engine.ema.weight if engine.ema is not None else None)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+            if engine.ema is not None:
+                engine.ema.steps = steps     # the capture recorded the update; it did not run it
+        self.graph = graph

@@ -184,11 +184,12 @@ def evaluated_weights(state):
     return state.get("ema") or state["model"]
 
 
-def write_epoch(run_dir, state, improved):
-    """One epoch's files from a last.pth state: last.pth, then model.pth (if the score improved), then log.csv."""
+def write_epoch(run_dir, state, improved, best=None):
+    """One epoch's files from a last.pth state: last.pth, then model.pth (if the score improved: `best`, the weights
+    of the best epoch since the last write, else the state's own), then log.csv."""
     checkpoint.save(state, os.path.join(run_dir, "last.pth"))
     if improved:
-        checkpoint.save(evaluated_weights(state), os.path.join(run_dir, "model.pth"))
+        checkpoint.save(evaluated_weights(state) if best is None else best, os.path.join(run_dir, "model.pth"))
     write_log(os.path.join(run_dir, "log.csv"), state["log"])
 
 
@@ -206,28 +207,52 @@ def repair(run_dir):
 
 
 class EpochWriter:
-    """Writes each epoch's files in a background thread while the next epoch trains.
+    """Writes the epochs' files in a background thread while training goes on, at most every `every` seconds.
 
-    One epoch is in flight at a time: save() first waits for the previous one (and raises its
-    error, if it had one). close() waits for the last and draws the final curves. The thread is
-    not a daemon, so even an interrupted process finishes the files it started before exiting.
+    save() is called after every epoch with its snapshot. The first epoch of the process is written at once (val.py
+    can use the run early, and a run stopped soon after its start resumes from it); later ones when `every` seconds
+    have passed since the last write began, and close() writes the last finished epoch. So a killed process loses at
+    most `every` seconds of training (--save_every); an interrupt, an error or the end of the run loses nothing. On a
+    GPU an epoch can take a fraction of a second, and copying and pickling 110 MB of state every epoch slowed it.
+    The files of one write always belong to one epoch (last.pth, model.pth if a better epoch came since the last
+    write, with that epoch's weights, then log.csv), so repair() still finds a cut-short write. One write is in
+    flight at a time; the thread is not a daemon, so even an interrupted process finishes the files it started.
     """
 
-    def __init__(self, run_dir, class_names=()):
+    def __init__(self, run_dir, class_names=(), every=0.0):
         self.run_dir, self.thread, self.error, self.curves_at = run_dir, None, None, 0.0
         self.class_names = class_names     # the curves' labels for the classes
         self.plotted = None        # the log rows curves.png shows now
+        self.every, self.written_at = every, None
+        self.pending = self.best = None    # the last epoch not yet written; a better epoch's weights since the last write
 
     def save(self, state, improved):
-        """state: a snapshot (Engine.snapshot()) that training no longer changes."""
+        """state: a snapshot (Engine.snapshot()) that training no longer changes; improved: its score is the best."""
+        due = self.written_at is None or time.monotonic() - self.written_at >= self.every
+        if due:
+            self.wait()     # the write in flight first: its error stops the run before a newer epoch is queued
+        self.pending = state
+        if improved:
+            self.best = evaluated_weights(state)
+        if due:
+            self.flush()
+
+    def flush(self):
+        """Starts writing the pending epoch (after the write in flight, whose error it raises)."""
         self.wait()
-        self.thread = threading.Thread(target=self.write, args=(state, improved), name="epoch-writer")
+        if self.pending is None:
+            return
+        state, best, self.pending, self.best = self.pending, self.best, None, None
+        self.written_at = time.monotonic()
+        self.thread = threading.Thread(target=self.write, args=(state, best), name="epoch-writer")
         self.thread.start()
 
-    def write(self, state, improved):
+    def write(self, state, best):
         try:
-            write_epoch(self.run_dir, state, improved)
-            if time.monotonic() - self.curves_at >= CURVES_EVERY:
+            state, best = checkpoint.to_cpu(state), checkpoint.to_cpu(best)
+            write_epoch(self.run_dir, state, best is not None, best)
+            # one epoch is no curve, and drawing it (importing matplotlib) took a second of CPU while epoch 2 trained
+            if len(state["log"]) > 1 and time.monotonic() - self.curves_at >= CURVES_EVERY:
                 plot_curves(os.path.join(self.run_dir, "curves.png"), state["log"], self.class_names)
                 self.curves_at, self.plotted = time.monotonic(), list(state["log"])
         except OSError as e:
@@ -245,7 +270,9 @@ class EpochWriter:
             raise error
 
     def close(self, rows):
-        """Waits for the last epoch's files, then draws the final curves (unless the last epoch's are those)."""
+        """Writes the last finished epoch and waits for its files, then draws the final curves (unless the last
+        epoch's are those)."""
+        self.flush()
         self.wait()
         if rows and rows != self.plotted:
             plot_curves(os.path.join(self.run_dir, "curves.png"), rows, self.class_names)

@@ -19,7 +19,8 @@ from utils import UserError, resolve_device
 
 
 class Runtime:
-    """Device, autocast dtype (None: full precision), memory format, fused optimizers, and this
+    """Device, autocast dtype (None: full precision), memory format, fused optimizers (where torch has them for the
+    device: engine.build_optimizer falls back to the plain ones), and this
     process's rank among `world` processes (only rank 0 prints and writes files)."""
 
     def __init__(self, device, amp_dtype, channels_last, fused, rank=0, world=1):
@@ -110,7 +111,7 @@ def resolve_channels_last(memory_format):
 def build(device, cfg, rank=0, world=1):
     """The Runtime for `device` with the config's precision and layout."""
     return Runtime(device, resolve_amp(cfg["amp"], device), resolve_channels_last(cfg["memory_format"]),
-                   fused=device.type == "cuda", rank=rank, world=world)
+                   fused=True, rank=rank, world=world)
 
 
 def memory_bytes(rt):

@@ -105,7 +105,7 @@ def fit(cfg, run, rt, interrupts):
         if rt.main:
             rundir.save_start(run_dir, engine, run["resume"], start)
             announce(cfg, run, rt, engine, loaders, run_dir)
-        writer = rundir.EpochWriter(run_dir, cfg["class_names"])   # the epoch's files are written while the next epoch trains
+        writer = rundir.EpochWriter(run_dir, cfg["class_names"], cfg["save_every"])   # written while training goes on
         try:
             loop(cfg, engine, loaders, writer, interrupts)
         finally:

@@ -10,6 +10,7 @@ from conftest import make_data
 from dataset import SegmentationData, split
 from engine import Engine, TrainingDiverged, build_optimizer, build_scheduler, check_finite, forward_loss, predict_logits
 from archs import build_model
+from utils import UserError
 from loaders import make_loaders
 from losses import LOSSES
 
@@ -124,13 +125,13 @@ def test_ema_is_validated_saved_as_model_pth_and_resumed(tmp_path):
     key = "conv0_0.conv1.weight"
     assert not torch.equal(raw[key], avg[key]) and a.eval_net is a.ema.module      # a real average, validated
     steps = len(train_loader)
-    assert int(a.ema.n_averaged) == steps
+    assert a.ema.steps == steps
     state = a.state_dict()
     assert torch.equal(rundir.evaluated_weights(state)[key], avg[key])              # model.pth holds the average
     checkpoint.save(state, str(tmp_path / "last.pth"))
     b = Engine(cfg, rt)
     b.load_state_dict(checkpoint.load(str(tmp_path / "last.pth")))
-    assert torch.equal(b.ema.module.state_dict()[key], avg[key]) and int(b.ema.n_averaged) == steps
+    assert torch.equal(b.ema.module.state_dict()[key], avg[key]) and b.ema.steps == steps
     x, y = torch.randn(4, 3, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
     for e in (a, b):
         e.net.train()
@@ -149,14 +150,64 @@ def test_resume_with_more_epochs_stretches_the_cosine():
 
 
 def test_the_weight_average_warms_up_so_the_first_steps_do_not_linger():
-    from engine import warming_ema
-    update = warming_ema(0.99)
-    averaged, current = [torch.zeros(3)], [torch.ones(3)]      # the initial weights 0, every later step's 1
+    from engine import WeightAverage
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    average = WeightAverage(model, 0.99)
+    average.update()                                            # the first update copies: the initial weights 0
+    with torch.no_grad():
+        model.weight.fill_(1)                                   # every later step's weights 1
     kept = 1.0                                                  # the share of the initial weights in the average
-    for n in range(130):
-        update(averaged, current, torch.tensor(n))
+    for n in range(1, 131):
+        average.update()
         kept *= min(0.99, (1 + n) / (10 + n))
-    assert torch.allclose(averaged[0], torch.full((3,), 1 - kept)) and kept < 1e-3   # fixed 0.99: 0.27 still
-    late = [torch.zeros(1)]
-    update(late, [torch.ones(1)], torch.tensor(10_000))
-    assert torch.allclose(late[0], torch.tensor([0.01]))        # later, the decay asked for
+    averaged = average.module.weight
+    assert torch.allclose(averaged, torch.full((1, 3), 1 - kept)) and kept < 1e-3   # fixed 0.99: 0.27 still
+    average.steps = 10_000
+    with torch.no_grad():
+        averaged.zero_()
+    average.update()
+    assert torch.allclose(averaged, torch.full((1, 3), 0.01))   # later, the decay asked for
+    weight = torch.zeros(())                                    # a captured step's weight tensor gives the same
+    average.weight = weight
+    with torch.no_grad():
+        averaged.zero_()
+    average.next_weight()
+    average.update(weight)
+    assert torch.allclose(averaged, torch.full((1, 3), 0.01)) and average.steps == 10_002        # later, the decay asked for
+
+
+def test_cuda_graph_on_is_refused_where_it_cannot_run():
+    cfg = tiny_cfg(cuda_graph="on")
+    with pytest.raises(UserError, match="--cuda_graph on: it needs a CUDA device"):
+        Engine(cfg, runtime.build(torch.device("cpu"), cfg))
+    plain = Engine(tiny_cfg(), runtime.build(torch.device("cpu"), tiny_cfg()))
+    assert not plain.graphed and plain.captured is None
+
+
+def test_a_learning_rate_held_as_a_tensor_is_saved_as_a_number_and_restored_in_place(tmp_path):
+    """A captured step reads its lr from a tensor the schedule fills in place: last.pth holds plain numbers (as an
+    uncaptured run's), and loading keeps the tensor that the graph reads."""
+    from engine import build_optimizer, plain_numbers
+    cfg = tiny_cfg(optimizer="AdamW", lr=0.01)
+    net = torch.nn.Linear(2, 1)
+    optimizer = build_optimizer(cfg, net.parameters(), fused=False, capturable=True, device="cpu")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    lr_tensor = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr_tensor, torch.Tensor)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] is lr_tensor and float(lr_tensor) < 0.01      # filled in place
+    saved = plain_numbers(optimizer.state_dict())
+    assert isinstance(saved["param_groups"][0]["lr"], float)
+    assert all(isinstance(v, float) for v in plain_numbers(scheduler.state_dict())["_last_lr"])
+
+
+def test_fused_optimizers_where_torch_has_them_and_plain_ones_elsewhere():
+    """runtime asks for fused optimizers on every device; build_optimizer takes them where this torch has a fused
+    kernel for the device (AdamW on a CPU since torch 2.4) and the plain one where not (RMSprop has none)."""
+    net = torch.nn.Linear(2, 1)
+    adamw = build_optimizer(tiny_cfg(optimizer="AdamW"), net.parameters(), fused=True)
+    rmsprop = build_optimizer(tiny_cfg(optimizer="RMSprop"), net.parameters(), fused=True)
+    assert adamw.param_groups[0]["fused"] is True and not rmsprop.defaults.get("fused")
+    assert build_optimizer(tiny_cfg(optimizer="AdamW"), net.parameters(), fused=False).param_groups[0]["fused"] is None

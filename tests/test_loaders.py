@@ -121,7 +121,7 @@ def test_memory_loader_validation_equals_val_transform(tiny):
     tl = MemoryLoader(d, settings(), CPU, train=False)
     images = torch.cat([x for x, _, _ in tl])
     ids = [i for _, _, m in tl for i in m["img_id"]]
-    assert ids == d.ids and len(tl) == 3                               # in order, nothing dropped
+    assert ids == d.ids and len(tl) == 1           # in order, nothing dropped (validation batches of up to 4 x 4)
     ds = AlbumentationsDataset(d, val_transform(32, 32), RGB, (32, 32), train=False)
     assert torch.allclose(images, torch.stack([ds[k][0] for k in range(10)]), atol=1e-5)
 
@@ -264,3 +264,12 @@ def test_loader_workers_are_at_most_one_per_core(tiny, monkeypatch):
     train, _ = make_loaders(settings(loader="workers", num_workers=4), d.subset(d.ids[:7]), d.subset(d.ids[7:]), CPU)
     assert train.loader.num_workers == 2
     assert loaders.usable_cores() == 2
+
+
+def test_validation_batches_are_larger_within_a_pixel_budget():
+    from loaders import VALIDATION_PIXELS, batch_size
+    small = {"batch_size": 8, "input_h": 96, "input_w": 96}
+    assert batch_size(small, train=True) == 8 and batch_size(small, train=False) == 32
+    large = {"batch_size": 2, "input_h": 512, "input_w": 512}              # 512x512 is over the budget already
+    assert batch_size(large, train=False) == 2
+    assert batch_size({"batch_size": 4, "input_h": 96, "input_w": 96}, train=False) * 96 * 96 <= VALIDATION_PIXELS

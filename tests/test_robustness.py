@@ -255,7 +255,8 @@ def interrupt_when(proc, log_path, rows, sig=signal.SIGINT):
                          ids=["sigint-memory-loader", "sigterm-worker-loader"])
 def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader, monkeypatch, capsys):
     """The signal goes to a real process; the uninterrupted run and the resume run train.py's main here."""
-    args = FAST + ["--epochs", "5", "--seed", "7", "--scheduler", "CosineAnnealingLR"] + loader
+    # every epoch's files (--save_every 0), so that log.csv shows the epochs as they end and the signal comes mid-run
+    args = FAST + ["--epochs", "5", "--seed", "7", "--scheduler", "CosineAnnealingLR", "--save_every", "0"] + loader
     code, _, err = run_main(train.main, args + ["--name", "straight"], workdir, monkeypatch, capsys)
     assert code == 0, err
 
@@ -279,6 +280,32 @@ def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader, mo
     best_a = torch.load(workdir / "models" / "straight" / "model.pth", weights_only=True)
     best_b = torch.load(workdir / "models" / "broken" / "model.pth", weights_only=True)
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+@pytest.mark.slow(seconds=30)
+def test_between_interval_writes_an_interrupt_saves_the_last_finished_epoch(workdir, monkeypatch, capsys):
+    """At the default --save_every (30 s) a short run writes its files after epoch 1 and at its end only; Ctrl-C in
+    between writes the last finished epoch, and resuming from it ends as the uninterrupted run does."""
+    args = FAST + ["--epochs", "12", "--seed", "3"]
+    code, _, err = run_main(train.main, args + ["--name", "straight"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    proc = subprocess.Popen(TRAIN + args + ["--name", "cut"], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 3/"):
+            break
+    log_then = log_rows(workdir / "models" / "cut" / "log.csv")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert log_then == 1                                  # epochs 2 and 3 had ended, but within the interval
+    done = checkpoint.load(str(workdir / "models" / "cut" / "last.pth"))["epoch"]
+    assert 3 <= done < 12 and log_rows(workdir / "models" / "cut" / "log.csv") == done
+    code, _, err = run_main(train.main, ["--name", "cut", "--resume"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    a, log_a = final_state(workdir / "models" / "straight")
+    b, log_b = final_state(workdir / "models" / "cut")
+    assert log_a == log_b and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_resume_with_more_epochs(workdir, monkeypatch, capsys):
@@ -425,7 +452,8 @@ def test_a_full_disk_ends_with_a_message_and_the_previous_epoch_intact(workdir, 
         real_save(obj, path)
 
     monkeypatch.setattr(checkpoint, "save", save)
-    code, _, err = run_main(train.main, FAST + ["--name", "full", "--epochs", "4"], workdir, monkeypatch, capsys)
+    code, _, err = run_main(train.main, FAST + ["--name", "full", "--epochs", "4", "--save_every", "0"], workdir,
+                            monkeypatch, capsys)
     assert code == 2 and "No space left on device" in err and "intact" in err
     assert checkpoint.load(str(workdir / "models" / "full" / "last.pth"))["epoch"] == 1
     assert len(read_log(workdir / "models" / "full" / "log.csv")) == 1

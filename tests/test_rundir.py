@@ -79,3 +79,31 @@ def test_split_csv_keeps_ids_with_commas_quotes_and_newlines(tmp_path):
     with open(tmp_path / "split.csv", "w") as f:
         rundir.write_split(f, split)
     assert rundir.read_split(str(tmp_path)) == split
+
+
+def test_writer_writes_at_most_every_interval_and_the_last_epoch_on_close(tmp_path):
+    """--save_every: the first epoch is written at once, later ones only once the interval has passed, and close()
+    writes the last finished one; model.pth then holds the best epoch's weights even if that epoch was never written
+    on its own."""
+    writer = rundir.EpochWriter(str(tmp_path), every=3600.0)
+    writer.save(state(1, 1, weight=1.0), True)
+    writer.wait()
+    assert checkpoint.load(str(tmp_path / "last.pth"))["epoch"] == 1
+    writer.save(state(2, 2, weight=2.0), True)           # the best so far, but within the interval: not written
+    writer.save(state(3, 2, weight=3.0), False)
+    writer.wait()
+    assert checkpoint.load(str(tmp_path / "last.pth"))["epoch"] == 1 and len(read_log(tmp_path / "log.csv")) == 1
+    writer.close(state(3, 2)["log"])
+    assert checkpoint.load(str(tmp_path / "last.pth"))["epoch"] == 3 and len(read_log(tmp_path / "log.csv")) == 3
+    assert torch.equal(checkpoint.load(str(tmp_path / "model.pth"))["w"], torch.full((2,), 2.0))   # epoch 2's
+
+
+def test_writer_with_no_interval_writes_every_epoch(tmp_path, monkeypatch):
+    written = []
+    real_write = rundir.write_epoch
+    monkeypatch.setattr(rundir, "write_epoch", lambda *a: (written.append(a[1]["epoch"]), real_write(*a)))
+    writer = rundir.EpochWriter(str(tmp_path), every=0.0)
+    for epoch in (1, 2, 3):
+        writer.save(state(epoch, 1), epoch == 1)
+    writer.close(state(3, 1)["log"])
+    assert written == [1, 2, 3]

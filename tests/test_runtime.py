@@ -23,7 +23,7 @@ NATIVE_BF16 = torch.bfloat16 if runtime.cpu_has_native_bf16() else None
 ])
 def test_cpu_choices(amp, memory_format, dtype, channels_last):
     rt = runtime.build(CPU, cfg(amp=amp, memory_format=memory_format))
-    assert (rt.amp_dtype, rt.channels_last, rt.fused, rt.main, rt.active) == (dtype, channels_last, False, True, False)
+    assert (rt.amp_dtype, rt.channels_last, rt.fused, rt.main, rt.active) == (dtype, channels_last, True, True, False)
 
 
 @pytest.mark.parametrize("flags, native", [
