@@ -9,6 +9,7 @@
     python bench.py --profile --recipe recipes/dsb2018_cpu.yml --device cpu   # where a training epoch's time goes
     python bench.py --variants all --archs UNet --device cpu   # training-step variants beside a plain eager loop
     python bench.py --limits --recipe recipes/dsb2018_cpu.yml --device cpu   # the step's ceiling: its convolutions alone
+    python bench.py --fixed_costs --archs UNet --device cpu   # an epoch's costs besides the network, part by part
 
 Per case: pure_img_s (the model's forward + backward + optimizer step on a batch already on the
 device, same batch size and precision), e2e_img_s (train_one_epoch over the real data set, input
@@ -43,7 +44,7 @@ from dataset import SegmentationData, scan, split
 from engine import Engine, build_network
 from losses import LOSSES
 from loaders import make_loaders
-from metrics import SegMeter
+from metrics import SegMeter, binarize
 from normalize import resolve_mode
 from predictor import Predictor, describe
 from predict import Member, output_subfolders, run_inference
@@ -63,8 +64,8 @@ def peak_memory_mb(rt):
 
 def fixed_batch(cfg, rt):
     """A random batch of the config's shape already on the device, images in the runtime's memory format."""
-    x = torch.randn(cfg["batch_size"], cfg["input_channels"], cfg["input_h"], cfg["input_w"], device=rt.device)
-    y = (torch.rand(cfg["batch_size"], cfg["num_classes"], cfg["input_h"], cfg["input_w"], device=rt.device) > 0.85).float()
+    x = torch.randn(cfg["batch_size"], cfg["input_channels"], cfg["input_h"], cfg["input_w"])
+    y = (torch.rand(cfg["batch_size"], cfg["num_classes"], cfg["input_h"], cfg["input_w"]) > 0.85).float()
     return rt.place_batch(x, y)
 
 
@@ -120,11 +121,15 @@ def reference_rate(cfg, rt, steps):
 VARIANTS = {
     "reference": "plain eager loop (reference_step)",
     "toolkit": "engine.train_step as the config sets it",
+    "graph": "engine.train_step with --cuda_graph on (one CUDA graph per step)",
     "fused_adamw": "AdamW(fused=True): one kernel for the whole update",
     "batch32": "batch 32 instead of the config's",
+    "batch64": "batch 64 instead of the config's",
+    "batch128": "batch 128 instead of the config's",
     "bf16_weights": "the network's weights held in bf16 (no fp32 master copy: an upper bound of the casts' cost)",
     "compile": "torch.compile (inductor, default mode)",
     "compile_max_autotune": "torch.compile(mode='max-autotune')",
+    "compile_reduce_overhead": "torch.compile(mode='reduce-overhead'): inductor's kernels replayed as CUDA graphs",
 }
 
 
@@ -132,8 +137,12 @@ def variant_step(cfg, rt, name):
     """-> (step closure, batch size) of one of VARIANTS."""
     if name == "reference":
         return reference_step(cfg, rt), REFERENCE_BATCH
-    if name == "batch32":
-        cfg = {**cfg, "batch_size": 32}
+    if name.startswith("batch"):
+        cfg = {**cfg, "batch_size": int(name[len("batch"):])}
+    if name == "graph":
+        cfg = {**cfg, "cuda_graph": "on"}
+    if name in ("compile", "compile_max_autotune", "compile_reduce_overhead"):
+        cfg = {**cfg, "cuda_graph": "off"}
     if name == "fused_adamw":
         rt = runtime.Runtime(rt.device, rt.amp_dtype, rt.channels_last, True)
     engine = Engine({**cfg, "compile": name == "compile"}, rt)
@@ -141,8 +150,8 @@ def variant_step(cfg, rt, name):
         for module in (engine.model, engine.ema and engine.ema.module):
             if module is not None:
                 module.to(torch.bfloat16)
-    if name == "compile_max_autotune":
-        engine.net = torch.compile(engine.model, mode="max-autotune")
+    if name in ("compile_max_autotune", "compile_reduce_overhead"):
+        engine.net = torch.compile(engine.model, mode=name[len("compile_"):].replace("_", "-"))
     engine.net.train()
     x, y = fixed_batch(cfg, rt)
     return (lambda: engine.train_step(x, y)), cfg["batch_size"]
@@ -214,9 +223,7 @@ def limit_rows(base, device, args):
             layers.append((1 / rate, name, shape))
         per_image_s = sum(s for s, _, _ in layers)
         tflop = train_flop_per_image(cfg) / 1e12
-        side = 2048
-        a = torch.randn(side, side, device=rt.device, dtype=rt.amp_dtype or torch.float32)
-        matmul = timed_steps(lambda: a @ a, rt, args.steps, 1)[0] * 2 * side ** 3 / 1e12
+        matmul = matmul_tflop_s(rt, args.steps)
         slowest = sorted(layers, reverse=True)[:6]
         yield {"case": f"limit-{arch}-b{cfg['batch_size']}-{rt.precision_name()}-{cfg['input_h']}px",
                "device": device_name(rt), "arch": arch, "batch_size": cfg["batch_size"], "input": cfg["input_h"],
@@ -228,6 +235,109 @@ def limit_rows(base, device, args):
                "slowest_convolutions": {f"{n} {'x'.join(map(str, shape[1:]))}": round(s / per_image_s, 3)
                                         for s, n, shape in slowest},
                "torch": torch.__version__}
+
+
+FIXED_COST_NETWORK = {"base_channels": 4, "input_h": 32, "input_w": 32}   # a network that costs almost nothing
+
+
+def mean_seconds(fn, rt, repeats):
+    """Seconds per call of fn() over `repeats` calls after one warm-up call (the device's queue drained around)."""
+    fn()
+    rt.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    rt.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def fixed_cost_rows(base, data, device, args):
+    """What a training epoch costs besides the network's step, on a network that costs almost nothing
+    (FIXED_COST_NETWORK): the loop of train.py (train, validate, schedule, log row, files) timed part by part over
+    `args.epochs` epochs after a warm-up epoch, and each per-batch cost of train_one_epoch timed alone (the loader's
+    batch, the step on a batch already on the device, the metrics update, the weight average's update). The files
+    are written as train.py writes them, every --save_every seconds (the recipe's, or bench.py's flag): `files_s` is
+    what the training thread spends on them, and a background write's competition for the cores (and Python's lock)
+    shows in the next epoch's `train_s`."""
+    for arch in args.archs.split(","):
+        cfg = config.check({**base, **overrides_from(args, device), **FIXED_COST_NETWORK, "arch": arch,
+                            "deep_supervision": False})
+        rt = runtime.build(device, cfg)
+        train_data, val_data = split(data, cfg)
+        train_loader, val_loader = make_loaders(cfg, train_data, val_data, rt)
+        engine = Engine(cfg, rt)
+        batches, b = len(train_loader), cfg["batch_size"]
+        parts = loop_parts(engine, (train_loader, val_loader), rt, cfg["save_every"], args.epochs)
+        per_batch = per_batch_seconds(engine, cfg, rt, train_loader, args.steps)
+        pure_epoch_s = per_batch["step"] * batches
+        epoch_s = sum(parts.values())
+        yield {"case": f"fixed-{arch}-w{cfg['base_channels']}-{cfg['input_h']}px-b{b}", "device": device_name(rt),
+               "arch": arch, "batch_size": b, "batches": batches, "precision": rt.precision_name(),
+               "loader": train_loader.kind, "cuda_graph": engine.graphed, "save_every": cfg["save_every"],
+               "epoch_s": round(epoch_s, 4), "pure_train_s": round(pure_epoch_s, 4),
+               "e2e_over_pure": round(pure_epoch_s / parts["train"], 3),
+               "epoch_over_pure": round(pure_epoch_s / epoch_s, 3),
+               "per_epoch_s": {f"{k}_s": round(v, 4) for k, v in parts.items()},
+               "train_beyond_step_s": round(parts["train"] - pure_epoch_s, 4),
+               "per_batch_ms": {**{k: round(v * 1e3, 3) for k, v in per_batch.items()},
+                                "train_loop_beyond_step": round((parts["train"] - pure_epoch_s) / batches * 1e3, 3)},
+               "torch": torch.__version__}
+
+
+def loop_parts(engine, loaders, rt, save_every, epochs):
+    """train.py's loop over `epochs` epochs after a warm-up one -> mean seconds per epoch of each part: train,
+    validate, schedule_and_log, files (the training thread's share: the snapshot and handing it to the writer)."""
+    train_loader, val_loader = loaders
+    parts = {"train": 0.0, "validate": 0.0, "schedule_and_log": 0.0, "files": 0.0}
+    with tempfile.TemporaryDirectory() as run_dir:
+        writer = rundir_writer(run_dir, save_every)
+        for epoch in range(epochs + 1):     # epoch 0 warms up (and captures a CUDA graph where one is used)
+            times, t0 = {}, time.perf_counter()
+            rt.synchronize()
+            train_loader.set_epoch(epoch)
+            stats = engine.train_one_epoch(train_loader, epoch)
+            rt.synchronize()
+            times["train"], t0 = time.perf_counter() - t0, time.perf_counter()
+            stats.update(engine.validate(val_loader))
+            rt.synchronize()
+            times["validate"], t0 = time.perf_counter() - t0, time.perf_counter()
+            lr = engine.lr
+            engine.step_scheduler(stats["val_loss"])
+            improved = engine.end_epoch(epoch + 1, lr, stats, 1.0)
+            times["schedule_and_log"], t0 = time.perf_counter() - t0, time.perf_counter()
+            writer.save(engine.snapshot(), improved)
+            rt.synchronize()
+            times["files"] = time.perf_counter() - t0
+            for k in parts if epoch else ():
+                parts[k] += times[k] / epochs
+        writer.close([])
+    return parts
+
+
+def per_batch_seconds(engine, cfg, rt, train_loader, steps):
+    """Seconds per batch of each part of train_one_epoch timed alone: the step (on a fixed batch), the loader's
+    batch, the metrics update and the weight average's update."""
+    x, y = fixed_batch(cfg, rt)
+    train_loader.set_epoch(1)
+    meter = SegMeter(cfg["num_classes"], rt.device)
+    logits = torch.randn(y.shape).to(y.device)
+    return {"step": mean_seconds(lambda: engine.train_step(x, y), rt, max(steps, 20)),
+            "loader": mean_seconds(lambda: [None for _ in train_loader], rt, 2) / len(train_loader),
+            "metrics": mean_seconds(lambda: meter.update(binarize(logits, cfg["class_mode"]), y), rt, 50),
+            "ema": mean_seconds(lambda: engine.ema.update(), rt, 50) if engine.ema is not None else 0.0}
+
+
+def rundir_writer(run_dir, every):
+    """train.py's EpochWriter writing every `every` seconds."""
+    return EpochWriter(run_dir, (), every)
+
+
+def matmul_tflop_s(rt, steps):
+    """TFLOP/s of a square matrix product in the runtime's precision (2048 on a CPU, 8192 on a GPU): the machine's
+    arithmetic ceiling, measured in the same run as the rates beside it."""
+    side = 8192 if rt.cuda else 2048
+    a = torch.randn(side, side).to(rt.device, rt.amp_dtype or torch.float32)
+    return timed_steps(lambda: a @ a, rt, steps, 1)[0] * 2 * side ** 3 / 1e12
 
 
 def train_flop_per_image(cfg):
@@ -479,6 +589,8 @@ def parse_args(argv):
     p.add_argument("--memory_format", choices=("auto", "channels_last", "contiguous"),
                    help="override the recipe's memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda_graph", choices=("on", "off"), help="override the recipe's --cuda_graph")
+    p.add_argument("--save_every", type=float, help="override the recipe's --save_every (seconds; 0: every epoch)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs for e2e_img_s (after one warm-up)")
     p.add_argument("--steps", type=int, default=30, help="timed steps for pure_img_s")
     p.add_argument("--quick", action="store_true", help="64 images at 64x64, batch 8, 1 epoch: a CPU smoke run")
@@ -495,6 +607,8 @@ def parse_args(argv):
                    help="instead: where one training epoch's time goes (torch profiler), per architecture")
     p.add_argument("--limits", action="store_true",
                    help="instead: each convolution of the network timed alone, and the images/s of its convolutions only")
+    p.add_argument("--fixed_costs", action="store_true",
+                   help="instead: what an epoch costs besides the network (a 4-channel network at 32 px), part by part")
     p.add_argument("--keep_tiff", metavar="DIR", help="with --decode: write the 16-bit TIFF copy here and keep it")
     p.add_argument("--images", type=int, help="use only the first N images of the data set")
     p.add_argument("--out", help="append the JSON lines to this file too")
@@ -511,14 +625,15 @@ def parse_args(argv):
 
 
 def instead_of_rates(args):
-    """The mode asked for instead of the rate rows (scaling, decode, variants, profile, limits), or None."""
-    return next((m for m in ("scaling", "decode", "variants", "profile", "limits") if getattr(args, m)), None)
+    """The mode asked for instead of the rate rows (scaling, decode, variants, profile, limits, fixed_costs), or None."""
+    return next((m for m in ("scaling", "decode", "variants", "profile", "limits", "fixed_costs") if getattr(args, m)),
+                None)
 
 
 def overrides_from(args, device):
     """The recipe settings that the command line changes."""
     overrides = {"device": str(device)}
-    for key in ("batch_size", "amp", "loader", "memory_format"):
+    for key in ("batch_size", "amp", "loader", "memory_format", "cuda_graph", "save_every"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.compile:
@@ -546,7 +661,9 @@ def case_row(cfg, rt, data, args):
            "e2e_over_pure": round(e2e["e2e_img_s"] / pure, 3),
            "e2e_over_adjacent_pure": round(e2e["e2e_over_adjacent_pure"], 3), "reference_img_s": round(reference, 1),
            "e2e_over_reference": round(e2e["e2e_img_s"] / reference, 3),
-           "e2e_tflop_s": round(e2e["e2e_img_s"] * tflop, 3), "gflop_per_image": round(tflop * 1e3, 2), "epoch_s": round(e2e["epoch_s"], 3),
+           "e2e_tflop_s": round(e2e["e2e_img_s"] * tflop, 3), "gflop_per_image": round(tflop * 1e3, 2),
+           "matmul_tflop_s": round(matmul_tflop_s(rt, args.steps), 1), "cuda_graph": cfg["cuda_graph"],
+           "epoch_s": round(e2e["epoch_s"], 3),
            "files_s_per_epoch": round(e2e["files_s_per_epoch"], 4),
            "predict_img_s": round(predict_rate(cfg, rt, split(data, cfg)[1]), 1),
            "peak_mem_mb": round(peak_memory_mb(rt), 1), "torch": torch.__version__}
@@ -577,7 +694,8 @@ def benchmark(args):
         rows = (scaling_rows(base, data, device, args) if args.scaling else
                 profile_rows(base, data, device, args) if args.profile else
                 variant_rows(base, device, args) if args.variants else
-                limit_rows(base, device, args) if args.limits else decode_rows(data, args))
+                limit_rows(base, device, args) if args.limits else
+                fixed_cost_rows(base, data, device, args) if args.fixed_costs else decode_rows(data, args))
         for row in rows:
             emit(row, args.out)
         return

@@ -151,3 +151,17 @@ def test_e2e_rate_pairs_each_epoch_with_a_pure_window_only_when_asked(tmp_path):
     rt = runtime.build(torch.device("cpu"), cfg)
     assert bench.e2e_rate(cfg, rt, data, 1)["e2e_over_adjacent_pure"] is None
     assert bench.e2e_rate(cfg, rt, data, 2, steps=2)["e2e_over_adjacent_pure"] > 0
+
+
+def test_fixed_costs_account_for_the_epoch_part_by_part(bench_data, monkeypatch, capsys):
+    code, out, err = run_main(bench.main, bench_data + ["--fixed_costs", "--epochs", "1"], bench.HERE, monkeypatch,
+                              capsys)
+    assert code == 0, err
+    (row,) = rows(out)
+    parts = row["per_epoch_s"]
+    assert row["case"] == "fixed-UNet-w4-32px-b4" and row["batches"] == 4      # 24 images: 19 training, 4 batches
+    assert row["epoch_s"] == pytest.approx(parts["train_s"] + parts["validate_s"] + parts["schedule_and_log_s"]
+                                           + parts["files_s"], abs=2e-4)
+    assert row["pure_train_s"] == pytest.approx(row["per_batch_ms"]["step"] * row["batches"] / 1e3, rel=0.01)
+    assert row["e2e_over_pure"] == pytest.approx(row["pure_train_s"] / parts["train_s"], rel=0.01)
+    assert row["per_batch_ms"]["ema"] > 0 and row["save_every"] == 30.0      # the CPU recipe averages the weights
