@@ -20,39 +20,26 @@ def save(obj, path):
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
 
 
-def detached_copy(obj):
-    """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied to the CPU:
-    a snapshot that a background writer can save while training changes the originals."""
+def map_tensors(obj, fn):
+    """obj (dicts, lists and tuples of tensors and plain values) with fn applied to every tensor."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: detached_copy(v) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(detached_copy(v) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
 
 
 def device_copy(obj):
     """obj with every tensor cloned where it is (on a GPU: queued after the work that produced it, without waiting
     for it): the snapshot of an epoch that training goes on changing. to_cpu() brings it to the host later."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: device_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(device_copy(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.detach().clone())
 
 
 def to_cpu(obj):
     """obj with every tensor that is not on the CPU moved there (those on the CPU are kept as they are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device.type == "cpu" else obj.to("cpu")
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t if t.device.type == "cpu" else t.to("cpu"))
 
 
 def load(path):
