@@ -62,11 +62,13 @@ def load_run(name, device_name, runs):
         raise UserError(f"{model_path} does not exist: the run has not finished an epoch yet. "
                         f"Train it (python train.py --name {name} --resume) first.")
     saved, cfg_path = config.saved_config(run_dir)
+    description = recorded_description(run_dir)
+    if saved is None:               # model.pth and model.json alone, as a colleague sends a model
+        saved, cfg_path = settings_from_description(description, run_dir)
     cfg = config.check(saved, cfg_path)
     if cfg["normalize"] == "auto":
         raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
                         f"percentile; train.py printed it); set it back in {cfg_path}")
-    description = recorded_description(run_dir)
     cfg = as_trained(cfg, description, cfg_path)
     rt = runtime.for_inference(device_name, cfg)
     network = build_network(cfg, rt)
@@ -107,6 +109,20 @@ def as_trained(cfg, description, cfg_path):
         print(f"note: {cfg_path} was edited after training: {said}; evaluating with what the run trained with "
               f"(its model.json). To evaluate other settings, train a run with them.")
     return {**cfg, **edited}
+
+
+def settings_from_description(description, run_dir):
+    """A run folder without config.yml or last.pth: the config defaults with what its model.json records of the
+    network and its normalisation -> (config, the path messages name); a UserError when model.json is missing too."""
+    path = os.path.join(run_dir, "model.json")
+    try:
+        trained = trained_settings(description) if description else None
+    except (KeyError, TypeError, IndexError):
+        trained = None
+    if trained is None:
+        raise UserError(f"{run_dir} has model.pth but neither config.yml nor last.pth, and no readable model.json to "
+                        "rebuild the network from; copy the run's config.yml (or model.json) beside its model.pth")
+    return config.merge(trained, path, {}), path       # each value checked and converted as a config file's are
 
 
 def recorded_dtypes(description):

@@ -1,6 +1,7 @@
 """Never lose a run, never answer a user mistake with a traceback (train.py and val.py as subprocesses)."""
 import csv
 import hashlib
+import json
 import os
 import random
 import re
@@ -492,6 +493,30 @@ def test_resume_without_config_yml_uses_the_copy_in_last_pth(workdir, monkeypatc
     code, _, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "2"], workdir, monkeypatch, capsys)
     assert code == 0, err
     assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["arch"] == "UNet"
+
+
+def test_a_model_folder_with_only_model_pth_and_model_json_evaluates(workdir, monkeypatch, capsys):
+    """What a colleague sends: model.pth and model.json, no config.yml, no last.pth. val.py rebuilds the network from
+    model.json and predicts as the run did; a folder without model.json either gets one message naming the fix."""
+    probs = ["--data", "inputs/tiny", "--save_probs"]
+    code, _, err = run_main(val.main, ["--name", "old", *probs], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    sent = workdir / "models" / "sent"
+    os.makedirs(sent)
+    for f in ("model.pth", "model.json"):
+        shutil.copy(workdir / "models" / "old" / f, sent / f)
+    code, out, err = run_main(val.main, ["--name", "sent", *probs], workdir, monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    old_maps, sent_maps = (workdir / "outputs" / n / "on_tiny" / "probs" / "0" for n in ("old", "sent"))
+    maps = sorted(os.listdir(old_maps))
+    assert maps and all((old_maps / m).read_bytes() == (sent_maps / m).read_bytes() for m in maps)   # same model
+    os.remove(sent / "model.json")
+    code, _, err = run_main(val.main, ["--name", "sent", "--data", "inputs/tiny"], workdir, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and "copy the run's config.yml (or model.json)" in err
+    with open(sent / "model.json", "w") as f:                     # a crafted description: refused by key
+        json.dump({**json.load(open(workdir / "models" / "old" / "model.json")), "num_classes": 100000000}, f)
+    code, _, err = run_main(val.main, ["--name", "sent", "--data", "inputs/tiny"], workdir, monkeypatch, capsys)
+    assert code == 2 and "model.json" in err and "num_classes" in err and "Traceback" not in err
 
 
 def test_eleven_classes_hidden_folders_and_mixed_zero_one_masks(workdir, monkeypatch, capsys):
