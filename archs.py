@@ -182,6 +182,14 @@ class Probabilities(nn.Module):
         return activate(final_logits(self.network(x), self.deep_supervision), self.class_mode)
 
 
+def parameter_shapes(cfg):
+    """{name: shape} of the state_dict of the network build_model(cfg) gives, computed on the meta device (nothing
+    allocated, so a config that describes an enormous network costs nothing to check)."""
+    with torch.device("meta"):
+        net = build_model(cfg)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
 def build_model(cfg):
     """The network a config names, with its class count, input channels, deep supervision and width. Its input is
     normalised before it (normalize.py), per_image_norm included."""

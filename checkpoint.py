@@ -54,6 +54,22 @@ def load(path):
                         "Use a model.pth/last.pth written by train.py.") from None
 
 
+def check_shapes(state, expected, path):
+    """Refuses weights whose tensors are not those of the network a config describes (expected: {name: shape}, as
+    archs.parameter_shapes gives without allocating it), before the network is built: a settings file that claims
+    a network far larger than its weights (num_classes 100000000, base_channels 100000) is refused at once."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path} does not hold a model's weights (a state_dict). Use the model.pth train.py wrote.")
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    differ = sorted(k for k in expected if shapes.get(k) != expected[k])
+    if differ or set(shapes) - set(expected):
+        key = differ[0] if differ else sorted(set(shapes) - set(expected))[0]
+        raise UserError(f"{path} does not fit the network its settings describe (arch, num_classes, input_channels, "
+                        f"base_channels, deep_supervision in config.yml and model.json): {key} is "
+                        f"{shapes.get(key, 'missing')} in the file, {expected.get(key, 'not in the network')} in the "
+                        "settings. Use the run's own config.yml and model.json with its model.pth.")
+
+
 def load_weights(model, state, path):
     """load_state_dict with a clear message when the weights belong to another network."""
     try:

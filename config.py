@@ -108,6 +108,7 @@ TYPES = {name: typ for name, _, typ, *_ in OPTIONS}
 CHOICES = {name: choices for name, _, _, choices, _ in OPTIONS if choices}
 SHORT = {"batch_size": "-b", "arch": "-a"}
 MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 255)
+MAX_INPUT = 4096       # the largest network input side: one 4096x4096 training image is already several GB of activations
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
 
 
@@ -298,8 +299,8 @@ RANGES = [
     ("base_channels", lambda v: 1 <= v <= 256, "between 1 and 256 (32 is the reference network)"),
     ("norm_pmin", lambda v: finite(v) and 0 <= v < 100, "a percentile, at least 0 and below 100"),
     ("norm_pmax", lambda v: finite(v) and 0 < v <= 100, "a percentile, above 0 and at most 100"),
-    ("input_w", lambda v: v >= 16, "at least 16"),
-    ("input_h", lambda v: v >= 16, "at least 16"),
+    ("input_w", lambda v: 16 <= v <= MAX_INPUT, f"between 16 and {MAX_INPUT} (for larger images train on crops: --crop)"),
+    ("input_h", lambda v: 16 <= v <= MAX_INPUT, f"between 16 and {MAX_INPUT} (for larger images train on crops: --crop)"),
     ("val_split", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("lr", lambda v: finite(v) and v > 0, "a positive number"),
     ("min_lr", lambda v: finite(v) and v >= 0, "0 or a positive number"),

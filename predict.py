@@ -20,6 +20,7 @@ import checkpoint
 import config
 import rundir
 import runtime
+from archs import parameter_shapes
 from engine import build_network
 from figures import TRUTH, class_label, colour, outlined, panel
 from instances import measure, object_scores, object_sizes, split, split_by_borders
@@ -69,10 +70,12 @@ def load_run(name, device_name, runs):
     if cfg["normalize"] == "auto":
         raise UserError(f"{cfg_path}: normalize is auto, but a trained run records the mode it chose (imagenet or "
                         f"percentile; train.py printed it); set it back in {cfg_path}")
-    cfg = as_trained(cfg, description, cfg_path)
+    cfg = as_trained(cfg, description, cfg_path, os.path.join(run_dir, "model.json"))
     rt = runtime.for_inference(device_name, cfg)
+    state = checkpoint.load(model_path)
+    checkpoint.check_shapes(state, parameter_shapes(cfg), model_path)   # before a network of that size is built
     network = build_network(cfg, rt)
-    checkpoint.load_weights(network, checkpoint.load(model_path), model_path)
+    checkpoint.load_weights(network, state, model_path)
     return Member(name, cfg, rt, Predictor(network, describe(cfg, recorded_dtypes(description))).eval())
 
 
@@ -96,15 +99,20 @@ def trained_settings(d):
             "per_image_norm": n["per_image"], "crop": d["crop"], "target": d.get("target", "masks")}
 
 
-def as_trained(cfg, description, cfg_path):
+def as_trained(cfg, description, cfg_path, json_path="model.json"):
     """The config with the prediction settings the run trained with (model.json) where config.yml was edited
-    since: a note names each difference and says which is used."""
+    since: a note names each difference and says which is used. model.json is untrusted input (a run folder comes
+    from colleagues): its values are converted and range-checked as a config file's are, and a bad one is a
+    UserError naming json_path and the key."""
     try:
         trained = trained_settings(description) if description else {}
     except (KeyError, TypeError, IndexError):
         return cfg
+    converted = config.merge(trained, json_path, {})     # converted as a config file's values, or refused by key
+    trained = {k: converted[k] for k in trained}
     edited = {k: v for k, v in trained.items() if k in cfg and cfg[k] != v}
     if edited:
+        config.check({**cfg, **edited}, {**{k: cfg_path for k in cfg}, **{k: json_path for k in edited}})
         said = ", ".join(f"{k} {cfg[k]!r} (trained with {v!r})" for k, v in edited.items())
         print(f"note: {cfg_path} was edited after training: {said}; evaluating with what the run trained with "
               f"(its model.json). To evaluate other settings, train a run with them.")

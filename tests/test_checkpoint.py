@@ -57,3 +57,18 @@ def test_rng_state_round_trip_repeats_every_generator(tmp_path):
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     checkpoint.set_rng_state(checkpoint.load(path))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_weights_are_compared_with_the_network_before_it_is_built():
+    """archs.parameter_shapes describes a network without allocating it (meta device); check_shapes refuses weights
+    of another network, naming the first tensor that differs."""
+    from archs import build_model, parameter_shapes
+    cfg = {"arch": "UNet", "num_classes": 1, "input_channels": 3, "deep_supervision": False, "base_channels": 8}
+    state = build_model(cfg).state_dict()
+    checkpoint.check_shapes(state, parameter_shapes(cfg), "model.pth")             # the same network: accepted
+    huge = parameter_shapes({**cfg, "base_channels": 100000})                      # 10^11 weights, none allocated
+    assert huge["conv0_0.conv1.weight"] == (100000, 3, 3, 3)
+    with pytest.raises(UserError, match=r"model.pth does not fit .* is \(8,\) in the file, \(100000,\) in the settings"):
+        checkpoint.check_shapes(state, huge, "model.pth")
+    with pytest.raises(UserError, match="does not hold a model's weights"):
+        checkpoint.check_shapes([1, 2], huge, "model.pth")

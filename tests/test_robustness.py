@@ -3,6 +3,7 @@ import csv
 import hashlib
 import json
 import os
+import resource
 import random
 import re
 import shutil
@@ -130,7 +131,9 @@ BAD_TRAIN_INPUTS = [
      ["--config", "bad.yml"], "an alias (*name) is not allowed"),
     ("png-declares-gigapixels", ("images/img0002.png", lambda p: declare_size(p, 60000, 60000)), [],
      "images/img0002.png declares 60000x60000 pixels"),
-    ("input-cannot-fit", None, ["--input_w", "20000", "--input_h", "20000"], "a training step of UNet needs at least"),
+    ("input-cannot-fit", None, ["--input_w", "4096", "--input_h", "4096", "-b", "4096"],
+     "a training step of UNet needs at least"),
+    ("input-too-large", None, ["--input_w", "20000", "--input_h", "20000"], "between 16 and 4096 (for larger images train on crops"),
     ("min-lr-above-lr", None, ["--lr", "1e-4", "--min_lr", "1e-3"], "min_lr 0.001 is above lr 0.0001"),
 ]
 
@@ -517,6 +520,30 @@ def test_a_model_folder_with_only_model_pth_and_model_json_evaluates(workdir, mo
         json.dump({**json.load(open(workdir / "models" / "old" / "model.json")), "num_classes": 100000000}, f)
     code, _, err = run_main(val.main, ["--name", "sent", "--data", "inputs/tiny"], workdir, monkeypatch, capsys)
     assert code == 2 and "model.json" in err and "num_classes" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("num_classes", 100000000, "num_classes"), ("base_channels", 400, "base_channels"),
+    ("base_channels", 100000, "base_channels"), ("input_size", [16000000, 16000000], "between 16 and 4096"),
+    ("arch", "__import__", "arch"), ("num_classes", "abc", "num_classes"), ("normalize", "evil", "normalize"),
+    ("base_channels", 16, "(16,) in the settings"),           # in range, but not the network model.pth holds
+])
+def test_a_crafted_model_json_is_refused_by_key_before_anything_is_allocated(workdir, key, value, named, monkeypatch,
+                                                                              capsys):
+    """A run folder is something users receive: every value of model.json is checked (range, type, registry)
+    and model.pth's tensors are compared with the network it describes before that network is built."""
+    path = workdir / "models" / "old" / "model.json"
+    description = json.load(open(path))
+    if key == "normalize":
+        description["normalize"]["mode"] = value
+    else:
+        description[key] = value
+    path.write_text(json.dumps(description))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, _, err = run_main(val.main, ["--name", "old", "--data", "inputs/tiny"], workdir, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert named in err and ("model.json" in err or "model.pth" in err)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000     # KiB: nothing like GBs
 
 
 def test_eleven_classes_hidden_folders_and_mixed_zero_one_masks(workdir, monkeypatch, capsys):
