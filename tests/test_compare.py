@@ -41,3 +41,63 @@ def test_a_name_that_is_not_a_run_is_refused(tmp_path, monkeypatch, capsys):
     yaml.safe_dump({"arch": "UNet"}, open(tmp_path / "models" / "notes" / "config.yml", "w"))
     code, out, err = run_main(compare.main, [], tmp_path, monkeypatch, capsys)
     assert code == 0 and out.splitlines()[1].startswith("notes"), err    # a run without log.csv: dashes
+
+
+def with_nan_val_iou(text):
+    header, first, *rest = text.splitlines()
+    values = first.split(",")
+    values[header.split(",").index("val_iou")] = "nan"
+    return "\n".join([header, ",".join(values), *rest]) + "\n"
+
+
+def broken_runs(tmp_path, monkeypatch, capsys):
+    """One good run (trained here) and copies of it whose log.csv or config.yml is broken in different ways."""
+    make_data(tmp_path / "inputs")
+    code, _, err = run_main(train.main, FAST + ["--epochs", "1", "--name", "good"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    good = tmp_path / "models" / "good"
+    breakers = {
+        "latin1": lambda d: (d / "log.csv").write_bytes((good / "log.csv").read_bytes() + b"\xff\xfe,1\n"),
+        "no_val_iou": lambda d: (d / "log.csv").write_text("epoch,loss,seconds\n1,0.5,2.0\n"),
+        "log_folder": lambda d: os.makedirs(d / "log.csv"),
+        "nan_iou": lambda d: (d / "log.csv").write_text(with_nan_val_iou((good / "log.csv").read_text())),
+        "bad_yaml": lambda d: (d / "config.yml").write_text("arch: [UNet\n"),
+        "bad_metrics": lambda d: None,
+    }
+    for name, breaker in breakers.items():
+        d = tmp_path / "models" / name
+        os.makedirs(d)
+        for f in ("config.yml", "log.csv"):
+            (d / f).write_bytes((good / f).read_bytes())
+        if name == "log_folder":
+            os.remove(d / "log.csv")
+        breaker(d)
+    os.makedirs(tmp_path / "outputs" / "bad_metrics")
+    (tmp_path / "outputs" / "bad_metrics" / "metrics.csv").write_bytes(b"id,iou_0\nimg,\xff\xff\n")
+    return breakers
+
+
+def test_broken_runs_are_named_in_the_table_and_the_others_shown(tmp_path, monkeypatch, capsys):
+    broken_runs(tmp_path, monkeypatch, capsys)
+    code, out, err = run_main(compare.main, [], tmp_path, monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    lines = out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:8]}
+    assert "1/1" in rows["good"] and "1/1" in rows["bad_metrics"] and rows["bad_metrics"].split()[-2] == "-"
+    for name, says in (("latin1", "is not UTF-8 text"), ("no_val_iou", "has no val_iou column"),
+                       ("log_folder", "is not a file"), ("nan_iou", "val_iou is 'nan', not a number"),
+                       ("bad_yaml", "is not valid YAML")):
+        assert "cannot be read" in rows[name]
+        assert any(line.startswith(f"{name}: ") and says in line for line in lines[8:]), (name, out)
+
+
+def test_plot_into_a_missing_folder_and_all_runs_broken(tmp_path, monkeypatch, capsys):
+    broken_runs(tmp_path, monkeypatch, capsys)
+    code, _, err = run_main(compare.main, ["--plot", "nowhere/runs.png"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "the folder nowhere does not exist" in err and not os.path.exists(tmp_path / "nowhere")
+    code, out, err = run_main(compare.main, ["latin1", "bad_yaml", "--plot", "runs.png"], tmp_path, monkeypatch,
+                              capsys)
+    assert code == 2 and "none of the 2 run(s) can be read" in err and "latin1: " in out
+    assert not os.path.exists(tmp_path / "runs.png")
+    code, _, err = run_main(compare.main, ["good", "latin1", "--plot", "runs.png"], tmp_path, monkeypatch, capsys)
+    assert code == 0 and os.path.getsize(tmp_path / "runs.png") > 1000, err     # the readable run is plotted
