@@ -108,6 +108,7 @@ TYPES = {name: typ for name, _, typ, *_ in OPTIONS}
 CHOICES = {name: choices for name, _, _, choices, _ in OPTIONS if choices}
 SHORT = {"batch_size": "-b", "arch": "-a"}
 MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 255)
+MAX_COUNT = 10**6      # the largest epoch count, batch size, patience, milestone (a config's numbers are bounded)
 MAX_INPUT = 4096       # the largest network input side: one 4096x4096 training image is already several GB of activations
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
 
@@ -130,6 +131,8 @@ def parse_int_list(v):
 
 def parse_str_list(v):
     """['a', 'b'], 'a,b' -> ['a', 'b'] (names trimmed; an empty string is the empty list)."""
+    if isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {v!r}")
     items = v if isinstance(v, (list, tuple)) else str(v).split(",")
     if any(isinstance(x, (dict, list, tuple)) or x is None for x in items):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {v!r}")
@@ -292,8 +295,8 @@ def finite(v):
 
 # key, test, what it must be: every range a value must lie in, checked before anything else happens
 RANGES = [
-    ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("epochs", lambda v: 1 <= v <= MAX_COUNT, f"between 1 and {MAX_COUNT}"),
+    ("batch_size", lambda v: 1 <= v <= MAX_COUNT, f"between 1 and {MAX_COUNT}"),
     ("num_classes", lambda v: 1 <= v <= 255, "between 1 and 255"),
     ("input_channels", lambda v: 1 <= v <= 64, "between 1 and 64"),
     ("base_channels", lambda v: 1 <= v <= 256, "between 1 and 256 (32 is the reference network)"),
@@ -307,18 +310,19 @@ RANGES = [
     ("weight_decay", lambda v: finite(v) and v >= 0, "0 or a positive number"),
     ("momentum", lambda v: finite(v) and 0 <= v < 1, "at least 0 and below 1"),
     ("factor", lambda v: finite(v) and 0 < v < 1, "between 0 and 1 (exclusive)"),
-    ("patience", lambda v: v >= 0, "0 or more"),
+    ("patience", lambda v: 0 <= v <= MAX_COUNT, f"between 0 and {MAX_COUNT}"),
     ("gamma", lambda v: finite(v) and v > 0, "a positive number"),
-    ("milestones", lambda v: all(m >= 1 for m in v), "a list of epochs, each at least 1"),
-    ("early_stopping", lambda v: v >= -1, "-1 (never) or a number of epochs"),
+    ("milestones", lambda v: len(v) <= 1000 and all(1 <= m <= MAX_COUNT for m in v),
+     f"a list of at most 1000 epochs, each between 1 and {MAX_COUNT}"),
+    ("early_stopping", lambda v: -1 <= v <= MAX_COUNT, f"-1 (never) or a number of epochs up to {MAX_COUNT}"),
     ("ema", lambda v: finite(v) and (v == 0 or 0.5 <= v < 1), "0 (off) or a decay between 0.5 and 1, e.g. 0.995"),
     ("seed", lambda v: 0 <= v < 2**63, "between 0 and 2**63-1"),
     ("split_seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32-1 (scikit-learn's random_state)"),
-    ("num_workers", lambda v: v >= 0, "0 or more"),
-    ("folds", lambda v: v >= 1, "1 (no cross-validation) or more"),
+    ("num_workers", lambda v: 0 <= v <= 1024, "between 0 and 1024"),
+    ("folds", lambda v: 1 <= v <= 1000, "1 (no cross-validation) to 1000"),
     ("affine", lambda v: finite(v) and 0 <= v <= 1, "a probability between 0 and 1"),
-    ("fold", lambda v: v >= 0, "0 or more (a fold number, 0 .. folds-1)"),
-    ("cache_mb", lambda v: finite(v) and v >= 0, "0 (automatic) or more"),
+    ("fold", lambda v: 0 <= v < 1000, "0 or more (a fold number, 0 .. folds-1)"),
+    ("cache_mb", lambda v: finite(v) and 0 <= v <= 2**40, "0 (automatic) or more"),
     ("save_every", lambda v: finite(v) and 0 <= v <= 86400, "0 (every epoch) to 86400 seconds"),
     ("name", lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; no '/', "
      f"not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)"),

@@ -234,13 +234,25 @@ def config_loader():
     return loader
 
 
+MAX_YAML_DEPTH = 16            # lists and mappings nested in a config file, at most (a config needs 2)
+MAX_YAML_BYTES = 256 * 2**10   # a config file's size, at most (one is a few kilobytes)
+
+
 def refuse_aliases(self, parent, index):
     """Composer step: an alias (*name) is refused. A config has no use for one, and a few nested aliases can
-    stand for billions of values (a 'billion laughs' file) that printing the config would expand."""
+    stand for billions of values (a 'billion laughs' file) that printing the config would expand. So is nesting
+    deeper than MAX_YAML_DEPTH (a list nested 100,000 deep exhausted Python's recursion)."""
     if self.check_event(yaml.AliasEvent):
         raise yaml.composer.ComposerError(None, None, "an alias (*name) is not allowed in a config file; write "
                                           "the value itself", self.peek_event().start_mark)
-    return yaml.composer.Composer.compose_node(self, parent, index)
+    self.depth = getattr(self, "depth", 0) + 1
+    try:
+        if self.depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"values nested more than {MAX_YAML_DEPTH} levels deep "
+                                              "are not a config", self.peek_event().start_mark)
+        return yaml.composer.Composer.compose_node(self, parent, index)
+    finally:
+        self.depth -= 1
 
 
 def refuse_duplicate_keys(self, node, deep=False):
@@ -259,6 +271,9 @@ def load_yaml(path):
     UserError."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
+    if os.path.getsize(path) > MAX_YAML_BYTES:
+        raise UserError(f"config file {path} is {os.path.getsize(path) / 2**10:.0f} KB; a config is a few KB of "
+                        f"'key: value' lines ({MAX_YAML_BYTES // 2**10} KB at most). Is it the right file?")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=config_loader())

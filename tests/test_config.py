@@ -88,3 +88,23 @@ def test_a_run_saved_before_normalize_existed_loads_as_imagenet(tmp_path):
 def test_normalisation_and_channel_settings_are_checked(argv, pattern):
     with pytest.raises(UserError, match=pattern):
         config.resolve(argv)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("milestones: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested more than 16 levels"),
+    ("class_names: [[[[[[[[[[[[[[[[[[a]]]]]]]]]]]]]]]]]]\n", "nested more than 16 levels"),
+    ("epochs: 99999999999999999999999999\n", "epochs must be between 1 and 1000000"),
+    ("batch_size: 10000000000\n", "batch_size must be between 1 and 1000000"),
+    ("patience: 123456789012\n", "patience must be between 0 and 1000000"),
+    ("num_workers: 100000\n", "num_workers must be between 0 and 1024"),
+    ("milestones: [" + ", ".join(["5"] * 1001) + "]\n", "a list of at most 1000 epochs"),
+    ("class_names: {a: 1}\n", "class_names"),
+    ("lr: 0.1\n" + "# padding\n" * 40_000, "a config is a few KB"),
+])
+def test_config_files_without_bounds_are_refused_by_key(tmp_path, text, says):
+    """A config file is untrusted input: nesting depth, file size, list lengths and every number are bounded, and
+    each refusal is one UserError (no RecursionError, no run of 10^26 epochs, no class named "{'a': 1}")."""
+    path = tmp_path / "cfg.yml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=says):
+        config.resolve(["--config", str(path)])
