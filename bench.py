@@ -22,6 +22,13 @@ startup_s (train.py's command start to its start-up line, after which the first 
 and optionally seconds from the command's start until validation IoU first reaches the target,
 with the run's best IoU.
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
 import argparse
 import contextlib
 import json
@@ -29,7 +36,6 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -720,4 +726,6 @@ def emit(row, path):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()

@@ -11,6 +11,13 @@ mean IoU val.py wrote to outputs/<name>/metrics.csv if the run was evaluated, an
 what is wrong, below it; the others are shown. Nothing is written except the --plot file, which must not exist
 yet, in a folder that does.
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
 import argparse
 import csv
 import io
@@ -184,4 +191,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()

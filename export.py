@@ -13,11 +13,17 @@ model.onnx, test_input.npy / test_output.npy, a README.md on using them, and bio
 folder bioimageio/): the BioImage.IO package (format 0.5) for deepImageJ in Fiji, napari, QuPath and ilastik,
 validated with bioimageio.spec on export (see bioimageio_package.py).
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
 import argparse
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -267,4 +273,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()

@@ -17,6 +17,13 @@ images/<id>.tif with labels/<id>.tif, one number per nucleus, some of them touch
 packed edge to edge, separated by thin dark membranes 2-3 px wide; the mask marks the cells' insides
 (most of each image), so a model has to find the thin lines between them.
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
 import argparse
 import os
 import shutil
@@ -218,4 +225,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()

@@ -13,10 +13,16 @@ stage-1 test set) is written as images only, for prediction.
 The data set is written into a hidden folder beside --out and moved into place once complete, so
 Ctrl-C, a kill or a full disk never leaves a half data set that train.py would take for a whole one.
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
 import argparse
 import os
 import shutil
-import sys
 import zipfile
 import zlib
 
@@ -224,4 +230,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()

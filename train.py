@@ -8,8 +8,14 @@ Writes config.yml, log.csv, model.pth (best val_iou, plain state_dict), last.pth
 state) and curves.png, each atomically, every epoch. The training step, the epoch and the
 validation pass are in engine.py; this script is the command line, the run folder and the loop.
 """
-import os
+import signal
 import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
+import os
 import time
 import warnings
 
@@ -249,4 +255,6 @@ def interrupted_message(cfg, run):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()

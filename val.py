@@ -9,11 +9,17 @@ Masks are written as <output>/<class>/<id>.png (binary 0/255) at each image's or
 <output> is outputs/<name> (outputs/<name>/predictions for --images, outputs/<name>/on_<folder> for --data;
 an ensemble's name is its runs' names joined by '+').
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (seconds: torch) ends quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
 import argparse
 import csv
 import io
 import os
-import sys
 import warnings
 
 import advice
@@ -368,4 +374,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     main()
