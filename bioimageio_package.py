@@ -18,6 +18,8 @@ package's preprocessing and weights reproduces what val.py gives; bioimageio.cor
 import hashlib
 import inspect
 import os
+import string
+import typing
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -44,6 +46,30 @@ CITE = {
 FILES = {"architecture": "archs.py", "state_dict": "weights.pt", "torchscript": "weights_torchscript.pt",
          "onnx": "weights.onnx", "test_input": "test_input.npy", "test_output": "test_output.npy",
          "cover": "cover.png", "documentation": "README.md"}
+
+
+TEXT_LIMITS = {"name": 128, "description": 1024, "tensor": 128}   # bioimageio.spec 0.5's longest texts
+NAME_CHARACTERS = set(string.ascii_letters + string.digits + "_+- ()")    # what a package's name may hold
+
+
+class PackageInvalid(UserError):
+    """The package export.py wrote did not validate: a fault of the toolkit, not of the user's input."""
+    exit_code = 4
+
+
+def package_name(run_name, arch):
+    """'<run> <arch> segmentation' in the characters a package name may hold (others become '-'), at most 64."""
+    name = "".join(c if c in NAME_CHARACTERS else "-" for c in f"{run_name} {arch} segmentation")
+    return name[:64]
+
+
+def known_license(license_id):
+    """Whether license_id is an SPDX identifier bioimageio.spec accepts (True where the list cannot be read)."""
+    try:
+        from bioimageio.spec._internal._generated_spdx_license_literals import LicenseId
+    except ImportError:
+        return True
+    return license_id in typing.get_args(LicenseId)
 
 
 @dataclass(frozen=True)
@@ -101,19 +127,23 @@ def tensor_axes(d, space):
                if space == "input" else {"tensor_id": "raw", "axis_id": a}} for a in ("y", "x"))]
 
 
+def input_text(d):
+    """The input tensor's description, within bioimageio.spec's 128 characters for any type and input size."""
+    h, w = d["input_size"]
+    return (f"raw {d['input_dtype']} image values; height and width multiples of {d['size_multiple']} "
+            f"(trained at {h}x{w})")[:TEXT_LIMITS["tensor"]]
+
+
 def rdf(d, info, kwargs, folder):
     """rdf.yaml's content for the files written in `folder`."""
     h = lambda key: sha256(os.path.join(folder, FILES[key]))  # noqa: E731
     version = torch.__version__.split("+")[0]
-    h_in, w_in = d["input_size"]
     return {
         "format_version": FORMAT_VERSION, "type": "model", "name": info.name, "description": info.description,
         "authors": [{"name": a} for a in info.authors], "license": info.license,
         "cite": [CITE[d["arch"]]], "covers": [{"source": FILES["cover"]}], "documentation": {"source": FILES["documentation"]},
         "tags": ["segmentation", "unet" if d["arch"] == "UNet" else "unet++", "2d", "pytorch", "unet-toolkit"],
-        "inputs": [{"id": "raw", "description": f"raw image, values as in the {d['input_dtype']} files the model "
-                    f"trained on; any height and width that are multiples of {d['size_multiple']} (trained at "
-                    f"{h_in}x{w_in})", "axes": tensor_axes(d, "input"),
+        "inputs": [{"id": "raw", "description": input_text(d), "axes": tensor_axes(d, "input"),
                     "test_tensor": {"source": FILES["test_input"], "sha256": h("test_input")},
                     "data": {"type": "float32"}, "preprocessing": preprocessing(d)}],
         "outputs": [{"id": "probabilities", "description": ("softmax over the classes" if d["class_mode"] == "softmax"
@@ -209,6 +239,7 @@ def validate(path):
     summary = descr.validation_summary
     if isinstance(descr, InvalidDescr) or summary.status not in ("valid-format", "passed"):
         found = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in summary.errors) or summary.status
-        raise UserError(f"the BioImage.IO package {path} did not pass bioimageio.spec's validation ({found}). "
-                        "Please report this with the run's config.yml")
+        raise PackageInvalid(f"the BioImage.IO package {path} did not pass bioimageio.spec's validation ({found[:2000]}). "
+                             "This is a fault of export.py, not of your run or flags: please report it with the "
+                             "run's config.yml and model.json")
     return summary.status

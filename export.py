@@ -220,10 +220,29 @@ def package_info(args, cfg):
     authors = tuple(args.author or [getpass.getuser() or "unknown"])
     description = args.description or (f"{cfg['arch']} segmentation of {cfg['num_classes']} class(es), trained on "
                                        f"the {cfg['dataset']} data set with unet-toolkit")
-    return bioimageio_package.PackageInfo(f"{args.name} {cfg['arch']} segmentation", description, authors, args.license)
+    name = bioimageio_package.package_name(args.name, cfg["arch"])
+    return bioimageio_package.PackageInfo(name, description[:bioimageio_package.TEXT_LIMITS["description"]], authors,
+                                          args.license)
+
+
+def check_package_flags(args):
+    """The package's flags, checked before anything is built or written (they were refused only after TorchScript
+    and ONNX had been written, with a 10 KB report)."""
+    if not bioimageio_package.known_license(args.license):
+        raise UserError(f"--license {args.license!r} is not an SPDX licence identifier that BioImage.IO accepts; "
+                        "use e.g. CC-BY-4.0 (the default), MIT, Apache-2.0 or BSD-3-Clause (spdx.org/licenses)")
+    limit = bioimageio_package.TEXT_LIMITS["description"]
+    if args.description is not None and not 0 < len(args.description.strip()) <= limit:
+        raise UserError(f"--description is {len(args.description)} characters; give one sentence of at most {limit} "
+                        "(BioImage.IO's limit)")
+    for author in args.author or ():
+        if not 0 < len(author.strip()) <= bioimageio_package.TEXT_LIMITS["name"]:
+            raise UserError(f"--author {author[:40]!r}: give a name of 1 to "
+                            f"{bioimageio_package.TEXT_LIMITS['name']} characters")
 
 
 def export(args):
+    check_package_flags(args)
     run_dir = os.path.join(args.runs_dir, args.name)
     if os.path.isdir(run_dir) and rundir.in_use(run_dir):
         raise UserError(f"{run_dir} is being trained right now; export it when the training has finished (its "
@@ -252,8 +271,13 @@ def export(args):
     print(f"ONNX: {out}/model.onnx (max difference {onnx:.1e})", flush=True)
     package, diff = bioimageio_package.write(predictor, x, expected, os.path.join(out, "bioimageio"),
                                              package_info(args, member.cfg))
-    print(f"BioImage.IO package: {package} (max difference {diff:.1e}; bioimageio.spec: "
-          f"{bioimageio_package.validate(package)})", flush=True)
+    try:
+        status = bioimageio_package.validate(package)
+    except bioimageio_package.PackageInvalid:
+        for path in (package, os.path.join(out, "bioimageio")):    # this export's own invalid package: not left
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise
+    print(f"BioImage.IO package: {package} (max difference {diff:.1e}; bioimageio.spec: {status})", flush=True)
     atomic_write(os.path.join(out, "README.md"), lambda f: f.write(usage(args.name, predictor.description)))
     print(f"how to use them: {out}/README.md")
     if args.speed:

@@ -155,3 +155,42 @@ def test_bad_exports_get_one_clear_message(runs, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(rundir, "in_use", lambda run_dir: True)
     code, _, err = run_main(export.main, ["--name", "micro"], runs, monkeypatch, capsys)
     assert code == 2 and "is being trained right now" in err
+
+
+def test_package_texts_fit_bioimageio_limits_for_every_run():
+    """The texts the package builds fit bioimageio.spec's limits whatever the run: a 16-bit or float run at a large
+    input size (its input description was 129 characters at 128x128 in 16-bit, and the export failed), a run name
+    with characters a package name may not hold."""
+    import bioimageio_package
+    for dtype in ("uint8", "uint16", "float32"):
+        for size in ([32, 32], [128, 128], [4096, 4096]):
+            text = bioimageio_package.input_text({"input_dtype": dtype, "size_multiple": 16, "input_size": size})
+            assert dtype in text and len(text) <= 128
+    name = bioimageio_package.package_name("cells.v2 ü/x", "NestedUNet")
+    assert name.startswith("cells-v2") and set(name) <= bioimageio_package.NAME_CHARACTERS and 5 <= len(name) <= 64
+    assert bioimageio_package.known_license("MIT") and not bioimageio_package.known_license("NOT-A-LICENSE")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--license", "NOT-A-LICENSE"], "--license 'NOT-A-LICENSE' is not an SPDX licence identifier"),
+    (["--description", "x" * 120_000], "--description is 120000 characters"),
+    (["--author", ""], "--author '': give a name of 1 to 128 characters"),
+])
+def test_export_flags_are_checked_before_anything_is_written(runs, flags, says, monkeypatch, capsys, tmp_path):
+    out = tmp_path / "never"
+    code, _, err = run_main(export.main, ["--name", "micro", "--output", str(out), *flags], runs, monkeypatch, capsys)
+    assert code == 2 and says in err and "Traceback" not in err and len(err) < 1000
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_invalid_package_is_a_fault_of_the_toolkit_and_is_not_left(runs, monkeypatch, capsys, tmp_path):
+    import bioimageio_package
+
+    def invalid(path):
+        raise bioimageio_package.PackageInvalid(f"the BioImage.IO package {path} did not pass (planted)")
+    monkeypatch.setattr(bioimageio_package, "validate", invalid)
+    out = tmp_path / "exported"
+    code, _, err = run_main(export.main, ["--name", "softmax", "--output", str(out)], runs, monkeypatch, capsys)
+    assert code == 4 and "did not pass" in err                  # not 2, the code of a user's mistake
+    assert not (out / "bioimageio.zip").exists() and not (out / "bioimageio").exists()
