@@ -11,7 +11,7 @@ import os
 
 import checkpoint
 from archs import ARCHS
-from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS
+from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS, ext_family, single_image_type
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
@@ -56,8 +56,10 @@ OPTIONS = [
     # data
     ("dataset", "dsb2018_96", str, None, "data set folder name under --data_dir"),
     ("data_dir", "inputs", str, None, "folder that holds the data sets"),
-    ("img_ext", ".png", str, None, "image file extension"),
-    ("mask_ext", ".png", str, None, "mask file extension"),
+    ("img_ext", ".png", str, None, "image file extension (not given: the type of the files in images/ when they "
+     "are all one type, e.g. .tif)"),
+    ("mask_ext", ".png", str, None, "mask file extension (not given: the type of the files in masks/0/ when they "
+     "are all one type)"),
     ("crop", False, bool, None, "train on random input_h x input_w crops of full-size images instead of resizing "
      "them (val.py then predicts whole images by tiling)"),
     ("val_split", 0.2, float, None, "fraction of images held out for validation"),
@@ -449,9 +451,12 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     cfg = merge(file_cfg, run["config"], args)
     cfg, sources = follow_target(cfg, sources)
     run["plan_lines"] = []
+    if not run["resume"]:
+        cfg, sources, run["plan_lines"] = follow_folder(cfg, sources)
     if run["plan"]:
         check_values(cfg, sources)         # the user's own values first, with their own messages
-        cfg, choices, run["plan_lines"] = planned(cfg, sources)
+        cfg, choices, plan_lines = planned(cfg, sources)
+        run["plan_lines"] += plan_lines
         sources = {**{k: "the plan" for c in choices for k in c.settings}, **sources}
     if cfg["name"] is None:
         cfg["name"] = default_name(cfg)
@@ -474,6 +479,21 @@ def follow_target(cfg, sources):
                "loss": OBJECTS_LOSS}
     derived = {k: v for k, v in derived.items() if k not in sources}
     return {**cfg, **derived}, {**{k: f"--target {cfg['target']}" for k in derived}, **sources}
+
+
+def follow_folder(cfg, sources):
+    """img_ext and mask_ext that the user left out: the type of the files in images/ and masks/0/ when each holds
+    images of one type other than the default's (a folder of TIFFs needs no --img_ext .tif). -> (cfg, sources,
+    a line saying what was chosen, for each)."""
+    root = os.path.join(cfg["data_dir"], cfg["dataset"])
+    lines = []
+    for key, folder in (("img_ext", "images"), ("mask_ext", os.path.join("masks", "0"))):
+        found = single_image_type(os.path.join(root, folder))
+        if key in sources or found is None or found in ext_family(cfg[key]):
+            continue
+        cfg, sources = {**cfg, key: found}, {**sources, key: f"the files in {root}/{folder}"}
+        lines.append(f"{key}: {found} (every file in {root}/{folder} is one; --{key} sets it)")
+    return cfg, sources, lines
 
 
 def whence(sources, key, value):

@@ -96,6 +96,23 @@ def split_ext(name, exts):
     return None
 
 
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")   # what a folder's one image type may be
+
+
+def single_image_type(folder):
+    """The extension of the files in `folder` when they are all images of one type (.tif and .tiff count as one,
+    in any case), else None (also when the folder is missing or empty): a default a user need not type."""
+    try:
+        names = [f for f in os.listdir(folder) if not f.startswith(".")]
+    except OSError:
+        return None
+    exts = {os.path.splitext(f)[1].lower() for f in names}
+    families = {ext_family(e) for e in exts}
+    if len(families) != 1 or not exts <= set(IMAGE_EXTS):
+        return None
+    return sorted(exts)[0]
+
+
 def find_files(folder, exts, what):
     """{id: file name} of the files in `folder` ending in one of exts (any case); two files with one id (a.tif and
     a.TIFF) are a UserError. Hidden files are skipped; folders and broken links named like files are refused."""

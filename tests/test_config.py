@@ -108,3 +108,21 @@ def test_config_files_without_bounds_are_refused_by_key(tmp_path, text, says):
     path.write_text(text)
     with pytest.raises(UserError, match=says):
         config.resolve(["--config", str(path)])
+
+
+def test_the_image_type_comes_from_the_folder_when_not_given(tmp_path):
+    """A folder of TIFFs trains without --img_ext .tif (said in a line); a given --img_ext, a folder of mixed types
+    and a folder of the default's type keep the setting."""
+    data = tmp_path / "inputs" / "cells"
+    for folder, names in (("images", ["a.TIF", "b.tiff"]), ("masks/0", ["a.png", "b.png"])):
+        os.makedirs(data / folder)
+        for n in names:
+            (data / folder / n).write_bytes(b"")
+    base = ["--data_dir", str(tmp_path / "inputs"), "--dataset", "cells"]
+    cfg, run = config.resolve(base)
+    assert cfg["img_ext"] == ".tif" and cfg["mask_ext"] == ".png"
+    assert any(line.startswith("img_ext: .tif (every file in") for line in run["plan_lines"])
+    assert config.resolve(base + ["--img_ext", ".tiff"])[0]["img_ext"] == ".tiff"        # the user's word wins
+    (data / "images" / "c.png").write_bytes(b"")
+    cfg, run = config.resolve(base)
+    assert cfg["img_ext"] == ".png" and run["plan_lines"] == []                          # mixed: the default stays

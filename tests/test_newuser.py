@@ -114,6 +114,7 @@ def test_train_messages_name_the_right_flag_and_where_the_value_came_from(work, 
     for folder in (data / "images", data / "masks" / "0"):        # .tif images and masks, mask_ext left at .png
         for f in os.listdir(folder):
             os.rename(folder / f, folder / f.replace(".png", ".tif"))
+    (data / "masks" / "0" / "notes.txt").write_text("x")   # not of one image type: mask_ext is not taken from it
     code, _, err = run_main(train.main, FAST + ["--dataset", "tifs", "--img_ext", ".tif"], work, monkeypatch, capsys)
     assert code == 2 and "pass --mask_ext .tif (mask_ext .png is the default) if that is the extension of your masks" in err, err
     assert "--img_ext" not in err
