@@ -31,6 +31,7 @@ import torch
 
 import bioimageio_package
 import config
+import outputs
 import rundir
 from dataset import load_validation
 from loaders import resize_image
@@ -41,7 +42,7 @@ from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_u
 TOLERANCE = 1e-4
 EXPORT_FILES = ("model.pth", "model.json", "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
                 "README.md", "bioimageio", "bioimageio.zip")
-MARKER = ".unet_toolkit_export"         # in a folder export.py writes: its files there may be replaced next time
+MARKER = outputs.EXPORT_MARKER          # in a folder export.py writes: its files there may be replaced next time
 
 
 def parse_args(argv):
@@ -203,11 +204,28 @@ def speed(member, out, x):
                        "threads": torch.get_num_threads(), **{k: round(v, 1) for k, v in rates.items()}})
 
 
-def check_output(out, default):
-    """--output DIR holding files named as the export's that an earlier export did not write: refused, so that
-    nothing of the user's is replaced (the run's own export folder is the toolkit's)."""
-    if os.path.abspath(out) == os.path.abspath(default) or os.path.isfile(os.path.join(out, MARKER)):
+def check_output(out, default, run_dir):
+    """--output DIR refused where the export would write among a user's files: inside a data set, a run folder
+    (the run's own export folder excepted) or the runs folder, over another run's export, or in a folder holding
+    files named as the export's that an earlier export did not write."""
+    if os.path.abspath(out) == os.path.abspath(default):
         return
+    marker = os.path.join(out, MARKER)
+    if os.path.isfile(marker):
+        with open(marker, errors="replace") as f:
+            source = f.read(4096).strip()
+        if os.path.realpath(source.removeprefix("exported from ")) != os.path.realpath(run_dir):
+            raise UserError(f"--output {out} holds another export ({source[:200]}); nothing was replaced. Pass "
+                            "--output to a new folder")
+        return
+    runs = os.path.dirname(run_dir) or "."
+    found = outputs.guarded_ancestor(out)
+    if found is None and outputs.inside(out, runs) and not outputs.inside(os.getcwd(), runs):
+        found = (runs, "the runs folder")
+    if found:
+        raise UserError(f"--output {out} is inside {found[0]}, which holds {found[1]}; export.py does not write "
+                        "among a data set's, a run's or another export's files. Pass --output to a folder of its own "
+                        f"(the default is {default})")
     clash = [f for f in EXPORT_FILES if os.path.lexists(os.path.join(out, f))]
     if clash:
         raise UserError(f"--output {out} already holds {', '.join(clash)}, not written by export.py; nothing was "
@@ -250,10 +268,10 @@ def export(args):
     member = load_run(args.name, "cpu", args.runs_dir)
     predictor = member.predictor.float().eval()
     out = args.output or os.path.join(run_dir, "export")
-    check_output(out, os.path.join(run_dir, "export"))
+    check_output(out, os.path.join(run_dir, "export"), run_dir)
     try:
         os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, MARKER), lambda f: f.write(f"exported from {run_dir}\n"))
+        atomic_write(os.path.join(out, MARKER), lambda f: f.write(f"exported from {os.path.realpath(run_dir)}\n"))
     except OSError as e:
         why = "it is a file, not a folder" if os.path.isfile(out) else e.strerror or e
         raise UserError(f"cannot write the export to {out}: {why}. Pass --output DIR to a writable "

@@ -34,13 +34,52 @@ def run_folders(runs_dir):
     return found + ([] if inside(os.getcwd(), runs_dir) else [(runs_dir, "the runs folder")])
 
 
+EXPORT_MARKER = ".unet_toolkit_export"   # in a folder export.py writes (export.py's MARKER)
+TARGET_FOLDERS = ("masks", "labels", "instances")   # beside images/, what makes a folder a labelled data set
+
+
+def what_it_holds(folder):
+    """'a data set' (images/ beside masks/, labels/ or instances/), 'a run folder' (config.yml or model.pth), 'an
+    export' (export.py's marker), or None: a folder whose files a toolkit script must not write among."""
+    if os.path.isdir(os.path.join(folder, "images")) and any(os.path.isdir(os.path.join(folder, t))
+                                                               for t in TARGET_FOLDERS):
+        return "a data set"
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("config.yml", "model.pth")):
+        return "a run folder"
+    if os.path.isfile(os.path.join(folder, EXPORT_MARKER)):
+        return "an export"
+    return None
+
+
+def guarded_ancestor(out_dir):
+    """(folder, what it holds) for the first of out_dir and its parents that holds a data set, a run or an export,
+    whoever made it; None if none does. Folders that hold the current folder are where the user works and are not
+    guarded."""
+    path, cwd = os.path.realpath(out_dir), os.getcwd()
+    while True:
+        if os.path.isdir(path) and not inside(cwd, path):
+            held = what_it_holds(path)
+            if held:
+                return path, held
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
 def check_place(out_dir, protected):
-    """protected: [(folder, what it is)]. A UserError if out_dir is one of them or inside one."""
+    """protected: [(folder, what it is)]. A UserError if out_dir is one of them or inside one, or inside any folder
+    that holds a data set, a run or an export (guarded_ancestor)."""
     for folder, what in protected:
         if inside(out_dir, folder):
             raise UserError(f"--output {out_dir} is inside {folder} ({what}); val.py does not write among the "
                             "files it reads or a run's files. Pass --output to a folder of its own (the default is "
                             "outputs/<name>/)")
+    found = guarded_ancestor(out_dir)
+    if found:
+        raise UserError(f"--output {out_dir} is inside {found[0]}, which holds {found[1]}; val.py does not write "
+                        "among a data set's, a run's or an export's files. Pass --output to a folder of its own (the "
+                        "default is outputs/<name>/)")
 
 
 def safe_relative(rel):

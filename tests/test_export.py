@@ -194,3 +194,26 @@ def test_an_invalid_package_is_a_fault_of_the_toolkit_and_is_not_left(runs, monk
     code, _, err = run_main(export.main, ["--name", "softmax", "--output", str(out)], runs, monkeypatch, capsys)
     assert code == 4 and "did not pass" in err                  # not 2, the code of a user's mistake
     assert not (out / "bioimageio.zip").exists() and not (out / "bioimageio").exists()
+
+
+@pytest.mark.parametrize("output, says", [
+    ("inputs/three", "which holds a data set"), ("inputs/three/images", "which holds a data set"),
+    ("models", "the runs folder"), ("models/softmax", "which holds a run folder"),
+    ("models/softmax/export/sub", "which holds a run folder"),
+])
+def test_export_never_writes_into_a_data_set_a_run_or_the_runs_folder(runs, output, says, monkeypatch, capsys):
+    """export.py --output into the run's data set, its images/ or models/ wrote model.pth, README.md and bioimageio/
+    there (exit 0)."""
+    before = sorted(os.walk(runs / output)) if (runs / output).exists() else None
+    code, _, err = run_main(export.main, ["--name", "micro", "--output", output], runs, monkeypatch, capsys)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert (sorted(os.walk(runs / output)) if (runs / output).exists() else None) == before
+
+
+def test_an_export_of_another_run_is_not_replaced(runs, monkeypatch, capsys, tmp_path):
+    theirs = tmp_path / "exports"
+    theirs.mkdir()
+    (theirs / ".unet_toolkit_export").write_text(f"exported from {runs / 'models' / 'softmax'}\n")
+    (theirs / "README.md").write_text("the softmax run's export")
+    code, _, err = run_main(export.main, ["--name", "micro", "--output", str(theirs)], runs, monkeypatch, capsys)
+    assert code == 2 and "holds another export" in err and (theirs / "README.md").read_text() == "the softmax run's export"

@@ -594,6 +594,25 @@ def test_val_never_writes_into_the_data_or_a_run(workdir, monkeypatch, capsys, o
     assert snapshot(workdir) == before                  # nothing written, nothing removed
 
 
+@pytest.mark.parametrize("output, what", [("inputs/other/masks", "a data set"), ("inputs/other/masks/0", "a data set"),
+                                          ("inputs/other", "a data set"), ("inputs/other/labels", "a data set"),
+                                          ("exports/x/sub", "an export"), ("elsewhere/run_copy", "a run folder")])
+def test_val_never_writes_into_another_data_set_a_run_or_an_export(workdir, monkeypatch, capsys, output, what):
+    """Not only the data val.py reads and the runs it knows: any folder that holds a data set (images/ beside masks/,
+    labels/ or instances/), a run or an export, wherever it is (val.py --output inputs/v/masks overwrote five
+    ground-truth masks of another data set, and a second call deleted them as its own)."""
+    shutil.copytree(workdir / "inputs" / "tiny", workdir / "inputs" / "other")
+    os.makedirs(workdir / "inputs" / "other" / "labels")
+    os.makedirs(workdir / "exports" / "x")
+    (workdir / "exports" / "x" / ".unet_toolkit_export").write_text("exported from models/old\n")
+    shutil.copytree(workdir / "models" / "old", workdir / "elsewhere" / "run_copy")
+    before = snapshot(workdir)
+    code, _, err = run_main(val_main(), ["--name", "old", "--data", "inputs/tiny", "--output", output], workdir,
+                            monkeypatch, capsys)
+    assert code == 2 and f"--output {output} is inside" in err and what in err and "Traceback" not in err, err
+    assert snapshot(workdir) == before                  # nothing written, nothing removed
+
+
 def test_an_output_subfolder_that_is_a_link_is_refused(workdir, monkeypatch, capsys):
     elsewhere = workdir / "my_masks"
     elsewhere.mkdir()
