@@ -138,8 +138,12 @@ def find_ids(folder, ext, hints, ext_key="img_ext"):
     if not os.path.isdir(folder):
         reason = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise UserError(f"folder {folder} {reason}; put your {what} there, or {hints['data']}")
-    if not ext.startswith("."):
-        raise UserError(f"the extension '{ext}' has no leading dot; {hints[ext_key].format('.' + ext)}")
+    if not ext.startswith(".") or ext == ".":
+        bare = ext.strip(".")
+        found = sorted({os.path.splitext(f)[1] for f in os.listdir(folder) if os.path.splitext(f)[1]})
+        suggestion = "." + bare if bare else (found[0] if found else ".png")
+        problem = "has no leading dot" if bare else "is empty"
+        raise UserError(f"the extension '{ext}' {problem}; {hints[ext_key].format(suggestion)}")
     ids = find_files(folder, ext_family(ext), what)
     if ids:
         return ids

@@ -296,10 +296,13 @@ def write_outputs(out_dir, img_id, arrays, image, args, cfg, objects=None):
                   durable=False)
 
 
+LABELS_16BIT_MAX = int(np.iinfo(np.uint16).max)   # objects in one image a 16-bit label image holds; 32-bit TIFF past it
+
+
 def write_labels(out_dir, img_id, labels, fmt):
     """Object labels (H, W) -> instances/<id>.png (16-bit) or .tif (16-bit, or 32-bit past 65,535 objects; a PNG
     cannot hold more, so such an image is written as TIFF whatever the format) -> the file's name."""
-    wide = labels.max() > np.iinfo(np.uint16).max
+    wide = labels.max() > LABELS_16BIT_MAX
     name = img_id + (".tif" if fmt == "tif" or wide else ".png")
     path = os.path.join(out_dir, "instances", name)
     if name.endswith(".tif"):

@@ -269,6 +269,8 @@ def refuse_duplicate_keys(self, node, deep=False):
 def load_yaml(path):
     """Read a YAML mapping; a file that is missing, unreadable, not UTF-8 text, not YAML or not a mapping is a
     UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a folder; pass a file, e.g. {os.path.join(path, 'config.yml')}")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
     if os.path.getsize(path) > MAX_YAML_BYTES:

@@ -30,7 +30,7 @@ from figures import class_label
 from instances import MEASUREMENTS, METHODS
 from metrics import SegMeter
 from outputs import OutputFolder, run_folders
-from predict import BORDER_THRESHOLD, OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
+from predict import BORDER_THRESHOLD, LABELS_16BIT_MAX, OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -279,8 +279,8 @@ def depth_note(data, members):
               "on such images (normalize auto or percentile) will predict them better")
 
 
-def summary(out_dir, n, cfg, args, labeled):
-    """Where everything went."""
+def summary(out_dir, n, cfg, args, labeled, most_objects=0):
+    """Where everything went (most_objects: the largest object count of an image, which decides the labels' depth)."""
     tif = args.output_format == "tif"
     where = [f"{n} predicted masks in {out_dir}/<class>/" + (" (TIFF)" if tif else "")]
     if args.save_probs:
@@ -291,7 +291,9 @@ def summary(out_dir, n, cfg, args, labeled):
         where.append(f"figures in {out_dir}/panels/ (" + ("image, ground truth, prediction, errors" if labeled else
                                                           "image, prediction") + ")")
     if args.instances:
-        where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, 16-bit), counts and areas in "
+        depth = ("16-bit; 32-bit TIFF for images of more than 65,535 objects" if most_objects > LABELS_16BIT_MAX
+                 else "16-bit")
+        where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, {depth}), counts and areas in "
                      f"{out_dir}/objects.csv, each object's area, centroid, box, eccentricity and mean intensity in "
                      f"{out_dir}/object_measurements.csv")
     if labeled:
@@ -357,7 +359,8 @@ def predict_into(out_dir, members, data, args):
         compare_with_trivial(meters["image"], data, cfg)
     if objects and data.labeled:
         report_objects(objects, args, cfg)
-    print(summary(out_dir, len(data.ids), cfg, args, data.labeled))
+    most = max((row["count"] for row in objects or ()), default=0)
+    print(summary(out_dir, len(data.ids), cfg, args, data.labeled, most))
 
 
 def main(argv=None):

@@ -214,6 +214,24 @@ def test_class_names_name_the_classes_in_val_pys_table_and_the_panels(tmp_path, 
     assert code == 2 and "class_names a,a must name each of the 2 class(es) once" in err
 
 
+def wait_until_importing_torch(pid, timeout=30):
+    """Returns once the process has loaded torch's library (so its script's first lines have run and the imports are
+    under way), read from /proc/<pid>/maps; where there is no /proc, after 0.25 s."""
+    maps = f"/proc/{pid}/maps"
+    if not os.path.exists(maps):
+        time.sleep(0.25)
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(maps) as f:
+                if "libtorch" in f.read():
+                    return
+        except OSError:
+            return
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("script, sig", [("train", signal.SIGINT), ("val", signal.SIGINT), ("bench", signal.SIGINT),
                                          ("export", signal.SIGINT), ("preprocess_dsb2018", signal.SIGINT),
                                          ("make_demo_data", signal.SIGINT), ("compare", signal.SIGINT),
@@ -223,7 +241,18 @@ def test_ctrl_c_while_a_script_imports_torch_ends_quietly(tmp_path, script, sig)
     no traceback (before, 12 of 12 tries printed a KeyboardInterrupt traceback)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), "--help"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.25)                                 # Python is up, torch's import under way
+    wait_until_importing_torch(proc.pid)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_the_closing_line_says_32_bit_when_an_image_had_more_than_65535_objects():
+    import argparse
+
+    import val
+    args = argparse.Namespace(output_format="png", save_probs=False, overlay=False, panels=False, instances="watershed")
+    cfg = {"num_classes": 1, "class_names": [], "class_mode": "sigmoid", "target": "masks"}
+    assert "(PNG, 16-bit)" in val.summary("out", 3, cfg, args, False, most_objects=65535)
+    assert "32-bit TIFF for images of more than 65,535 objects" in val.summary("out", 3, cfg, args, False,
+                                                                                most_objects=70000)

@@ -239,3 +239,15 @@ def test_folds_and_an_ensemble_of_them(work, monkeypatch, capsys):
     assert {r["id"] for r in scored} == unseen and f"the {len(unseen)} images none of the 2 runs trained on" in out
     code, _, err = run_main(train.main, FAST + ["--folds", "3", "--fold", "3"], work, monkeypatch, capsys)
     assert code == 2 and "folds are numbered 0 .. 2" in err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--img_ext", ""], "the extension '' is empty; pass --img_ext .png"),
+    (["--img_ext", "."], "the extension '.' is empty; pass --img_ext .png"),
+    (["--img_ext", "png"], "the extension 'png' has no leading dot; pass --img_ext .png"),
+    (["--config", "a_folder"], "config file a_folder is a folder; pass a file, e.g. a_folder/config.yml"),
+])
+def test_messages_suggest_a_fix_that_works(work, flags, says, monkeypatch, capsys):
+    os.makedirs(work / "a_folder", exist_ok=True)
+    code, _, err = run_main(train.main, FAST + flags, work, monkeypatch, capsys)
+    assert code == 2 and says in err and "Traceback" not in err, err
