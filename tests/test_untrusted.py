@@ -1,0 +1,68 @@
+"""Property tests (Hypothesis): every file the toolkit reads from a user or a colleague - a config file, a run's
+model.json, a log.csv - ends in success or one UserError, never a traceback, whatever the document holds."""
+import json
+import os
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compare
+import config
+import predict
+from utils import UserError
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=4), max_leaves=12)
+KEYS = st.sampled_from(sorted(config.DEFAULTS)) | st.text(min_size=1, max_size=12)
+BOUNDED = settings(max_examples=int(os.environ.get("UNTRUSTED_EXAMPLES", 60)), deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@BOUNDED
+@given(document=st.dictionaries(KEYS, VALUES, max_size=6))
+def test_any_config_file_is_accepted_or_refused_with_one_message(tmp_path, document):
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True))
+    try:
+        cfg, _ = config.resolve(["--config", str(path)])
+    except UserError:
+        return
+    config.check(cfg)                      # what was accepted is a valid config
+
+
+DESCRIPTION = {"format": "unet-toolkit-model/1", "arch": "UNet", "deep_supervision": False, "base_channels": 8,
+               "input_channels": 1, "num_classes": 1, "class_mode": "sigmoid", "class_names": ["0"],
+               "input_size": [32, 32], "size_multiple": 16, "input_dtype": "uint8",
+               "normalize": {"mode": "imagenet", "pmin": 1.0, "pmax": 99.8, "per_image": False, "full_range": 255.0},
+               "crop": False, "target": "masks"}
+
+
+@BOUNDED
+@given(changes=st.dictionaries(st.sampled_from(sorted(DESCRIPTION)), VALUES, max_size=4))
+def test_any_model_json_gives_a_checked_config_or_one_message(tmp_path, changes):
+    description = {**DESCRIPTION, **changes}
+    cfg_path = str(tmp_path / "config.yml")
+    try:
+        cfg = predict.as_trained(dict(config.DEFAULTS, normalize="imagenet"), description, cfg_path,
+                                 str(tmp_path / "model.json"))
+        config.check(cfg)
+        settings_cfg, _ = predict.settings_from_description(json.loads(json.dumps(description, default=str)),
+                                                            str(tmp_path))
+        config.check(settings_cfg)
+    except UserError:
+        return
+
+
+@BOUNDED
+@given(content=st.binary(max_size=300) | st.builds(
+    lambda rows: ("epoch,lr,val_iou,seconds\n" + "\n".join(rows)).encode("utf-8"), st.lists(st.text(max_size=30), max_size=5)))
+def test_any_log_csv_is_read_or_named_as_broken(tmp_path, content):
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
+    try:
+        rows = compare.checked_log(str(path))
+    except UserError:
+        return
+    assert all(float(r["val_iou"]) == float(r["val_iou"]) for r in rows)    # numbers where the table reads them
