@@ -1,6 +1,7 @@
 """The GPU measurements of issue 39 in one command (for a lent GPU; try it on the CPU first with --tiny).
 
-    python gpu/check.py --out $OUT --data inputs/dsb2018_96            # on the GPU machine, about 8 minutes
+    python3 gpu/check.py --out $OUT --data inputs/dsb2018_96           # on the GPU machine, about 8 minutes
+                                                                       # (the device call carries inputs/dsb2018_96)
     python gpu/check.py --out /tmp/gpucheck --tiny --device cpu        # the same steps, tiny, on a CPU
 
 Each step runs as its own process under its own time limit, so one that fails or runs long costs only itself.
@@ -50,8 +51,9 @@ def record(out, row):
 def training(name, args, extra, target_ious, limit):
     """train.py on the fast recipe -> startup, seconds to each target val IoU (from the command's start), best."""
     data = os.path.abspath(args.data)
-    fix = os.environ.get("GRAPH_FIX")
+    fix = os.environ.get("GRAPH_FIX")      # gpu/debug.sh: the capture with this fix, so --cuda_graph on
     launcher = [PY, "gpu/debug.py", "--train", fix] if fix is not None else [PY, "train.py"]
+    extra = [*extra, "--cuda_graph", "on"] if fix is not None and "--cuda_graph" not in extra else extra
     cmd = [*launcher, "--config", args.recipe, "--data_dir", os.path.dirname(data), "--dataset",
            os.path.basename(data), "--device", args.device, "--name", name, "--runs_dir", args.runs, "--overwrite",
            *extra]
@@ -86,6 +88,7 @@ def prediction(name, args, extra, limit):
 def bench(step, args, flags, limit):
     fix = os.environ.get("GRAPH_FIX")
     launcher = [PY, "gpu/debug.py", "--bench", fix] if fix is not None else [PY, "bench.py"]
+    flags = [*flags, "--cuda_graph", "on"] if fix is not None and "--cuda_graph" not in flags else flags
     cmd = [*launcher, "--device", args.device, "--data", args.data, "--recipe", args.recipe, *flags]
     rc, lines, total = run_step(step, cmd, args.out, limit)
     rows = []
