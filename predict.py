@@ -99,14 +99,21 @@ def trained_settings(d):
             "per_image_norm": n["per_image"], "crop": d["crop"], "target": d.get("target", "masks")}
 
 
+def recorded_settings(description):
+    """trained_settings of a model.json description, or None when there is none or it lacks what they need."""
+    try:
+        return trained_settings(description) if description else None
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
 def as_trained(cfg, description, cfg_path, json_path="model.json"):
     """The config with the prediction settings the run trained with (model.json) where config.yml was edited
     since: a note names each difference and says which is used. model.json is untrusted input (a run folder comes
     from colleagues): its values are converted and range-checked as a config file's are, and a bad one is a
     UserError naming json_path and the key."""
-    try:
-        trained = trained_settings(description) if description else {}
-    except (KeyError, TypeError, IndexError):
+    trained = recorded_settings(description)
+    if trained is None:
         return cfg
     converted = config.merge(trained, json_path, {})     # converted as a config file's values, or refused by key
     trained = {k: converted[k] for k in trained}
@@ -123,10 +130,7 @@ def settings_from_description(description, run_dir):
     """A run folder without config.yml or last.pth: the config defaults with what its model.json records of the
     network and its normalisation -> (config, the path messages name); a UserError when model.json is missing too."""
     path = os.path.join(run_dir, "model.json")
-    try:
-        trained = trained_settings(description) if description else None
-    except (KeyError, TypeError, IndexError):
-        trained = None
+    trained = recorded_settings(description)
     if trained is None:
         raise UserError(f"{run_dir} has model.pth but neither config.yml nor last.pth, and no readable model.json to "
                         "rebuild the network from; copy the run's config.yml (or model.json) beside its model.pth")
