@@ -17,6 +17,7 @@ from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, rea
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
 from utils import resolve_device
 
+DERIVED = ("--target", "the files in")   # how config words a setting it derived (follow_target, follow_folder)
 SURVEY_IMAGES = 48          # images read for the survey, evenly spread over the sorted ids
 UNIFORM = 1.5               # largest / smallest side up to which images count as one size
 WHOLE_LIMIT = {False: 256, True: 512}    # (cuda?) image sides up to which images train whole, at their own size
@@ -290,10 +291,10 @@ def planned(cfg, sources):
     choices = make_plan(s, m, cfg, sources)
     lines = [f"plan for {root} ({s.line()}) on the {'GPU' if m.cuda else 'CPU'}:"]
     lines += [f"  {c.flags():<44} {c.reason}" for c in choices]
-    followed = sorted(k for k, where in sources.items() if where.startswith("--target"))
+    followed = sorted(k for k, where in sources.items() if where.startswith(DERIVED))
     yours = sorted(k for k in sources if k not in ("name", "dataset", "data_dir", *followed))
-    if followed:
-        lines.append(f"  set by {sources[followed[0]]}: {', '.join(followed)}")
+    for where in sorted({sources[k] for k in followed}):
+        lines.append(f"  set by {where}: {', '.join(k for k in followed if sources[k] == where)}")
     if yours:
         lines.append(f"  kept as given: {', '.join(yours)}")
     return {**cfg, **{k: v for c in choices for k, v in c.settings.items()}}, choices, lines

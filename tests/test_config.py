@@ -126,3 +126,14 @@ def test_the_image_type_comes_from_the_folder_when_not_given(tmp_path):
     (data / "images" / "c.png").write_bytes(b"")
     cfg, run = config.resolve(base)
     assert cfg["img_ext"] == ".png" and run["plan_lines"] == []                          # mixed: the default stays
+
+
+
+def test_a_plan_says_the_image_type_came_from_the_folder_not_from_the_user(tmp_path):
+    from conftest import make_microscopy
+    make_microscopy(tmp_path / "inputs", "micro")                     # 16-bit TIFF images and label images
+    cfg, run = config.resolve(["--data_dir", str(tmp_path / "inputs"), "--dataset", "micro", "--plan", "auto",
+                               "--device", "cpu"])
+    assert cfg["img_ext"] == ".tif"
+    assert any("set by the files in" in line and line.endswith(": img_ext") for line in run["plan_lines"])
+    assert not any("kept as given" in line and "img_ext" in line for line in run["plan_lines"])
