@@ -48,12 +48,14 @@ import runtime
 from archs import build_model, final_logits
 from dataset import SegmentationData, scan, split
 from engine import Engine, build_network
+from evaluation import Scores, evaluate
 from losses import LOSSES
 from loaders import make_loaders
 from metrics import SegMeter, binarize
 from normalize import resolve_mode
+from outputs import ImageWriter, OutputOptions, subfolders
+from predict import PredictOptions, TrainedRun
 from predictor import Predictor, describe
-from predict import Member, output_subfolders, run_inference
 from rundir import EpochWriter
 from utils import UserError, exit_on_user_error, resolve_device
 
@@ -435,18 +437,16 @@ def predict_rate(cfg, rt, val_data):
     """Images/s of predicting the validation split as val.py does (resizing back, thresholds, metrics and the
     mask files included), with the network's weights as built."""
     model = Predictor(build_network(cfg, rt), describe(cfg, val_data.dtypes)).eval()
-    options = argparse.Namespace(batch_size=16, tta=False, tile=False, overlap=0.5, threshold=0.5, save_probs=False,
-                                 overlay=False, instances=None, min_size=4, output_format="png")
-    meters = {"image": SegMeter(cfg["num_classes"], rt.device, keep_per_image=True),
-              "input": SegMeter(cfg["num_classes"], rt.device)}
-    members = [Member("bench", cfg, rt, model)]
+    runs, options, opts = [TrainedRun("bench", cfg, rt, model)], PredictOptions(), OutputOptions()
     with tempfile.TemporaryDirectory() as out_dir:
-        for sub in output_subfolders(cfg["num_classes"], options):
+        for sub in subfolders(cfg["num_classes"], opts):
             os.makedirs(os.path.join(out_dir, sub))
-        run_inference(members, val_data.subset(val_data.ids[:16]), options, out_dir, meters)   # warm-up
+        with ImageWriter(out_dir, opts) as writer:                                            # warm-up
+            evaluate(runs, val_data.subset(val_data.ids[:16]), options, writer, Scores.new(runs, options))
         rt.synchronize()
         t0 = time.perf_counter()
-        run_inference(members, val_data, options, out_dir, meters)
+        with ImageWriter(out_dir, opts) as writer:
+            evaluate(runs, val_data, options, writer, Scores.new(runs, options))
         rt.synchronize()
         return len(val_data.ids) / (time.perf_counter() - t0)
 

@@ -30,8 +30,8 @@ import torch
 
 import archs
 from normalize import STANDARDIZE_EPS, Normalization, mean_std, normalize
-from predict import display_image
-from predictor import base_channels, max_difference, save_onnx, save_torchscript
+from figures import display_image
+from predictor import max_difference, network_settings, save_onnx, save_torchscript
 from utils import UserError, atomic_write
 
 FORMAT_VERSION = "0.5.12"
@@ -106,8 +106,7 @@ def channel_names(d):
 def network_part(predictor):
     """The Predictor's network, head and activation as archs.Probabilities (the package's model), same weights."""
     d = predictor.description
-    network = {"arch": d["arch"], "num_classes": d["num_classes"], "input_channels": d["input_channels"],
-               "deep_supervision": bool(d["deep_supervision"]), "base_channels": base_channels(d)}
+    network = {**network_settings(d), "deep_supervision": bool(d["deep_supervision"])}
     kwargs = {"network": network, "class_mode": d["class_mode"],
               "per_image_eps": STANDARDIZE_EPS if d["normalize"]["per_image"] else None}
     model = archs.Probabilities(**kwargs)

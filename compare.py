@@ -26,6 +26,7 @@ import os
 import statistics
 
 import config
+from rundir import RunFolder
 from runlog import read_log
 from utils import UserError, atomic_write, duration, exit_on_user_error, load_yaml
 
@@ -41,12 +42,12 @@ def load(runs_dir, name):
     be read (the table shows the other runs and names what is wrong with this one); a folder without config.yml is
     a UserError."""
     run_dir = os.path.join(runs_dir, name)
-    path = os.path.join(run_dir, "config.yml")
+    path = RunFolder(run_dir).config
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} is not a run (no config.yml); `python compare.py` with no names lists every "
                         f"run in {runs_dir}/")
     try:
-        return {"name": name, "config": load_yaml(path), "log": checked_log(os.path.join(run_dir, "log.csv")),
+        return {"name": name, "config": load_yaml(path), "log": checked_log(RunFolder(run_dir).log),
                 "val_py": val_py_iou(os.path.join(OUTPUTS_DIR, name, "metrics.csv"))}
     except UserError as e:
         return {"name": name, "problem": str(e)}
@@ -104,7 +105,7 @@ def val_py_iou(path):
 def all_runs(runs_dir):
     if not os.path.isdir(runs_dir):
         raise UserError(f"there is no runs folder {runs_dir}/; train a run first, or pass --runs_dir")
-    names = sorted(n for n in os.listdir(runs_dir) if os.path.isfile(os.path.join(runs_dir, n, "config.yml")))
+    names = sorted(n for n in os.listdir(runs_dir) if os.path.isfile(RunFolder(os.path.join(runs_dir, n)).config))
     if not names:
         raise UserError(f"{runs_dir}/ holds no run (a folder with config.yml)")
     return names

@@ -15,6 +15,7 @@ from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS, ext_family, single_imag
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
+from rundir import RunFolder
 from utils import UserError, load_yaml, str2bool
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
@@ -464,7 +465,7 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     run["changes"], run["sources"] = [], sources
     if run["resume"]:
         cfg, run["changes"] = resumed(cfg, sources, run["runs_dir"])
-        saved = os.path.join(run["runs_dir"], cfg["name"], "config.yml")
+        saved = RunFolder(os.path.join(run["runs_dir"], cfg["name"])).config
         run["sources"] = {**{k: saved for k in cfg}, **{k: "the command line" for k in args}}
     return cfg, run
 
@@ -516,10 +517,9 @@ def data_hints(cfg, sources):
 
 def saved_config(run_dir):
     """The config a run trained with: config.yml, or (if that was deleted) the copy inside last.pth; None if neither."""
-    path = os.path.join(run_dir, "config.yml")
+    path, last = RunFolder(run_dir).config, RunFolder(run_dir).last
     if os.path.isfile(path):
         return merge(upgraded(load_yaml(path)), path, {}), path
-    last = os.path.join(run_dir, "last.pth")
     if os.path.isfile(last):
         return merge(upgraded(checkpoint.load(last).get("config", {})), last, {}), last
     return None, None

@@ -19,6 +19,7 @@ import distributed
 from archs import build_model, final_logits
 from losses import LOSSES
 from metrics import SegMeter, binarize
+from rundir import LAST
 from utils import UserError, progress_bar, seed_everything
 
 SYNC_EVERY = 10  # batches between host syncs (progress bar, NaN check): syncing each batch stalls a GPU
@@ -320,7 +321,7 @@ class Engine:
             set_lr(group, floor + (base_lr - floor) * (1 + math.cos(math.pi * done / self.cfg["epochs"])) / 2)
         self.scheduler._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def load_state_dict(self, state, path="last.pth"):
+    def load_state_dict(self, state, path=LAST):
         """Restores a state_dict() (from last.pth at `path`, named in errors)."""
         checkpoint.load_weights(self.model, state["model"], path)
         if self.ema is not None:

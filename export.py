@@ -35,12 +35,12 @@ import outputs
 import rundir
 from dataset import load_validation
 from loaders import resize_image
-from predict import load_run
+from predict import TrainedRun
 from predictor import max_difference, save_onnx, save_torchscript
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 TOLERANCE = 1e-4
-EXPORT_FILES = ("model.pth", "model.json", "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
+EXPORT_FILES = (rundir.MODEL, rundir.MODEL_JSON, "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
                 "README.md", "bioimageio", "bioimageio.zip")
 MARKER = outputs.EXPORT_MARKER          # in a folder export.py writes: its files there may be replaced next time
 
@@ -265,7 +265,7 @@ def export(args):
     if os.path.isdir(run_dir) and rundir.in_use(run_dir):
         raise UserError(f"{run_dir} is being trained right now; export it when the training has finished (its "
                         "model.pth may still change)")
-    member = load_run(args.name, "cpu", args.runs_dir)
+    member = TrainedRun.load(args.name, "cpu", args.runs_dir)
     predictor = member.predictor.float().eval()
     out = args.output or os.path.join(run_dir, "export")
     check_output(out, os.path.join(run_dir, "export"), run_dir)
@@ -281,8 +281,8 @@ def export(args):
         expected = predictor(x)
     np.save(os.path.join(out, "test_input.npy"), x.numpy())
     np.save(os.path.join(out, "test_output.npy"), expected.numpy())
-    shutil.copyfile(os.path.join(run_dir, "model.pth"), os.path.join(out, "model.pth"))
-    atomic_write(os.path.join(out, "model.json"), lambda f: json.dump(predictor.description, f, indent=1))
+    shutil.copyfile(rundir.RunFolder(run_dir).model, os.path.join(out, rundir.MODEL))
+    atomic_write(os.path.join(out, rundir.MODEL_JSON), lambda f: json.dump(predictor.description, f, indent=1))
     ts = export_torchscript(predictor, x, expected, os.path.join(out, "model.torchscript.pt"))
     print(f"TorchScript: {out}/model.torchscript.pt (max difference to PyTorch {ts:.1e} on {source})", flush=True)
     onnx = export_onnx(predictor, x, expected, os.path.join(out, "model.onnx"))

@@ -1,4 +1,5 @@
-"""Pictures for a person: the class colours, and val.py's panels (image, ground truth, prediction, errors).
+"""Pictures for a person: the class colours, any image shown as 8-bit RGB, val.py's outline overlays and its panels
+(image, ground truth, prediction, errors).
 
 Colours are RGB. The 20 class colours are distinct from each other and from the three kept for other
 meanings: the true outline of an overlay (magenta), false positives (red) and false negatives (blue).
@@ -133,3 +134,42 @@ def panel(image, pred, truth=None, names=(), skip_class0=False, objects=None):
     if truth is not None:
         entries += [("false positive", FALSE_POSITIVE[1]), ("false negative", FALSE_NEGATIVE[1])]
     return np.vstack([strip, legend_row(entries, strip.shape[1])])
+
+
+def display_image(image):
+    """An image (H, W, C) of any type and channel count -> 8-bit RGB (H, W, 3) for a person to look at: 8-bit images
+    as they are, others stretched per channel from their 1st to 99.8th percentile (as Fiji's auto contrast does);
+    RGB as it is, one channel as grey, any other count as the mean of its channels."""
+    if image.dtype != np.uint8:
+        flat = image.reshape(-1, image.shape[2]).astype(np.float32)
+        lo, hi = np.percentile(flat, [1.0, 99.8], axis=0)
+        image = np.clip((image - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    if image.shape[2] == 3:
+        return image
+    grey = image[:, :, :1] if image.shape[2] == 1 else image.mean(axis=2, keepdims=True).astype(np.uint8)
+    return np.repeat(grey, 3, axis=2)
+
+
+def outline_overlay(image, pred, truth=None, skip_class0=False, objects=None):
+    """The image (BGR, as display_image shows it) with each class's predicted outline in its colour and, if given,
+    the true outline in TRUTH's; skip_class0: the catch-all class of softmax mode is not outlined. objects: a
+    label image (H, W) of the predicted objects, each outlined in its own colour instead of the class's."""
+    canvas = cv2.cvtColor(display_image(image), cv2.COLOR_RGB2BGR)
+    first = 1 if skip_class0 else 0
+    for c in range(first, pred.shape[0]):
+        if truth is not None:
+            contours, _ = cv2.findContours(truth[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(canvas, contours, -1, TRUTH[1][::-1], 1)
+        if objects is None:
+            contours, _ = cv2.findContours(pred[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(canvas, contours, -1, colour(c)[1][::-1], 1)
+    return canvas if objects is None else outlined(canvas, objects, 1, bgr=True)
+
+
+def legend(cfg, labeled):
+    """The overlay's colours in words, for val.py's summary line."""
+    classes = range(1 if cfg["class_mode"] == "softmax" else 0, cfg["num_classes"])
+    names = cfg["class_names"]
+    words = ([f"class {class_label(names, c)} {colour(c)[0]}" for c in classes] if cfg["num_classes"] > 1 or names
+             else [f"prediction {colour(0)[0]}"])
+    return ", ".join(words + ([f"ground truth {TRUTH[0]}"] if labeled else []))

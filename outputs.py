@@ -1,4 +1,8 @@
-"""val.py's output folder: never the user's data, one evaluation at a time, and only its own files replaced.
+"""Everything val.py writes, in one place: the output folder (guarded, locked, its last files replaced), the layout
+of its files, masks, probability maps, object labels, overlays and panels, the CSVs, and the closing summary of what
+was written.
+
+The folder:
 
 - Refused: a folder that is, or is inside, a data set (the one val.py reads and the runs' own), a run folder or
   the runs folder itself; and an output subfolder that is a symbolic link (its files would land in, and be
@@ -9,10 +13,19 @@
   next evaluation into the folder removes exactly those (so a smaller data set leaves no stale masks), and
   nothing else: a file the user put there, or one written by a version before the record, stays.
 """
+import csv
+import io
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
 
 import rundir
-from utils import UserError, atomic_write
+from figures import display_image, legend, outline_overlay, panel
+from instances import MEASUREMENTS, measure, object_scores, object_sizes
+from utils import UserError, atomic_write, write_png, write_tiff
 
 RECORD = ".val_files"
 
@@ -29,7 +42,7 @@ def run_folders(runs_dir):
     found = []
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
         path = os.path.join(runs_dir, name)
-        if any(os.path.exists(os.path.join(path, f)) for f in ("config.yml", "model.pth")):
+        if rundir.RunFolder(path).is_run():
             found.append((path, f"the run folder of {name}"))
     return found + ([] if inside(os.getcwd(), runs_dir) else [(runs_dir, "the runs folder")])
 
@@ -44,7 +57,7 @@ def what_it_holds(folder):
     if os.path.isdir(os.path.join(folder, "images")) and any(os.path.isdir(os.path.join(folder, t))
                                                                for t in TARGET_FOLDERS):
         return "a data set"
-    if any(os.path.isfile(os.path.join(folder, f)) for f in ("config.yml", "model.pth")):
+    if any(os.path.isfile(os.path.join(folder, f)) for f in rundir.MARKS_A_RUN):
         return "a run folder"
     if os.path.isfile(os.path.join(folder, EXPORT_MARKER)):
         return "an export"
@@ -145,3 +158,177 @@ class OutputFolder:
     def record(self, relpaths):
         """Lists the files about to be written (relative to the folder), so the next evaluation removes them."""
         atomic_write(os.path.join(self.dir, RECORD), lambda f: f.write("".join(p + "\n" for p in relpaths)))
+
+
+OUTPUT_FORMATS = ("png", "tif")    # val.py --output_format
+LABELS_16BIT_MAX = int(np.iinfo(np.uint16).max)   # objects in one image a 16-bit label image holds; 32-bit TIFF past it
+WRITER_THREADS = 4   # PNG encoding releases the GIL: a few threads write while the network predicts
+REPORTS = ("metrics.csv", "objects.csv", "object_measurements.csv")
+OBJECT_COLUMNS = ["object_score", "ap_50", "f1_50", "true_count", "pred_count", "count_error"]
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What val.py writes besides the masks (its output flags)."""
+    output_format: str = "png"    # masks, probability maps and labels as png or tif
+    save_probs: bool = False      # probability maps in probs/<class>/
+    overlay: bool = False         # outlines drawn on the images, overlay/
+    panels: bool = False          # a figure per image, panels/
+    instances: bool = False       # object labels, instances/ (and objects.csv, object_measurements.csv)
+
+
+def subfolders(num_classes, opts):
+    """The subfolders of the output folder that the images' files go into."""
+    classes = [str(c) for c in range(num_classes)]
+    return (classes + ([f"probs/{c}" for c in classes] if opts.save_probs else []) +
+            (["overlay"] if opts.overlay else []) + (["panels"] if opts.panels else []) +
+            (["instances"] if opts.instances else []))
+
+
+def files(ids, num_classes, opts):
+    """Every file an evaluation of these images may write, relative to the output folder."""
+    ext = "." + opts.output_format
+    found = []
+    for i in ids:
+        for c in range(num_classes):
+            found += [f"{c}/{i}{ext}"] + ([f"probs/{c}/{i}{ext}"] if opts.save_probs else [])
+        found += ([f"overlay/{i}.png"] if opts.overlay else []) + ([f"instances/{i}.png", f"instances/{i}.tif"]
+                                                                     if opts.instances else [])
+        found += [f"panels/{i}.png"] if opts.panels else []
+    return found + list(REPORTS)
+
+
+def write_image_files(out_dir, result, truth, opts, objects=None):
+    """Binary masks per class (0/255, 8-bit), and optionally probability maps, an outline overlay and a panel, as PNG
+    or (output_format 'tif') TIFF, where probabilities are float32 instead of 8-bit. The overlay and the panel,
+    pictures for a person, are always PNG. truth: (C, H, W) 0/1 or None; objects: with instances, (predicted labels,
+    true labels or None)."""
+    pred, probs, image, img_id, cfg = result.mask, result.probs, result.image, result.id, result.cfg
+    tif = opts.output_format == "tif"
+    for c in range(pred.shape[0]):
+        mask = (pred[c] * 255).astype(np.uint8)
+        if tif:
+            write_tiff(os.path.join(out_dir, str(c), img_id + ".tif"), mask, durable=False)
+        else:
+            write_png(os.path.join(out_dir, str(c), img_id + ".png"), mask, durable=False)
+        if opts.save_probs and tif:
+            write_tiff(os.path.join(out_dir, "probs", str(c), img_id + ".tif"), probs[c].astype(np.float32), durable=False)
+        elif opts.save_probs:
+            write_png(os.path.join(out_dir, "probs", str(c), img_id + ".png"),
+                      np.round(probs[c] * 255).astype(np.uint8), durable=False)
+    if opts.overlay:
+        overlay = outline_overlay(image, pred, truth, cfg["class_mode"] == "softmax",
+                                  None if objects is None else objects[0])
+        write_png(os.path.join(out_dir, "overlay", img_id + ".png"), overlay, durable=False)
+    if opts.panels:
+        figure = panel(display_image(image), pred, truth, cfg["class_names"], cfg["class_mode"] == "softmax", objects)
+        write_png(os.path.join(out_dir, "panels", img_id + ".png"), cv2.cvtColor(figure, cv2.COLOR_RGB2BGR),
+                  durable=False)
+
+
+def write_labels(out_dir, img_id, labels, fmt):
+    """Object labels (H, W) -> instances/<id>.png (16-bit) or .tif (16-bit, or 32-bit past 65,535 objects; a PNG
+    cannot hold more, so such an image is written as TIFF whatever the format) -> the file's name."""
+    wide = labels.max() > LABELS_16BIT_MAX
+    name = img_id + (".tif" if fmt == "tif" or wide else ".png")
+    path = os.path.join(out_dir, "instances", name)
+    if name.endswith(".tif"):
+        write_tiff(path, labels.astype(np.uint32 if wide else np.uint16), durable=False)
+    else:
+        write_png(path, labels.astype(np.uint16), durable=False)
+    return name
+
+
+def write_image(out_dir, result, truth, true_labels, opts):
+    """Everything after the network for one image (run in a writer thread): its files, and with instances its
+    objects (instances/<id>.png or .tif) -> the image's row for objects.csv (with its objects' measurements,
+    instances.measure, and with true_labels (a callable giving them, or None) the object scores), or None."""
+    if not opts.instances:
+        write_image_files(out_dir, result, truth, opts)
+        return None
+    labels = result.labels                                                               # (H, W) int32
+    true = true_labels() if true_labels is not None else None
+    write_image_files(out_dir, result, truth, opts, (labels, true))
+    write_labels(out_dir, result.id, labels, opts.output_format)
+    count, mean_area, median_area = object_sizes(labels)
+    row = {"id": result.id, "count": count, "mean_area": round(mean_area, 2), "median_area": median_area,
+           "measurements": [{"id": result.id, **m} for m in measure(labels, result.image)]}
+    if true is not None:
+        row.update(object_scores(true, labels))
+    return row
+
+
+class ImageWriter:
+    """with ImageWriter(out_dir, opts) as writer: writer.submit(result, truth, true_labels) per image; the files are
+    encoded and written by a few threads while the next batch is predicted. writer.rows(): the objects.csv rows, in
+    order (a failed write raises there)."""
+
+    def __init__(self, out_dir, opts):
+        self.out_dir, self.opts, self.pending = out_dir, opts, []
+        self.pool = ThreadPoolExecutor(WRITER_THREADS)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+
+    def submit(self, result, truth=None, true_labels=None):
+        self.pending.append(self.pool.submit(write_image, self.out_dir, result, truth, true_labels, self.opts))
+
+    def rows(self):
+        rows = [job.result() for job in self.pending]
+        return rows if self.opts.instances else None
+
+
+def write_csv(path, fieldnames, rows):
+    """A CSV of dicts (keys beyond fieldnames ignored), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_metrics(path, ids, iou, dice, objects=None):
+    """metrics.csv: id, then iou_<c> and dice_<c> per class; with instances the object columns too."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    classes = range(iou.shape[1])
+    writer.writerow(["id"] + [f"{m}_{c}" for c in classes for m in ("iou", "dice")] + (OBJECT_COLUMNS if objects else []))
+    for n, img_id in enumerate(ids):
+        extra = [objects[n]["score"]] + [objects[n][k] for k in OBJECT_COLUMNS[1:]] if objects else []
+        writer.writerow([img_id] + [f"{v[n, c].item():.6f}" for c in classes for v in (iou, dice)] +
+                        [f"{x:.6f}" if isinstance(x, float) else x for x in extra])
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_objects(out_dir, rows):
+    """objects.csv: per image the object count, mean and median area (pixels, at the image's size); and
+    object_measurements.csv: a row per object of every image (instances.measure's columns)."""
+    write_csv(os.path.join(out_dir, "objects.csv"), ["id", "count", "mean_area", "median_area"], rows)
+    objects = [m for r in rows for m in r["measurements"]]
+    intensity = [k for k in (objects[0] if objects else {"mean_intensity": 0}) if k.startswith("mean_intensity")]
+    write_csv(os.path.join(out_dir, "object_measurements.csv"), MEASUREMENTS + intensity, objects)
+
+
+def summary(out_dir, n, cfg, opts, labeled, most_objects=0):
+    """Where everything went (most_objects: the largest object count of an image, which decides the labels' depth)."""
+    tif = opts.output_format == "tif"
+    where = [f"{n} predicted masks in {out_dir}/<class>/" + (" (TIFF)" if tif else "")]
+    if opts.save_probs:
+        where.append(f"probability maps in {out_dir}/probs/<class>/ ({'float32 TIFF' if tif else '8-bit PNG'})")
+    if opts.overlay:
+        where.append(f"outlines in {out_dir}/overlay/ ({legend(cfg, labeled)})")
+    if opts.panels:
+        where.append(f"figures in {out_dir}/panels/ (" + ("image, ground truth, prediction, errors" if labeled else
+                                                          "image, prediction") + ")")
+    if opts.instances:
+        depth = ("16-bit; 32-bit TIFF for images of more than 65,535 objects" if most_objects > LABELS_16BIT_MAX
+                 else "16-bit")
+        where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, {depth}), counts and areas in "
+                     f"{out_dir}/objects.csv, each object's area, centroid, box, eccentricity and mean intensity in "
+                     f"{out_dir}/object_measurements.csv")
+    if labeled:
+        where.append(f"per-image metrics in {out_dir}/metrics.csv")
+    return "; ".join(where)

@@ -17,7 +17,7 @@ is normalised as the training loaders normalised it.
 """
 import torch
 
-from archs import ARCHS, BASE_CHANNELS, activate, final_logits
+from archs import BASE_CHANNELS, activate, build_model, final_logits
 from normalize import Normalization, full_range, normalize
 
 FORMAT = "unet-toolkit model 1"
@@ -44,6 +44,28 @@ def describe(cfg, dtypes):
         "crop": cfg["crop"],
         "target": cfg["target"],      # objects: planes 0 objects and 1 borders (the objects come from both)
     }
+
+
+def settings_of(description):
+    """The config keys that decide predictions, read back from a model.json description (describe's inverse)."""
+    d, n, net = description, description["normalize"], network_settings(description)
+    network = {k: net[k] for k in ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes")}
+    return {**network, "class_mode": d["class_mode"], "input_h": d["input_size"][0], "input_w": d["input_size"][1],
+            "normalize": n["mode"], "norm_pmin": n["pmin"], "norm_pmax": n["pmax"], "per_image_norm": n["per_image"],
+            "crop": d["crop"], "target": d.get("target", "masks")}
+
+
+def network_settings(description):
+    """What archs.build_model needs to rebuild the network a model.json describes."""
+    d = description
+    return {"arch": d["arch"], "num_classes": d["num_classes"], "input_channels": d["input_channels"],
+            "deep_supervision": d["deep_supervision"], "base_channels": base_channels(d)}
+
+
+def recorded_dtypes(description):
+    """The image type the run trained on, as its model.json description records it (runs from before it: 8-bit)."""
+    dtype = description.get("input_dtype") if description else None
+    return {dtype if isinstance(dtype, str) else "uint8"}
 
 
 def percentile_ranges(x, pmin, pmax):
@@ -88,9 +110,7 @@ class Predictor(torch.nn.Module):
         """The Predictor a model.json describes, with untrained weights (load_network loads model.pth)."""
         if description.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT!r} description (format {description.get('format')!r})")
-        network = ARCHS[description["arch"]](description["num_classes"], description["input_channels"],
-                                             description["deep_supervision"], base_channels(description))
-        return cls(network, description)
+        return cls(build_model(network_settings(description)), description)
 
     def load_network(self, state_dict):
         self.network.load_state_dict(state_dict)

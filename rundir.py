@@ -14,14 +14,47 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import checkpoint
 from runlog import plot_curves, read_log, write_log
 from utils import UserError, atomic_write, process_alive, save_yaml
 
-RUN_FILES = ("config.yml", "log.csv", "model.pth", "model.json", "last.pth", "curves.png", "split.csv")
+# The run folder's file names: spelled here only (RunFolder gives their paths).
+CONFIG, LOG, MODEL, MODEL_JSON = "config.yml", "log.csv", "model.pth", "model.json"
+LAST, CURVES, SPLIT = "last.pth", "curves.png", "split.csv"
+RUN_FILES = (CONFIG, LOG, MODEL, MODEL_JSON, LAST, CURVES, SPLIT)
+MARKS_A_RUN = (CONFIG, MODEL)     # a folder holding either is a run folder (scripts never write among its files)
 LOCK = ".lock"       # <pid> <host> of the process training the run
 CURVES_EVERY = 5.0   # seconds between curves.png redraws while training (matplotlib takes ~0.4 s a plot)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder's path and the paths of its files: the one place that names them."""
+    path: str
+
+    config = property(lambda self: os.path.join(self.path, CONFIG))
+    log = property(lambda self: os.path.join(self.path, LOG))
+    model = property(lambda self: os.path.join(self.path, MODEL))
+    model_json = property(lambda self: os.path.join(self.path, MODEL_JSON))
+    last = property(lambda self: os.path.join(self.path, LAST))
+    curves = property(lambda self: os.path.join(self.path, CURVES))
+    split = property(lambda self: os.path.join(self.path, SPLIT))
+
+    def is_run(self):
+        """Whether the folder holds a run (config.yml or model.pth), as a folder a colleague sent may hold only one."""
+        return any(os.path.exists(os.path.join(self.path, f)) for f in MARKS_A_RUN)
+
+    def description(self):
+        """model.json (what train.py recorded of the Predictor it trained) as a dict, or None (older runs, or a file
+        that is not a JSON object)."""
+        try:
+            with open(self.model_json) as f:
+                description = json.load(f)
+            return description if isinstance(description, dict) else None
+        except (OSError, ValueError):
+            return None
 
 
 def check_existing(run_dir, run):
@@ -30,7 +63,7 @@ def check_existing(run_dir, run):
         raise UserError(f"{run_dir} is a file, not a run folder. Train under another --name, or move the file away.")
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if run["resume"]:
-        if not os.path.isfile(os.path.join(run_dir, "last.pth")):
+        if not os.path.isfile(RunFolder(run_dir).last):
             raise UserError(f"--resume: {run_dir}/last.pth does not exist, so there is nothing to resume. "
                             "Train without --resume (add --overwrite to replace what is there).")
     elif existing and not run["overwrite"]:
@@ -67,12 +100,12 @@ def save_start(run_dir, engine, resume, start):
 
 
 def write_start(run_dir, engine, resume, start):
-    save_yaml(os.path.join(run_dir, "config.yml"), engine.cfg)
-    atomic_write(os.path.join(run_dir, "model.json"), lambda f: json.dump(start["model"], f, indent=1))
+    save_yaml(RunFolder(run_dir).config, engine.cfg)
+    atomic_write(RunFolder(run_dir).model_json, lambda f: json.dump(start["model"], f, indent=1))
     if resume:
         return
-    atomic_write(os.path.join(run_dir, "split.csv"), lambda f: write_split(f, start["split"]))
-    checkpoint.save(engine.state_dict(), os.path.join(run_dir, "last.pth"))
+    atomic_write(RunFolder(run_dir).split, lambda f: write_split(f, start["split"]))
+    checkpoint.save(engine.state_dict(), RunFolder(run_dir).last)
 
 
 def write_split(f, split):
@@ -84,7 +117,7 @@ def write_split(f, split):
 
 def read_split(run_dir):
     """split.csv -> {'train': [ids], 'val': [ids]}, or None for runs from before it was recorded."""
-    path = os.path.join(run_dir, "split.csv")
+    path = RunFolder(run_dir).split
     if not os.path.isfile(path):
         return None
     with open(path, newline="") as f:
@@ -172,7 +205,7 @@ def disk_error(run_dir, e):
 def restart_advice(run_dir):
     """How to go on after a run stopped: --resume once last.pth exists; before that, the start files it left
     (config.yml, model.json, split.csv) make a plain rerun refuse, so --overwrite (which removes only those)."""
-    if os.path.isfile(os.path.join(run_dir, "last.pth")):
+    if os.path.isfile(RunFolder(run_dir).last):
         return "run the same command again with --resume"
     if any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
         return "run the same command again with --overwrite (the run had not started; only its start files are there)"
@@ -187,19 +220,19 @@ def evaluated_weights(state):
 def write_epoch(run_dir, state, improved, best=None):
     """One epoch's files from a last.pth state: last.pth, then model.pth (if the score improved: `best`, the weights
     of the best epoch since the last write, else the state's own), then log.csv."""
-    checkpoint.save(state, os.path.join(run_dir, "last.pth"))
+    checkpoint.save(state, RunFolder(run_dir).last)
     if improved:
-        checkpoint.save(evaluated_weights(state) if best is None else best, os.path.join(run_dir, "model.pth"))
-    write_log(os.path.join(run_dir, "log.csv"), state["log"])
+        checkpoint.save(evaluated_weights(state) if best is None else best, RunFolder(run_dir).model)
+    write_log(RunFolder(run_dir).log, state["log"])
 
 
 def repair(run_dir):
     """Completes an epoch whose files a kill cut short (log.csv behind last.pth); -> the epoch repaired, or None."""
-    last = os.path.join(run_dir, "last.pth")
+    last = RunFolder(run_dir).last
     if not os.path.isfile(last):
         return None
     state = checkpoint.load(last)
-    if len(read_log(os.path.join(run_dir, "log.csv"))) >= len(state["log"]):
+    if len(read_log(RunFolder(run_dir).log)) >= len(state["log"]):
         return None
     improved = state["best_epoch"] == state["epoch"] > 0
     write_epoch(run_dir, state, improved)
@@ -253,7 +286,7 @@ class EpochWriter:
             write_epoch(self.run_dir, state, best is not None, best)
             # one epoch is no curve, and drawing it (importing matplotlib) took a second of CPU while epoch 2 trained
             if len(state["log"]) > 1 and time.monotonic() - self.curves_at >= CURVES_EVERY:
-                plot_curves(os.path.join(self.run_dir, "curves.png"), state["log"], self.class_names)
+                plot_curves(RunFolder(self.run_dir).curves, state["log"], self.class_names)
                 self.curves_at, self.plotted = time.monotonic(), list(state["log"])
         except OSError as e:
             self.error = disk_error(self.run_dir, e)
@@ -275,4 +308,4 @@ class EpochWriter:
         self.flush()
         self.wait()
         if rows and rows != self.plotted:
-            plot_curves(os.path.join(self.run_dir, "curves.png"), rows, self.class_names)
+            plot_curves(RunFolder(self.run_dir).curves, rows, self.class_names)

@@ -106,7 +106,7 @@ def fit(cfg, run, rt, interrupts):
         if run["resume"]:
             if rt.main:
                 rundir.repair(run_dir)    # an epoch whose files a kill cut short is completed first
-            last = os.path.join(run_dir, "last.pth")
+            last = rundir.RunFolder(run_dir).last
             engine.load_state_dict(checkpoint.load(last), last)
         if rt.main:
             rundir.save_start(run_dir, engine, run["resume"], start)
@@ -244,7 +244,7 @@ def main(argv=None):
 
 def interrupted_message(cfg, run):
     """What an interrupt left: the last finished epoch to --resume from, or nothing yet."""
-    last = os.path.join(run["runs_dir"], cfg["name"], "last.pth") if cfg and run else None
+    last = rundir.RunFolder(os.path.join(run["runs_dir"], cfg["name"])).last if cfg and run else None
     if last is None or not os.path.isfile(last):
         advice = rundir.restart_advice(os.path.dirname(last)) if last else "run the same command again"
         return f"interrupted before the run saved anything to resume from; {advice}"

@@ -17,8 +17,6 @@ if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (s
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
 
 import argparse
-import csv
-import io
 import os
 import warnings
 
@@ -27,11 +25,11 @@ import config
 import rundir
 from dataset import Sample, SegmentationData, Targets, find_ids, load_validation, read_image, scan
 from figures import class_label
-from instances import MEASUREMENTS, METHODS
-from metrics import SegMeter
-from outputs import OutputFolder, run_folders
-from predict import BORDER_THRESHOLD, LABELS_16BIT_MAX, OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
-from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
+from evaluation import Scores, evaluate as evaluate_images
+from instances import METHODS
+from outputs import OUTPUT_FORMATS, ImageWriter, OutputFolder, OutputOptions, files, run_folders, subfolders, summary, write_metrics, write_objects
+from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, objects_method, tiled
+from utils import ClosedPipeSafe, Interrupts, UserError, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
 SHRINK_NOTE = 1.5   # images this many times larger than the network input (either side) get the --tile note
@@ -95,6 +93,19 @@ def parse_args(argv):
     return args
 
 
+def predict_options(args):
+    """val.py's prediction flags as the prediction library's options."""
+    return PredictOptions(batch_size=args.batch_size, tta=args.tta, tile=args.tile, overlap=args.overlap,
+                          threshold=args.threshold, border_threshold=args.border_threshold, instances=args.instances,
+                          min_size=args.min_size)
+
+
+def output_options(args):
+    """val.py's output flags as outputs.py's options."""
+    return OutputOptions(output_format=args.output_format, save_probs=args.save_probs, overlay=args.overlay,
+                         panels=args.panels, instances=bool(args.instances))
+
+
 def check_args(p, args):
     """The flag values parse_args' parser cannot check by type alone; p.error names the flag."""
     if not 0 < args.threshold < 1:
@@ -140,59 +151,23 @@ def hints(cfg, name):
     }
 
 
-OBJECT_COLUMNS = ["object_score", "ap_50", "f1_50", "true_count", "pred_count", "count_error"]
-
-
-def write_metrics(path, ids, iou, dice, objects=None):
-    """metrics.csv: id, then iou_<c> and dice_<c> per class; with --instances the object columns too."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    classes = range(iou.shape[1])
-    writer.writerow(["id"] + [f"{m}_{c}" for c in classes for m in ("iou", "dice")] + (OBJECT_COLUMNS if objects else []))
-    for n, img_id in enumerate(ids):
-        extra = [objects[n]["score"]] + [objects[n][k] for k in OBJECT_COLUMNS[1:]] if objects else []
-        writer.writerow([img_id] + [f"{v[n, c].item():.6f}" for c in classes for v in (iou, dice)] +
-                        [f"{x:.6f}" if isinstance(x, float) else x for x in extra])
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def write_objects(path, rows):
-    """objects.csv: per image the object count, mean and median area (pixels, at the image's size)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["id", "count", "mean_area", "median_area"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def write_measurements(path, rows):
-    """object_measurements.csv: a row per object of every image (instances.measure's columns)."""
-    objects = [m for r in rows for m in r["measurements"]]
-    intensity = [k for k in (objects[0] if objects else {"mean_intensity": 0}) if k.startswith("mean_intensity")]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MEASUREMENTS + intensity)
-    writer.writeheader()
-    writer.writerows(objects)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def report_objects(rows, args, cfg):
+def report_objects(rows, options, cfg):
     """The object scores over the data set: mean over images of the Bowl's score, of its AP and F1 at 0.5, and the
     mean absolute counting error."""
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     counts = f"{sum(r['true_count'] for r in rows)} true, {sum(r['pred_count'] for r in rows)} predicted objects"
-    print(f"objects ({objects_method(cfg, args.instances)}, min_size {args.min_size}): object score (Data Science Bowl) "
+    print(f"objects ({objects_method(cfg, options.instances)}, min_size {options.min_size}): object score (Data Science Bowl) "
           f"{mean('score'):.4f}, AP at IoU 0.5 {mean('ap_50'):.4f}, F1 at IoU 0.5 {mean('f1_50'):.4f}, "
           f"counting error {mean('count_error'):.2f} per image ({counts})")
 
 
-def report(meters, ids, out_dir, cfg, objects=None, tiled=False):
+def report(scores, ids, out_dir, cfg, objects=None, by_tiles=False):
     """Prints per-class data-set-level and per-image-mean IoU/Dice at the images' own size and their mean over
     classes (and without class 0, the catch-all class in softmax mode), then the IoU at the network input."""
-    ds_iou, ds_dice = meters["image"].dataset_scores()
-    img_iou, img_dice = meters["image"].image_scores()
+    ds_iou, ds_dice = scores.image.dataset_scores()
+    img_iou, img_dice = scores.image.image_scores()
     write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice, objects)
-    how = "predicted by tiles at full resolution" if tiled else "the prediction resized back to it"
+    how = "predicted by tiles at full resolution" if by_tiles else "the prediction resized back to it"
     print(f"scored at each image's own size ({how}):")
     print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
@@ -209,8 +184,8 @@ def report(meters, ids, out_dir, cfg, objects=None, tiled=False):
     print("(per-image mean: an image where neither the truth nor the prediction has the class scores 1 for it)")
     print(f"IoU: {ds_iou.mean():.4f}")
     print(f"Dice: {ds_dice.mean():.4f}")
-    if meters.get("input") is not None:
-        net_iou = meters["input"].dataset_scores()[0].mean().item()
+    if scores.input is not None:
+        net_iou = scores.input.dataset_scores()[0].mean().item()
         print(f"IoU at the {cfg['input_w']}x{cfg['input_h']} network input (what train.py logs as val_iou): "
               f"{net_iou:.4f}")
 
@@ -279,30 +254,8 @@ def depth_note(data, members):
               "on such images (normalize auto or percentile) will predict them better")
 
 
-def summary(out_dir, n, cfg, args, labeled, most_objects=0):
-    """Where everything went (most_objects: the largest object count of an image, which decides the labels' depth)."""
-    tif = args.output_format == "tif"
-    where = [f"{n} predicted masks in {out_dir}/<class>/" + (" (TIFF)" if tif else "")]
-    if args.save_probs:
-        where.append(f"probability maps in {out_dir}/probs/<class>/ ({'float32 TIFF' if tif else '8-bit PNG'})")
-    if args.overlay:
-        where.append(f"outlines in {out_dir}/overlay/ ({legend(cfg, labeled)})")
-    if args.panels:
-        where.append(f"figures in {out_dir}/panels/ (" + ("image, ground truth, prediction, errors" if labeled else
-                                                          "image, prediction") + ")")
-    if args.instances:
-        depth = ("16-bit; 32-bit TIFF for images of more than 65,535 objects" if most_objects > LABELS_16BIT_MAX
-                 else "16-bit")
-        where.append(f"object labels in {out_dir}/instances/ ({'TIFF' if tif else 'PNG'}, {depth}), counts and areas in "
-                     f"{out_dir}/objects.csv, each object's area, centroid, box, eccentricity and mean intensity in "
-                     f"{out_dir}/object_measurements.csv")
-    if labeled:
-        where.append(f"per-image metrics in {out_dir}/metrics.csv")
-    return "; ".join(where)
-
-
 def evaluate(args):
-    members = [load_run(name, args.device, args.runs_dir) for name in args.name]
+    members = [TrainedRun.load(name, args.device, args.runs_dir) for name in args.name]
     check_ensemble(members)
     cfg = members[0].cfg
     if args.instances and cfg["target"] != "objects" and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
@@ -312,12 +265,11 @@ def evaluate(args):
     if args.images or args.data:
         shrink_note(data, members, args)
         depth_note(data, members)
-    out_dir = args.output or default_out
-    with OutputFolder(out_dir, protected_folders(args, members), output_subfolders(cfg["num_classes"], args)) as out:
+    out_dir, opts = args.output or default_out, output_options(args)
+    with OutputFolder(out_dir, protected_folders(args, members), subfolders(cfg["num_classes"], opts)) as out:
         try:
-            out.record(output_files(data.ids, cfg["num_classes"], args) + ["metrics.csv", "objects.csv",
-                                                                            "object_measurements.csv"])
-            predict_into(out_dir, members, data, args)
+            out.record(files(data.ids, cfg["num_classes"], opts))
+            predict_into(out_dir, members, data, predict_options(args), opts)
         except OSError as e:            # a full disk or a read-only folder, met by a writer thread or the reports
             raise out.unwritable(e) from None
 
@@ -343,24 +295,21 @@ def compare_with_trivial(meter, data, cfg):
         warnings.warn(warning, stacklevel=2)
 
 
-def predict_into(out_dir, members, data, args):
+def predict_into(out_dir, runs, data, options, opts):
     """Predicts and scores `data` into out_dir (checked, locked and cleared): files, metrics, objects, summary."""
-    cfg = members[0].cfg
-    device = members[0].rt.device
-    single = len(members) == 1 and not (args.tile or cfg["crop"])
-    meters = {"image": SegMeter(cfg["num_classes"], device, keep_per_image=True),
-              "input": SegMeter(cfg["num_classes"], device) if single else None}
-    objects = run_inference(members, data, args, out_dir, meters)
+    cfg = runs[0].cfg
+    scores = Scores.new(runs, options)
+    with ImageWriter(out_dir, opts) as writer:
+        objects = evaluate_images(runs, data, options, writer, scores)
     if objects:
-        write_objects(os.path.join(out_dir, "objects.csv"), objects)
-        write_measurements(os.path.join(out_dir, "object_measurements.csv"), objects)
+        write_objects(out_dir, objects)
     if data.labeled:
-        report(meters, data.ids, out_dir, cfg, objects, tiled=args.tile or cfg["crop"])
-        compare_with_trivial(meters["image"], data, cfg)
+        report(scores, data.ids, out_dir, cfg, objects, by_tiles=tiled(runs, options))
+        compare_with_trivial(scores.image, data, cfg)
     if objects and data.labeled:
-        report_objects(objects, args, cfg)
+        report_objects(objects, options, cfg)
     most = max((row["count"] for row in objects or ()), default=0)
-    print(summary(out_dir, len(data.ids), cfg, args, data.labeled, most))
+    print(summary(out_dir, len(data.ids), cfg, opts, data.labeled, most))
 
 
 def main(argv=None):

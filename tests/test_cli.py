@@ -245,14 +245,3 @@ def test_ctrl_c_while_a_script_imports_torch_ends_quietly(tmp_path, script, sig)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
-
-
-def test_the_closing_line_says_32_bit_when_an_image_had_more_than_65535_objects():
-    import argparse
-
-    import val
-    args = argparse.Namespace(output_format="png", save_probs=False, overlay=False, panels=False, instances="watershed")
-    cfg = {"num_classes": 1, "class_names": [], "class_mode": "sigmoid", "target": "masks"}
-    assert "(PNG, 16-bit)" in val.summary("out", 3, cfg, args, False, most_objects=65535)
-    assert "32-bit TIFF for images of more than 65,535 objects" in val.summary("out", 3, cfg, args, False,
-                                                                                most_objects=70000)

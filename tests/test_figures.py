@@ -68,3 +68,19 @@ def test_large_images_are_shown_at_most_max_tile_side():
     pred = np.zeros((1, 3000, 1500), np.uint8)
     fig = figures.panel(image, pred)
     assert fig.shape[0] < figures.MAX_TILE_SIDE + 100 and fig.shape[1] == 2 * 512 + 6
+
+
+def test_overlay_outlines_prediction_and_truth_in_two_colours_and_not_softmax_class_0():
+    image = np.zeros((20, 20, 3), np.uint8)
+    pred = np.zeros((2, 20, 20), np.uint8)
+    truth = np.zeros((2, 20, 20), np.uint8)
+    pred[1, 2:8, 2:8] = 1
+    truth[1, 10:16, 10:16] = 1
+    pred[0], truth[0] = 1 - pred[1], 1 - truth[1]       # softmax: class 0 is everything else
+    colours = lambda canvas: {tuple(int(v) for v in px) for px in canvas.reshape(-1, 3)}  # noqa: E731
+    bgr = lambda rgb: rgb[::-1]                          # noqa: E731 - the overlay is written by OpenCV, in BGR
+    drawn = colours(figures.outline_overlay(image, pred, truth, skip_class0=True))
+    assert bgr(figures.TRUTH[1]) in drawn and bgr(figures.colour(1)[1]) in drawn
+    assert bgr(figures.colour(0)[1]) not in drawn        # the catch-all class is not outlined
+    assert bgr(figures.colour(0)[1]) in colours(figures.outline_overlay(image, pred, None))
+    assert bgr(figures.TRUTH[1]) not in colours(figures.outline_overlay(image, pred, None))

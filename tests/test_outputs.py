@@ -1,12 +1,16 @@
 """outputs.py: val.py's output folder is never the user's data, is written by one evaluation at a time, and only
 the files the last evaluation recorded are removed."""
+import csv
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import outputs
 import rundir
+from metrics import SegMeter
 from outputs import RECORD, OutputFolder, check_place, run_folders
 from utils import UserError
 
@@ -81,3 +85,26 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused(tmp_path):
         sleeper.wait()
     with OutputFolder(str(out), [], ["0"]):                      # its process gone: the lock is taken over
         pass
+
+
+def test_write_metrics_has_a_row_per_image_and_columns_per_class(tmp_path):
+    meter = SegMeter(2, torch.device("cpu"), keep_per_image=True)
+    target = torch.zeros(2, 2, 4, 4)
+    target[0, 0, :2] = 1
+    pred = target.clone()
+    pred[0, 0, 0] = 0                                    # image 0, class 0: 4 of 8 pixels found
+    meter.update(pred, target)
+    iou, dice = meter.image_scores()
+    outputs.write_metrics(str(tmp_path / "metrics.csv"), ["a", "b"], iou, dice)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert list(rows[0]) == ["id", "iou_0", "dice_0", "iou_1", "dice_1"] and [r["id"] for r in rows] == ["a", "b"]
+    assert float(rows[0]["iou_0"]) == 0.5 and float(rows[0]["dice_0"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert float(rows[1]["iou_0"]) == 1.0                # nothing to find and nothing found
+
+
+def test_the_closing_line_says_32_bit_when_an_image_had_more_than_65535_objects():
+    opts = outputs.OutputOptions(instances=True)
+    cfg = {"num_classes": 1, "class_names": [], "class_mode": "sigmoid", "target": "masks"}
+    assert "(PNG, 16-bit)" in outputs.summary("out", 3, cfg, opts, False, most_objects=65535)
+    assert "32-bit TIFF for images of more than 65,535 objects" in outputs.summary("out", 3, cfg, opts, False,
+                                                                                    most_objects=70000)

@@ -1,27 +1,21 @@
-"""predict.py (and val.py's metrics.csv): prediction with flips, thresholds, resizing back to each image's size."""
-import argparse
-import csv
+"""predict.py: prediction with flips, thresholds, resizing back to each image's size, one result per image."""
 
 import numpy as np
 import pytest
 import torch
 
 import config
-import figures
 import predict
 import runtime
-import val
 from dataset import SegmentationData
 from engine import build_network
-from metrics import SegMeter
 from predictor import Predictor, describe
 
 CFG = {**config.DEFAULTS, "arch": "UNet", "input_w": 32, "input_h": 32, "normalize": "imagenet"}
 
 
 def args(**kw):
-    return argparse.Namespace(**{"batch_size": 3, "tta": False, "tile": False, "overlap": 0.5, "threshold": 0.5,
-                                 "save_probs": False, "overlay": False, "instances": None, "min_size": 4, **kw})
+    return predict.PredictOptions(**{"batch_size": 3, **kw})
 
 
 def wrap(network):
@@ -77,26 +71,10 @@ def test_an_ensemble_averages_the_runs_probabilities():
     rt = runtime.build(torch.device("cpu"), CFG)
     images = [np.zeros((32, 32, 3), np.uint8)]
     data = SegmentationData(["a"], images, None)
-    members = [predict.Member("a", CFG, rt, wrap(Shift(2.0))), predict.Member("b", CFG, rt, wrap(Shift(-1.0)))]
+    members = [predict.TrainedRun("a", CFG, rt, wrap(Shift(2.0))), predict.TrainedRun("b", CFG, rt, wrap(Shift(-1.0)))]
     (_, _, probs, first), = predict.resized_probs(members, data, args())
     expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2
     assert torch.allclose(probs, expected.expand_as(probs)) and torch.allclose(first, torch.sigmoid(torch.tensor(2.0)))
-
-
-def test_overlay_outlines_prediction_and_truth_in_two_colours_and_not_softmax_class_0():
-    image = np.zeros((20, 20, 3), np.uint8)
-    pred = np.zeros((2, 20, 20), np.uint8)
-    truth = np.zeros((2, 20, 20), np.uint8)
-    pred[1, 2:8, 2:8] = 1
-    truth[1, 10:16, 10:16] = 1
-    pred[0], truth[0] = 1 - pred[1], 1 - truth[1]       # softmax: class 0 is everything else
-    colours = lambda canvas: {tuple(int(v) for v in px) for px in canvas.reshape(-1, 3)}  # noqa: E731
-    bgr = lambda rgb: rgb[::-1]                          # noqa: E731 - the overlay is written by OpenCV, in BGR
-    drawn = colours(predict.outline_overlay(image, pred, truth, skip_class0=True))
-    assert bgr(figures.TRUTH[1]) in drawn and bgr(figures.colour(1)[1]) in drawn
-    assert bgr(figures.colour(0)[1]) not in drawn        # the catch-all class is not outlined
-    assert bgr(figures.colour(0)[1]) in colours(predict.outline_overlay(image, pred, None))
-    assert bgr(figures.TRUTH[1]) not in colours(predict.outline_overlay(image, pred, None))
 
 
 def test_to_prediction_thresholds_or_takes_the_argmax():
@@ -113,7 +91,7 @@ def test_probabilities_come_back_at_each_images_own_size(tile):
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     data = SegmentationData([f"i{k}" for k in range(4)], images, None)
     rt = runtime.build(torch.device("cpu"), CFG)
-    members = [predict.Member("m", CFG, rt, wrap(build_network(CFG, rt)))]
+    members = [predict.TrainedRun("m", CFG, rt, wrap(build_network(CFG, rt)))]
     produce = predict.tiled_probs if tile else predict.resized_probs
     out = list(produce(members, data, args()))
     assert [k for k, *_ in out] == [0, 1, 2, 3]
@@ -122,16 +100,17 @@ def test_probabilities_come_back_at_each_images_own_size(tile):
     assert all((q is None) if tile else q.shape == (1, 1, 32, 32) for *_, q in out)   # at the network input
 
 
-def test_write_metrics_has_a_row_per_image_and_columns_per_class(tmp_path):
-    meter = SegMeter(2, torch.device("cpu"), keep_per_image=True)
-    target = torch.zeros(2, 2, 4, 4)
-    target[0, 0, :2] = 1
-    pred = target.clone()
-    pred[0, 0, 0] = 0                                    # image 0, class 0: 4 of 8 pixels found
-    meter.update(pred, target)
-    iou, dice = meter.image_scores()
-    val.write_metrics(str(tmp_path / "metrics.csv"), ["a", "b"], iou, dice)
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert list(rows[0]) == ["id", "iou_0", "dice_0", "iou_1", "dice_1"] and [r["id"] for r in rows] == ["a", "b"]
-    assert float(rows[0]["iou_0"]) == 0.5 and float(rows[0]["dice_0"]) == pytest.approx(2 / 3, abs=1e-6)
-    assert float(rows[1]["iou_0"]) == 1.0                # nothing to find and nothing found
+def test_predict_images_yields_a_result_per_image_in_order_and_objects_only_when_asked():
+    images = [np.zeros((40, 24, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)]
+    data = SegmentationData(["x", "y"], images, None)
+    rt = runtime.build(torch.device("cpu"), CFG)
+    runs = [predict.TrainedRun("m", CFG, rt, wrap(Shift(3.0)))]      # every pixel foreground (p = 0.95)
+    results = list(predict.predict_images(runs, data, args(threshold=0.9)))
+    assert [r.id for r in results] == ["x", "y"] and [r.index for r in results] == [0, 1]
+    assert results[0].probs.shape == (1, 40, 24) and results[0].mask.shape == (1, 40, 24)
+    assert results[0].mask.min() == 1 and results[0].labels is None                 # no instances asked for
+    assert torch.equal(results[0].mask_tensor[0].cpu(), torch.from_numpy(results[0].mask))
+    high = list(predict.predict_images(runs, data, args(threshold=0.97, instances="components", min_size=1)))
+    assert high[0].mask.max() == 0 and high[0].labels.shape == (40, 24) and high[0].labels.max() == 0
+    one = list(predict.predict_images(runs, data, args(instances="components", min_size=1)))
+    assert one[1].labels.max() == 1                    # the whole image is one object

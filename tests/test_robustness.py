@@ -645,7 +645,7 @@ def test_interrupts_before_the_first_save_and_during_val_say_what_is_left(workdi
     code, _, err = run_main(train.main, FAST + ["--name", "fresh"], workdir, monkeypatch, capsys)
     assert code == 130 and "before the run saved anything" in err and "last.pth" not in err
     import val
-    monkeypatch.setattr(val, "run_inference", stop)
+    monkeypatch.setattr(val, "evaluate_images", stop)
     code, _, err = run_main(val.main, ["--name", "old"], workdir, monkeypatch, capsys)
     assert code == 130 and "interrupted" in err
 
@@ -705,12 +705,12 @@ def test_val_notices_a_config_edited_after_training_and_evaluates_as_trained(wor
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
 def test_val_on_a_full_disk_or_read_only_folder_ends_with_one_message(workdir, monkeypatch, capsys, error):
-    import predict
+    import outputs
 
     def write_png(path, array, durable=True):             # what a writer thread meets
         raise error
 
-    monkeypatch.setattr(predict, "write_png", write_png)
+    monkeypatch.setattr(outputs, "write_png", write_png)
     code, _, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
     assert code == 2 and error.strerror in err and "cannot write the outputs in outputs/old" in err, err
     assert not os.path.exists(workdir / "outputs" / "old" / ".lock")      # the folder is free for the rerun

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import compare
 import config
 import predict
+import rundir
 from utils import UserError
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
@@ -49,7 +50,7 @@ def test_any_model_json_gives_a_checked_config_or_one_message(tmp_path, changes)
                                  str(tmp_path / "model.json"))
         config.check(cfg)
         settings_cfg, _ = predict.settings_from_description(json.loads(json.dumps(description, default=str)),
-                                                            str(tmp_path))
+                                                            rundir.RunFolder(str(tmp_path)))
         config.check(settings_cfg)
     except UserError:
         return
