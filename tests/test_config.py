@@ -63,7 +63,7 @@ def test_every_recipe_is_a_valid_config(recipe):
 
 
 def test_the_readme_flag_table_lists_every_setting():
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "flags.md")) as f:
         readme = f.read()
     missing = [k for k in config.DEFAULTS if f"| `--{k}" not in readme]
     assert missing == []
