@@ -1,13 +1,17 @@
 """The training config: defaults -> config.yml (--config) -> command-line flags -> one validated dict.
 
-Every setting is declared once in OPTIONS (name, default, type, help). The same table builds the
-argparse flags, checks a config file's keys and types, and is what models/<name>/config.yml holds.
+Every setting is one record in SETTINGS (name, default, type, --help section and text, choices or range, short
+flag, whether --resume may change it). The records build the argparse flags and their --help sections, check a
+config file's keys, types and ranges, and decide what a resume may change; models/<name>/config.yml holds one
+key per record, in their order.
 """
 import argparse
 import difflib
 import fractions
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import checkpoint
 from archs import ARCHS
@@ -20,100 +24,208 @@ from utils import UserError, load_yaml, str2bool
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
-
-# name, default, type, choices, help. Types: int, float, str, bool, "int_list", "str_list".
-OPTIONS = [
-    ("name", None, str, None, "run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)"),
-    ("epochs", 100, int, None, "number of epochs"),
-    ("batch_size", 16, int, None, "images per batch (-b)"),
-    # model
-    ("arch", "NestedUNet", str, tuple(ARCHS), "network (-a)"),
-    ("deep_supervision", False, bool, None, "NestedUNet: a loss on each of its 4 heads"),
-    ("base_channels", 32, int, None, "channels of the network's first stage, doubled at each of its 4 depths (32 "
-     "as in the reference; 16 or 8 make a network 4x or 16x smaller and faster, for small data sets or a slow CPU)"),
-    ("input_channels", 3, int, None, "channels of the images: 1 = grayscale, 3 = RGB (grayscale images are "
-     "replicated), or any count a multi-channel TIFF has (e.g. 2 for two fluorescence channels)"),
-    ("num_classes", 1, int, None, "number of mask classes (folders masks/0 .. masks/<n-1>)"),
-    ("class_names", [], "str_list", None, "a name per class, in the order of masks/0, masks/1, ... (e.g. "
-     "nucleus,membrane), used in val.py's tables, the legends of its figures and curves.png (default: the numbers)"),
-    ("input_w", 96, int, None, "network input width (multiple of 16)"),
-    ("input_h", 96, int, None, "network input height (multiple of 16)"),
-    ("normalize", "auto", str, NORMALIZE_MODES, "how raw intensities become network inputs: imagenet (the "
-     "reference's: / 255 for 8-bit, / 65535 for 16-bit, then ImageNet's mean and std), percentile (per image and "
-     "channel the norm_pmin-th percentile -> 0, the norm_pmax-th -> 1, clipped, as CSBDeep/StarDist do, then (x - 0.5) "
-     "/ 0.25; for 12/16-bit and float microscopy), auto (imagenet if every image is 8-bit, else percentile; the run saves what it chose)"),
-    ("norm_pmin", 1.0, float, None, "normalize percentile: the percentile that becomes 0"),
-    ("norm_pmax", 99.8, float, None, "normalize percentile: the percentile that becomes 1"),
-    ("per_image_norm", False, bool, None, "after normalize, standardise each network input per channel (zero mean, "
-     "unit variance), so that dark and bright microscopy images look alike to it"),
-    ("target", "masks", str, TARGETS, "what the network learns: masks (the masks/ folders, or the label images' "
-     "foreground), or objects, to count and measure touching objects: from the label images (labels/ or instances/), "
-     "plane 0 the objects and plane 1 the borders where they touch (2 sigmoid classes, named objects and borders), "
-     "so that val.py --instances splits objects where the network sees their border"),
-    ("class_mode", "sigmoid", str, ("sigmoid", "softmax"),
-     "sigmoid: independent per-class masks; softmax: mutually exclusive classes (argmax)"),
-    # loss
-    ("loss", "BCEDiceLoss", str, tuple(LOSSES), "loss function"),
-    # data
-    ("dataset", "dsb2018_96", str, None, "data set folder name under --data_dir"),
-    ("data_dir", "inputs", str, None, "folder that holds the data sets"),
-    ("img_ext", ".png", str, None, "image file extension (not given: the type of the files in images/ when they "
-     "are all one type, e.g. .tif)"),
-    ("mask_ext", ".png", str, None, "mask file extension (not given: the type of the files in masks/0/ when they "
-     "are all one type)"),
-    ("crop", False, bool, None, "train on random input_h x input_w crops of full-size images instead of resizing "
-     "them (val.py then predicts whole images by tiling)"),
-    ("val_split", 0.2, float, None, "fraction of images held out for validation"),
-    ("split_seed", 41, int, None, "random_state of the train/validation split"),
-    ("affine", 0.0, float, None, "probability per training image of a random scale (0.8-1.2), shift (+-6%) and "
-     "rotation (+-45 deg) of image and mask together, as albumentations' Affine (0: off)"),
-    ("folds", 1, int, None, "k-fold cross-validation: split the training split into this many folds (1: none)"),
-    ("fold", 0, int, None, "with --folds K: the fold (0 .. K-1) validated on; the run trains on the others"),
-    ("num_workers", 4, int, None, "DataLoader worker processes (--loader workers; at most one per CPU core)"),
-    ("cache_mb", 0, float, None, "memory for decoded images, MB; the rest is read from disk each epoch "
-     "(0: half the available memory)"),
-    ("loader", "auto", str, ("auto", "memory", "workers"),
-     "memory: data set as tensors on the device, augmented there in batches; workers: albumentations in "
-     "DataLoader workers; auto: memory when it fits"),
-    # optimizer
-    ("optimizer", "SGD", str, OPTIMIZERS, "optimizer"),
-    ("lr", 1e-3, float, None, "initial learning rate"),
-    ("momentum", 0.9, float, None, "SGD/RMSprop momentum"),
-    ("weight_decay", 1e-4, float, None, "weight decay"),
-    ("nesterov", False, bool, None, "SGD Nesterov momentum"),
-    # scheduler
-    ("scheduler", "CosineAnnealingLR", str, SCHEDULERS, "learning-rate schedule"),
-    ("min_lr", 1e-5, float, None, "CosineAnnealingLR floor / ReduceLROnPlateau floor"),
-    ("factor", 0.1, float, None, "ReduceLROnPlateau factor"),
-    ("patience", 2, int, None, "ReduceLROnPlateau patience (epochs)"),
-    ("milestones", [1, 2], "int_list", None, "MultiStepLR epochs, e.g. 30,60"),
-    ("gamma", 2 / 3, float, None, "MultiStepLR factor"),
-    ("early_stopping", -1, int, None, "stop after this many epochs without a better val_iou (-1: never)"),
-    ("ema", 0.0, float, None, "weight averaging: decay per optimizer step of an exponential moving average of the "
-     "weights, which are then validated and saved as model.pth (0: off; e.g. 0.995)"),
-    # run
-    ("device", "auto", str, None, "auto | cpu | cuda | cuda:N"),
-    ("amp", "auto", str, ("auto", "bf16", "fp16", "off"), "mixed precision (auto: bf16 on a GPU that has it, else fp16; bf16 on a CPU with native bf16, else off)"),
-    ("memory_format", "auto", str, ("auto", "channels_last", "contiguous"),
-     "tensor layout of the network (auto: channels_last, the faster one on CUDA and on CPU)"),
-    ("seed", 0, int, None, "seed for weights, shuffling and augmentation"),
-    ("deterministic", False, bool, None, "deterministic algorithms (slower on GPU)"),
-    ("compile", False, bool, None, "torch.compile the model (slow first epoch; pays on long GPU runs)"),
-    ("cuda_graph", "off", str, ("on", "off"), "on: capture the training step as one CUDA graph and replay it per "
-     "batch (one CUDA GPU, Adam/AdamW, bf16 or fp32); a step that cannot be captured runs op by op with a warning. "
-     "Off by default: on an H200 the capture failed at the fast recipe's size (BENCHMARKS.md)"),
-    ("save_every", 30.0, float, None, "seconds between writes of the run's files (last.pth, model.pth, log.csv) after "
-     "the first epoch; the last epoch is always written, and a kill loses at most this much training (0: every epoch)"),
-    ("sync_bn", False, bool, None, "under torchrun: SyncBatchNorm (batch statistics over all processes)"),
-]
-DEFAULTS = {name: default for name, default, *_ in OPTIONS}
-TYPES = {name: typ for name, _, typ, *_ in OPTIONS}
-CHOICES = {name: choices for name, _, _, choices, _ in OPTIONS if choices}
-SHORT = {"batch_size": "-b", "arch": "-a"}
 MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 255)
 MAX_COUNT = 10**6      # the largest epoch count, batch size, patience, milestone (a config's numbers are bounded)
 MAX_INPUT = 4096       # the largest network input side: one 4096x4096 training image is already several GB of activations
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
+# the --help sections, in the order --help lists them; "run" also holds the flags that are not settings (--config ...)
+GROUPS = ("run", "model", "data", "optimisation", "schedule", "hardware", "reliability")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting may take (every value is checked before anything else happens) and how a message
+    says so: '<key> must be <says>, not <value>'."""
+    test: Callable[[object], bool]
+    says: str
+
+
+def between(lo, hi, note=""):
+    """lo <= value <= hi, said 'between lo and hi' (and the note)."""
+    return Range(lambda v: lo <= v <= hi, f"between {lo} and {hi}{note}")
+
+
+def network_side(key, value):
+    """An input side the network's four 2x poolings can halve: a multiple of 16 -> None, else the message."""
+    if value % 16:
+        return (f"{key} {value} is not a multiple of 16, which the network's four 2x poolings need; use e.g. "
+                f"{max(16, round(value / 16) * 16)}")
+    return None
+
+
+POSITIVE = Range(lambda v: finite(v) and v > 0, "a positive number")
+NOT_NEGATIVE = Range(lambda v: finite(v) and v >= 0, "0 or a positive number")
+OPEN_UNIT = Range(lambda v: finite(v) and 0 < v < 1, "between 0 and 1 (exclusive)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One config key: what it is, its flag, what values it takes, and whether a resumed run may change it."""
+    name: str
+    default: object               # None: made from other settings when left out (the run name)
+    type: object                  # int, float, str, bool, "int_list" (30,60) or "str_list" (a,b)
+    group: str                    # its --help section, one of GROUPS
+    help: str
+    choices: tuple | None = None  # the values it may take, or
+    range: Range | None = None    # the test they must pass
+    short: str | None = None      # a one-letter flag as well as --<name> (-b, -a)
+    after_range: Callable[[str, object], str | None] | None = None   # run once all are in range: -> its message
+    resumable: bool = False       # --resume may change it: how long and where the run goes on, not what it is
+    # Where --help, or the resume refusal's list of what may change, names it when not in SETTINGS order: right
+    # after this setting (both lists keep the order their readers know).
+    help_after: str | None = None
+    resume_after: str | None = None
+
+    def requirement(self, value):
+        """What the value must be, as a message says it ('one of SGD, Adam', 'a positive number'); None if it is."""
+        if self.choices and value not in self.choices:
+            return f"one of {', '.join(map(str, self.choices))}"
+        if self.range and not self.range.test(value):
+            return self.range.says
+        return None
+
+    def help_text(self):
+        """Its --help line: the text and the default (a setting without one says in its text what it falls back to)."""
+        return self.help if self.default is None else f"{self.help} (default: {human(self.default)})"
+
+
+# One record per setting, in the order config.yml lists them.
+SETTINGS = [
+    Setting("name", None, str, "run", "run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)",
+            range=Range(lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; "
+                        f"no '/', not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)")),
+    Setting("epochs", 100, int, "schedule", "number of epochs", range=between(1, MAX_COUNT), resumable=True),
+    Setting("batch_size", 16, int, "optimisation", "images per batch (-b)", range=between(1, MAX_COUNT), short="-b"),
+    Setting("arch", "NestedUNet", str, "model", "network (-a)", choices=tuple(ARCHS), short="-a"),
+    Setting("deep_supervision", False, bool, "model", "NestedUNet: a loss on each of its 4 heads"),
+    Setting("base_channels", 32, int, "model", "channels of the network's first stage, doubled at each of its 4 "
+            "depths (32 as in the reference; 16 or 8 make a network 4x or 16x smaller and faster, for small data sets "
+            "or a slow CPU)", range=between(1, 256, " (32 is the reference network)")),
+    Setting("input_channels", 3, int, "model", "channels of the images: 1 = grayscale, 3 = RGB (grayscale images are "
+            "replicated), or any count a multi-channel TIFF has (e.g. 2 for two fluorescence channels)",
+            range=between(1, 64)),
+    Setting("num_classes", 1, int, "model", "number of mask classes (folders masks/0 .. masks/<n-1>)",
+            range=between(1, 255)),
+    Setting("class_names", [], "str_list", "model", "a name per class, in the order of masks/0, masks/1, ... (e.g. "
+            "nucleus,membrane), used in val.py's tables, the legends of its figures and curves.png (default: the "
+            "numbers)", resumable=True, resume_after="data_dir"),
+    Setting("input_w", 96, int, "model", "network input width (multiple of 16)",
+            range=between(16, MAX_INPUT, " (for larger images train on crops: --crop)"), after_range=network_side),
+    Setting("input_h", 96, int, "model", "network input height (multiple of 16)",
+            range=between(16, MAX_INPUT, " (for larger images train on crops: --crop)"), after_range=network_side),
+    Setting("normalize", "auto", str, "model", "how raw intensities become network inputs: imagenet (the "
+            "reference's: / 255 for 8-bit, / 65535 for 16-bit, then ImageNet's mean and std), percentile (per image "
+            "and channel the norm_pmin-th percentile -> 0, the norm_pmax-th -> 1, clipped, as CSBDeep/StarDist do, "
+            "then (x - 0.5) / 0.25; for 12/16-bit and float microscopy), auto (imagenet if every image is 8-bit, else "
+            "percentile; the run saves what it chose)", choices=NORMALIZE_MODES),
+    Setting("norm_pmin", 1.0, float, "model", "normalize percentile: the percentile that becomes 0",
+            range=Range(lambda v: finite(v) and 0 <= v < 100, "a percentile, at least 0 and below 100")),
+    Setting("norm_pmax", 99.8, float, "model", "normalize percentile: the percentile that becomes 1",
+            range=Range(lambda v: finite(v) and 0 < v <= 100, "a percentile, above 0 and at most 100")),
+    Setting("per_image_norm", False, bool, "model", "after normalize, standardise each network input per channel "
+            "(zero mean, unit variance), so that dark and bright microscopy images look alike to it"),
+    Setting("target", "masks", str, "model", "what the network learns: masks (the masks/ folders, or the label "
+            "images' foreground), or objects, to count and measure touching objects: from the label images (labels/ "
+            "or instances/), plane 0 the objects and plane 1 the borders where they touch (2 sigmoid classes, named "
+            "objects and borders), so that val.py --instances splits objects where the network sees their border",
+            choices=TARGETS),
+    Setting("class_mode", "sigmoid", str, "model", "sigmoid: independent per-class masks; softmax: mutually "
+            "exclusive classes (argmax)", choices=("sigmoid", "softmax")),
+    Setting("loss", "BCEDiceLoss", str, "model", "loss function", choices=tuple(LOSSES)),
+    Setting("dataset", "dsb2018_96", str, "data", "data set folder name under --data_dir"),
+    Setting("data_dir", "inputs", str, "data", "folder that holds the data sets", resumable=True,
+            resume_after="deterministic"),
+    Setting("img_ext", ".png", str, "data", "image file extension (not given: the type of the files in images/ when "
+            "they are all one type, e.g. .tif)"),
+    Setting("mask_ext", ".png", str, "data", "mask file extension (not given: the type of the files in masks/0/ "
+            "when they are all one type)"),
+    Setting("crop", False, bool, "data", "train on random input_h x input_w crops of full-size images instead of "
+            "resizing them (val.py then predicts whole images by tiling)"),
+    Setting("val_split", 0.2, float, "data", "fraction of images held out for validation",
+            range=Range(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")),
+    Setting("split_seed", 41, int, "data", "random_state of the train/validation split",
+            range=Range(lambda v: 0 <= v < 2**32, "between 0 and 2**32-1 (scikit-learn's random_state)")),
+    Setting("affine", 0.0, float, "data", "probability per training image of a random scale (0.8-1.2), shift "
+            "(+-6%) and rotation (+-45 deg) of image and mask together, as albumentations' Affine (0: off)",
+            range=Range(lambda v: finite(v) and 0 <= v <= 1, "a probability between 0 and 1"), help_after="crop"),
+    Setting("folds", 1, int, "data", "k-fold cross-validation: split the training split into this many folds (1: "
+            "none)", range=Range(lambda v: 1 <= v <= 1000, "1 (no cross-validation) to 1000")),
+    Setting("fold", 0, int, "data", "with --folds K: the fold (0 .. K-1) validated on; the run trains on the others",
+            range=Range(lambda v: 0 <= v < 1000, "0 or more (a fold number, 0 .. folds-1)")),
+    Setting("num_workers", 4, int, "hardware", "DataLoader worker processes (--loader workers; at most one per CPU "
+            "core)", range=between(0, 1024), resumable=True, help_after="loader"),
+    Setting("cache_mb", 0, float, "hardware", "memory for decoded images, MB; the rest is read from disk each epoch "
+            "(0: half the available memory)",
+            range=Range(lambda v: finite(v) and 0 <= v <= 2**40, "0 (automatic) or more"), resumable=True,
+            help_after="num_workers"),
+    Setting("loader", "auto", str, "hardware", "memory: data set as tensors on the device, augmented there in "
+            "batches; workers: albumentations in DataLoader workers; auto: memory when it fits",
+            choices=("auto", "memory", "workers"), resumable=True, help_after="memory_format"),
+    Setting("optimizer", "SGD", str, "optimisation", "optimizer", choices=OPTIMIZERS),
+    Setting("lr", 1e-3, float, "optimisation", "initial learning rate", range=POSITIVE),
+    Setting("momentum", 0.9, float, "optimisation", "SGD/RMSprop momentum",
+            range=Range(lambda v: finite(v) and 0 <= v < 1, "at least 0 and below 1")),
+    Setting("weight_decay", 1e-4, float, "optimisation", "weight decay", range=NOT_NEGATIVE),
+    Setting("nesterov", False, bool, "optimisation", "SGD Nesterov momentum"),
+    Setting("scheduler", "CosineAnnealingLR", str, "schedule", "learning-rate schedule", choices=SCHEDULERS),
+    Setting("min_lr", 1e-5, float, "schedule", "CosineAnnealingLR floor / ReduceLROnPlateau floor",
+            range=NOT_NEGATIVE),
+    Setting("factor", 0.1, float, "schedule", "ReduceLROnPlateau factor", range=OPEN_UNIT),
+    Setting("patience", 2, int, "schedule", "ReduceLROnPlateau patience (epochs)", range=between(0, MAX_COUNT)),
+    Setting("milestones", [1, 2], "int_list", "schedule", "MultiStepLR epochs, e.g. 30,60",
+            range=Range(lambda v: len(v) <= 1000 and all(1 <= m <= MAX_COUNT for m in v),
+                        f"a list of at most 1000 epochs, each between 1 and {MAX_COUNT}")),
+    Setting("gamma", 2 / 3, float, "schedule", "MultiStepLR factor", range=POSITIVE),
+    Setting("early_stopping", -1, int, "schedule", "stop after this many epochs without a better val_iou (-1: never)",
+            range=Range(lambda v: -1 <= v <= MAX_COUNT, f"-1 (never) or a number of epochs up to {MAX_COUNT}"),
+            resumable=True, resume_after="epochs"),
+    Setting("ema", 0.0, float, "optimisation", "weight averaging: decay per optimizer step of an exponential moving "
+            "average of the weights, which are then validated and saved as model.pth (0: off; e.g. 0.995)",
+            range=Range(lambda v: finite(v) and (v == 0 or 0.5 <= v < 1),
+                        "0 (off) or a decay between 0.5 and 1, e.g. 0.995")),
+    Setting("device", "auto", str, "hardware", "auto | cpu | cuda | cuda:N", resumable=True),
+    Setting("amp", "auto", str, "hardware", "mixed precision (auto: bf16 on a GPU that has it, else fp16; bf16 on a "
+            "CPU with native bf16, else off)", choices=("auto", "bf16", "fp16", "off"), resumable=True),
+    Setting("memory_format", "auto", str, "hardware", "tensor layout of the network (auto: channels_last, the faster "
+            "one on CUDA and on CPU)", choices=("auto", "channels_last", "contiguous"), resumable=True),
+    Setting("seed", 0, int, "reliability", "seed for weights, shuffling and augmentation",
+            range=Range(lambda v: 0 <= v < 2**63, "between 0 and 2**63-1")),
+    Setting("deterministic", False, bool, "reliability", "deterministic algorithms (slower on GPU)", resumable=True,
+            resume_after="save_every"),
+    Setting("compile", False, bool, "hardware", "torch.compile the model (slow first epoch; pays on long GPU runs)",
+            resumable=True),
+    Setting("cuda_graph", "off", str, "hardware", "on: capture the training step as one CUDA graph and replay it "
+            "per batch (one CUDA GPU, Adam/AdamW, bf16 or fp32); a step that cannot be captured runs op by op with a "
+            "warning. Off by default: on an H200 the capture failed at the fast recipe's size (BENCHMARKS.md)",
+            choices=("on", "off"), resumable=True),
+    Setting("save_every", 30.0, float, "reliability", "seconds between writes of the run's files (last.pth, "
+            "model.pth, log.csv) after the first epoch; the last epoch is always written, and a kill loses at most "
+            "this much training (0: every epoch)",
+            range=Range(lambda v: finite(v) and 0 <= v <= 86400, "0 (every epoch) to 86400 seconds"), resumable=True),
+    Setting("sync_bn", False, bool, "hardware", "under torchrun: SyncBatchNorm (batch statistics over all processes)"),
+]
+DEFAULTS = {s.name: s.default for s in SETTINGS}
+TYPES = {s.name: s.type for s in SETTINGS}
+CHOICES = {s.name: s.choices for s in SETTINGS if s.choices}
+
+
+def arranged(settings, after):
+    """The settings in SETTINGS order, except that one whose after(setting) names another comes right after it."""
+    by_name = {s.name: s for s in settings}
+    names = [s.name for s in settings if not after(s)]
+    rest = [s for s in settings if after(s)]
+    while rest:   # one that follows a moved one waits for it
+        ready = [s for s in rest if after(s) in names]
+        if not ready:
+            raise ValueError(f"{', '.join(s.name for s in rest)}: listed after a setting not in the list")
+        for s in ready:
+            names.insert(names.index(after(s)) + 1, s.name)
+        rest = [s for s in rest if s not in ready]
+    return [by_name[name] for name in names]
+
+
+# what --resume may change, in the order its refusal lists them
+RESUMABLE = tuple(s.name for s in arranged([s for s in SETTINGS if s.resumable], lambda s: s.resume_after))
 
 
 def parse_int_list(v):
@@ -146,7 +258,7 @@ def coerce(key, value):
     """A value from YAML or the command line -> the key's type; raises ValueError/TypeError if it cannot be."""
     typ = TYPES[key]
     if value is None:
-        if key == "name":
+        if DEFAULTS[key] is None:          # the run name: made from other settings
             return None
         raise TypeError(key)
     if typ == "int_list":
@@ -173,17 +285,6 @@ def suggest(key):
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-# --help lists the flags in these groups, in this order
-GROUPS = {
-    "model": ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes", "class_names", "input_w", "input_h", "normalize",
-              "norm_pmin", "norm_pmax", "per_image_norm", "target", "class_mode", "loss"),
-    "data": ("dataset", "data_dir", "img_ext", "mask_ext", "crop", "affine", "val_split", "split_seed", "folds", "fold"),
-    "optimisation": ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "ema"),
-    "schedule": ("epochs", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma", "early_stopping"),
-    "hardware": ("device", "amp", "memory_format", "loader", "num_workers", "cache_mb", "compile", "cuda_graph",
-                 "sync_bn"),
-    "reliability": ("seed", "deterministic", "save_every"),
-}
 RUNS_DIR_ENV = "UNET_RUNS_DIR"   # where the runs folder is when --runs_dir is not given
 EXAMPLES = """examples:
   python train.py --config recipes/dsb2018_cpu.yml                 # the recommended recipe on a CPU
@@ -229,13 +330,15 @@ class GivenOnce(argparse.Action):
 
 
 def build_parser(description):
-    """Flags for every option, in GROUPS; none has an argparse default, so only what the user typed appears."""
+    """Flags for every setting, in its --help section; none has an argparse default, so only what the user typed
+    appears."""
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="FILE", action=GivenOnce,
                      help="a config.yml (a saved run's or a recipe) to start from; flags given here override it")
-    run.add_argument("--name", type=str, help="run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)")
+    for setting in section("run"):
+        add_option(run, setting)
     run.add_argument("--resume", action="store_true", help="continue <runs_dir>/<name>/ from its last.pth")
     run.add_argument("--overwrite", action="store_true", help="replace an existing <runs_dir>/<name>/")
     run.add_argument("--plan", choices=("auto",), help="auto: look at the data set first and choose the input size "
@@ -243,27 +346,30 @@ def build_parser(description):
                      "class mode and loss from it, saying why for each; any flag or --config key you give is kept "
                      "and the plan works around it. The chosen values are written to config.yml like any other")
     add_runs_dir(run)
-    options = {name: (default, typ, choices, text) for name, default, typ, choices, text in OPTIONS}
-    for group, keys in GROUPS.items():
-        g = p.add_argument_group(group)
-        for name in keys:
-            default, typ, choices, text = options[name]
-            add_option(g, name, typ, choices, f"{text} (default: {human(default)})")
+    for title in GROUPS[1:]:
+        group = p.add_argument_group(title)
+        for setting in section(title):
+            add_option(group, setting)
     return p
 
 
-def add_option(group, name, typ, choices, help_text):
-    flags = [f"--{name}"] + ([SHORT[name]] if name in SHORT else [])
-    help_text = help_text.replace("%", "%%")    # argparse formats help with %
-    metavar = None if choices else name.upper()
-    if typ is bool:   # '--flag' alone or '--flag true/false' as the reference writes it
+def section(title):
+    """The settings one --help section lists, in its order."""
+    return arranged([s for s in SETTINGS if s.group == title], lambda s: s.help_after)
+
+
+def add_option(group, setting):
+    flags = [f"--{setting.name}"] + ([setting.short] if setting.short else [])
+    help_text = setting.help_text().replace("%", "%%")    # argparse formats help with %
+    metavar = None if setting.choices else setting.name.upper()
+    if setting.type is bool:   # '--flag' alone or '--flag true/false' as the reference writes it
         group.add_argument(*flags, type=str2bool, nargs="?", const=True, metavar="true|false", help=help_text)
-    elif typ == "int_list":
+    elif setting.type == "int_list":
         group.add_argument(*flags, type=parse_int_list, metavar=metavar, help=help_text)
-    elif typ == "str_list":
+    elif setting.type == "str_list":
         group.add_argument(*flags, type=parse_str_list, metavar="NAMES", help=help_text)
     else:
-        group.add_argument(*flags, type=typ, choices=choices, metavar=metavar, help=help_text)
+        group.add_argument(*flags, type=setting.type, choices=setting.choices, metavar=metavar, help=help_text)
 
 
 def differences(cfg):
@@ -296,42 +402,6 @@ def finite(v):
     return not isinstance(v, float) or math.isfinite(v)
 
 
-# key, test, what it must be: every range a value must lie in, checked before anything else happens
-RANGES = [
-    ("epochs", lambda v: 1 <= v <= MAX_COUNT, f"between 1 and {MAX_COUNT}"),
-    ("batch_size", lambda v: 1 <= v <= MAX_COUNT, f"between 1 and {MAX_COUNT}"),
-    ("num_classes", lambda v: 1 <= v <= 255, "between 1 and 255"),
-    ("input_channels", lambda v: 1 <= v <= 64, "between 1 and 64"),
-    ("base_channels", lambda v: 1 <= v <= 256, "between 1 and 256 (32 is the reference network)"),
-    ("norm_pmin", lambda v: finite(v) and 0 <= v < 100, "a percentile, at least 0 and below 100"),
-    ("norm_pmax", lambda v: finite(v) and 0 < v <= 100, "a percentile, above 0 and at most 100"),
-    ("input_w", lambda v: 16 <= v <= MAX_INPUT, f"between 16 and {MAX_INPUT} (for larger images train on crops: --crop)"),
-    ("input_h", lambda v: 16 <= v <= MAX_INPUT, f"between 16 and {MAX_INPUT} (for larger images train on crops: --crop)"),
-    ("val_split", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
-    ("lr", lambda v: finite(v) and v > 0, "a positive number"),
-    ("min_lr", lambda v: finite(v) and v >= 0, "0 or a positive number"),
-    ("weight_decay", lambda v: finite(v) and v >= 0, "0 or a positive number"),
-    ("momentum", lambda v: finite(v) and 0 <= v < 1, "at least 0 and below 1"),
-    ("factor", lambda v: finite(v) and 0 < v < 1, "between 0 and 1 (exclusive)"),
-    ("patience", lambda v: 0 <= v <= MAX_COUNT, f"between 0 and {MAX_COUNT}"),
-    ("gamma", lambda v: finite(v) and v > 0, "a positive number"),
-    ("milestones", lambda v: len(v) <= 1000 and all(1 <= m <= MAX_COUNT for m in v),
-     f"a list of at most 1000 epochs, each between 1 and {MAX_COUNT}"),
-    ("early_stopping", lambda v: -1 <= v <= MAX_COUNT, f"-1 (never) or a number of epochs up to {MAX_COUNT}"),
-    ("ema", lambda v: finite(v) and (v == 0 or 0.5 <= v < 1), "0 (off) or a decay between 0.5 and 1, e.g. 0.995"),
-    ("seed", lambda v: 0 <= v < 2**63, "between 0 and 2**63-1"),
-    ("split_seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32-1 (scikit-learn's random_state)"),
-    ("num_workers", lambda v: 0 <= v <= 1024, "between 0 and 1024"),
-    ("folds", lambda v: 1 <= v <= 1000, "1 (no cross-validation) to 1000"),
-    ("affine", lambda v: finite(v) and 0 <= v <= 1, "a probability between 0 and 1"),
-    ("fold", lambda v: 0 <= v < 1000, "0 or more (a fold number, 0 .. folds-1)"),
-    ("cache_mb", lambda v: finite(v) and 0 <= v <= 2**40, "0 (automatic) or more"),
-    ("save_every", lambda v: finite(v) and 0 <= v <= 86400, "0 (every epoch) to 86400 seconds"),
-    ("name", lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; no '/', "
-     f"not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)"),
-]
-
-
 def valid_name(name):
     """A run name is one folder strictly inside the runs folder: never the runs folder itself or outside it, and
     short enough for every file system (255 bytes a name) with room for val.py's '+'-joined ensemble names."""
@@ -358,18 +428,17 @@ def check(cfg, source="the command line"):
 
 
 def check_values(cfg, source):
-    """Each value in its range, one key at a time."""
-    for key, choices in CHOICES.items():
-        if cfg[key] not in choices:
-            raise UserError(f"{origin(source, key)}: {key} must be one of {', '.join(map(str, choices))}, "
-                            f"not {cfg[key]!r}")
-    for key, test, requirement in RANGES:
-        if not test(cfg[key]):
-            raise UserError(f"{origin(source, key)}: {key} must be {requirement}, not {cfg[key]!r}")
-    for key in ("input_w", "input_h"):
-        if cfg[key] % 16:
-            raise UserError(f"{origin(source, key)}: {key} {cfg[key]} is not a multiple of 16, which the network's "
-                            f"four 2x poolings need; use e.g. {max(16, round(cfg[key] / 16) * 16)}")
+    """Each value among its choices or in its range, one key at a time; the run name last, since a name left out
+    is made of other settings (<dataset>_<arch>_...), whose own message is the one that says what to fix."""
+    for setting in sorted(SETTINGS, key=lambda s: s.default is None):
+        requirement = setting.requirement(cfg[setting.name])
+        if requirement:
+            raise UserError(f"{origin(source, setting.name)}: {setting.name} must be {requirement}, "
+                            f"not {cfg[setting.name]!r}")
+    for setting in SETTINGS:
+        problem = setting.after_range and setting.after_range(setting.name, cfg[setting.name])
+        if problem:
+            raise UserError(f"{origin(source, setting.name)}: {problem}")
 
 
 def check_combinations(cfg, source):
@@ -424,12 +493,6 @@ def reference_optimizer(cfg):
 def default_name(cfg):
     folds = f"_fold{cfg['fold']}" if cfg["folds"] > 1 else ""
     return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}{folds}"
-
-
-# what --resume may change: how long and where the run goes on, not what it is (optimizer state, schedule and
-# weights belong to the rest); anything else given with --resume is refused by name
-RESUMABLE = ("epochs", "early_stopping", "num_workers", "cache_mb", "loader", "device", "amp", "memory_format",
-             "compile", "cuda_graph", "save_every", "deterministic", "data_dir", "class_names")
 
 
 def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):

@@ -39,6 +39,7 @@ def test_config_file_then_flags_win(tmp_path):
     ("arch: UNet\ndeep_supervision: true\n", "deep_supervision needs --arch NestedUNet"),
     ("class_mode: softmax\nnum_classes: 3\n", "softmax needs a softmax loss"),
     ("loss: CEDiceLoss\n", "is for --class_mode softmax"),
+    ("arch: a/b\n", "arch must be one of UNet, NestedUNet, not 'a/b'"),   # not the run name made from it
     ("epochs: [\n", "not valid YAML"),
 ])
 def test_bad_config_files_name_the_key(tmp_path, content, pattern):
@@ -137,3 +138,39 @@ def test_a_plan_says_the_image_type_came_from_the_folder_not_from_the_user(tmp_p
     assert cfg["img_ext"] == ".tif"
     assert any("set by the files in" in line and line.endswith(": img_ext") for line in run["plan_lines"])
     assert not any("kept as given" in line and "img_ext" in line for line in run["plan_lines"])
+
+
+def test_each_setting_is_one_record_that_every_table_and_flag_comes_from():
+    names = [s.name for s in config.SETTINGS]
+    assert len(set(names)) == len(names) and list(config.DEFAULTS) == names == list(config.TYPES)
+    assert all(s.group in config.GROUPS for s in config.SETTINGS)
+    listed = [s.name for title in config.GROUPS for s in config.section(title)]       # each --help section once
+    assert sorted(listed) == sorted(names)
+    assert all(s.requirement(s.default) is None for s in config.SETTINGS if s.default is not None)
+    assert set(config.RESUMABLE) == {s.name for s in config.SETTINGS if s.resumable}
+    assert config.CHOICES["optimizer"] == config.OPTIMIZERS and "lr" not in config.CHOICES
+
+
+def test_help_lists_the_sections_in_order_with_short_flags(capsys):
+    with pytest.raises(SystemExit):
+        config.build_parser("x").parse_args(["--help"])
+    out = capsys.readouterr().out
+    positions = [out.index(f"\n{title}:\n") for title in config.GROUPS]
+    assert positions == sorted(positions)
+    assert "--batch_size BATCH_SIZE, -b BATCH_SIZE" in out and "--arch {UNet,NestedUNet}, -a {UNet,NestedUNet}" in out
+    assert "--name NAME" in out and "None" not in out          # the run name says its own default
+
+
+def test_resume_changes_only_how_long_and_where_a_run_goes_on(tmp_path):
+    runs = tmp_path / "runs"
+    os.makedirs(runs / "r")
+    save_yaml(str(runs / "r" / "config.yml"), {**config.DEFAULTS, "name": "r"})
+    base = ["--name", "r", "--resume", "--runs_dir", str(runs)]
+    cfg, run = config.resolve(base + ["--epochs", "5", "--device", "cpu"])
+    assert cfg["epochs"] == 5 and run["changes"] == ["epochs 100 -> 5", "device auto -> cpu"]
+    with pytest.raises(UserError) as e:
+        config.resolve(base + ["--lr", "0.1"])
+    assert str(e.value).startswith("--resume: the command line (--lr) sets lr to 0.1, but ")
+    assert str(e.value).endswith(" --lr 0.1. Only epochs, early_stopping, num_workers, cache_mb, loader, device, amp, "
+                                 "memory_format, compile, cuda_graph, save_every, deterministic, data_dir, class_names "
+                                 "may change on resume.")
