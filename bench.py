@@ -46,7 +46,8 @@ from torch.profiler import record_function
 import config
 import runtime
 from archs import build_model, final_logits
-from dataset import SegmentationData, scan, split
+from dataerror import worded
+from dataset import SegmentationData
 from engine import Engine, build_network
 from evaluation import Scores, evaluate
 from losses import LOSSES
@@ -54,9 +55,11 @@ from loaders import make_loaders
 from metrics import SegMeter, binarize
 from normalize import resolve_mode
 from outputs import ImageWriter, OutputOptions, subfolders
+from pairing import scan
 from predict import PredictOptions, TrainedRun
 from predictor import Predictor, describe
 from rundir import EpochWriter
+from splits import split
 from utils import UserError, exit_on_user_error, resolve_device
 
 DEFAULT_DATA = "inputs/dsb2018_96"
@@ -423,14 +426,19 @@ def timed_run(recipe, data, device, extra, target=None):
     return out
 
 
-# how bench.py's messages point at a fix (see dataset.TRAIN_HINTS): it reads one-class PNG data sets only
-BENCH_HINTS = {
+# How bench.py tells a user to change a data setting (a DataError's setting): it reads one-class PNG data sets only
+DATA_FIXES = {
     "data": "pass --data DIR, a folder with images/ and masks/0/ (default: inputs/dsb2018_96)",
     "img_ext": "bench.py reads .png images only: convert them (or time train.py itself)",
     "mask_ext": "bench.py reads .png masks only: convert them (or time train.py itself)",
     "input_channels": "bench.py trains on RGB: convert the images",
     "num_classes": "bench.py trains one class: point --data at a data set with masks/0 only",
 }
+
+
+def data_fix(error):
+    """bench.py's words for the change that fixes a data problem (dataerror.DataError)."""
+    return DATA_FIXES.get(error.setting, "")
 
 
 def predict_rate(cfg, rt, val_data):
@@ -567,7 +575,7 @@ def decode_rows(data, args):
     for _ in range(5):
         for name, (root, ext) in sets.items():
             t0 = time.perf_counter()
-            SegmentationData.decode(scan(root, ext, ".png", 1, BENCH_HINTS), 3, None, root, BENCH_HINTS)
+            SegmentationData.decode(scan(root, ext, ".png", 1), 3, None, root)
             best[name] = min(best[name], time.perf_counter() - t0)
     yield {"case": "decode", "images": len(data.ids), "png8_s": round(best["png8"], 3),
            "tiff16_labels_s": round(best["tiff16_labels"], 3),
@@ -689,7 +697,7 @@ def benchmark(args):
         raise UserError("--seeds times one training per seed to --time_to_iou: pass --time_to_iou too (e.g. 0.80)")
     device = resolve_device(args.device)
     base = config.load_run_config(args.recipe)
-    data = SegmentationData.decode(scan(args.data, ".png", ".png", 1, BENCH_HINTS), 3, None, args.data, BENCH_HINTS)
+    data = SegmentationData.decode(scan(args.data, ".png", ".png", 1), 3, None, args.data)
     base["normalize"] = resolve_mode(base["normalize"], data.dtypes)
     overrides = overrides_from(args, device)
     if args.images:
@@ -712,7 +720,7 @@ def benchmark(args):
 
 
 def main(argv=None):
-    with exit_on_user_error():
+    with exit_on_user_error(), worded(data_fix):
         benchmark(parse_args(argv))
 
 

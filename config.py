@@ -15,9 +15,10 @@ from typing import Callable
 
 import checkpoint
 from archs import ARCHS
-from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS, ext_family, single_image_type
+from dataset import OBJECT_PLANES, TARGETS
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
+from pairing import ext_family, single_image_type
 from plan import planned
 from rundir import RunFolder
 from utils import UserError, load_yaml, str2bool
@@ -567,15 +568,6 @@ def whence(sources, key, value):
     if where is None:
         return f"{said} is the default"
     return f"--{key} {human(value)} was given on the command line" if where == "the command line" else f"{said} comes from {where}"
-
-
-def data_hints(cfg, sources):
-    """dataset.TRAIN_HINTS with, for each setting, where its current value came from."""
-    hints = dict(TRAIN_HINTS)
-    for key in ("img_ext", "mask_ext", "input_channels", "num_classes"):
-        note = whence(sources, key, cfg[key]).replace("{", "{{").replace("}", "}}")   # the hint is format()ted later
-        hints[key] = f"{TRAIN_HINTS[key]} ({note})"
-    return hints
 
 
 def saved_config(run_dir):

@@ -33,10 +33,10 @@ import bioimageio_package
 import config
 import outputs
 import rundir
-from dataset import load_validation
 from loaders import resize_image
 from predict import TrainedRun
 from predictor import max_difference, save_onnx, save_torchscript
+from splits import load_validation
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
 TOLERANCE = 1e-4
@@ -69,8 +69,7 @@ def test_image(member, run_dir):
     image, resized, if its data set is at hand; else a reproducible random image in the run's value range."""
     cfg, size = member.cfg, (member.cfg["input_h"], member.cfg["input_w"])
     try:
-        data, _ = load_validation(cfg, [rundir.read_split(run_dir)], {k: "" for k in ("data", "img_ext", "mask_ext",
-                                                                                          "input_channels", "num_classes")})
+        data, _ = load_validation(cfg, [rundir.read_split(run_dir)])   # any data problem: the generated image
         image = resize_image(data.image(0), size)
         return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None].contiguous(), data.ids[0]
     except UserError:

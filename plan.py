@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from archs import training_bytes_per_pixel
-from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, read_labels, read_target, scan
+from dataset import OBJECT_PLANES, Targets, read_target
+from imagefiles import decode, image_type, read_labels
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
+from pairing import scan
 from utils import resolve_device
 
 DERIVED = ("--target", "the files in")   # how config words a setting it derived (follow_target, follow_folder)
@@ -105,7 +107,7 @@ def survey(root, cfg, sources):
     checks them; num_classes is the user's if given, else the count of masks/ folders."""
     classes = cfg["num_classes"] if "num_classes" in sources else class_count(root)
     targets = Targets(objects=cfg["target"] == "objects")         # borders at the images' own size
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, TRAIN_HINTS, targets.objects)
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, objects=targets.objects)
     ids = list(scanned)
     picked = sorted({ids[round(k)] for k in np.linspace(0, len(ids) - 1, min(SURVEY_IMAGES, len(ids)))})
     shapes, channels, dtypes, covered, pixels, diameters, means = [], set(), set(), 0, 0, [], []

@@ -29,7 +29,7 @@ import zlib
 import cv2
 import numpy as np
 
-from dataset import check_png_size
+from imagefiles import check_png_size
 from utils import Interrupts, UserError, exit_on_user_error, process_alive, progress_bar, write_png
 
 OUTPUT_FOLDERS = ("images", "masks", "instances")

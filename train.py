@@ -25,11 +25,12 @@ import config
 import distributed
 import rundir
 import runtime
-from dataset import load_splits
+from dataerror import worded
 from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
 from predictor import describe
+from splits import load_splits
 from utils import ClosedPipeSafe, Interrupts, UserError, count_params, duration, exit_on_user_error, plain_warning
 
 
@@ -73,16 +74,15 @@ def train(cfg, run, interrupts=None):
         distributed.cleanup(rt)
 
 
-def build(cfg, rt, hints, recorded=None):
+def build(cfg, rt, recorded=None):
     """Every check, the data, the network and the loaders, before anything on disk changes:
     -> (engine, (training loader, validation loader), what the run folder records at the start: {'split':
     {'train': ids, 'val': ids}, 'model': model.json's description of the Predictor}).
-    hints: how the data messages tell the user to fix a setting (config.data_hints). recorded: a resumed run's
-    split.csv, whose split it keeps."""
+    recorded: a resumed run's split.csv, whose split it keeps."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
     runtime.check_fits(cfg, rt)                                  # an input size that cannot fit: before any work
-    train_data, val_data = load_splits(cfg, hints, recorded)    # bad data is reported here, with nothing changed
+    train_data, val_data = load_splits(cfg, recorded=recorded)  # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
     if rt.main:
         for note in advice.startup_notes(cfg, train_data, rt.world):
@@ -98,7 +98,7 @@ def build(cfg, rt, hints, recorded=None):
 def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
     recorded = rundir.read_split(run_dir) if run["resume"] else None       # a resumed run keeps its split
-    engine, loaders, start = build(cfg, rt, config.data_hints(cfg, run.get("sources", {})), recorded)
+    engine, loaders, start = build(cfg, rt, recorded)
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused
@@ -221,7 +221,9 @@ def main(argv=None):
     first_process = os.environ.get("RANK", "0") == "0"   # under torchrun every process meets the same error
     cfg = run = None
     try:
-        with exit_on_user_error(quiet=not first_process):
+        # a data problem's fix in train.py's words; the lambda reads cfg and run when the problem is met: None while
+        # resolving (the --plan survey), then the config, whose fixes also say where each value came from
+        with exit_on_user_error(quiet=not first_process), worded(lambda error: data_fix(error, cfg, run)):
             cfg, run = config.resolve(argv)
             for line in run["plan_lines"]:
                 print(line, flush=True)
@@ -240,6 +242,29 @@ def main(argv=None):
         if first_process:
             print("\n" + interrupted_message(cfg, run), file=sys.stderr)
         sys.exit(130)
+
+
+# How train.py tells a user to change a data setting (a DataError's setting): its flags. '{}': the value the files
+# suggest (DataError.found).
+DATA_FIXES = {
+    "data": "pass --data_dir and --dataset so that <data_dir>/<dataset> is the folder with images/ and masks/ "
+            "(or labels/)",
+    "img_ext": "pass --img_ext {}",
+    "mask_ext": "pass --mask_ext {}",
+    "input_channels": "pass --input_channels {} (or convert the images to grayscale first)",
+    "num_classes": "pass --num_classes {}",
+    "target": ", or train on the masks with --target masks",
+}
+SAYS_WHENCE = ("img_ext", "mask_ext", "input_channels", "num_classes")   # fixes that say where the value came from
+
+
+def data_fix(error, cfg=None, run=None):
+    """train.py's words for the change that fixes a data problem (dataerror.DataError); with the resolved config
+    and run, where the value to change came from too (config.whence: the default, a config file, a flag)."""
+    fix = DATA_FIXES[error.setting].format(error.found)
+    if run is not None and error.setting in SAYS_WHENCE:
+        fix += f" ({config.whence(run.get('sources', {}), error.setting, cfg[error.setting])})"
+    return fix
 
 
 def interrupted_message(cfg, run):

@@ -23,12 +23,16 @@ import warnings
 import advice
 import config
 import rundir
-from dataset import Sample, SegmentationData, Targets, find_ids, load_validation, read_image, scan
+from dataerror import worded
+from dataset import SegmentationData, Targets
 from figures import class_label
 from evaluation import Scores, evaluate as evaluate_images
+from imagefiles import read_image
 from instances import METHODS
 from outputs import OUTPUT_FORMATS, ImageWriter, OutputFolder, OutputOptions, files, run_folders, subfolders, summary, write_metrics, write_objects
+from pairing import Sample, find_ids, scan
 from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, objects_method, tiled
+from splits import load_validation
 from utils import ClosedPipeSafe, Interrupts, UserError, exit_on_user_error, plain_warning
 
 OUTPUTS_DIR = "outputs"
@@ -135,20 +139,21 @@ def check_ensemble(members):
                                 "for the same classes and images")
 
 
-def hints(cfg, name):
-    """How val.py lets a user change each data setting, for the data set's messages (see dataset.TRAIN_HINTS)."""
-    n = cfg["num_classes"]
+def data_fix(error, cfg, name):
+    """val.py's words for the change that fixes a data problem (dataerror.DataError), for the run `name` (its config
+    cfg): its flags, and what the run takes. A run's target is what it trained on: no fix names it."""
+    n, found = cfg["num_classes"], error.found
     return {
         "data": f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
                 "labelled folder (images/, masks/<class>/) or --images DIR to predict unlabelled images",
-        "img_ext": "pass --img_ext {}",
-        "mask_ext": "pass --mask_ext {}",
+        "img_ext": f"pass --img_ext {found}",
+        "mask_ext": f"pass --mask_ext {found}",
         "input_channels": f"the run {name} was trained with input_channels {cfg['input_channels']} and takes only "
-                          "such images: convert them to grayscale, or train a run on them with python train.py "
-                          "--input_channels {} ...",
+                          f"such images: convert them to grayscale, or train a run on them with python train.py "
+                          f"--input_channels {found} ...",
         "num_classes": f"the run {name} predicts {n} class(es), so a folder scored with it needs masks/0 .. "
                        f"masks/{n - 1}",
-    }
+    }.get(error.setting, "")
 
 
 def report_objects(rows, options, cfg):
@@ -190,10 +195,10 @@ def report(scores, ids, out_dir, cfg, objects=None, by_tiles=False):
               f"{net_iou:.4f}")
 
 
-def unlabelled(args, cfg, name):
+def unlabelled(args, cfg):
     """--images: every file with the image extension, and a note on the files skipped for another extension."""
     ext = args.img_ext or cfg["img_ext"]
-    files = find_ids(args.images, ext, hints(cfg, name))
+    files = find_ids(args.images, ext)
     taken = set(files.values())
     others = sorted(f for f in os.listdir(args.images) if f not in taken and not f.startswith(".")
                     and os.path.isfile(os.path.join(args.images, f)))
@@ -202,26 +207,24 @@ def unlabelled(args, cfg, name):
         print(f"note: skipped {len(others)} file(s) in {args.images} that do not end in {ext} ({', '.join(exts)}); "
               f"pass --img_ext {exts[0]} to predict those instead")
     samples = [Sample(os.path.join(args.images, f)) for f in files.values()]
-    return SegmentationData(list(files), [read_image(s.image, cfg["input_channels"], hints(cfg, name)) for s in samples],
-                            None, samples)
+    return SegmentationData(list(files), [read_image(s.image, cfg["input_channels"]) for s in samples], None, samples)
 
 
 def load_data(args, members):
     """The images to predict -> (SegmentationData, default output folder)."""
-    cfg, name = members[0].cfg, members[0].name
+    cfg = members[0].cfg
     label = "+".join(m.name for m in members)
     if args.images:
-        return unlabelled(args, cfg, name), os.path.join(OUTPUTS_DIR, label, "predictions")
+        return unlabelled(args, cfg), os.path.join(OUTPUTS_DIR, label, "predictions")
     if args.data:
         folder = os.path.normpath(args.data)
-        how = hints(cfg, name)
         targets = Targets.of(cfg)
-        scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"], how,
-                       targets.objects)
-        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, how, targets)
+        scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"],
+                       objects=targets.objects)
+        data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, targets=targets)
         return data, os.path.join(OUTPUTS_DIR, label, "on_" + os.path.basename(folder))
     recorded = [rundir.read_split(os.path.join(args.runs_dir, m.name)) for m in members]
-    data, note = load_validation(cfg, recorded, hints(cfg, name))
+    data, note = load_validation(cfg, recorded)
     if note:
         print(f"note: {note}")
     if len(members) > 1:
@@ -261,7 +264,8 @@ def evaluate(args):
     if args.instances and cfg["target"] != "objects" and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
         raise UserError(f"--instances splits one class's mask into objects; the run {members[0].name} predicts "
                         f"{cfg['num_classes']} classes ({cfg['class_mode']}). Use it with a one-class run.")
-    data, default_out = load_data(args, members)
+    with worded(lambda error: data_fix(error, cfg, members[0].name)):
+        data, default_out = load_data(args, members)
     if args.images or args.data:
         shrink_note(data, members, args)
         depth_note(data, members)

@@ -56,6 +56,14 @@ def make_microscopy(root, name="micro", n=12, size=32, channels=1, dtype=np.uint
     return path
 
 
+def write_tiff(path, array, **kw):
+    """Writes array as the TIFF file `path` (its folder made if missing) -> path."""
+    import tifffile
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tifffile.imwrite(path, array, **kw)
+    return path
+
+
 @pytest.fixture
 def micro(tmp_path):
     """12 16-bit one-channel 32x32 TIFF images with TIFF label images, at tmp_path/inputs/micro."""

@@ -145,8 +145,8 @@ def test_time_to_iou_per_seed(bench_data, monkeypatch, capsys):
 
 
 def test_e2e_rate_pairs_each_epoch_with_a_pure_window_only_when_asked(tmp_path):
-    data = bench.SegmentationData.decode(bench.scan(make_data(tmp_path, name="e", n=12, size=32), ".png", ".png", 1,
-                                                    bench.BENCH_HINTS), 3, None, "e", bench.BENCH_HINTS)
+    data = bench.SegmentationData.decode(bench.scan(make_data(tmp_path, name="e", n=12, size=32), ".png", ".png", 1),
+                                         3, None, "e")
     cfg = small_cfg(batch_size=4, loader="memory")
     rt = runtime.build(torch.device("cpu"), cfg)
     assert bench.e2e_rate(cfg, rt, data, 1)["e2e_over_adjacent_pure"] is None

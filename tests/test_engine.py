@@ -7,12 +7,13 @@ import config
 import rundir
 import runtime
 from conftest import make_data
-from dataset import SegmentationData, split
+from dataset import SegmentationData
 from engine import Engine, TrainingDiverged, build_optimizer, build_scheduler, check_finite, forward_loss, predict_logits
 from archs import build_model
 from utils import UserError
 from loaders import make_loaders
 from losses import LOSSES
+from splits import split
 
 
 def tiny_cfg(**kw):

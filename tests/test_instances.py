@@ -14,7 +14,8 @@ import instances
 import train
 import val
 from conftest import make_data, run_main
-from dataset import SegmentationData, read_instances
+from dataset import SegmentationData
+from imagefiles import read_instances
 from utils import UserError
 
 

@@ -15,7 +15,7 @@ import figures
 import train
 import val
 from conftest import make_data, run_main
-from dataset import split_for
+from splits import split_for
 
 FAST = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
         "--num_workers", "0", "--device", "cpu", "--optimizer", "Adam"]

@@ -730,7 +730,7 @@ def test_sigterm_during_val_exits_130_with_a_message(workdir, monkeypatch, capsy
 def test_softmax_targets_are_one_definition_for_loss_and_metrics(tmp_path):
     """Masks that overlap, and pixels no mask marks: the loss's target and the metrics' target are one one-hot
     target, so the loss's perfect prediction scores IoU 1 (before, overlaps and unmarked pixels scored below 1)."""
-    from dataset import load_splits
+    from splits import load_splits
     from losses import CrossEntropyLoss
     from metrics import SegMeter, binarize
     data = make_data(tmp_path, "three", n=8, num_classes=3, exclusive=True)

@@ -9,9 +9,9 @@ import config
 import runtime
 import train
 from conftest import make_data
-from dataset import load_splits
 from engine import Engine
 from loaders import make_loaders
+from splits import load_splits
 
 TINY = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
         "--num_workers", "0", "--device", "cpu"]
