@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from advice import MIN_STEPS, RARE_CLASS   # the thresholds train.py's start-up notes warn at
 from archs import training_bytes_per_pixel
 from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, read_labels, read_target, scan
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
@@ -25,13 +26,11 @@ CROP_SIDE = {False: 128, True: 256}      # (cuda?) the crop side for larger imag
 OBJECTS_ACROSS = 3          # ... raised (up to twice) so that this many median objects fit across a crop
 STEP_PIXELS = {False: 16 * 96 * 96, True: 32 * 256 * 256}   # (cuda?) input pixels per optimizer step, at most
 BATCHES = (32, 16, 8, 4, 2)  # batch sizes the plan picks from (2 at least: BatchNorm needs more than one image)
-MIN_STEPS = 10              # optimizer steps per epoch the batch size is chosen to reach (advice.MIN_STEPS)
 TARGET_STEPS = {False: 1500, True: 3000}  # (cuda?) optimizer steps of the whole run (700 on a CPU left the
                                           # multi-class set at 0.55 IoU, 1416 steps reached 0.85: BENCHMARKS.md)
 EPOCHS = (10, 400)          # the fewest and most epochs the plan gives
 EMA_SPAN = 7                # the weights are averaged over about the last 1/EMA_SPAN of the run's steps ...
 EMA_DECAY = (0.99, 0.995)   # ... within these decays (about the last 100 to 200 steps)
-RARE = 0.01                 # a class covering less than this of the pixels is named in the loss's reason
 BACKGROUND = 0.5            # masks/0 covering more than this of the pixels is a background class (softmax)
 
 
@@ -217,7 +216,7 @@ def plan_normalize(s):
 def plan_classes(s, cfg, given):
     """Sigmoid classes with BCE + Dice, or softmax when masks/0 is a background drawn under the other classes. A
     class mode or loss the user gave decides the other."""
-    rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE]
+    rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE_CLASS]
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
     if cfg["target"] == "objects":
         return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": OBJECTS_LOSS},
