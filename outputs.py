@@ -15,6 +15,7 @@ import rundir
 from utils import UserError, atomic_write
 
 RECORD = ".val_files"
+OUTPUTS_DIR = "outputs"   # val.py writes under outputs/<name> by default; compare.py reads metrics.csv there
 
 
 def inside(path, folder):
