@@ -29,12 +29,10 @@ from dataset import Sample, SegmentationData, Targets, find_ids, load_validation
 from figures import class_label
 from instances import MEASUREMENTS, METHODS
 from metrics import SegMeter
-from outputs import OutputFolder, run_folders
+from outputs import OUTPUTS_DIR, OutputFolder, run_folders
 from predict import BORDER_THRESHOLD, LABELS_16BIT_MAX, OUTPUT_FORMATS, legend, load_run, objects_method, output_files, output_subfolders, run_inference
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
-OUTPUTS_DIR = "outputs"
-SHRINK_NOTE = 1.5   # images this many times larger than the network input (either side) get the --tile note
 EXAMPLES = """examples:
   python val.py --name dsb2018_96_UNet_woDS --overlay          # score the validation split, draw outlines
   python val.py --name cpu0 cpu1 cpu2 --tta                     # ensemble of three runs with test-time flips
@@ -262,7 +260,7 @@ def shrink_note(data, members, args):
     if args.tile or cfg["crop"]:
         return
     sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
-    large = [s for s in sizes if s[0] > SHRINK_NOTE * cfg["input_h"] or s[1] > SHRINK_NOTE * cfg["input_w"]]
+    large = [s for s in sizes if advice.shrunk_enough_to_warn(s, cfg)]
     if large:
         h, w = max(large, key=lambda s: s[0] * s[1])
         print(f"note: {len(large)} image(s) are larger than the {cfg['input_w']}x{cfg['input_h']} network input "
