@@ -36,10 +36,9 @@ import rundir
 from dataset import load_validation
 from loaders import resize_image
 from predict import load_run
-from predictor import max_difference, save_onnx, save_torchscript
+from predictor import save_onnx, save_torchscript, within_tolerance
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
-TOLERANCE = 1e-4
 EXPORT_FILES = ("model.pth", "model.json", "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
                 "README.md", "bioimageio", "bioimageio.zip")
 MARKER = outputs.EXPORT_MARKER          # in a folder export.py writes: its files there may be replaced next time
@@ -80,12 +79,8 @@ def test_image(member, run_dir):
 
 
 def check(name, got, expected):
-    """The export check: equal to PyTorch's output within TOLERANCE, else a UserError that says by how much."""
-    diff = max_difference(got, expected)
-    if not diff <= TOLERANCE:
-        raise UserError(f"the {name} export differs from PyTorch's output by {diff:.2e} (more than {TOLERANCE:g}); "
-                        "it was not kept. Please report this with the run's config.yml")
-    return diff
+    """The export check (predictor.within_tolerance), in export.py's words: the difference, or a UserError."""
+    return within_tolerance(got, expected, f"the {name} export differs", "it was not kept")
 
 
 def other_size(predictor, x):

@@ -19,6 +19,7 @@ import torch
 
 from archs import ARCHS, BASE_CHANNELS, activate, final_logits
 from normalize import Normalization, full_range, normalize
+from utils import UserError
 
 FORMAT = "unet-toolkit model 1"
 SIZE_MULTIPLE = 16            # four 2x poolings
@@ -115,6 +116,20 @@ class Predictor(torch.nn.Module):
 def max_difference(got, expected):
     """The largest absolute difference between an exported model's output (array or tensor) and PyTorch's."""
     return float((torch.as_tensor(got, dtype=torch.float64) - expected.double()).abs().max())
+
+
+EXPORT_TOLERANCE = 1e-4   # the most an exported model's output may differ from PyTorch's (export.py's files and the
+                          # BioImage.IO package's weights, whose rdf.yaml states it as reproducibility_tolerance)
+
+
+def within_tolerance(got, expected, what, consequence):
+    """max_difference(got, expected) when it is within EXPORT_TOLERANCE, else a UserError: `what` (e.g. "the ONNX
+    export differs") from PyTorch's output by how much, then `consequence` (what was not written)."""
+    diff = max_difference(got, expected)
+    if not diff <= EXPORT_TOLERANCE:
+        raise UserError(f"{what} from PyTorch's output by {diff:.2e} (more than {EXPORT_TOLERANCE:g}); {consequence}. "
+                        "Please report this with the run's config.yml")
+    return diff
 
 
 def save_torchscript(model, x, path):
