@@ -12,6 +12,7 @@ import os
 import checkpoint
 from archs import ARCHS
 from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS, ext_family, single_image_type
+from loaders import MEMORY_CANNOT_CROP
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
@@ -397,8 +398,7 @@ def check_combinations(cfg, source):
         raise UserError(f"{origin(source, 'deep_supervision', 'arch')}: deep_supervision needs --arch NestedUNet "
                         f"({cfg['arch']} has one output head)")
     if cfg["loader"] == "memory" and cfg["crop"]:
-        raise UserError(f"{origin(source, 'loader', 'crop')}: --loader memory resizes images to the input size; with --crop "
-                        "use --loader workers (or auto)")
+        raise UserError(f"{origin(source, 'loader', 'crop')}: {MEMORY_CANNOT_CROP}")
     if cfg["scheduler"] in ("CosineAnnealingLR", "ReduceLROnPlateau") and cfg["min_lr"] > cfg["lr"]:
         raise UserError(f"{origin(source, 'min_lr', 'lr')}: min_lr {cfg['min_lr']:g} is above lr {cfg['lr']:g}, so "
                         f"{cfg['scheduler']} would raise the learning rate instead of lowering it; give a min_lr "

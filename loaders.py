@@ -374,11 +374,14 @@ def make_loaders(cfg, train_data, val_data, rt):
     return LOADERS[kind](train_data, cfg, rt, True), LOADERS[kind](val_data, cfg, rt, False)
 
 
+MEMORY_CANNOT_CROP = "--loader memory resizes images to the input size; with --crop use --loader workers (or auto)"
+
+
 def choose_loader(kind, data, cfg, rt):
     """--loader auto: keep the data set on the device when all of it is cached in memory and it takes
     under a quarter of the device's free memory; otherwise stream it through DataLoader workers."""
     if kind == "memory" and cfg["crop"]:
-        raise UserError("--loader memory resizes images to the input size; with --crop use --loader workers (or auto)")
+        raise UserError(MEMORY_CANNOT_CROP)
     itemsize = max([np.dtype(d).itemsize for d in data.dtypes] or [1])
     nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] * itemsize + cfg["num_classes"])
     if kind == "memory" and nbytes > memory_bytes(rt) / 2:
