@@ -156,8 +156,9 @@ def activate(logits, class_mode):
 
 
 def standardize_each(x, eps):
-    """Each input (B, C, H, W) to zero mean and unit variance per channel, eps added to the standard deviation (the
-    per_image_norm step of normalize.standardize)."""
+    """Each input (B, C, H, W) to zero mean and unit variance per channel, eps added to the standard deviation: a copy
+    of normalize.standardize_each (the per_image_norm step), here because a BioImage.IO package rebuilds Probabilities
+    from this file alone (tests/test_normalize.py checks that the two are the same)."""
     return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + eps)
 
 

@@ -18,7 +18,7 @@ is normalised as the training loaders normalised it.
 import torch
 
 from archs import ARCHS, BASE_CHANNELS, activate, final_logits
-from normalize import Normalization, full_range, normalize
+from normalize import Normalization, full_range, normalize, percentile_ranges
 from utils import UserError
 
 FORMAT = "unet-toolkit model 1"
@@ -45,25 +45,6 @@ def describe(cfg, dtypes):
         "crop": cfg["crop"],
         "target": cfg["target"],      # objects: planes 0 objects and 1 borders (the objects come from both)
     }
-
-
-def percentile_ranges(x, pmin, pmax):
-    """(B, C, H, W) -> (B, 2, C): per image and channel the pmin-th and pmax-th percentiles, linearly interpolated
-    as numpy.percentile does, written with tensor operations only so that a traced or exported graph keeps the
-    image size dynamic."""
-    flat = x.flatten(2).sort(dim=2).values                                        # (B, C, N)
-    last = torch.ones_like(flat[:1, :1]).sum(dim=2, keepdim=True) - 1             # N - 1, as a tensor
-    rows = []
-    for p in (pmin, pmax):
-        position = last * (p / 100.0)
-        below = position.floor()
-        frac = position - below
-        lo = flat.gather(2, below.long().expand(flat.shape[0], flat.shape[1], 1))
-        hi = flat.gather(2, (below + 1).clamp(max=last).long().expand(flat.shape[0], flat.shape[1], 1))
-        rows.append((lo + (hi - lo) * frac)[:, :, 0])
-    lo, hi = rows
-    hi = torch.where(hi > lo, hi, lo + 1e-6 * lo.abs().clamp(min=1.0))             # a flat channel: avoid 0/0
-    return torch.stack([lo, hi], dim=1)
 
 
 def base_channels(description):
