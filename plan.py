@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from advice import MIN_STEPS, RARE_CLASS   # the thresholds train.py's start-up notes warn at
-from archs import training_bytes_per_pixel
+from archs import SIZE_MULTIPLE, training_bytes_per_pixel
 from dataset import OBJECT_PLANES, TRAIN_HINTS, Targets, decode, image_type, read_labels, read_target, scan
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
 from utils import resolve_device
@@ -136,8 +136,9 @@ def machine(device):
     return Machine(False, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def multiple_of_16(side):
-    return max(16, int(round(side / 16)) * 16)
+def nearest_multiple(side):
+    """The multiple of SIZE_MULTIPLE (at least one) nearest to side: a network input side."""
+    return max(SIZE_MULTIPLE, int(round(side / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
 def plan_input(s, m, given):
@@ -145,14 +146,14 @@ def plan_input(s, m, given):
     uniform = s.largest <= UNIFORM * s.smallest
     if given.get("crop") is False or (uniform and max(s.height, s.width) <= WHOLE_LIMIT[m.cuda]
                                       and not given.get("crop")):
-        h, w = given.get("input_h", multiple_of_16(s.height)), given.get("input_w", multiple_of_16(s.width))
+        h, w = given.get("input_h", nearest_multiple(s.height)), given.get("input_w", nearest_multiple(s.width))
         why = ("at their own size" if (h, w) == (s.height, s.width) else f"resized to {w}x{h}" +
-               (" (the input size given)" if "input_w" in given else ", the nearest multiple of 16"))
+               (" (the input size given)" if "input_w" in given else f", the nearest multiple of {SIZE_MULTIPLE}"))
         return Choice({"crop": False, "input_h": h, "input_w": w}, f"images are {s.width}x{s.height}: trained whole, {why}")
     side = CROP_SIDE[m.cuda]
     if s.object_size:
-        side = max(side, min(2 * side, multiple_of_16(OBJECTS_ACROSS * s.object_size)))
-    side = min(side, max(16, s.smallest // 16 * 16))
+        side = max(side, min(2 * side, nearest_multiple(OBJECTS_ACROSS * s.object_size)))
+    side = min(side, max(SIZE_MULTIPLE, s.smallest // SIZE_MULTIPLE * SIZE_MULTIPLE))
     size = f"{s.width}x{s.height}" if uniform else f"from {s.smallest} to {s.largest} px a side"
     objects = f", objects median {s.object_size:.0f} px" if s.object_size else ""
     return Choice({"crop": True, "input_h": side, "input_w": side},

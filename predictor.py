@@ -17,12 +17,11 @@ is normalised as the training loaders normalised it.
 """
 import torch
 
-from archs import ARCHS, BASE_CHANNELS, activate, final_logits
+from archs import ARCHS, BASE_CHANNELS, SIZE_MULTIPLE, activate, final_logits
 from normalize import Normalization, full_range, normalize, percentile_ranges
 from utils import UserError
 
 FORMAT = "unet-toolkit model 1"
-SIZE_MULTIPLE = 16            # four 2x poolings
 
 
 def class_names(cfg):
