@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from losses import OVERLAP_LOSSES
+
 SHRINK_WARN = 2.0      # an image more than this many times larger than the network input (either side) loses
                        # detail when shrunk to it: train.py's start-up note and val.py's --tile note warn
 MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
 RARE_CLASS = 0.01      # a class covering less of the training pixels than this
 MARGIN = 0.05          # how much IoU a model must gain over the better trivial prediction
-OVERLAP_LOSSES = ("BCEDiceLoss", "BCEBatchDiceLoss", "BorderWeightedLoss", "DiceLoss", "LovaszHingeLoss", "CEDiceLoss")   # losses that weigh a class by overlap
 
 
 @dataclass
