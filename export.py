@@ -35,6 +35,7 @@ import outputs
 import rundir
 from dataset import load_validation
 from loaders import resize_image
+from normalize import PERCENTILE_MEAN_STD
 from predict import load_run
 from predictor import save_onnx, save_torchscript, within_tolerance
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
@@ -112,9 +113,9 @@ def export_onnx(predictor, x, expected, path):
 
 def usage(name, d):
     """The export folder's README.md: what the model takes and gives, and how to run it without this toolkit."""
-    n = d["normalize"]
+    n, (mean, std) = d["normalize"], PERCENTILE_MEAN_STD
     norm = (f"per image and channel, the {n['pmin']:g}th percentile -> 0 and the {n['pmax']:g}th -> 1, clipped, "
-            "then (x - 0.5) / 0.25"
+            f"then (x - {mean:g}) / {std:g}"
             if n["mode"] == "percentile" else f"x / {n['full_range']:g}, then ImageNet's mean and standard deviation")
     h, w = d["input_size"]
     return f"""# {name}: a {d['arch']} segmentation model exported by unet-toolkit
