@@ -12,7 +12,6 @@ import os
 import checkpoint
 from archs import ARCHS
 from dataset import OBJECT_PLANES, TARGETS, TRAIN_HINTS, ext_family, single_image_type
-from loaders import MEMORY_CANNOT_CROP
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
 from plan import planned
@@ -370,6 +369,11 @@ def check_values(cfg, source):
         if cfg[key] % 16:
             raise UserError(f"{origin(source, key)}: {key} {cfg[key]} is not a multiple of 16, which the network's "
                             f"four 2x poolings need; use e.g. {max(16, round(cfg[key] / 16) * 16)}")
+
+
+# the memory loader resizes every image to the input once, up front, so it cannot train on crops (raised by
+# check_combinations and by loaders.choose_loader)
+MEMORY_CANNOT_CROP = "--loader memory resizes images to the input size; with --crop use --loader workers (or auto)"
 
 
 def check_combinations(cfg, source):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import MEMORY_CANNOT_CROP
 from normalize import Normalization, as_batch, intensity_range, standardize, to_unit
 from runtime import memory_bytes
 from utils import UserError
@@ -372,9 +373,6 @@ def make_loaders(cfg, train_data, val_data, rt):
     --loader chooses. Under torchrun each process loads its shard of every epoch."""
     kind = choose_loader(cfg["loader"], train_data, cfg, rt)
     return LOADERS[kind](train_data, cfg, rt, True), LOADERS[kind](val_data, cfg, rt, False)
-
-
-MEMORY_CANNOT_CROP = "--loader memory resizes images to the input size; with --crop use --loader workers (or auto)"
 
 
 def choose_loader(kind, data, cfg, rt):
