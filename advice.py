@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHRINK_WARN = 2.0      # images more than this many times larger than the network input (either side)
+from losses import OVERLAP_LOSSES
+
+SHRINK_WARN = 2.0      # an image more than this many times larger than the network input (either side) loses
+                       # detail when shrunk to it: train.py's start-up note and val.py's --tile note warn
 MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
 RARE_CLASS = 0.01      # a class covering less of the training pixels than this
 MARGIN = 0.05          # how much IoU a model must gain over the better trivial prediction
-OVERLAP_LOSSES = ("BCEDiceLoss", "BCEBatchDiceLoss", "BorderWeightedLoss", "DiceLoss", "LovaszHingeLoss", "CEDiceLoss")   # losses that weigh a class by overlap
 
 
 @dataclass
@@ -33,17 +35,27 @@ class Trivial:
                 f"{self.foreground:.4f} ({self.foreground_what} everywhere)")
 
 
+def shrink_factor(size, cfg):
+    """How many times an image of size (h, w) is shrunk to the network input: its larger side's factor."""
+    return max(size[0] / cfg["input_h"], size[1] / cfg["input_w"])
+
+
+def shrunk_enough_to_warn(size, cfg):
+    """Whether an image of size (h, w), resized to the network input, is shrunk more than SHRINK_WARN times."""
+    return shrink_factor(size, cfg) > SHRINK_WARN
+
+
 def shrunk_note(sizes, cfg):
-    """A note when the images are shrunk more than SHRINK_WARN times to the network input ('' if not)."""
+    """A note when the images (their median size) are shrunk enough to warn to the network input ('' if not)."""
     if cfg["crop"] or not sizes:
         return ""
     h, w = (int(np.median([s[k] for s in sizes])) for k in (0, 1))
-    factor = max(h / cfg["input_h"], w / cfg["input_w"])
-    if factor <= SHRINK_WARN:
+    if not shrunk_enough_to_warn((h, w), cfg):
         return ""
-    return (f"the images (median {w}x{h}) are shrunk {factor:.1f}x to the {cfg['input_w']}x{cfg['input_h']} network "
-            "input, so thin or small structures may vanish; train on crops of the images at full resolution instead "
-            "(--crop; val.py then predicts whole images by tiles), or give a larger --input_w/--input_h")
+    return (f"the images (median {w}x{h}) are shrunk {shrink_factor((h, w), cfg):.1f}x to the {cfg['input_w']}x"
+            f"{cfg['input_h']} network input, so thin or small structures may vanish; train on crops of the images at "
+            "full resolution instead (--crop; val.py then predicts whole images by tiles), or give a larger "
+            "--input_w/--input_h")
 
 
 def steps_note(n_train, cfg, processes=1):

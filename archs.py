@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 BASE_CHANNELS = 32  # channels of the first stage, as in the reference; doubled at each of the four depths
+SIZE_MULTIPLE = 16  # four 2x poolings: the network's input height and width are multiples of this
 
 
 def stage_channels(base_channels):
@@ -27,11 +28,11 @@ class VGGBlock(nn.Module):
 
 
 def check_input_size(x):
-    """Four 2x poolings need H and W divisible by 16; say so instead of failing in torch.cat."""
+    """Four 2x poolings need H and W divisible by SIZE_MULTIPLE; say so instead of failing in torch.cat."""
     h, w = x.shape[-2:]
-    if h % 16 or w % 16:
-        raise ValueError(f"input size {h}x{w} is not divisible by 16, which the four poolings of "
-                         "U-Net/UNet++ need; use --input_h/--input_w multiples of 16 (e.g. 96)")
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise ValueError(f"input size {h}x{w} is not divisible by {SIZE_MULTIPLE}, which the four poolings of "
+                         f"U-Net/UNet++ need; use --input_h/--input_w multiples of {SIZE_MULTIPLE} (e.g. 96)")
 
 
 class UNet(nn.Module):
@@ -156,8 +157,9 @@ def activate(logits, class_mode):
 
 
 def standardize_each(x, eps):
-    """Each input (B, C, H, W) to zero mean and unit variance per channel, eps added to the standard deviation (the
-    per_image_norm step of normalize.standardize)."""
+    """Each input (B, C, H, W) to zero mean and unit variance per channel, eps added to the standard deviation: a copy
+    of normalize.standardize_each (the per_image_norm step), here because a BioImage.IO package rebuilds Probabilities
+    from this file alone (tests/test_normalize.py checks that the two are the same)."""
     return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + eps)
 
 

@@ -31,11 +31,10 @@ import torch
 import archs
 from normalize import STANDARDIZE_EPS, Normalization, mean_std, normalize
 from figures import display_image
-from predictor import max_difference, network_settings, save_onnx, save_torchscript
+from predictor import EXPORT_TOLERANCE, network_settings, save_onnx, save_torchscript, within_tolerance
 from utils import UserError, atomic_write
 
 FORMAT_VERSION = "0.5.12"
-TOLERANCE = 1e-4          # as export.py's checks
 OPSET = 17
 CITE = {
     "UNet": {"text": "Ronneberger, Fischer and Brox. U-Net: Convolutional networks for biomedical image "
@@ -159,16 +158,13 @@ def rdf(d, info, kwargs, folder):
             "onnx": {"source": FILES["onnx"], "sha256": h("onnx"), "opset_version": OPSET,
                      "parent": "pytorch_state_dict"}},
         "config": {"bioimageio": {"reproducibility_tolerance": [
-            {"absolute_tolerance": TOLERANCE, "relative_tolerance": TOLERANCE}]}},
+            {"absolute_tolerance": EXPORT_TOLERANCE, "relative_tolerance": EXPORT_TOLERANCE}]}},
     }
 
 
 def checked(name, got, expected):
-    diff = max_difference(got, expected)
-    if not diff <= TOLERANCE:
-        raise UserError(f"the BioImage.IO package's {name} weights differ from PyTorch's output by {diff:.2e} (more "
-                        f"than {TOLERANCE:g}); the package was not written. Please report this with the run's config.yml")
-    return diff
+    """The export check (predictor.within_tolerance), in the package's words: the difference, or a UserError."""
+    return within_tolerance(got, expected, f"the BioImage.IO package's {name} weights differ", "the package was not written")
 
 
 def write_weights(model, z, expected, folder):

@@ -26,11 +26,11 @@ import os
 import statistics
 
 import config
+from outputs import OUTPUTS_DIR
 from rundir import RunFolder
 from runlog import read_log
 from utils import UserError, atomic_write, duration, exit_on_user_error, load_yaml
 
-OUTPUTS_DIR = "outputs"
 NOT_SETTINGS = ("name", "data_dir", "device", "num_workers", "cache_mb", "loader", "runs_dir")   # not what a run is
 MAX_SETTINGS = 6        # differing settings shown per run
 MAX_FILE_BYTES = 64 * 2**20   # a log.csv or metrics.csv larger than this is not read (a run's is kilobytes)

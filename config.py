@@ -442,6 +442,11 @@ def check_values(cfg, source):
             raise UserError(f"{origin(source, setting.name)}: {problem}")
 
 
+# the memory loader resizes every image to the input once, up front, so it cannot train on crops (raised by
+# check_combinations and by loaders.choose_loader)
+MEMORY_CANNOT_CROP = "--loader memory resizes images to the input size; with --crop use --loader workers (or auto)"
+
+
 def check_combinations(cfg, source):
     """Settings that do not go together."""
     if cfg["target"] == "objects" and (cfg["num_classes"] != len(OBJECT_PLANES) or cfg["class_mode"] != "sigmoid"):
@@ -468,8 +473,7 @@ def check_combinations(cfg, source):
         raise UserError(f"{origin(source, 'deep_supervision', 'arch')}: deep_supervision needs --arch NestedUNet "
                         f"({cfg['arch']} has one output head)")
     if cfg["loader"] == "memory" and cfg["crop"]:
-        raise UserError(f"{origin(source, 'loader', 'crop')}: --loader memory resizes images to the input size; with --crop "
-                        "use --loader workers (or auto)")
+        raise UserError(f"{origin(source, 'loader', 'crop')}: {MEMORY_CANNOT_CROP}")
     if cfg["scheduler"] in ("CosineAnnealingLR", "ReduceLROnPlateau") and cfg["min_lr"] > cfg["lr"]:
         raise UserError(f"{origin(source, 'min_lr', 'lr')}: min_lr {cfg['min_lr']:g} is above lr {cfg['lr']:g}, so "
                         f"{cfg['scheduler']} would raise the learning rate instead of lowering it; give a min_lr "

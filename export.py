@@ -34,12 +34,12 @@ import config
 import outputs
 import rundir
 from loaders import resize_image
+from normalize import PERCENTILE_MEAN_STD
 from predict import TrainedRun
-from predictor import max_difference, save_onnx, save_torchscript
+from predictor import save_onnx, save_torchscript, within_tolerance
 from splits import load_validation
 from utils import ClosedPipeSafe, Interrupts, UserError, atomic_write, exit_on_user_error, plain_warning
 
-TOLERANCE = 1e-4
 EXPORT_FILES = (rundir.MODEL, rundir.MODEL_JSON, "model.torchscript.pt", "model.onnx", "test_input.npy", "test_output.npy",
                 "README.md", "bioimageio", "bioimageio.zip")
 MARKER = outputs.EXPORT_MARKER          # in a folder export.py writes: its files there may be replaced next time
@@ -79,12 +79,8 @@ def test_image(member, run_dir):
 
 
 def check(name, got, expected):
-    """The export check: equal to PyTorch's output within TOLERANCE, else a UserError that says by how much."""
-    diff = max_difference(got, expected)
-    if not diff <= TOLERANCE:
-        raise UserError(f"the {name} export differs from PyTorch's output by {diff:.2e} (more than {TOLERANCE:g}); "
-                        "it was not kept. Please report this with the run's config.yml")
-    return diff
+    """The export check (predictor.within_tolerance), in export.py's words: the difference, or a UserError."""
+    return within_tolerance(got, expected, f"the {name} export differs", "it was not kept")
 
 
 def other_size(predictor, x):
@@ -116,9 +112,9 @@ def export_onnx(predictor, x, expected, path):
 
 def usage(name, d):
     """The export folder's README.md: what the model takes and gives, and how to run it without this toolkit."""
-    n = d["normalize"]
+    n, (mean, std) = d["normalize"], PERCENTILE_MEAN_STD
     norm = (f"per image and channel, the {n['pmin']:g}th percentile -> 0 and the {n['pmax']:g}th -> 1, clipped, "
-            "then (x - 0.5) / 0.25"
+            f"then (x - {mean:g}) / {std:g}"
             if n["mode"] == "percentile" else f"x / {n['full_range']:g}, then ImageNet's mean and standard deviation")
     h, w = d["input_size"]
     return f"""# {name}: a {d['arch']} segmentation model exported by unet-toolkit

@@ -11,12 +11,14 @@ Normalisation is normalize.py's, in its two steps: to_unit (with each image's in
 whole image), the augmentation, then standardize.
 """
 import os
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import MEMORY_CANNOT_CROP
 from normalize import Normalization, as_batch, intensity_range, standardize, to_unit
 from runtime import memory_bytes
 from utils import UserError
@@ -200,6 +202,28 @@ class WorkersLoader:
         return iter(self.loader)
 
 
+BRIGHTNESS, CONTRAST, HSV = 0, 1, 2   # AugmentDraws.colour: which colour change an image gets (HSV: RGB only)
+
+
+@dataclass(frozen=True)
+class AugmentDraws:
+    """MemoryLoader's random draws for its augmentation, one float per image in each field: (n,) for an epoch,
+    (B, 1, 1, 1) for a batch (of_batch), to broadcast over images (B, C, H, W)."""
+    turns: torch.Tensor         # quarter turns: 0..3 (square inputs), 0 or 2 (others)
+    h_flip: torch.Tensor        # 1: flipped left-right
+    v_flip: torch.Tensor        # 1: flipped upside down
+    colour: torch.Tensor        # BRIGHTNESS, CONTRAST or HSV
+    brightness: torch.Tensor    # added to the 0..1 image: -0.2..0.2
+    contrast: torch.Tensor      # the 0..1 image times 0.8..1.2
+    hue: torch.Tensor           # degrees: -40..40
+    saturation: torch.Tensor    # -30..30, of 128 (HueSaturationValue's units)
+    value: torch.Tensor         # -20..20, of 255
+
+    def of_batch(self, batch):
+        """The draws of the images at `batch` (a slice of the epoch's order), each (B, 1, 1, 1)."""
+        return AugmentDraws(*(getattr(self, f.name)[batch].view(-1, 1, 1, 1) for f in fields(self)))
+
+
 class MemoryLoader:
     """--loader memory: the whole data set as uint8 tensors on the device, batched and augmented there.
 
@@ -256,27 +280,25 @@ class MemoryLoader:
             if affine is not None:
                 images, masks = self.warp(images, masks, affine[batch])
             if self.train:
-                images, masks = self.augment(images, masks, draws[:, batch])
+                images, masks = self.augment(images, masks, draws.of_batch(batch))
             yield standardize(images, self.norm), masks, {"img_id": [self.ids[i] for i in order[batch].tolist()]}
 
     def epoch_draws(self, n):
-        """(9, n): every random number of the epoch, drawn on the CPU, moved to the device in one copy.
-
-        Rows: rot90 turns, h-flip, v-flip, colour choice, brightness, contrast, hue (deg), saturation, value.
-        """
+        """The epoch's AugmentDraws for n images: every random number of the epoch, drawn on the CPU in this order
+        (the order fixes what a seed gives), moved to the device in one copy."""
         g, rgb = self.generator, self.images.shape[1] == 3
         turns = torch.randint(0, 4, (n,), generator=g) if self.square else 2 * torch.randint(0, 2, (n,), generator=g)
-        return torch.stack([
-            turns.float(),
-            (torch.rand(n, generator=g) < 0.5).float(),
-            (torch.rand(n, generator=g) < 0.5).float(),
-            torch.randint(0, 3 if rgb else 2, (n,), generator=g).float(),
-            torch.rand(n, generator=g) * 0.4 - 0.2,
-            torch.rand(n, generator=g) * 0.4 + 0.8,
-            torch.rand(n, generator=g) * 80 - 40,
-            torch.rand(n, generator=g) * 60 - 30,
-            torch.rand(n, generator=g) * 40 - 20,
-        ]).to(self.device)
+        drawn = {"turns": turns.float(),
+                 "h_flip": (torch.rand(n, generator=g) < 0.5).float(),
+                 "v_flip": (torch.rand(n, generator=g) < 0.5).float(),
+                 "colour": torch.randint(0, 3 if rgb else 2, (n,), generator=g).float(),
+                 "brightness": torch.rand(n, generator=g) * 0.4 - 0.2,
+                 "contrast": torch.rand(n, generator=g) * 0.4 + 0.8,
+                 "hue": torch.rand(n, generator=g) * 80 - 40,
+                 "saturation": torch.rand(n, generator=g) * 60 - 30,
+                 "value": torch.rand(n, generator=g) * 40 - 20}
+        on_device = torch.stack(list(drawn.values())).to(self.device)
+        return AugmentDraws(**dict(zip(drawn, on_device)))
 
     def affine_draws(self, n):
         """(n, 2, 3) affine_grid matrices of the epoch: with probability --affine a random scale, shift and rotation
@@ -303,36 +325,34 @@ class MemoryLoader:
         return images, (masks > 0.5).float()
 
     def augment(self, images, masks, d):
-        """Per-image rot90/flips (image and mask alike) and one colour change; d: this batch's (9, B) draws.
+        """Per-image rot90/flips (image and mask alike) and one colour change; d: this batch's AugmentDraws.
 
         Selections use torch.where over whole batches, so nothing waits for the device.
         """
-        b, c = images.shape[:2]
-        per_image = d.view(9, b, 1, 1, 1)
+        c = images.shape[1]
         both = out = torch.cat([images, masks], 1)      # image and mask turned together: half the operations
         for turns in ((1, 2, 3) if self.square else (2,)):
-            out = torch.where(per_image[0] == turns, torch.rot90(both, turns, dims=(2, 3)), out)
-        for row, dim in ((1, 3), (2, 2)):   # horizontal, then vertical flip
-            out = torch.where(per_image[row] == 1, out.flip(dim), out)
-        return self.colour(out[:, :c], per_image), out[:, c:]
+            out = torch.where(d.turns == turns, torch.rot90(both, turns, dims=(2, 3)), out)
+        out = torch.where(d.h_flip == 1, out.flip(3), out)
+        out = torch.where(d.v_flip == 1, out.flip(2), out)
+        return self.colour(out[:, :c], d), out[:, c:]
 
     def colour(self, x, d):
         """One of: brightness +-0.2, contrast x(0.8..1.2), or (RGB) hue +-40 deg / saturation / value shift."""
-        out = torch.where(d[3] == 0, x + d[4], x * d[5])
+        out = torch.where(d.colour == BRIGHTNESS, x + d.brightness, x * d.contrast)
         if x.shape[1] == 3:
-            out = torch.where(d[3] == 2, self.hsv_shift(x, d), out)
+            out = torch.where(d.colour == HSV, self.hsv_shift(x, d), out)
         return out.clamp(0, 1)
 
     def hsv_shift(self, x, d):
         """Hue rotation (YIQ), saturation scale and value shift, per image: HueSaturationValue's defaults, roughly."""
         y = torch.einsum("ij,bjhw->bihw", self.yiq, x)                       # (B, 3, H, W): Y, I, Q
-        theta = d[6, :, 0] * torch.pi / 180                                  # (B, 1, 1)
-        sat = 1 + d[7, :, 0] / 128
+        theta = d.hue[:, 0] * torch.pi / 180                                 # (B, 1, 1)
+        sat = 1 + d.saturation[:, 0] / 128
         cos, sin = torch.cos(theta) * sat, torch.sin(theta) * sat
         i, q = y[:, 1] * cos - y[:, 2] * sin, y[:, 1] * sin + y[:, 2] * cos
-        y = torch.stack([y[:, 0] + d[8, :, 0] / 255, i, q], 1)
+        y = torch.stack([y[:, 0] + d.value[:, 0] / 255, i, q], 1)
         return torch.einsum("ij,bjhw->bihw", self.yiq_inverse, y)
-
 
 LOADERS = {"memory": MemoryLoader, "workers": WorkersLoader}
 
@@ -359,7 +379,7 @@ def choose_loader(kind, data, cfg, rt):
     """--loader auto: keep the data set on the device when all of it is cached in memory and it takes
     under a quarter of the device's free memory; otherwise stream it through DataLoader workers."""
     if kind == "memory" and cfg["crop"]:
-        raise UserError("--loader memory resizes images to the input size; with --crop use --loader workers (or auto)")
+        raise UserError(MEMORY_CANNOT_CROP)
     itemsize = max([np.dtype(d).itemsize for d in data.dtypes] or [1])
     nbytes = len(data.ids) * cfg["input_h"] * cfg["input_w"] * (cfg["input_channels"] * itemsize + cfg["num_classes"])
     if kind == "memory" and nbytes > memory_bytes(rt) / 2:

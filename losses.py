@@ -136,5 +136,7 @@ SOFTMAX_LOSSES = {
     "CEDiceLoss": CEDiceLoss,
 }
 LOSSES = {**SIGMOID_LOSSES, **SOFTMAX_LOSSES}
+# the losses with an overlap term (Dice, Lovasz): they weigh a class by its overlap, so a rare class is not ignored
+OVERLAP_LOSSES = ("BCEDiceLoss", "BCEBatchDiceLoss", "BorderWeightedLoss", "DiceLoss", "LovaszHingeLoss", "CEDiceLoss")
 TARGET_LOSSES = {"BorderWeightedLoss": "objects"}   # losses that only make sense for one --target
 OBJECTS_LOSS = "BorderWeightedLoss"   # --target objects' default loss: its borders weigh more, its Dice pools the batch

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from archs import standardize_each
 MODES = ("auto", "imagenet", "percentile")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)     # albumentations' Normalize defaults, per RGB channel
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STANDARDIZE_EPS = 1e-3                    # per_image: added to the std, so a flat image is not blown up
+FLAT_WIDTH = 1e-6                         # a flat channel's range (pmax-th percentile = pmin-th): this much wide,
+                                          # relative to the intensity (at least 1), so that to_unit never divides by 0
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,32 @@ def intensity_range(image, norm):
     """Raw image (H, W, C) -> float32 (2, C): per channel the intensity that maps to 0 (row 0) and to 1 (row 1).
 
     Always computed on the whole image at its own size, so that a resized copy, a training crop and a
-    prediction tile of the same file are normalised alike."""
+    prediction tile of the same file are normalised alike. Percentiles: percentile_ranges, in float64 here (the
+    figures numpy.percentile gave), in the Predictor in its input's float32."""
     channels = image.shape[2]
     if norm.mode == "imagenet":
         return np.array([[0.0] * channels, [full_range(image.dtype)] * channels], np.float32)
-    flat = image.reshape(-1, channels)
-    lo, hi = np.percentile(flat, [norm.pmin, norm.pmax], axis=0)     # each (C,)
-    hi = np.where(hi > lo, hi, lo + 1e-6 * max(1.0, float(abs(lo).max())))  # a flat channel: avoid 0/0
-    return np.stack([lo, hi]).astype(np.float32)
+    x = torch.from_numpy(np.asarray(image, np.float64)).permute(2, 0, 1)[None]
+    return percentile_ranges(x, norm.pmin, norm.pmax)[0].numpy().astype(np.float32)
+
+
+def percentile_ranges(x, pmin, pmax):
+    """(B, C, H, W) -> (B, 2, C): per image and channel the pmin-th and pmax-th percentiles, linearly interpolated
+    as numpy.percentile does (a flat channel widened by FLAT_WIDTH), written with tensor operations only so that a
+    traced or exported graph (the Predictor's, with ranges=None) keeps the image size dynamic."""
+    flat = x.flatten(2).sort(dim=2).values                                        # (B, C, N)
+    last = torch.ones_like(flat[:1, :1]).sum(dim=2, keepdim=True) - 1             # N - 1, as a tensor
+    rows = []
+    for p in (pmin, pmax):
+        position = last * (p / 100.0)
+        below = position.floor()
+        frac = position - below
+        lo = flat.gather(2, below.long().expand(flat.shape[0], flat.shape[1], 1))
+        hi = flat.gather(2, (below + 1).clamp(max=last).long().expand(flat.shape[0], flat.shape[1], 1))
+        rows.append((lo + (hi - lo) * frac)[:, :, 0])
+    lo, hi = rows
+    hi = torch.where(hi > lo, hi, lo + FLAT_WIDTH * lo.abs().clamp(min=1.0))
+    return torch.stack([lo, hi], dim=1)
 
 
 def to_unit(x, ranges, norm):
@@ -108,6 +127,13 @@ def standardize(x, norm):
     mean, std = mean_std(norm)
     x = (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return standardize_each(x, STANDARDIZE_EPS) if norm.per_image else x
+
+
+def standardize_each(x, eps):
+    """Each input (B, C, H, W) to zero mean and unit variance per channel, eps added to the standard deviation (the
+    per_image_norm step of standardize). archs.py holds the same function for archs.Probabilities, which a
+    BioImage.IO package rebuilds from archs.py alone (tests/test_normalize.py checks that the two are the same)."""
+    return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + eps)
 
 
 def normalize(x, ranges, norm):

@@ -28,6 +28,7 @@ from instances import MEASUREMENTS, measure, object_scores, object_sizes
 from utils import UserError, atomic_write, write_png, write_tiff
 
 RECORD = ".val_files"
+OUTPUTS_DIR = "outputs"   # val.py writes under outputs/<name> by default; compare.py reads metrics.csv there
 
 
 def inside(path, folder):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from archs import training_bytes_per_pixel
+from advice import MIN_STEPS, RARE_CLASS   # the thresholds train.py's start-up notes warn at
+from archs import SIZE_MULTIPLE, training_bytes_per_pixel
 from dataset import OBJECT_PLANES, Targets, read_target
 from imagefiles import decode, image_type, read_labels
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
@@ -27,13 +28,11 @@ CROP_SIDE = {False: 128, True: 256}      # (cuda?) the crop side for larger imag
 OBJECTS_ACROSS = 3          # ... raised (up to twice) so that this many median objects fit across a crop
 STEP_PIXELS = {False: 16 * 96 * 96, True: 32 * 256 * 256}   # (cuda?) input pixels per optimizer step, at most
 BATCHES = (32, 16, 8, 4, 2)  # batch sizes the plan picks from (2 at least: BatchNorm needs more than one image)
-MIN_STEPS = 10              # optimizer steps per epoch the batch size is chosen to reach (advice.MIN_STEPS)
 TARGET_STEPS = {False: 1500, True: 3000}  # (cuda?) optimizer steps of the whole run (700 on a CPU left the
                                           # multi-class set at 0.55 IoU, 1416 steps reached 0.85: BENCHMARKS.md)
 EPOCHS = (10, 400)          # the fewest and most epochs the plan gives
 EMA_SPAN = 7                # the weights are averaged over about the last 1/EMA_SPAN of the run's steps ...
 EMA_DECAY = (0.99, 0.995)   # ... within these decays (about the last 100 to 200 steps)
-RARE = 0.01                 # a class covering less than this of the pixels is named in the loss's reason
 BACKGROUND = 0.5            # masks/0 covering more than this of the pixels is a background class (softmax)
 
 
@@ -139,8 +138,9 @@ def machine(device):
     return Machine(False, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def multiple_of_16(side):
-    return max(16, int(round(side / 16)) * 16)
+def nearest_multiple(side):
+    """The multiple of SIZE_MULTIPLE (at least one) nearest to side: a network input side."""
+    return max(SIZE_MULTIPLE, int(round(side / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
 def plan_input(s, m, given):
@@ -148,14 +148,14 @@ def plan_input(s, m, given):
     uniform = s.largest <= UNIFORM * s.smallest
     if given.get("crop") is False or (uniform and max(s.height, s.width) <= WHOLE_LIMIT[m.cuda]
                                       and not given.get("crop")):
-        h, w = given.get("input_h", multiple_of_16(s.height)), given.get("input_w", multiple_of_16(s.width))
+        h, w = given.get("input_h", nearest_multiple(s.height)), given.get("input_w", nearest_multiple(s.width))
         why = ("at their own size" if (h, w) == (s.height, s.width) else f"resized to {w}x{h}" +
-               (" (the input size given)" if "input_w" in given else ", the nearest multiple of 16"))
+               (" (the input size given)" if "input_w" in given else f", the nearest multiple of {SIZE_MULTIPLE}"))
         return Choice({"crop": False, "input_h": h, "input_w": w}, f"images are {s.width}x{s.height}: trained whole, {why}")
     side = CROP_SIDE[m.cuda]
     if s.object_size:
-        side = max(side, min(2 * side, multiple_of_16(OBJECTS_ACROSS * s.object_size)))
-    side = min(side, max(16, s.smallest // 16 * 16))
+        side = max(side, min(2 * side, nearest_multiple(OBJECTS_ACROSS * s.object_size)))
+    side = min(side, max(SIZE_MULTIPLE, s.smallest // SIZE_MULTIPLE * SIZE_MULTIPLE))
     size = f"{s.width}x{s.height}" if uniform else f"from {s.smallest} to {s.largest} px a side"
     objects = f", objects median {s.object_size:.0f} px" if s.object_size else ""
     return Choice({"crop": True, "input_h": side, "input_w": side},
@@ -219,7 +219,7 @@ def plan_normalize(s):
 def plan_classes(s, cfg, given):
     """Sigmoid classes with BCE + Dice, or softmax when masks/0 is a background drawn under the other classes. A
     class mode or loss the user gave decides the other."""
-    rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE]
+    rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE_CLASS]
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
     if cfg["target"] == "objects":
         return Choice({"num_classes": len(OBJECT_PLANES), "class_mode": "sigmoid", "loss": OBJECTS_LOSS},

@@ -17,11 +17,11 @@ is normalised as the training loaders normalised it.
 """
 import torch
 
-from archs import BASE_CHANNELS, activate, build_model, final_logits
-from normalize import Normalization, full_range, normalize
+from archs import BASE_CHANNELS, SIZE_MULTIPLE, activate, build_model, final_logits
+from normalize import Normalization, full_range, normalize, percentile_ranges
+from utils import UserError
 
 FORMAT = "unet-toolkit model 1"
-SIZE_MULTIPLE = 16            # four 2x poolings
 
 
 def class_names(cfg):
@@ -66,25 +66,6 @@ def recorded_dtypes(description):
     """The image type the run trained on, as its model.json description records it (runs from before it: 8-bit)."""
     dtype = description.get("input_dtype") if description else None
     return {dtype if isinstance(dtype, str) else "uint8"}
-
-
-def percentile_ranges(x, pmin, pmax):
-    """(B, C, H, W) -> (B, 2, C): per image and channel the pmin-th and pmax-th percentiles, linearly interpolated
-    as numpy.percentile does, written with tensor operations only so that a traced or exported graph keeps the
-    image size dynamic."""
-    flat = x.flatten(2).sort(dim=2).values                                        # (B, C, N)
-    last = torch.ones_like(flat[:1, :1]).sum(dim=2, keepdim=True) - 1             # N - 1, as a tensor
-    rows = []
-    for p in (pmin, pmax):
-        position = last * (p / 100.0)
-        below = position.floor()
-        frac = position - below
-        lo = flat.gather(2, below.long().expand(flat.shape[0], flat.shape[1], 1))
-        hi = flat.gather(2, (below + 1).clamp(max=last).long().expand(flat.shape[0], flat.shape[1], 1))
-        rows.append((lo + (hi - lo) * frac)[:, :, 0])
-    lo, hi = rows
-    hi = torch.where(hi > lo, hi, lo + 1e-6 * lo.abs().clamp(min=1.0))             # a flat channel: avoid 0/0
-    return torch.stack([lo, hi], dim=1)
 
 
 def base_channels(description):
@@ -135,6 +116,20 @@ class Predictor(torch.nn.Module):
 def max_difference(got, expected):
     """The largest absolute difference between an exported model's output (array or tensor) and PyTorch's."""
     return float((torch.as_tensor(got, dtype=torch.float64) - expected.double()).abs().max())
+
+
+EXPORT_TOLERANCE = 1e-4   # the most an exported model's output may differ from PyTorch's (export.py's files and the
+                          # BioImage.IO package's weights, whose rdf.yaml states it as reproducibility_tolerance)
+
+
+def within_tolerance(got, expected, what, consequence):
+    """max_difference(got, expected) when it is within EXPORT_TOLERANCE, else a UserError: `what` (e.g. "the ONNX
+    export differs") from PyTorch's output by how much, then `consequence` (what was not written)."""
+    diff = max_difference(got, expected)
+    if not diff <= EXPORT_TOLERANCE:
+        raise UserError(f"{what} from PyTorch's output by {diff:.2e} (more than {EXPORT_TOLERANCE:g}); {consequence}. "
+                        "Please report this with the run's config.yml")
+    return diff
 
 
 def save_torchscript(model, x, path):

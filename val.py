@@ -29,14 +29,12 @@ from figures import class_label
 from evaluation import Scores, evaluate as evaluate_images
 from imagefiles import read_image
 from instances import METHODS
-from outputs import OUTPUT_FORMATS, ImageWriter, OutputFolder, OutputOptions, files, run_folders, subfolders, summary, write_metrics, write_objects
+from outputs import OUTPUT_FORMATS, OUTPUTS_DIR, ImageWriter, OutputFolder, OutputOptions, files, run_folders, subfolders, summary, write_metrics, write_objects
 from pairing import Sample, find_ids, scan
 from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, objects_method, tiled
 from splits import load_validation
 from utils import ClosedPipeSafe, Interrupts, UserError, exit_on_user_error, plain_warning
 
-OUTPUTS_DIR = "outputs"
-SHRINK_NOTE = 1.5   # images this many times larger than the network input (either side) get the --tile note
 EXAMPLES = """examples:
   python val.py --name dsb2018_96_UNet_woDS --overlay          # score the validation split, draw outlines
   python val.py --name cpu0 cpu1 cpu2 --tta                     # ensemble of three runs with test-time flips
@@ -240,7 +238,7 @@ def shrink_note(data, members, args):
     if args.tile or cfg["crop"]:
         return
     sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
-    large = [s for s in sizes if s[0] > SHRINK_NOTE * cfg["input_h"] or s[1] > SHRINK_NOTE * cfg["input_w"]]
+    large = [s for s in sizes if advice.shrunk_enough_to_warn(s, cfg)]
     if large:
         h, w = max(large, key=lambda s: s[0] * s[1])
         print(f"note: {len(large)} image(s) are larger than the {cfg['input_w']}x{cfg['input_h']} network input "

@@ -21,6 +21,18 @@ def test_images_shrunk_more_than_twice_get_a_note_suggesting_crops():
     assert advice.shrunk_note([(192, 192)] * 3, CFG) == ""               # exactly 2x: no note
 
 
+def test_one_rule_says_when_an_image_is_shrunk_enough_to_warn():
+    """train.py's note (on the median size) and val.py's --tile note (on each image) both ask this."""
+    assert not advice.shrunk_enough_to_warn((192, 192), CFG)              # exactly SHRINK_WARN: no note
+    assert advice.shrunk_enough_to_warn((193, 10), CFG) and advice.shrunk_enough_to_warn((10, 193), CFG)  # either side
+    assert advice.shrink_factor((96, 480), CFG) == 5.0
+
+
+def test_every_loss_but_the_plain_cross_entropies_weighs_classes_by_overlap():
+    from losses import LOSSES, OVERLAP_LOSSES
+    assert set(OVERLAP_LOSSES) == set(LOSSES) - {"BCEWithLogitsLoss", "CrossEntropyLoss"}
+
+
 def test_few_optimizer_steps_get_a_note_with_a_batch_size_that_gives_more():
     note = advice.steps_note(24, CFG)
     assert "only 1 optimizer step(s)" in note and "--batch_size 2 gives 12 per epoch" in note

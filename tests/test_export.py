@@ -217,3 +217,19 @@ def test_an_export_of_another_run_is_not_replaced(runs, monkeypatch, capsys, tmp
     (theirs / "README.md").write_text("the softmax run's export")
     code, _, err = run_main(export.main, ["--name", "micro", "--output", str(theirs)], runs, monkeypatch, capsys)
     assert code == 2 and "holds another export" in err and (theirs / "README.md").read_text() == "the softmax run's export"
+
+
+def test_an_export_off_by_more_than_the_tolerance_is_refused_in_export_and_package_words():
+    import bioimageio_package
+    from predictor import EXPORT_TOLERANCE
+    from utils import UserError
+    expected = torch.zeros(1, 1, 4, 4)
+    assert export.check("ONNX", expected + EXPORT_TOLERANCE / 2, expected) == pytest.approx(EXPORT_TOLERANCE / 2)
+    with pytest.raises(UserError) as e:
+        export.check("ONNX", np.ones((1, 1, 4, 4), np.float32), expected)
+    assert str(e.value) == ("the ONNX export differs from PyTorch's output by 1.00e+00 (more than 0.0001); it was not "
+                            "kept. Please report this with the run's config.yml")
+    with pytest.raises(UserError) as e:
+        bioimageio_package.checked("onnx", expected + 1, expected)
+    assert str(e.value) == ("the BioImage.IO package's onnx weights differ from PyTorch's output by 1.00e+00 (more than "
+                            "0.0001); the package was not written. Please report this with the run's config.yml")

@@ -1,5 +1,6 @@
 """loaders.py: the memory and workers loaders, their augmentation, seeding, sharding and choice."""
 import os
+from dataclasses import fields
 
 import cv2
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 
 import runtime
 from dataset import SegmentationData
-from loaders import (AFFINE, AlbumentationsDataset, MemoryLoader, WorkersLoader, choose_loader, make_loaders, shard,
-                     train_transform, val_transform)
+from loaders import (AFFINE, BRIGHTNESS, CONTRAST, HSV, AlbumentationsDataset, AugmentDraws, MemoryLoader,
+                     WorkersLoader, choose_loader, make_loaders, shard, train_transform, val_transform)
 from conftest import make_data
 from normalize import Normalization, mean_std, normalize
 from utils import UserError
@@ -114,6 +115,26 @@ def test_memory_loader_is_seeded_per_epoch(tiny):
         batches[epoch] = got
     assert len(batches[1]) == 2                                        # 10 images, batch 4: last partial dropped
     assert not torch.equal(batches[1][0][0], batches[2][0][0])
+
+
+def test_memory_loader_draws_are_named_and_each_does_what_its_name_says(tiny):
+    tl = MemoryLoader(load(tiny), settings(input_w=48), CPU, train=True)      # not square: half turns only
+    d = tl.epoch_draws(200)
+    assert set(d.turns.tolist()) == {0.0, 2.0} and set(d.colour.tolist()) == {BRIGHTNESS, CONTRAST, HSV}
+    assert d.brightness.abs().max() <= 0.2 and 0.8 <= d.contrast.min() and d.contrast.max() <= 1.2
+    assert d.hue.abs().max() <= 40 and d.saturation.abs().max() <= 30 and d.value.abs().max() <= 20
+    image = torch.rand(1, 3, 32, 48)
+    mask = (image[:, :1] > 0.5).float()
+
+    def only(**drawn):       # one image's draws: nothing but what is named (colour: brightness + 0)
+        return AugmentDraws(**{f.name: torch.tensor([float(drawn.get(f.name, 0))]) for f in fields(AugmentDraws)})
+
+    for drawn, expected in (({"h_flip": 1}, image.flip(3)), ({"v_flip": 1}, image.flip(2)),
+                            ({"turns": 2}, image.flip(2).flip(3))):
+        x, m = tl.augment(image, mask, only(**drawn).of_batch(slice(None)))
+        assert torch.equal(x, expected) and torch.equal(m, (expected[:, :1] > 0.5).float())
+    x, _ = tl.augment(image, mask, only(colour=CONTRAST, contrast=1.1).of_batch(slice(None)))
+    assert torch.equal(x, (image * 1.1).clamp(0, 1))
 
 
 def test_memory_loader_validation_equals_val_transform(tiny):

@@ -1,8 +1,15 @@
+"""normalize.py: the two steps (to_unit, standardize), the intensity ranges and their one percentile function."""
+import ast
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
-from normalize import Normalization, as_batch, intensity_range, normalize, resolve_mode, standardize, to_unit
+import archs
+import normalize as normalize_module
+from normalize import (Normalization, as_batch, intensity_range, normalize, percentile_ranges, resolve_mode, standardize,
+                       to_unit)
 
 
 def test_imagenet_mode_is_the_reference_normalisation_on_8_bit_images():
@@ -75,3 +82,69 @@ def test_per_image_standardisation_ignores_each_images_brightness_and_contrast()
 def test_any_channel_count_gets_a_mean_and_std_per_channel(channels):
     norm = Normalization("imagenet", channels=channels)
     assert standardize(torch.rand(1, channels, 4, 4), norm).shape == (1, channels, 4, 4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7, 9), (2, 3, 16, 16), (1, 2, 5, 1)])
+def test_percentile_ranges_equal_numpys(shape):
+    x = torch.rand(*shape) * 4000
+    got = percentile_ranges(x, 1.0, 99.8)
+    for b in range(shape[0]):
+        expected = np.percentile(x[b].flatten(1).numpy().T, [1.0, 99.8], axis=0)
+        assert np.allclose(got[b].numpy(), expected, rtol=1e-5)
+
+
+def numpy_range(image, pmin, pmax):
+    """What intensity_range computed with NumPy before percentile_ranges was its one function (its flat guard
+    widened every channel by the image's largest |pmin-th percentile|)."""
+    lo, hi = np.percentile(image.reshape(-1, image.shape[2]), [pmin, pmax], axis=0)
+    hi = np.where(hi > lo, hi, lo + 1e-6 * max(1.0, float(abs(lo).max())))
+    return np.stack([lo, hi]).astype(np.float32)
+
+
+RNG = np.random.default_rng(3)
+IMAGES = {
+    "8-bit RGB": RNG.integers(0, 256, (37, 23, 3)).astype(np.uint8),
+    "16-bit": np.stack([RNG.gamma(2, 300, (64, 48)), RNG.normal(30000, 5000, (64, 48)).clip(0, 65535)], 2).astype(np.uint16),
+    "float": RNG.normal(0.3, 0.1, (20, 31, 1)).astype(np.float32),
+    "flat 16-bit": np.full((9, 9, 1), 7, np.uint16),
+    "flat 8-bit RGB": np.full((6, 7, 3), 200, np.uint8),
+    "flat zero float": np.zeros((5, 5, 1), np.float32),
+    "flat but for a few pixels": np.pad(np.full((40, 40, 1), 100, np.uint16), ((0, 1), (0, 0), (0, 0)), constant_values=9000),
+}
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_training_and_the_predictor_take_the_same_percentile_ranges(name):
+    """One function for both: intensity_range (training, val.py) in float64, the Predictor (and an export) in its
+    float32 input; both as NumPy's percentiles gave, and a flat channel widened alike."""
+    image = IMAGES[name]
+    norm = Normalization("percentile", 1.0, 99.8, channels=image.shape[2])
+    training = intensity_range(image, norm)
+    predictor = percentile_ranges(as_batch([image]), norm.pmin, norm.pmax)[0].numpy()   # Predictor.ranges
+    assert training.dtype == np.float32 and training.shape == (2, image.shape[2])
+    assert np.allclose(training, numpy_range(image, norm.pmin, norm.pmax), rtol=1e-6, atol=0)
+    assert np.allclose(predictor, training, rtol=1e-5, atol=0)     # float32's position between two sorted values
+    assert (training[1] > training[0]).all()
+    x = to_unit(as_batch([image]), torch.from_numpy(training)[None], norm)
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+
+
+def test_a_flat_channel_is_widened_by_its_own_level():
+    image = np.stack([np.full((8, 8), 7), RNG.integers(1000, 2000, (8, 8)), np.full((8, 8), 0)], 2).astype(np.uint16)
+    lo, hi = intensity_range(image, Normalization("percentile", channels=3))
+    assert lo[0] == 7 and hi[0] == np.float32(7 + 7e-6) and hi[2] == np.float32(1e-6)   # not 7 + 1e-6 * 1000
+
+
+def test_the_per_image_step_of_archs_is_normalizes():
+    """archs.py keeps a copy (a BioImage.IO package rebuilds the model from archs.py alone): the same code."""
+    def body(f):
+        tree = ast.parse(inspect.getsource(f).strip()).body[0]
+        return [ast.dump(node) for node in tree.body[1:]]                      # without the docstring
+    assert body(archs.standardize_each) == body(normalize_module.standardize_each)
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(normalize_module))):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert "archs" not in imported                                            # normalisation needs no network
