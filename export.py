@@ -33,8 +33,7 @@ import bioimageio_package
 import config
 import outputs
 import rundir
-from loaders import resize_image
-from normalize import PERCENTILE_MEAN_STD
+from normalize import PERCENTILE_MEAN_STD, resize_image
 from predict import TrainedRun
 from predictor import save_onnx, save_torchscript, within_tolerance
 from splits import load_validation

@@ -19,20 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from config import MEMORY_CANNOT_CROP
-from normalize import Normalization, as_batch, intensity_range, standardize, to_unit
+from normalize import Normalization, as_batch, image_ranges, resize_image, standardize, to_unit
 from runtime import memory_bytes
 from utils import UserError
-
-
-def resize_image(image, size):
-    """(H, W, C) image in any type -> (h, w, C) at size=(h, w), bilinear (what the memory loader and val.py do)."""
-    h, w = size
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
-
-
-def image_ranges(images, norm):
-    """[(H, W, C) raw image] -> float32 tensor (B, 2, C): each image's intensity range (normalize.intensity_range)."""
-    return torch.from_numpy(np.stack([intensity_range(im, norm) for im in images]))
 
 
 AFFINE = {"scale": (0.8, 1.2), "shift": 0.0625, "degrees": 45}   # --affine's ranges, on both loaders

@@ -1,6 +1,8 @@
 """Input normalisation: how raw intensities (8- or 16-bit integers, float32) become network inputs.
 
-The one place where this is done, for training (both loaders), val.py, bench.py and any export. Two steps,
+The one place where this is done, for training (both loaders), val.py, bench.py and any export, with the one
+preprocess they share before it: each image's intensity range taken at its own size (image_ranges), then the
+image resized to the network input (resize_image) unless it is cropped or tiled. Two steps,
 so that training's augmentation fits between them as the reference's albumentations pipeline has it
 (colour changes on the 0..1 image, Normalize last):
 
@@ -24,6 +26,7 @@ Modes (config key `normalize`):
 """
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -144,3 +147,14 @@ def normalize(x, ranges, norm):
 def as_batch(images):
     """Raw images [(H, W, C)] of one size -> float32 tensor (B, C, H, W) of the same values."""
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
+
+
+def resize_image(image, size):
+    """(H, W, C) image in any type -> (h, w, C) at size=(h, w), bilinear (what the memory loader and val.py do)."""
+    h, w = size
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+
+
+def image_ranges(images, norm):
+    """[(H, W, C) raw image] -> float32 tensor (B, 2, C): each image's intensity range (normalize.intensity_range)."""
+    return torch.from_numpy(np.stack([intensity_range(im, norm) for im in images]))

@@ -25,9 +25,8 @@ import rundir
 import runtime
 from archs import build_model, parameter_shapes
 from instances import split, split_by_borders
-from loaders import image_ranges, resize_image
 from metrics import binarize
-from normalize import as_batch
+from normalize import as_batch, image_ranges, resize_image
 from predictor import Predictor, describe, recorded_dtypes, settings_of
 from tiling import predict_tiled
 from utils import UserError

@@ -1,5 +1,6 @@
 """The house rules of the code itself, checked on every module at the project root:
-scripts on top (none imported by another module), no import circles, nothing runs at import,
+scripts on top (none imported by another module), no import circles, prediction and export never import training
+code, nothing runs at import,
 functions of at most 60 lines, at most 7 parameters and at most 3 returned values."""
 import ast
 import os
@@ -40,6 +41,25 @@ def test_the_entry_scripts_exist():
 @pytest.mark.parametrize("name", MODULES)
 def test_no_module_imports_an_entry_script(name):
     assert not local_imports(name) & SCRIPTS
+
+
+def imported_by(name):
+    """Every project module `name` needs, directly or through others."""
+    seen, todo = set(), [name]
+    while todo:
+        for found in local_imports(todo.pop()) - seen:
+            seen.add(found)
+            todo.append(found)
+    return seen
+
+
+PREDICTION = ("predict", "predictor", "evaluation", "outputs", "figures", "bioimageio_package", "export")
+TRAINING = {"engine", "loaders", "train"}      # the loop, its batches and augmentation, the training script
+
+
+@pytest.mark.parametrize("name", PREDICTION)
+def test_prediction_and_export_never_import_training_code(name):
+    assert not imported_by(name) & TRAINING, f"{name} needs {sorted(imported_by(name) & TRAINING)}"
 
 
 def test_no_import_circles():
