@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 
 import cv2
 import torch
@@ -168,21 +169,21 @@ def variant_step(cfg, rt, name):
     return (lambda: engine.train_step(x, y)), cfg["batch_size"]
 
 
-def variant_rows(base, device, args):
+def variant_rows(base, device, opts):
     """Every variant's training-step rate beside the reference loop's, measured just before it (its ratio holds
     under a moving load), with its warm-up seconds (compilation) and TFLOP/s."""
-    names = args.variants.split(",") if args.variants != "all" else list(VARIANTS)
+    names = opts.variants.split(",") if opts.variants != "all" else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)} (or all)")
-    for arch in args.archs.split(","):
-        cfg = config.check({**base, **overrides_from(args, device), "arch": arch, "deep_supervision": False})
+    for arch in opts.archs.split(","):
+        cfg = config.check({**base, **overrides_from(opts, device), "arch": arch, "deep_supervision": False})
         rt = runtime.build(device, cfg)
         tflop = train_flop_per_image(cfg) / 1e12
         for name in names:
-            reference = reference_rate(cfg, rt, args.steps)
+            reference = reference_rate(cfg, rt, opts.steps)
             step, batch = variant_step(cfg, rt, name)
-            rate, warm_s = timed_steps(step, rt, args.steps, batch)
+            rate, warm_s = timed_steps(step, rt, opts.steps, batch)
             yield {"case": f"variant-{arch}-{name}", "variant": VARIANTS[name], "device": device_name(rt),
                    "arch": arch, "batch_size": batch, "input": cfg["input_h"], "precision": rt.precision_name(),
                    "img_s": round(rate, 1), "reference_img_s": round(reference, 1),
@@ -220,21 +221,21 @@ def convolution_step(conv, shape, rt, input_grad):
     return step
 
 
-def limit_rows(base, device, args):
+def limit_rows(base, device, opts):
     """The machine's ceiling for the network's training step: every convolution timed alone (forward and backward,
     the config's precision and layout), and the images/s the network would reach if nothing but its convolutions
     took time, beside the toolkit's own step measured just before; with the square matmul's TFLOP/s."""
-    for arch in args.archs.split(","):
-        cfg = config.check({**base, **overrides_from(args, device), "arch": arch, "deep_supervision": False})
+    for arch in opts.archs.split(","):
+        cfg = config.check({**base, **overrides_from(opts, device), "arch": arch, "deep_supervision": False})
         rt = runtime.build(device, cfg)
-        pure = pure_rate(cfg, rt, args.steps)
+        pure = pure_rate(cfg, rt, opts.steps)
         layers = []
         for i, (name, conv, shape) in enumerate(network_convolutions(cfg, rt)):
-            rate = timed_steps(convolution_step(conv, shape, rt, input_grad=i > 0), rt, args.steps, shape[0])[0]
+            rate = timed_steps(convolution_step(conv, shape, rt, input_grad=i > 0), rt, opts.steps, shape[0])[0]
             layers.append((1 / rate, name, shape))
         per_image_s = sum(s for s, _, _ in layers)
         tflop = train_flop_per_image(cfg) / 1e12
-        matmul = matmul_tflop_s(rt, args.steps)
+        matmul = matmul_tflop_s(rt, opts.steps)
         slowest = sorted(layers, reverse=True)[:6]
         yield {"case": f"limit-{arch}-b{cfg['batch_size']}-{rt.precision_name()}-{cfg['input_h']}px",
                "device": device_name(rt), "arch": arch, "batch_size": cfg["batch_size"], "input": cfg["input_h"],
@@ -262,24 +263,24 @@ def mean_seconds(fn, rt, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
-def fixed_cost_rows(base, data, device, args):
+def fixed_cost_rows(base, data, device, opts):
     """What a training epoch costs besides the network's step, on a network that costs almost nothing
     (FIXED_COST_NETWORK): the loop of train.py (train, validate, schedule, log row, files) timed part by part over
-    `args.epochs` epochs after a warm-up epoch, and each per-batch cost of train_one_epoch timed alone (the loader's
+    `opts.epochs` epochs after a warm-up epoch, and each per-batch cost of train_one_epoch timed alone (the loader's
     batch, the step on a batch already on the device, the metrics update, the weight average's update). The files
     are written as train.py writes them, every --save_every seconds (the recipe's, or bench.py's flag): `files_s` is
     what the training thread spends on them, and a background write's competition for the cores (and Python's lock)
     shows in the next epoch's `train_s`."""
-    for arch in args.archs.split(","):
-        cfg = config.check({**base, **overrides_from(args, device), **FIXED_COST_NETWORK, "arch": arch,
+    for arch in opts.archs.split(","):
+        cfg = config.check({**base, **overrides_from(opts, device), **FIXED_COST_NETWORK, "arch": arch,
                             "deep_supervision": False})
         rt = runtime.build(device, cfg)
         train_data, val_data = split(data, cfg)
         train_loader, val_loader = make_loaders(cfg, train_data, val_data, rt)
         engine = Engine(cfg, rt)
         batches, b = len(train_loader), cfg["batch_size"]
-        parts = loop_parts(engine, (train_loader, val_loader), rt, cfg["save_every"], args.epochs)
-        per_batch = per_batch_seconds(engine, cfg, rt, train_loader, args.steps)
+        parts = loop_parts(engine, (train_loader, val_loader), rt, cfg["save_every"], opts.epochs)
+        per_batch = per_batch_seconds(engine, cfg, rt, train_loader, opts.steps)
         pure_epoch_s = per_batch["step"] * batches
         epoch_s = sum(parts.values())
         yield {"case": f"fixed-{arch}-w{cfg['base_channels']}-{cfg['input_h']}px-b{b}", "device": device_name(rt),
@@ -468,17 +469,17 @@ def scaled(data, copies, side):
     return SegmentationData(ids, images, masks)
 
 
-def scaling_rows(base, data, device, args):
+def scaling_rows(base, data, device, opts):
     """How an epoch's cost grows with the image count (x1, x4) and the pixels per image (96, 192, 384)."""
-    for arch in args.archs.split(","):
+    for arch in opts.archs.split(","):
         for copies, side in ((1, 96), (4, 96), (1, 192), (1, 384)):
             cfg = config.check({**base, "device": str(device), "arch": arch, "deep_supervision": False,
-                                "input_h": side, "input_w": side, "batch_size": args.batch_size or base["batch_size"]})
+                                "input_h": side, "input_w": side, "batch_size": opts.batch_size or base["batch_size"]})
             rt = runtime.build(device, cfg)
             if rt.cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             d = scaled(data, copies, side)
-            e2e = e2e_rate(cfg, rt, d, args.epochs)
+            e2e = e2e_rate(cfg, rt, d, opts.epochs)
             yield {"case": f"scaling-{arch}-x{copies}-{side}px", "device": device_name(rt), "arch": arch,
                    "images": len(d.ids), "train_images": e2e["train_images"], "input": side,
                    "batch_size": cfg["batch_size"], "loader": e2e["loader"], "e2e_img_s": round(e2e["e2e_img_s"], 1),
@@ -509,14 +510,14 @@ class Labelled:
             yield batch
 
 
-def profile_rows(base, data, device, args):
+def profile_rows(base, data, device, opts):
     """One training epoch under the torch profiler (after a warm-up epoch) per architecture: seconds and share of
     the epoch in each phase that engine.train_one_epoch labels, the unlabelled rest (the loop, tqdm, Python), the
     same epoch's rate unprofiled, the pure rate of the step beside it, and the operators with most self time."""
-    for arch in args.archs.split(","):
-        cfg = config.check({**base, **overrides_from(args, device), "arch": arch, "deep_supervision": False})
+    for arch in opts.archs.split(","):
+        cfg = config.check({**base, **overrides_from(opts, device), "arch": arch, "deep_supervision": False})
         rt = runtime.build(device, cfg)
-        pure = pure_rate(cfg, rt, args.steps)
+        pure = pure_rate(cfg, rt, opts.steps)
         train_data, val_data = split(data, cfg)
         train_loader, _ = make_loaders(cfg, train_data, val_data, rt)
         engine = Engine(cfg, rt)
@@ -563,14 +564,14 @@ def write_tiff16(data, out):
         tifffile.imwrite(os.path.join(out, "labels", i + ".tif"), labels)
 
 
-def decode_rows(data, args):
+def decode_rows(data, opts):
     """Seconds of the start-up check (scan + decode + every check, as train.py does it) of the PNG data set and of
     its 16-bit TIFF copy, best of 5 each, interleaved so that both see the same machine load."""
-    if args.keep_tiff and os.path.exists(args.keep_tiff) and os.listdir(args.keep_tiff):
-        raise UserError(f"--keep_tiff {args.keep_tiff} is not empty; pass a new folder (nothing in it is replaced)")
-    out = args.keep_tiff or tempfile.mkdtemp(prefix="tif16_")
+    if opts.keep_tiff and os.path.exists(opts.keep_tiff) and os.listdir(opts.keep_tiff):
+        raise UserError(f"--keep_tiff {opts.keep_tiff} is not empty; pass a new folder (nothing in it is replaced)")
+    out = opts.keep_tiff or tempfile.mkdtemp(prefix="tif16_")
     write_tiff16(data, out)
-    sets = {"png8": (args.data, ".png"), "tiff16_labels": (out, ".tif")}
+    sets = {"png8": (opts.data, ".png"), "tiff16_labels": (out, ".tif")}
     best = {name: float("inf") for name in sets}
     for _ in range(5):
         for name, (root, ext) in sets.items():
@@ -580,8 +581,8 @@ def decode_rows(data, args):
     yield {"case": "decode", "images": len(data.ids), "png8_s": round(best["png8"], 3),
            "tiff16_labels_s": round(best["tiff16_labels"], 3),
            "tiff_over_png": round(best["tiff16_labels"] / best["png8"], 2), "threads": os.cpu_count(),
-           "tiff_copy": out if args.keep_tiff else None}
-    if not args.keep_tiff:
+           "tiff_copy": out if opts.keep_tiff else None}
+    if not opts.keep_tiff:
         import shutil
         shutil.rmtree(out)
 
@@ -632,40 +633,73 @@ def parse_args(argv):
             p.error(f"--{flag} must be at least 1")
     if args.time_to_iou is not None and not 0 < args.time_to_iou <= 1:
         p.error("--time_to_iou is a validation IoU: between 0 and 1")
-    if args.amps and instead_of_rates(args):
-        p.error(f"--amps compares precisions in the rate rows; --{instead_of_rates(args)} measures one: pass --amp "
+    if args.quick:
+        args.epochs, args.steps = 1, 12       # --quick: one timed epoch, a few steps
+    opts = BenchOptions(**vars(args))
+    if opts.amps and instead_of_rates(opts):
+        p.error(f"--amps compares precisions in the rate rows; --{instead_of_rates(opts)} measures one: pass --amp "
                 "(e.g. --amp off)")
-    return args
+    return opts
 
 
-def instead_of_rates(args):
+@dataclass(frozen=True)
+class BenchOptions:
+    """bench.py's flags, as its functions take them (see parse_args for each one's meaning)."""
+    device: str = "auto"
+    data: str = DEFAULT_DATA
+    archs: str = "UNet,NestedUNet"
+    recipe: str = RECIPE
+    batch_size: int = None        # None: the recipe's (so too amp, loader, memory_format, cuda_graph, save_every)
+    amp: str = None
+    amps: str = None
+    loader: str = None
+    memory_format: str = None
+    compile: bool = False
+    cuda_graph: str = None
+    save_every: float = None
+    epochs: int = 3
+    steps: int = 30
+    quick: bool = False
+    time_to_iou: float = None
+    seeds: list = None
+    scaling: bool = False
+    decode: bool = False
+    variants: str = None
+    profile: bool = False
+    limits: bool = False
+    fixed_costs: bool = False
+    keep_tiff: str = None
+    images: int = None
+    out: str = None
+
+
+def instead_of_rates(opts):
     """The mode asked for instead of the rate rows (scaling, decode, variants, profile, limits, fixed_costs), or None."""
-    return next((m for m in ("scaling", "decode", "variants", "profile", "limits", "fixed_costs") if getattr(args, m)),
+    return next((m for m in ("scaling", "decode", "variants", "profile", "limits", "fixed_costs") if getattr(opts, m)),
                 None)
 
 
-def overrides_from(args, device):
+def overrides_from(opts, device):
     """The recipe settings that the command line changes."""
     overrides = {"device": str(device)}
     for key in ("batch_size", "amp", "loader", "memory_format", "cuda_graph", "save_every"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    if args.compile:
+        if getattr(opts, key) is not None:
+            overrides[key] = getattr(opts, key)
+    if opts.compile:
         overrides["compile"] = True
-    if args.quick:
-        overrides.update(input_h=64, input_w=64, batch_size=args.batch_size or 8)
-        args.epochs, args.steps = 1, 12
+    if opts.quick:
+        overrides.update(input_h=64, input_w=64, batch_size=opts.batch_size or 8)
     return overrides
 
 
-def case_row(cfg, rt, data, args):
+def case_row(cfg, rt, data, opts):
     """One JSON row: the pure and end-to-end rates of cfg's architecture (and, if asked, its time to an IoU)."""
     arch = cfg["arch"]
     if rt.cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
-    pure = pure_rate(cfg, rt, args.steps)
-    reference = reference_rate(cfg, rt, args.steps)
-    e2e = e2e_rate(cfg, rt, data, args.epochs, args.steps)
+    pure = pure_rate(cfg, rt, opts.steps)
+    reference = reference_rate(cfg, rt, opts.steps)
+    e2e = e2e_rate(cfg, rt, data, opts.epochs, opts.steps)
     tflop = train_flop_per_image(cfg) / 1e12
     row = {"case": f"{arch}-b{cfg['batch_size']}-{rt.precision_name()}{'-compile' if cfg['compile'] else ''}"
                    f"-{cfg['input_h']}px",
@@ -676,47 +710,47 @@ def case_row(cfg, rt, data, args):
            "e2e_over_adjacent_pure": round(e2e["e2e_over_adjacent_pure"], 3), "reference_img_s": round(reference, 1),
            "e2e_over_reference": round(e2e["e2e_img_s"] / reference, 3),
            "e2e_tflop_s": round(e2e["e2e_img_s"] * tflop, 3), "gflop_per_image": round(tflop * 1e3, 2),
-           "matmul_tflop_s": round(matmul_tflop_s(rt, args.steps), 1), "cuda_graph": cfg["cuda_graph"],
+           "matmul_tflop_s": round(matmul_tflop_s(rt, opts.steps), 1), "cuda_graph": cfg["cuda_graph"],
            "epoch_s": round(e2e["epoch_s"], 3),
            "files_s_per_epoch": round(e2e["files_s_per_epoch"], 4),
            "predict_img_s": round(predict_rate(cfg, rt, split(data, cfg)[1]), 1),
            "peak_mem_mb": round(peak_memory_mb(rt), 1), "torch": torch.__version__}
     extra = ["--arch", arch, "--amp", cfg["amp"], "--memory_format", cfg["memory_format"]]
-    extra += ["--input_h", "64", "--input_w", "64"] if args.quick else []
-    if args.time_to_iou is None or args.seeds is None:
-        row.update(timed_run(args.recipe, args.data, rt.device, extra, args.time_to_iou))
+    extra += ["--input_h", "64", "--input_w", "64"] if opts.quick else []
+    if opts.time_to_iou is None or opts.seeds is None:
+        row.update(timed_run(opts.recipe, opts.data, rt.device, extra, opts.time_to_iou))
     else:                                     # one timed training per seed, one after the other
-        runs = [{"seed": seed, **timed_run(args.recipe, args.data, rt.device, extra + ["--seed", str(seed)],
-                                           args.time_to_iou)} for seed in args.seeds]
-        row.update(startup_s=runs[0]["startup_s"], target_iou=args.time_to_iou, runs=runs)
+        runs = [{"seed": seed, **timed_run(opts.recipe, opts.data, rt.device, extra + ["--seed", str(seed)],
+                                           opts.time_to_iou)} for seed in opts.seeds]
+        row.update(startup_s=runs[0]["startup_s"], target_iou=opts.time_to_iou, runs=runs)
     return row
 
 
-def benchmark(args):
-    if args.seeds and args.time_to_iou is None:
+def benchmark(opts):
+    if opts.seeds and opts.time_to_iou is None:
         raise UserError("--seeds times one training per seed to --time_to_iou: pass --time_to_iou too (e.g. 0.80)")
-    device = resolve_device(args.device)
-    base = config.load_run_config(args.recipe)
-    data = SegmentationData.decode(scan(args.data, ".png", ".png", 1), 3, None, args.data)
+    device = resolve_device(opts.device)
+    base = config.load_run_config(opts.recipe)
+    data = SegmentationData.decode(scan(opts.data, ".png", ".png", 1), 3, None, opts.data)
     base["normalize"] = resolve_mode(base["normalize"], data.dtypes)
-    overrides = overrides_from(args, device)
-    if args.images:
-        data = data.subset(data.ids[:args.images])
-    if args.quick:
+    overrides = overrides_from(opts, device)
+    if opts.images:
+        data = data.subset(data.ids[:opts.images])
+    if opts.quick:
         data = data.subset(data.ids[:64])
-    if instead_of_rates(args):
-        rows = (scaling_rows(base, data, device, args) if args.scaling else
-                profile_rows(base, data, device, args) if args.profile else
-                variant_rows(base, device, args) if args.variants else
-                limit_rows(base, device, args) if args.limits else
-                fixed_cost_rows(base, data, device, args) if args.fixed_costs else decode_rows(data, args))
+    if instead_of_rates(opts):
+        rows = (scaling_rows(base, data, device, opts) if opts.scaling else
+                profile_rows(base, data, device, opts) if opts.profile else
+                variant_rows(base, device, opts) if opts.variants else
+                limit_rows(base, device, opts) if opts.limits else
+                fixed_cost_rows(base, data, device, opts) if opts.fixed_costs else decode_rows(data, opts))
         for row in rows:
-            emit(row, args.out)
+            emit(row, opts.out)
         return
-    for arch in args.archs.split(","):
-        for amp in args.amps.split(",") if args.amps else [overrides.get("amp", base["amp"])]:
+    for arch in opts.archs.split(","):
+        for amp in opts.amps.split(",") if opts.amps else [overrides.get("amp", base["amp"])]:
             cfg = config.check({**base, **overrides, "amp": amp, "arch": arch, "deep_supervision": False})
-            emit(case_row(cfg, runtime.build(device, cfg), data, args), args.out)
+            emit(case_row(cfg, runtime.build(device, cfg), data, opts), opts.out)
 
 
 def main(argv=None):

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,8 +60,21 @@ def parse_args(argv):
     p.add_argument("--speed", action="store_true", help="also measure prediction images/s of PyTorch (the run's "
                    "precision and layout), TorchScript and ONNX Runtime side by side, batches of 16 at the input size")
     args = p.parse_args(argv)
-    args.runs_dir = config.runs_dir(args.runs_dir)
-    return args
+    return Request(name=args.name, runs_dir=config.runs_dir(args.runs_dir), output=args.output,
+                   authors=tuple(args.author or ()), license=args.license, description=args.description,
+                   speed=args.speed)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What export.py is asked to do, from its flags."""
+    name: str                     # the run
+    runs_dir: str
+    output: str = None            # None: <runs_dir>/<name>/export
+    authors: tuple = ()           # the package's authors (none given: this account's user name)
+    license: str = "CC-BY-4.0"    # an SPDX identifier
+    description: str = None       # None: the architecture and data set
+    speed: bool = False           # also time PyTorch, TorchScript and ONNX Runtime
 
 
 def test_image(member, run_dir):
@@ -226,42 +240,42 @@ def check_output(out, default, run_dir):
                         "replaced. Pass --output to a new or empty folder")
 
 
-def package_info(args, cfg):
+def package_info(req, cfg):
     """The BioImage.IO package's name, description, authors and licence, from the flags or the run."""
     import getpass
-    authors = tuple(args.author or [getpass.getuser() or "unknown"])
-    description = args.description or (f"{cfg['arch']} segmentation of {cfg['num_classes']} class(es), trained on "
+    authors = req.authors or (getpass.getuser() or "unknown",)
+    description = req.description or (f"{cfg['arch']} segmentation of {cfg['num_classes']} class(es), trained on "
                                        f"the {cfg['dataset']} data set with unet-toolkit")
-    name = bioimageio_package.package_name(args.name, cfg["arch"])
+    name = bioimageio_package.package_name(req.name, cfg["arch"])
     return bioimageio_package.PackageInfo(name, description[:bioimageio_package.TEXT_LIMITS["description"]], authors,
-                                          args.license)
+                                          req.license)
 
 
-def check_package_flags(args):
+def check_package_flags(req):
     """The package's flags, checked before anything is built or written (they were refused only after TorchScript
     and ONNX had been written, with a 10 KB report)."""
-    if not bioimageio_package.known_license(args.license):
-        raise UserError(f"--license {args.license!r} is not an SPDX licence identifier that BioImage.IO accepts; "
+    if not bioimageio_package.known_license(req.license):
+        raise UserError(f"--license {req.license!r} is not an SPDX licence identifier that BioImage.IO accepts; "
                         "use e.g. CC-BY-4.0 (the default), MIT, Apache-2.0 or BSD-3-Clause (spdx.org/licenses)")
     limit = bioimageio_package.TEXT_LIMITS["description"]
-    if args.description is not None and not 0 < len(args.description.strip()) <= limit:
-        raise UserError(f"--description is {len(args.description)} characters; give one sentence of at most {limit} "
+    if req.description is not None and not 0 < len(req.description.strip()) <= limit:
+        raise UserError(f"--description is {len(req.description)} characters; give one sentence of at most {limit} "
                         "(BioImage.IO's limit)")
-    for author in args.author or ():
+    for author in req.authors:
         if not 0 < len(author.strip()) <= bioimageio_package.TEXT_LIMITS["name"]:
             raise UserError(f"--author {author[:40]!r}: give a name of 1 to "
                             f"{bioimageio_package.TEXT_LIMITS['name']} characters")
 
 
-def export(args):
-    check_package_flags(args)
-    run_dir = os.path.join(args.runs_dir, args.name)
+def export(req):
+    check_package_flags(req)
+    run_dir = os.path.join(req.runs_dir, req.name)
     if os.path.isdir(run_dir) and rundir.in_use(run_dir):
         raise UserError(f"{run_dir} is being trained right now; export it when the training has finished (its "
                         "model.pth may still change)")
-    member = TrainedRun.load(args.name, "cpu", args.runs_dir)
+    member = TrainedRun.load(req.name, "cpu", req.runs_dir)
     predictor = member.predictor.float().eval()
-    out = args.output or os.path.join(run_dir, "export")
+    out = req.output or os.path.join(run_dir, "export")
     check_output(out, os.path.join(run_dir, "export"), run_dir)
     try:
         os.makedirs(out, exist_ok=True)
@@ -282,7 +296,7 @@ def export(args):
     onnx = export_onnx(predictor, x, expected, os.path.join(out, "model.onnx"))
     print(f"ONNX: {out}/model.onnx (max difference {onnx:.1e})", flush=True)
     package, diff = bioimageio_package.write(predictor, x, expected, os.path.join(out, "bioimageio"),
-                                             package_info(args, member.cfg))
+                                             package_info(req, member.cfg))
     try:
         status = bioimageio_package.validate(package)
     except bioimageio_package.PackageInvalid:
@@ -290,9 +304,9 @@ def export(args):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         raise
     print(f"BioImage.IO package: {package} (max difference {diff:.1e}; bioimageio.spec: {status})", flush=True)
-    atomic_write(os.path.join(out, "README.md"), lambda f: f.write(usage(args.name, predictor.description)))
+    atomic_write(os.path.join(out, "README.md"), lambda f: f.write(usage(req.name, predictor.description)))
     print(f"how to use them: {out}/README.md")
-    if args.speed:
+    if req.speed:
         print(speed(member, out, x))
 
 

@@ -19,6 +19,7 @@ if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (s
 import argparse
 import os
 import warnings
+from dataclasses import dataclass
 
 import advice
 import config
@@ -91,21 +92,29 @@ def parse_args(argv):
                      "blue), class colours and names in a legend; with --instances each object outlined")
     args = p.parse_args(argv)
     check_args(p, args)
-    args.runs_dir = config.runs_dir(args.runs_dir)
-    return args
+    return Request(
+        names=tuple(args.name), runs_dir=config.runs_dir(args.runs_dir), device=args.device, data=args.data,
+        images=args.images, img_ext=args.img_ext, mask_ext=args.mask_ext, output=args.output,
+        predict=PredictOptions(batch_size=args.batch_size, tta=args.tta, tile=args.tile, overlap=args.overlap,
+                               threshold=args.threshold, border_threshold=args.border_threshold,
+                               instances=args.instances, min_size=args.min_size),
+        write=OutputOptions(output_format=args.output_format, save_probs=args.save_probs, overlay=args.overlay,
+                            panels=args.panels, instances=bool(args.instances)))
 
 
-def predict_options(args):
-    """val.py's prediction flags as the prediction library's options."""
-    return PredictOptions(batch_size=args.batch_size, tta=args.tta, tile=args.tile, overlap=args.overlap,
-                          threshold=args.threshold, border_threshold=args.border_threshold, instances=args.instances,
-                          min_size=args.min_size)
-
-
-def output_options(args):
-    """val.py's output flags as outputs.py's options."""
-    return OutputOptions(output_format=args.output_format, save_probs=args.save_probs, overlay=args.overlay,
-                         panels=args.panels, instances=bool(args.instances))
+@dataclass(frozen=True)
+class Request:
+    """What val.py is asked to do, from its flags: which runs, which images, where the files go and how."""
+    names: tuple                  # the runs (several: an ensemble)
+    runs_dir: str
+    device: str
+    data: str = None              # a labelled folder to score
+    images: str = None            # a folder of unlabelled images
+    img_ext: str = None           # None: the run's
+    mask_ext: str = None
+    output: str = None            # None: outputs/<name>/...
+    predict: PredictOptions = PredictOptions()
+    write: OutputOptions = OutputOptions()
 
 
 def check_args(p, args):
@@ -193,35 +202,35 @@ def report(scores, ids, out_dir, cfg, objects=None, by_tiles=False):
               f"{net_iou:.4f}")
 
 
-def unlabelled(args, cfg):
+def unlabelled(req, cfg):
     """--images: every file with the image extension, and a note on the files skipped for another extension."""
-    ext = args.img_ext or cfg["img_ext"]
-    files = find_ids(args.images, ext)
+    ext = req.img_ext or cfg["img_ext"]
+    files = find_ids(req.images, ext)
     taken = set(files.values())
-    others = sorted(f for f in os.listdir(args.images) if f not in taken and not f.startswith(".")
-                    and os.path.isfile(os.path.join(args.images, f)))
+    others = sorted(f for f in os.listdir(req.images) if f not in taken and not f.startswith(".")
+                    and os.path.isfile(os.path.join(req.images, f)))
     if others:
         exts = sorted({os.path.splitext(f)[1] or "(none)" for f in others})
-        print(f"note: skipped {len(others)} file(s) in {args.images} that do not end in {ext} ({', '.join(exts)}); "
+        print(f"note: skipped {len(others)} file(s) in {req.images} that do not end in {ext} ({', '.join(exts)}); "
               f"pass --img_ext {exts[0]} to predict those instead")
-    samples = [Sample(os.path.join(args.images, f)) for f in files.values()]
+    samples = [Sample(os.path.join(req.images, f)) for f in files.values()]
     return SegmentationData(list(files), [read_image(s.image, cfg["input_channels"]) for s in samples], None, samples)
 
 
-def load_data(args, members):
+def load_data(req, members):
     """The images to predict -> (SegmentationData, default output folder)."""
     cfg = members[0].cfg
     label = "+".join(m.name for m in members)
-    if args.images:
-        return unlabelled(args, cfg), os.path.join(OUTPUTS_DIR, label, "predictions")
-    if args.data:
-        folder = os.path.normpath(args.data)
+    if req.images:
+        return unlabelled(req, cfg), os.path.join(OUTPUTS_DIR, label, "predictions")
+    if req.data:
+        folder = os.path.normpath(req.data)
         targets = Targets.of(cfg)
-        scanned = scan(folder, args.img_ext or cfg["img_ext"], args.mask_ext or cfg["mask_ext"], cfg["num_classes"],
+        scanned = scan(folder, req.img_ext or cfg["img_ext"], req.mask_ext or cfg["mask_ext"], cfg["num_classes"],
                        objects=targets.objects)
         data = SegmentationData.decode(scanned, cfg["input_channels"], None, folder, targets=targets)
         return data, os.path.join(OUTPUTS_DIR, label, "on_" + os.path.basename(folder))
-    recorded = [rundir.read_split(os.path.join(args.runs_dir, m.name)) for m in members]
+    recorded = [rundir.read_split(os.path.join(req.runs_dir, m.name)) for m in members]
     data, note = load_validation(cfg, recorded)
     if note:
         print(f"note: {note}")
@@ -232,10 +241,10 @@ def load_data(args, members):
     return data, os.path.join(OUTPUTS_DIR, label)
 
 
-def shrink_note(data, members, args):
+def shrink_note(data, members, options):
     """A note when images much larger than the network input are shrunk to it and --tile would keep the detail."""
     cfg = members[0].cfg
-    if args.tile or cfg["crop"]:
+    if options.tile or cfg["crop"]:
         return
     sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
     large = [s for s in sizes if advice.shrunk_enough_to_warn(s, cfg)]
@@ -255,34 +264,35 @@ def depth_note(data, members):
               "on such images (normalize auto or percentile) will predict them better")
 
 
-def evaluate(args):
-    members = [TrainedRun.load(name, args.device, args.runs_dir) for name in args.name]
+def evaluate(req):
+    members = [TrainedRun.load(name, req.device, req.runs_dir) for name in req.names]
     check_ensemble(members)
     cfg = members[0].cfg
-    if args.instances and cfg["target"] != "objects" and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
+    if req.predict.instances and cfg["target"] != "objects" and (cfg["num_classes"] > 1 or cfg["class_mode"] == "softmax"):
         raise UserError(f"--instances splits one class's mask into objects; the run {members[0].name} predicts "
                         f"{cfg['num_classes']} classes ({cfg['class_mode']}). Use it with a one-class run.")
+    # a data problem met here, or while an image is read again during prediction, is worded with val.py's flags
     with worded(lambda error: data_fix(error, cfg, members[0].name)):
-        data, default_out = load_data(args, members)
-    if args.images or args.data:
-        shrink_note(data, members, args)
-        depth_note(data, members)
-    out_dir, opts = args.output or default_out, output_options(args)
-    with OutputFolder(out_dir, protected_folders(args, members), subfolders(cfg["num_classes"], opts)) as out:
-        try:
-            out.record(files(data.ids, cfg["num_classes"], opts))
-            predict_into(out_dir, members, data, predict_options(args), opts)
-        except OSError as e:            # a full disk or a read-only folder, met by a writer thread or the reports
-            raise out.unwritable(e) from None
+        data, default_out = load_data(req, members)
+        if req.images or req.data:
+            shrink_note(data, members, req.predict)
+            depth_note(data, members)
+        out_dir, opts = req.output or default_out, req.write
+        with OutputFolder(out_dir, protected_folders(req, members), subfolders(cfg["num_classes"], opts)) as out:
+            try:
+                out.record(files(data.ids, cfg["num_classes"], opts))
+                predict_into(out_dir, members, data, req.predict, opts)
+            except OSError as e:        # a full disk or a read-only folder, met by a writer thread or the reports
+                raise out.unwritable(e) from None
 
 
-def protected_folders(args, members):
+def protected_folders(req, members):
     """[(folder, what it is)] that val.py must not write into: the data it reads, the runs' data sets, the runs."""
-    found = [(args.data, "the labelled folder --data names")] if args.data else []
-    found += [(args.images, "the folder --images names")] if args.images else []
+    found = [(req.data, "the labelled folder --data names")] if req.data else []
+    found += [(req.images, "the folder --images names")] if req.images else []
     found += [(os.path.join(m.cfg["data_dir"], m.cfg["dataset"]), f"the data set run {m.name} trained on")
               for m in members]
-    return found + run_folders(args.runs_dir)
+    return found + run_folders(req.runs_dir)
 
 
 def compare_with_trivial(meter, data, cfg):
