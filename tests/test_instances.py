@@ -165,6 +165,7 @@ def test_data_set_reads_its_instances_folder_or_falls_back_to_components(tmp_pat
     assert SegmentationData.from_folder(str(root), ".png", ".png", 1, 3).instances(0).max() == 1   # one blob
 
 
+@pytest.mark.e2e
 def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, capsys):
     nuclei_set(tmp_path / "inputs" / "nuclei")
     argv = ["--dataset", "nuclei", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
@@ -187,6 +188,7 @@ def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, ca
     assert code == 2 and "--min_size must be at least 1" in err
 
 
+@pytest.mark.e2e
 def test_instances_need_a_one_class_run(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs", "two", num_classes=2)
     argv = ["--dataset", "two", "--num_classes", "2", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32",
@@ -214,6 +216,7 @@ def test_each_object_is_measured_in_pixels_and_the_images_own_units():
     assert measure(np.zeros((5, 5), np.int64), np.zeros((5, 5, 1))) == []
 
 
+@pytest.mark.e2e
 def test_target_objects_trains_objects_and_borders_and_val_seeds_objects_from_the_bodies(tmp_path, monkeypatch,
                                                                                         capsys):
     nuclei_set(tmp_path / "inputs" / "nuclei")

@@ -174,6 +174,7 @@ def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_pat
     assert 0 < s.brightness[0] <= s.brightness[1] < 1                  # mean intensities, as fractions of 255
 
 
+@pytest.mark.e2e
 def test_train_plan_auto_prints_the_plan_and_saves_it_as_ordinary_keys(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs", "cells", n=12, size=48, channels=1)
     argv = ["--dataset", "cells", "--plan", "auto", "--epochs", "1", "--base_channels", "8", "--num_workers", "0",
