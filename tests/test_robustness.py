@@ -320,10 +320,14 @@ def test_between_interval_writes_an_interrupt_saves_the_last_finished_epoch(work
 
 
 @pytest.mark.e2e
-def test_resume_with_more_epochs(workdir, monkeypatch, capsys):
-    code, _, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
+def test_resuming_a_finished_run_for_longer_stretches_the_cosine(workdir, monkeypatch, capsys):
+    code, out, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
     assert code == 0, err
-    assert [row["epoch"] for row in read_log(workdir / "models" / "old" / "log.csv")] == ["1", "2", "3"]
+    assert "(epochs 1 -> 3)" in out                                 # what changed is said
+    log = read_log(workdir / "models" / "old" / "log.csv")
+    assert [row["epoch"] for row in log] == ["1", "2", "3"]
+    lrs = [float(row["lr"]) for row in log]
+    assert lrs[1] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75, rel=1e-4)   # not stuck at min_lr
     assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["epochs"] == 3
 
 
@@ -497,16 +501,6 @@ def test_a_full_disk_before_the_first_epoch_advises_a_command_that_works(workdir
     code, _, err = run_main(train.main, FAST + ["--name", "early"] + ([advice[1]] if advice[1] else []),
                             workdir, monkeypatch, capsys)
     assert code == 0, err
-
-
-@pytest.mark.e2e
-def test_resuming_a_finished_run_for_longer_stretches_the_cosine(workdir, monkeypatch, capsys):
-    code, out, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
-    assert code == 0, err
-    assert "(epochs 1 -> 3)" in out                                 # what changed is said
-    lrs = [float(row["lr"]) for row in read_log(workdir / "models" / "old" / "log.csv")]
-    assert lrs[1] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75, rel=1e-4)   # not stuck at min_lr
-    assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["epochs"] == 3
 
 
 @pytest.mark.e2e
