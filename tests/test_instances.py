@@ -211,7 +211,10 @@ def test_each_object_is_measured_in_pixels_and_the_images_own_units():
     assert (disc["object"], bar["object"]) == (1, 2)
     assert disc["area"] == (labels == 1).sum() and (disc["centroid_y"], disc["centroid_x"]) == (20.0, 12.0)
     assert (bar["bbox_top"], bar["bbox_left"], bar["bbox_bottom"], bar["bbox_right"], bar["area"]) == (30, 25, 34, 45, 80)
-    assert disc["eccentricity"] < 0.2 < 0.9 < bar["eccentricity"] < 1
+    # the ellipse of the same second moments: a circle for the disc; for the bar, variances (20² - 1) / 12 along it
+    # and (4² - 1) / 12 across, so sqrt(1 - 1.25 / 33.25)
+    assert disc["eccentricity"] == pytest.approx(0, abs=1e-3) and bar["eccentricity"] == pytest.approx(
+        (1 - 1.25 / 33.25) ** 0.5, abs=1e-3)
     assert (disc["mean_intensity_0"], disc["mean_intensity_1"], bar["mean_intensity_0"]) == (1000, 10, 3000)
     assert measure(np.zeros((5, 5), np.int64), np.zeros((5, 5, 1))) == []
 
