@@ -16,18 +16,18 @@ DSB = os.path.join(ROOT, "..", "shared", "datasets", "dsb2018_96")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first, longest first (@pytest.mark.slow(seconds=N): about how long, on 2 cores): spread over
-    the workers from the start instead of one finishing alone at the end."""
+    """The slow tests first, longest first (@pytest.mark.slow(seconds=N): about how long, on 2 cores), then the other
+    end-to-end ones: spread over the workers from the start instead of one finishing alone at the end."""
     def order(item):
         slow = item.get_closest_marker("slow")
-        return (slow is None, -(slow.kwargs.get("seconds", 15) if slow else 0))
+        return (slow is None, item.get_closest_marker("e2e") is None, -(slow.kwargs.get("seconds", 15) if slow else 0))
     items.sort(key=order)
 
 
 def pytest_configure(config):
-    """The 'slow' marker (`pytest -m "not slow"` leaves those out for a quick loop). Under pytest-xdist (make test runs one worker per core), each worker and the scripts it starts compute on
-    one thread: two workers of two threads each on two cores were slower than one thread each."""
-    config.addinivalue_line("markers", "slow: a test of 15 s or more (real data, signals to processes, torchrun)")
+    """The markers 'e2e' and 'slow' are declared in pytest.ini (`pytest -m "not e2e"` is the quick loop). Under
+    pytest-xdist (make test runs one worker per core), each worker and the scripts it starts compute on one thread:
+    two workers of two threads each on two cores were slower than one thread each."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch

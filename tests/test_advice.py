@@ -63,6 +63,7 @@ def test_beats_warns_below_the_margin_only():
     assert advice.beats(0.86, t) == ""
 
 
+@pytest.mark.e2e
 def test_train_and_val_warn_when_the_model_does_not_beat_foreground_everywhere(tmp_path, monkeypatch, capsys):
     """Masks that cover most of each image: an untrained-looking run (lr 1e-9) scores about 'foreground
     everywhere', and both scripts say so."""

@@ -1,6 +1,7 @@
 """compare.py: one table of several runs, and their curves in one plot (runs trained here, in this process)."""
 import os
 
+import pytest
 import yaml
 
 import compare
@@ -12,6 +13,7 @@ FAST = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "-b", "4"
         "--optimizer", "Adam"]
 
 
+@pytest.mark.e2e
 def test_a_table_of_runs_with_the_settings_that_differ_and_one_plot(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs")
     for name, extra in (("short", ["--epochs", "1"]), ("longer", ["--epochs", "2", "--lr", "3e-4"])):
@@ -77,6 +79,7 @@ def broken_runs(tmp_path, monkeypatch, capsys):
     return breakers
 
 
+@pytest.mark.e2e
 def test_broken_runs_are_named_in_the_table_and_the_others_shown(tmp_path, monkeypatch, capsys):
     broken_runs(tmp_path, monkeypatch, capsys)
     code, out, err = run_main(compare.main, [], tmp_path, monkeypatch, capsys)
@@ -91,6 +94,7 @@ def test_broken_runs_are_named_in_the_table_and_the_others_shown(tmp_path, monke
         assert any(line.startswith(f"{name}: ") and says in line for line in lines[8:]), (name, out)
 
 
+@pytest.mark.e2e
 def test_plot_into_a_missing_folder_and_all_runs_broken(tmp_path, monkeypatch, capsys):
     broken_runs(tmp_path, monkeypatch, capsys)
     code, _, err = run_main(compare.main, ["--plot", "nowhere/runs.png"], tmp_path, monkeypatch, capsys)

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): the same run as one process, resumable, and shards that cover the data."""
+"""torchrun with 2 CPU processes (gloo): the same run as one process, resumable, and shards that cover the data;
+and distributed.py in one process, as every run without torchrun uses it."""
 import csv
 import os
 import re
@@ -8,7 +9,11 @@ import sys
 import time
 
 import pytest
+import torch
 
+import config
+import distributed
+import runtime
 from conftest import ROOT, make_data
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -23,6 +28,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow(seconds=35)
 def test_two_processes_interrupted_and_resumed_make_one_runs_files_and_val_py_agrees(tmp_path):
     """Two processes: Ctrl-C after an epoch, --resume to the end; then the files are one run's, and val.py in one
@@ -56,6 +62,7 @@ def test_two_processes_interrupted_and_resumed_make_one_runs_files_and_val_py_ag
     assert abs(single - best) < 1e-4        # logged (sum over 2 shards) == one process on model.pth
 
 
+@pytest.mark.e2e
 def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
     make_data(tmp_path / "inputs", n=20)
     r = subprocess.run(TORCHRUN + FAST + ["--epochs", "1", "--sync_bn"], cwd=tmp_path, env=ENV,
@@ -64,6 +71,7 @@ def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.e2e
 def test_a_dying_process_ends_the_job_with_a_message(tmp_path):
     make_data(tmp_path / "inputs", n=20)
     proc = subprocess.Popen(TORCHRUN + FAST + ["--epochs", "10000", "--name", "ddp"], cwd=tmp_path, env=ENV,
@@ -91,3 +99,16 @@ def is_rank(pid, rank, cwd):
         return f"RANK={rank}".encode() in env and os.readlink(f"/proc/{pid}/cwd") == cwd
     except OSError:
         return False
+
+
+def test_without_torchrun_one_process_joins_no_group_and_nothing_is_wrapped_or_summed(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup("cpu") == (0, 1, torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    rt = runtime.build(torch.device("cpu"), {**config.DEFAULTS, "device": "cpu"})
+    model = torch.nn.Linear(2, 1)
+    assert distributed.wrap(model, rt) is model                           # no DistributedDataParallel around it
+    total = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(total, rt) is total and total.tolist() == [1.0, 2.0]
+    distributed.cleanup(rt)                                               # nothing to end: no error

@@ -73,11 +73,43 @@ def test_an_epoch_trains_and_validates(tmp_path, memory_format, amp):
         assert engine.model.conv0_0.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     train_loader, val_loader = tiny_loaders(tmp_path, cfg, rt)
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    trained, real_step = [], engine.train_step
+
+    def recording_step(images, masks):                  # each training batch's loss and logits, as the epoch saw them
+        loss, logits = real_step(images, masks)
+        trained.append((loss, logits, masks))
+        return loss, logits
+
+    engine.train_step = recording_step
     stats = engine.train_one_epoch(train_loader, 1)
     stats.update(engine.validate(val_loader))
     assert set(stats) == {"loss", "iou", "val_loss", "val_iou", "val_dice"}
-    assert all(0 <= stats[k] <= 1 for k in ("iou", "val_iou", "val_dice")) and stats["loss"] > 0
     assert any(not torch.equal(before[k], v) for k, v in engine.model.state_dict().items())
+    validated = []
+    with torch.no_grad():
+        for images, masks, _ in val_loader:
+            images, masks = rt.place_batch(images, masks)
+            with rt.autocast():
+                logits = engine.eval_net(images)
+            validated.append((engine.criterion(logits, masks), logits, masks))
+    # the figures computed here from the same batches: pixels counted over the whole split, losses weighed by images
+    assert (stats["loss"], stats["iou"]) == (pytest.approx(mean_loss(trained), rel=1e-5),
+                                             pytest.approx(iou_dice(trained)[0], abs=1e-5))
+    assert (stats["val_loss"], stats["val_iou"], stats["val_dice"]) == (
+        pytest.approx(mean_loss(validated), rel=1e-4), *(pytest.approx(v, abs=1e-5) for v in iou_dice(validated)))
+
+
+def mean_loss(batches):
+    """The mean loss per image of batches (loss, logits, masks)."""
+    return sum(loss.item() * len(masks) for loss, _, masks in batches) / sum(len(masks) for *_, masks in batches)
+
+
+def iou_dice(batches):
+    """Data-set IoU and Dice of one-class batches (loss, logits, masks): a pixel is predicted where its logit is > 0."""
+    pred = torch.cat([logits.float() > 0 for _, logits, _ in batches])
+    true = torch.cat([masks > 0.5 for *_, masks in batches])
+    inter, total = (pred & true).sum().item(), pred.sum().item() + true.sum().item()
+    return inter / (total - inter), 2 * inter / total
 
 
 def test_end_epoch_tracks_best_and_stale_epochs():

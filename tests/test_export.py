@@ -41,6 +41,7 @@ def runs(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["softmax", "micro"])
 def test_export_writes_checked_torchscript_and_onnx_that_match_pytorch(runs, name, monkeypatch, capsys):
@@ -104,6 +105,7 @@ def check_package(zip_path, name):
     return rdf
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_bioimageio_core_reproduces_the_test_output_with_every_weight_format(runs, monkeypatch, capsys):
     """bioimageio.core's own model test (what the model zoo runs): it applies rdf.yaml's preprocessing itself, so
@@ -121,6 +123,7 @@ def test_bioimageio_core_reproduces_the_test_output_with_every_weight_format(run
                                                                                     "pytorch_state_dict"))
 
 
+@pytest.mark.e2e
 def test_a_package_bioimageio_spec_rejects_is_one_clear_error(runs, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -138,6 +141,7 @@ def test_a_package_bioimageio_spec_rejects_is_one_clear_error(runs, tmp_path, mo
         bioimageio_package.validate(str(tmp_path / "pkg" / "rdf.yaml"))
 
 
+@pytest.mark.e2e
 def test_bad_exports_get_one_clear_message(runs, monkeypatch, capsys, tmp_path):
     code, _, err = run_main(export.main, ["--name", "nothing"], runs, monkeypatch, capsys)
     assert code == 2 and "there is no run models/nothing" in err and "Traceback" not in err
@@ -176,13 +180,16 @@ def test_package_texts_fit_bioimageio_limits_for_every_run():
     (["--description", "x" * 120_000], "--description is 120000 characters"),
     (["--author", ""], "--author '': give a name of 1 to 128 characters"),
 ])
-def test_export_flags_are_checked_before_anything_is_written(runs, flags, says, monkeypatch, capsys, tmp_path):
+def test_export_flags_are_checked_before_anything_is_written(flags, says, monkeypatch, capsys, tmp_path):
+    """Before the run is even read: here there is none, so a flag checked later would meet 'there is no run'."""
+    runs = tmp_path
     out = tmp_path / "never"
     code, _, err = run_main(export.main, ["--name", "micro", "--output", str(out), *flags], runs, monkeypatch, capsys)
     assert code == 2 and says in err and "Traceback" not in err and len(err) < 1000
     assert not out.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_an_invalid_package_is_a_fault_of_the_toolkit_and_is_not_left(runs, monkeypatch, capsys, tmp_path):
     import bioimageio_package
@@ -196,6 +203,7 @@ def test_an_invalid_package_is_a_fault_of_the_toolkit_and_is_not_left(runs, monk
     assert not (out / "bioimageio.zip").exists() and not (out / "bioimageio").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("output, says", [
     ("inputs/three", "which holds a data set"), ("inputs/three/images", "which holds a data set"),
     ("models", "the runs folder"), ("models/softmax", "which holds a run folder"),
@@ -210,6 +218,7 @@ def test_export_never_writes_into_a_data_set_a_run_or_the_runs_folder(runs, outp
     assert (sorted(os.walk(runs / output)) if (runs / output).exists() else None) == before
 
 
+@pytest.mark.e2e
 def test_an_export_of_another_run_is_not_replaced(runs, monkeypatch, capsys, tmp_path):
     theirs = tmp_path / "exports"
     theirs.mkdir()

@@ -166,6 +166,7 @@ def test_data_set_reads_its_instances_folder_or_falls_back_to_components(tmp_pat
     assert SegmentationData.from_folder(str(root), ".png", ".png", 1, 3).instances(0).max() == 1   # one blob
 
 
+@pytest.mark.e2e
 def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, capsys):
     nuclei_set(tmp_path / "inputs" / "nuclei")
     argv = ["--dataset", "nuclei", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32", "--input_h", "32",
@@ -188,6 +189,7 @@ def test_val_instances_writes_labels_counts_and_scores(tmp_path, monkeypatch, ca
     assert code == 2 and "--min_size must be at least 1" in err
 
 
+@pytest.mark.e2e
 def test_instances_need_a_one_class_run(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs", "two", num_classes=2)
     argv = ["--dataset", "two", "--num_classes", "2", "--arch", "UNet", "--base_channels", "8", "--epochs", "1", "-b", "4", "--input_w", "32",
@@ -210,11 +212,15 @@ def test_each_object_is_measured_in_pixels_and_the_images_own_units():
     assert (disc["object"], bar["object"]) == (1, 2)
     assert disc["area"] == (labels == 1).sum() and (disc["centroid_y"], disc["centroid_x"]) == (20.0, 12.0)
     assert (bar["bbox_top"], bar["bbox_left"], bar["bbox_bottom"], bar["bbox_right"], bar["area"]) == (30, 25, 34, 45, 80)
-    assert disc["eccentricity"] < 0.2 < 0.9 < bar["eccentricity"] < 1
+    # the ellipse of the same second moments: a circle for the disc; for the bar, variances (20² - 1) / 12 along it
+    # and (4² - 1) / 12 across, so sqrt(1 - 1.25 / 33.25)
+    assert disc["eccentricity"] == pytest.approx(0, abs=1e-3) and bar["eccentricity"] == pytest.approx(
+        (1 - 1.25 / 33.25) ** 0.5, abs=1e-3)
     assert (disc["mean_intensity_0"], disc["mean_intensity_1"], bar["mean_intensity_0"]) == (1000, 10, 3000)
     assert measure(np.zeros((5, 5), np.int64), np.zeros((5, 5, 1))) == []
 
 
+@pytest.mark.e2e
 def test_target_objects_trains_objects_and_borders_and_val_seeds_objects_from_the_bodies(tmp_path, monkeypatch,
                                                                                         capsys):
     nuclei_set(tmp_path / "inputs" / "nuclei")

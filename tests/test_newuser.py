@@ -64,6 +64,13 @@ def work(template, tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def data_only(tmp_path):
+    """The template's inputs/tiny without its runs: for the messages given before anything trains."""
+    make_data(tmp_path / "inputs", size=40, n=12)
+    return tmp_path
+
+
 def write_images(folder, n, ext=".png", size=32, channels=3):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -100,6 +107,7 @@ VAL_MISTAKES = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, setup, argv, expected", VAL_MISTAKES, ids=[c[0] for c in VAL_MISTAKES])
 def test_val_messages_name_only_flags_val_has(work, monkeypatch, capsys, case, setup, argv, expected):
     setup(work)
@@ -108,7 +116,8 @@ def test_val_messages_name_only_flags_val_has(work, monkeypatch, capsys, case, s
     assert named_flags(err) <= VAL_FLAGS, f"{err} names {named_flags(err) - VAL_FLAGS}"
 
 
-def test_train_messages_name_the_right_flag_and_where_the_value_came_from(work, monkeypatch, capsys):
+def test_train_messages_name_the_right_flag_and_where_the_value_came_from(data_only, monkeypatch, capsys):
+    work = data_only
     data = work / "inputs" / "tifs"
     shutil.copytree(work / "inputs" / "tiny", data)
     for folder in (data / "images", data / "masks" / "0"):        # .tif images and masks, mask_ext left at .png
@@ -131,11 +140,13 @@ def test_train_messages_name_the_right_flag_and_where_the_value_came_from(work, 
     assert code == 2 and "the command line (--epochs)" in err and "partial.yml" not in err, err
 
 
-def test_bench_names_its_own_data_flag(work, monkeypatch, capsys):
+def test_bench_names_its_own_data_flag(data_only, monkeypatch, capsys):
+    work = data_only
     code, _, err = run_main(bench.main, ["--data", "nowhere", "--device", "cpu"], work, monkeypatch, capsys)
     assert code == 2 and "--data DIR" in err and "--data_dir" not in err, err
 
 
+@pytest.mark.e2e
 def test_runs_folder_by_flag_and_by_environment_variable(work, tmp_path_factory, monkeypatch, capsys):
     runs = tmp_path_factory.mktemp("runs_elsewhere")
     code, out, err = run_main(train.main, FAST + ["--data_dir", str(work / "inputs"), "--runs_dir", str(runs),
@@ -152,6 +163,7 @@ def test_runs_folder_by_flag_and_by_environment_variable(work, tmp_path_factory,
     assert code == 0 and len(read_csv(runs / "r" / "log.csv")) == 2, err
 
 
+@pytest.mark.e2e
 def test_val_says_which_size_each_figure_is_at(work, monkeypatch, capsys):
     code, out, err = run_main(val.main, ["--name", "old"], work, monkeypatch, capsys)
     assert code == 0, err
@@ -161,6 +173,7 @@ def test_val_says_which_size_each_figure_is_at(work, monkeypatch, capsys):
     assert "scored at each image's own size" in out
 
 
+@pytest.mark.e2e
 def test_val_outputs_notes_and_where_things_went(work, monkeypatch, capsys):
     write_images(work / "new", 3, size=96)                      # 3x the network input
     write_images(work / "new", 2, ".jpg")
@@ -179,6 +192,7 @@ def test_val_outputs_notes_and_where_things_went(work, monkeypatch, capsys):
     assert any(((o == magenta).all(axis=2)).any() for o in overlays)         # the true outline is drawn
 
 
+@pytest.mark.e2e
 def test_val_scores_any_labelled_folder(work, monkeypatch, capsys):
     labelled_folder(work, "batch2")
     code, out, err = run_main(val.main, ["--name", "old", "--data", "batch2"], work, monkeypatch, capsys)
@@ -186,6 +200,7 @@ def test_val_scores_any_labelled_folder(work, monkeypatch, capsys):
     assert len(read_csv(work / "outputs" / "old" / "on_batch2" / "metrics.csv")) == 12     # every image
 
 
+@pytest.mark.e2e
 def test_softmax_runs_report_the_mean_without_class_0_and_log_each_class(work, monkeypatch, capsys):
     make_data(work / "inputs", "three", num_classes=3, exclusive=True)
     argv = FAST + ["--dataset", "three", "--num_classes", "3", "--class_mode", "softmax", "--loss", "CEDiceLoss",
@@ -211,6 +226,7 @@ def test_help_is_grouped_with_examples_and_human_defaults(capsys):
     assert "examples:" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_start_line_shows_what_differs_and_end_line_points_at_recipes(work, monkeypatch, capsys):
     sgd = [a for a in FAST if a not in ("--optimizer", "Adam")]
     code, out, err = run_main(train.main, sgd + ["--name", "sgd"], work, monkeypatch, capsys)
@@ -222,6 +238,7 @@ def test_start_line_shows_what_differs_and_end_line_points_at_recipes(work, monk
     assert code == 0 and "recipes/" not in out, err
 
 
+@pytest.mark.e2e
 def test_folds_and_an_ensemble_of_them(work, monkeypatch, capsys):
     for fold in (0, 1):
         code, _, err = run_main(train.main, FAST + ["--folds", "3", "--fold", str(fold)], work, monkeypatch, capsys)
@@ -247,7 +264,8 @@ def test_folds_and_an_ensemble_of_them(work, monkeypatch, capsys):
     (["--img_ext", "png"], "the extension 'png' has no leading dot; pass --img_ext .png"),
     (["--config", "a_folder"], "config file a_folder is a folder; pass a file, e.g. a_folder/config.yml"),
 ])
-def test_messages_suggest_a_fix_that_works(work, flags, says, monkeypatch, capsys):
+def test_messages_suggest_a_fix_that_works(data_only, flags, says, monkeypatch, capsys):
+    work = data_only
     os.makedirs(work / "a_folder", exist_ok=True)
     code, _, err = run_main(train.main, FAST + flags, work, monkeypatch, capsys)
     assert code == 2 and says in err and "Traceback" not in err, err

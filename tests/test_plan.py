@@ -2,6 +2,7 @@
 import os
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -164,16 +165,27 @@ def test_every_plan_is_a_valid_config(s, m):
 
 
 def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_path):
+    import tifffile
     micro = make_microscopy(tmp_path, n=12, size=48)
     s = plan.survey(micro, config.DEFAULTS | {"img_ext": ".tif"}, {})
     assert (s.images, s.height, s.width, s.channels, s.dtype, s.classes) == (12, 48, 48, 1, "uint16", 1)
-    assert 0 < s.foreground[0] < 0.6 and 2 < s.object_size < 48
+    folder = os.path.join(micro, "labels")
+    labels = [tifffile.imread(os.path.join(folder, f)) for f in sorted(os.listdir(folder))]
+    assert s.foreground[0] == pytest.approx(np.mean([(image > 0).mean() for image in labels]))   # all 12 are read
+    areas = np.concatenate([np.bincount(image.ravel())[1:] for image in labels])
+    diameters = np.sqrt(4 * areas[areas > 0] / np.pi)
+    assert s.object_size == pytest.approx(np.median(diameters[diameters < 24]))   # below half the image's side
     three = make_data(tmp_path, "three", num_classes=3, exclusive=True, size=40)
     s = plan.survey(three, config.DEFAULTS, {})
-    assert (s.classes, s.channels, s.dtype, s.height) == (3, 3, "uint8", 40) and s.foreground[0] > 0.5
-    assert 0 < s.brightness[0] <= s.brightness[1] < 1                  # mean intensities, as fractions of 255
+    assert (s.classes, s.channels, s.dtype, s.height) == (3, 3, "uint8", 40)
+    files = sorted(os.listdir(os.path.join(three, "images")))
+    cover = [(cv2.imread(os.path.join(three, "masks", "0", f), 0) > 127).mean() for f in files]
+    means = [cv2.imread(os.path.join(three, "images", f)).mean() / 255 for f in files]
+    assert s.foreground[0] == pytest.approx(np.mean(cover)) and s.foreground[0] > 0.5
+    assert s.brightness == pytest.approx(tuple(np.percentile(means, (10, 90))))    # of the images' mean intensities
 
 
+@pytest.mark.e2e
 def test_train_plan_auto_prints_the_plan_and_saves_it_as_ordinary_keys(tmp_path, monkeypatch, capsys):
     make_data(tmp_path / "inputs", "cells", n=12, size=48, channels=1)
     argv = ["--dataset", "cells", "--plan", "auto", "--epochs", "1", "--base_channels", "8", "--num_workers", "0",
@@ -210,8 +222,14 @@ def test_a_membrane_set_is_mostly_foreground_with_thin_lines_and_is_planned_on_c
     root = tmp_path / "em"
     generate_membranes(str(root), n=4, size=320)
     s = plan.survey(str(root), config.DEFAULTS, {})
-    assert (s.images, s.height, s.channels, s.dtype) == (4, 320, 1, "uint8") and 0.6 < s.foreground[0] < 0.9
-    assert 5 < s.object_size < 60                                     # cells of ~25 px, not the whole image
+    from scipy import ndimage
+    assert (s.images, s.height, s.channels, s.dtype) == (4, 320, 1, "uint8") and s.foreground[0] > 0.6
+    masks = [cv2.imread(str(root / "masks" / "0" / f), 0) > 127 for f in sorted(os.listdir(root / "masks" / "0"))]
+    assert s.foreground[0] == pytest.approx(np.mean([m.mean() for m in masks]))
+    areas = np.concatenate([np.bincount(ndimage.label(m)[0].ravel())[1:] for m in masks])
+    diameters = np.sqrt(4 * areas / np.pi)
+    assert s.object_size == pytest.approx(np.median(diameters[diameters < 160]))   # the cells, not the whole image
+    assert 5 < s.object_size < 60                                     # cells of ~25 px
     got, _ = planned(s)
     assert got["crop"] and got["input_w"] == 128 and got["input_channels"] == 1
 

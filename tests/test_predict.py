@@ -96,7 +96,10 @@ def test_probabilities_come_back_at_each_images_own_size(tile):
     out = list(produce(members, data, args()))
     assert [k for k, *_ in out] == [0, 1, 2, 3]
     assert [tuple(p.shape) for _, _, p, _ in out] == [(1, 1, h, w) for h, w in sizes]
-    assert all(0 <= p.min() and p.max() <= 1 for _, _, p, _ in out)
+    # the image of the network input's size, in one piece or one tile: the probabilities of one forward of it
+    with torch.no_grad(), rt.autocast():
+        direct = members[0].predictor(torch.from_numpy(images[3]).permute(2, 0, 1)[None].float())
+    assert torch.allclose(out[3][2], direct, atol=1e-5)
     assert all((q is None) if tile else q.shape == (1, 1, 32, 32) for *_, q in out)   # at the network input
 
 

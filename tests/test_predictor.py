@@ -7,7 +7,7 @@ import torch
 
 import config
 from archs import build_model
-from normalize import Normalization, intensity_range
+from normalize import Normalization, intensity_range, normalize
 from predictor import Predictor, describe
 
 
@@ -38,10 +38,11 @@ def test_the_description_rebuilds_the_same_predictor_from_json(tmp_path, arch, d
     with torch.no_grad():
         probs = model(x)
         assert torch.equal(probs, original(x)) and probs.shape == (1, 3, 32, 32)
+        heads = model.network(normalize(x, model.ranges(x), model.norm))      # normalise -> network, by hand
+    logits = heads[-1] if ds else heads                                     # deep supervision: the last head
+    assert torch.allclose(probs, logits.softmax(1) if mode == "softmax" else torch.sigmoid(logits), atol=1e-6)
     if mode == "softmax":
         assert torch.allclose(probs.sum(1), torch.ones(1, 32, 32))
-    else:
-        assert 0 <= probs.min() and probs.max() <= 1
 
 
 def test_a_model_json_from_before_base_channels_builds_the_reference_width():

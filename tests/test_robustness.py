@@ -153,6 +153,7 @@ def palette_png(path):
     image.save(path)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, breakage, extra, expected", BAD_TRAIN_INPUTS, ids=[c[0] for c in BAD_TRAIN_INPUTS])
 def test_bad_input_gets_one_clear_message(workdir, monkeypatch, capsys, case, breakage, extra, expected):
     data = workdir / "inputs" / "tiny"
@@ -183,6 +184,7 @@ def test_bad_input_gets_one_clear_message(workdir, monkeypatch, capsys, case, br
     assert snapshot(workdir) == before                 # nothing anywhere changed: models/, inputs/, the project
 
 
+@pytest.mark.e2e
 def test_zero_one_masks_train_with_one_warning(workdir, monkeypatch, capsys):
     masks = workdir / "inputs" / "tiny" / "masks" / "0"
     for f in os.listdir(masks):
@@ -197,6 +199,7 @@ def test_zero_one_masks_train_with_one_warning(workdir, monkeypatch, capsys):
     assert everywhere and float(everywhere.group(1)) > 0.05, out
 
 
+@pytest.mark.e2e
 def test_existing_run_is_not_overwritten(workdir, monkeypatch, capsys):
     before = snapshot(workdir / "models")
     code, _, err = run_main(train.main, FAST + ["--name", "old"], workdir, monkeypatch, capsys)
@@ -207,6 +210,7 @@ def test_existing_run_is_not_overwritten(workdir, monkeypatch, capsys):
     assert code == 0 and len(read_log(workdir / "models" / "old" / "log.csv")) == 2, err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, args, expected", [
     ("no-run", ["--name", "nope"], "there is no run models/nope"),
     ("no-model", ["--name", "partial"], "models/partial/model.pth does not exist"),
@@ -226,6 +230,7 @@ def test_val_mistakes_get_one_clear_message(workdir, monkeypatch, capsys, case, 
     assert expected in err, err
 
 
+@pytest.mark.e2e
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch, capsys):
     code, _, err = run_main(train.main, FAST + ["--name", "boom", "--optimizer", "SGD", "--lr", "1e30", "--epochs", "4"],
                             workdir, monkeypatch, capsys)
@@ -253,6 +258,7 @@ def interrupt_when(proc, log_path, rows, sig=signal.SIGINT):
     return proc.returncode, err
 
 
+@pytest.mark.e2e
 @pytest.mark.slow(seconds=35)
 @pytest.mark.parametrize("sig, loader", [(signal.SIGINT, ["--loader", "memory"]),
                                          (signal.SIGTERM, ["--loader", "workers", "--num_workers", "2"])],
@@ -286,6 +292,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(workdir, sig, loader, mo
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow(seconds=30)
 def test_between_interval_writes_an_interrupt_saves_the_last_finished_epoch(workdir, monkeypatch, capsys):
     """At the default --save_every (30 s) a short run writes its files after epoch 1 and at its end only; Ctrl-C in
@@ -312,18 +319,25 @@ def test_between_interval_writes_an_interrupt_saves_the_last_finished_epoch(work
     assert log_a == log_b and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_with_more_epochs(workdir, monkeypatch, capsys):
-    code, _, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
+@pytest.mark.e2e
+def test_resuming_a_finished_run_for_longer_stretches_the_cosine(workdir, monkeypatch, capsys):
+    code, out, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
     assert code == 0, err
-    assert [row["epoch"] for row in read_log(workdir / "models" / "old" / "log.csv")] == ["1", "2", "3"]
+    assert "(epochs 1 -> 3)" in out                                 # what changed is said
+    log = read_log(workdir / "models" / "old" / "log.csv")
+    assert [row["epoch"] for row in log] == ["1", "2", "3"]
+    lrs = [float(row["lr"]) for row in log]
+    assert lrs[1] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75, rel=1e-4)   # not stuck at min_lr
     assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["epochs"] == 3
 
 
+@pytest.mark.e2e
 def test_resume_and_overwrite_together_are_refused(workdir, monkeypatch, capsys):
     code, _, err = run_main(train.main, ["--name", "old", "--resume", "--overwrite"], workdir, monkeypatch, capsys)
     assert code == 2 and "not both" in err
 
 
+@pytest.mark.e2e
 @pytest.mark.slow(seconds=30)
 def test_sigkill_at_random_moments_never_corrupts_files(workdir):
     """SIGKILL a long run at 4 random moments (resuming after each); every file left must load."""
@@ -353,6 +367,7 @@ def test_sigkill_at_random_moments_never_corrupts_files(workdir):
         assert len(rows) > start_rows          # the process really trained (and resumed) before the kill
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_deterministic_runs_give_identical_logs(workdir, monkeypatch, capsys):
     """One run as a process of its own, the other inside this one (after every test before it): same log."""
@@ -372,6 +387,7 @@ def test_deterministic_runs_give_identical_logs(workdir, monkeypatch, capsys):
 
 # ---- second pass (issue 11): what a hostile afternoon of use found ----
 
+@pytest.mark.e2e
 def test_overwrite_removes_only_the_runs_own_files(workdir, monkeypatch, capsys):
     (workdir / "models" / "old" / "notes.txt").write_text("my notes")
     code, _, err = run_main(train.main, FAST + ["--name", "old", "--overwrite", "--epochs", "1"], workdir,
@@ -381,6 +397,7 @@ def test_overwrite_removes_only_the_runs_own_files(workdir, monkeypatch, capsys)
     assert (workdir / "models" / "other_run_untouched").exists() is False      # and nothing beside it was made
 
 
+@pytest.mark.e2e
 def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_taken_over(workdir, monkeypatch, capsys):
     args = FAST + ["--name", "race", "--epochs", "10000"]
     first = subprocess.Popen(TRAIN + args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -403,6 +420,7 @@ def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_taken_over(workdir, mon
     assert not (workdir / "models" / "race" / ".lock").exists()
 
 
+@pytest.mark.e2e
 def test_files_get_the_permissions_of_an_ordinary_write(workdir):
     r = subprocess.run(["bash", "-c", "umask 022 && exec \"$@\"", "-", *TRAIN, *FAST, "--name", "perm", "--epochs", "1"],
                        cwd=workdir, capture_output=True, text=True)
@@ -430,6 +448,7 @@ train.main(sys.argv[2:])
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("instant", ["last.pth", "model.pth", "log.csv"])
 def test_killed_between_an_epochs_files_the_folder_is_repaired(workdir, instant, monkeypatch, capsys):
     """SIGKILL right after each of an epoch's files: val.py and --resume find (or repair to) one whole epoch."""
@@ -447,6 +466,7 @@ def test_killed_between_an_epochs_files_the_folder_is_repaired(workdir, instant,
     assert [row["epoch"] for row in read_log(run_dir / "log.csv")] == ["1", "2", "3"]
 
 
+@pytest.mark.e2e
 def test_a_full_disk_ends_with_a_message_and_the_previous_epoch_intact(workdir, monkeypatch, capsys):
     real_save = checkpoint.save
 
@@ -464,6 +484,7 @@ def test_a_full_disk_ends_with_a_message_and_the_previous_epoch_intact(workdir, 
     assert "again with --resume" in err
 
 
+@pytest.mark.e2e
 def test_a_full_disk_before_the_first_epoch_advises_a_command_that_works(workdir, monkeypatch, capsys):
     """config.yml is written before the epoch-0 last.pth: a plain rerun would be refused ('already holds a run')."""
     real_save = checkpoint.save
@@ -482,15 +503,7 @@ def test_a_full_disk_before_the_first_epoch_advises_a_command_that_works(workdir
     assert code == 0, err
 
 
-def test_resuming_a_finished_run_for_longer_stretches_the_cosine(workdir, monkeypatch, capsys):
-    code, out, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "3"], workdir, monkeypatch, capsys)
-    assert code == 0, err
-    assert "(epochs 1 -> 3)" in out                                 # what changed is said
-    lrs = [float(row["lr"]) for row in read_log(workdir / "models" / "old" / "log.csv")]
-    assert lrs[1] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75, rel=1e-4)   # not stuck at min_lr
-    assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["epochs"] == 3
-
-
+@pytest.mark.e2e
 def test_resume_without_config_yml_uses_the_copy_in_last_pth(workdir, monkeypatch, capsys):
     os.remove(workdir / "models" / "old" / "config.yml")
     code, _, err = run_main(train.main, ["--name", "old", "--resume", "--epochs", "2"], workdir, monkeypatch, capsys)
@@ -498,6 +511,7 @@ def test_resume_without_config_yml_uses_the_copy_in_last_pth(workdir, monkeypatc
     assert yaml.safe_load(open(workdir / "models" / "old" / "config.yml"))["arch"] == "UNet"
 
 
+@pytest.mark.e2e
 def test_a_model_folder_with_only_model_pth_and_model_json_evaluates(workdir, monkeypatch, capsys):
     """What a colleague sends: model.pth and model.json, no config.yml, no last.pth. val.py rebuilds the network from
     model.json and predicts as the run did; a folder without model.json either gets one message naming the fix."""
@@ -522,6 +536,7 @@ def test_a_model_folder_with_only_model_pth_and_model_json_evaluates(workdir, mo
     assert code == 2 and "model.json" in err and "num_classes" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key, value, named", [
     ("num_classes", 100000000, "num_classes"), ("base_channels", 400, "base_channels"),
     ("base_channels", 100000, "base_channels"), ("input_size", [16000000, 16000000], "between 16 and 4096"),
@@ -546,6 +561,7 @@ def test_a_crafted_model_json_is_refused_by_key_before_anything_is_allocated(wor
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000     # KiB: nothing like GBs
 
 
+@pytest.mark.e2e
 def test_eleven_classes_hidden_folders_and_mixed_zero_one_masks(workdir, monkeypatch, capsys):
     data = workdir / "inputs" / "tiny"
     for c in range(1, 11):
@@ -563,6 +579,7 @@ def test_eleven_classes_hidden_folders_and_mixed_zero_one_masks(workdir, monkeyp
     assert all(d.masks[k][:, :, 0].sum() == d.masks[k][:, :, 1].sum() > 0 for k in range(4))   # 0/1 read as 0/255
 
 
+@pytest.mark.e2e
 def test_val_uses_the_recorded_split_and_clears_stale_outputs(workdir, monkeypatch, capsys):
     data = workdir / "inputs" / "tiny"
     for k in range(3):                                    # images added after training
@@ -582,6 +599,7 @@ def test_val_uses_the_recorded_split_and_clears_stale_outputs(workdir, monkeypat
     assert sorted(os.listdir(out / "0")) == sorted([i + ".png" for i in recorded] + ["mine.png"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("output, what", [("inputs/tiny/masks", "the labelled folder --data names"),
                                           ("inputs/tiny", "the labelled folder --data names"),
                                           ("models/old", "the run folder of old"),
@@ -594,6 +612,7 @@ def test_val_never_writes_into_the_data_or_a_run(workdir, monkeypatch, capsys, o
     assert snapshot(workdir) == before                  # nothing written, nothing removed
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("output, what", [("inputs/other/masks", "a data set"), ("inputs/other/masks/0", "a data set"),
                                           ("inputs/other", "a data set"), ("inputs/other/labels", "a data set"),
                                           ("exports/x/sub", "an export"), ("elsewhere/run_copy", "a run folder")])
@@ -613,6 +632,7 @@ def test_val_never_writes_into_another_data_set_a_run_or_an_export(workdir, monk
     assert snapshot(workdir) == before                  # nothing written, nothing removed
 
 
+@pytest.mark.e2e
 def test_an_output_subfolder_that_is_a_link_is_refused(workdir, monkeypatch, capsys):
     elsewhere = workdir / "my_masks"
     elsewhere.mkdir()
@@ -629,6 +649,7 @@ def val_main():
     return val.main
 
 
+@pytest.mark.e2e
 def test_yaml_values_stay_what_the_user_wrote(workdir, monkeypatch, capsys):
     (workdir / "c.yml").write_text("name: no\nseed: 0123\n")
     code, _, err = run_main(train.main, FAST + ["--config", "c.yml", "--epochs", "1"], workdir, monkeypatch, capsys)
@@ -637,6 +658,7 @@ def test_yaml_values_stay_what_the_user_wrote(workdir, monkeypatch, capsys):
     assert saved["name"] == "no" and saved["seed"] == 123
 
 
+@pytest.mark.e2e
 def test_interrupts_before_the_first_save_and_during_val_say_what_is_left(workdir, monkeypatch, capsys):
     def stop(*args):
         raise KeyboardInterrupt
@@ -650,6 +672,7 @@ def test_interrupts_before_the_first_save_and_during_val_say_what_is_left(workdi
     assert code == 130 and "interrupted" in err
 
 
+@pytest.mark.e2e
 def test_a_closed_stdout_does_not_stop_the_run(workdir):
     proc = subprocess.Popen(TRAIN + FAST + ["--name", "piped"], cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -660,6 +683,7 @@ def test_a_closed_stdout_does_not_stop_the_run(workdir):
     assert len(read_log(workdir / "models" / "piped" / "log.csv")) == 2
 
 
+@pytest.mark.e2e
 def test_a_copied_or_renamed_run_folder_resumes_as_itself(workdir, monkeypatch, capsys):
     """cp -a models/old models/copy, then --name copy --resume: the copy trains on; models/old is not touched."""
     shutil.copytree(workdir / "models" / "old", workdir / "models" / "copy", symlinks=True)
@@ -675,6 +699,7 @@ def test_a_copied_or_renamed_run_folder_resumes_as_itself(workdir, monkeypatch, 
     assert len(read_log(workdir / "models" / "renamed" / "log.csv")) == 3
 
 
+@pytest.mark.e2e
 def test_resume_after_images_were_added_keeps_the_recorded_split(workdir, monkeypatch, capsys):
     """New images since the run started are left out of a resumed run: none of its validation images is trained on."""
     data = workdir / "inputs" / "tiny"
@@ -690,6 +715,7 @@ def test_resume_after_images_were_added_keeps_the_recorded_split(workdir, monkey
     assert "8 training, 2 validation images" in out      # the recorded 8 + 2, not a new split of 14
 
 
+@pytest.mark.e2e
 def test_val_notices_a_config_edited_after_training_and_evaluates_as_trained(workdir, monkeypatch, capsys):
     code, out, err = run_main(val_main(), ["--name", "old"], workdir, monkeypatch, capsys)
     assert code == 0, err
@@ -703,6 +729,7 @@ def test_val_notices_a_config_edited_after_training_and_evaluates_as_trained(wor
     assert (workdir / "outputs" / "old" / "metrics.csv").read_text() == before     # the trained settings, not the edit
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
 def test_val_on_a_full_disk_or_read_only_folder_ends_with_one_message(workdir, monkeypatch, capsys, error):
     import outputs
@@ -716,6 +743,7 @@ def test_val_on_a_full_disk_or_read_only_folder_ends_with_one_message(workdir, m
     assert not os.path.exists(workdir / "outputs" / "old" / ".lock")      # the folder is free for the rerun
 
 
+@pytest.mark.e2e
 def test_sigterm_during_val_exits_130_with_a_message(workdir, monkeypatch, capsys):
     import val
 
@@ -758,6 +786,7 @@ def test_softmax_targets_are_one_definition_for_loss_and_metrics(tmp_path):
     assert meter.dataset_scores()[0].tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.e2e
 def test_masks_that_mark_nothing_are_refused_and_an_empty_class_is_named(workdir, monkeypatch, capsys):
     data = workdir / "inputs" / "tiny"
     for f in os.listdir(data / "masks" / "0"):
@@ -774,6 +803,7 @@ def test_masks_that_mark_nothing_are_refused_and_an_empty_class_is_named(workdir
     assert code == 0, err
 
 
+@pytest.mark.e2e
 def test_a_killed_loader_worker_ends_with_a_message_and_a_resumable_run(workdir, monkeypatch, capsys):
     import loaders
     real = loaders.AlbumentationsDataset.__getitem__
@@ -793,8 +823,9 @@ def test_a_killed_loader_worker_ends_with_a_message_and_a_resumable_run(workdir,
     assert code == 0 and len(read_log(workdir / "models" / "oom" / "log.csv")) == 3, err
 
 
-def test_make_demo_data_never_replaces_a_data_set_it_did_not_write(workdir, monkeypatch, capsys):
+def test_make_demo_data_never_replaces_a_data_set_it_did_not_write(tiny, tmp_path, monkeypatch, capsys):
     import make_demo_data
+    workdir = tmp_path                                                 # inputs/tiny, no run needed
     os.remove(workdir / "inputs" / "tiny" / make_demo_data.MARKER)      # now it is a user's data set
     before = snapshot(workdir / "inputs")
     code, _, err = run_main(make_demo_data.main, ["--out", "inputs/tiny", "--n", "3"], workdir, monkeypatch, capsys)

@@ -60,6 +60,7 @@ def test_network_memory_is_bounded_by_the_tile_batch_not_the_image():
     hook.remove()
 
 
+@pytest.mark.e2e
 def test_train_on_crops_then_predict_whole_images(tmp_path, monkeypatch, capsys):
     """Training in this process (train.py's main), val.py as a process of its own."""
     import train
