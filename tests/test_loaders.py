@@ -257,10 +257,10 @@ def test_16_bit_signal_in_200_grey_levels_is_not_quantised_to_8_bits(tmp_path):
         tifffile.imwrite(root / "images" / f"f{i}.tif", image)
         tifffile.imwrite(root / "labels" / f"f{i}.tif", (image > 1100).astype(np.uint16))
     d = SegmentationData.from_folder(str(root), ".tif", ".png", 1, 1)
-    for normalize in ("imagenet", "percentile"):
+    for mode in ("imagenet", "percentile"):
         for loader in (MemoryLoader, WorkersLoader):
-            x = torch.cat([b for b, _, _ in loader(d, micro_settings(normalize=normalize), CPU, train=False)])
-            assert len(torch.unique(x[0])) > 150, (normalize, loader)      # 8 bits would leave one or two levels
+            x = torch.cat([b for b, _, _ in loader(d, micro_settings(normalize=mode), CPU, train=False)])
+            assert len(torch.unique(x[0])) > 150, (mode, loader)      # 8 bits would leave one or two levels
 
 
 def test_16_bit_training_batches_are_augmented_in_0_to_1(micro):
