@@ -18,7 +18,7 @@ from dataset import OBJECT_PLANES, Targets, read_target
 from imagefiles import decode, image_type, read_labels
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
 from pairing import scan
-from utils import resolve_device
+from utils import UserError, command, resolve_device
 
 DERIVED = ("--target", "the files in")   # how config words a setting it derived (follow_target, follow_folder)
 SURVEY_IMAGES = 48          # images read for the survey, evenly spread over the sorted ids
@@ -77,7 +77,7 @@ class Choice:
         def flag(k, v):
             if isinstance(v, bool):
                 return f"--{k}" if v else f"--{k} false"
-            return f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
+            return command(f"--{k}", f"{v:g}" if isinstance(v, float) else v)
         return " ".join(flag(k, v) for k, v in self.settings.items())
 
 

@@ -34,7 +34,7 @@ from outputs import OUTPUT_FORMATS, OUTPUTS_DIR, ImageWriter, OutputFolder, Outp
 from pairing import Sample, find_ids, scan
 from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, objects_method, tiled
 from splits import load_validation
-from utils import ClosedPipeSafe, Interrupts, UserError, exit_on_user_error, plain_warning
+from utils import ClosedPipeSafe, Interrupts, UserError, command, exit_on_user_error, plain_warning
 
 EXAMPLES = """examples:
   python val.py --name dsb2018_96_UNet_woDS --overlay          # score the validation split, draw outlines
@@ -153,11 +153,11 @@ def data_fix(error, cfg, name):
     return {
         "data": f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
                 "labelled folder (images/, masks/<class>/) or --images DIR to predict unlabelled images",
-        "img_ext": f"pass --img_ext {found}",
-        "mask_ext": f"pass --mask_ext {found}",
+        "img_ext": f"pass {command('--img_ext', found)}",
+        "mask_ext": f"pass {command('--mask_ext', found)}",
         "input_channels": f"the run {name} was trained with input_channels {cfg['input_channels']} and takes only "
-                          f"such images: convert them to grayscale, or train a run on them with python train.py "
-                          f"--input_channels {found} ...",
+                          f"such images: convert them to grayscale, or train a run on them with "
+                          f"{command('python', 'train.py', '--input_channels', found)} ...",
         "num_classes": f"the run {name} predicts {n} class(es), so a folder scored with it needs masks/0 .. "
                        f"masks/{n - 1}",
     }.get(error.setting, "")
@@ -210,9 +210,12 @@ def unlabelled(req, cfg):
     others = sorted(f for f in os.listdir(req.images) if f not in taken and not f.startswith(".")
                     and os.path.isfile(os.path.join(req.images, f)))
     if others:
-        exts = sorted({os.path.splitext(f)[1] or "(none)" for f in others})
-        print(f"note: skipped {len(others)} file(s) in {req.images} that do not end in {ext} ({', '.join(exts)}); "
-              f"pass --img_ext {exts[0]} to predict those instead")
+        suffixes = {os.path.splitext(f)[1] for f in others}
+        exts = sorted(suffixes - {""})
+        kinds = ", ".join(exts + (["no extension"] if "" in suffixes else []))
+        # a file without an extension cannot be chosen by --img_ext: only the extensions found are suggested
+        instead = f"; pass {command('--img_ext', exts[0])} to predict those instead" if exts else ""
+        print(f"note: skipped {len(others)} file(s) in {req.images} that do not end in {ext} ({kinds}){instead}")
     samples = [Sample(os.path.join(req.images, f)) for f in files.values()]
     return SegmentationData(list(files), [read_image(s.image, cfg["input_channels"]) for s in samples], None, samples)
 
@@ -237,7 +240,7 @@ def load_data(req, members):
     if len(members) > 1:
         print(f"ensemble of {', '.join(m.name for m in members)} (their probabilities averaged): evaluating on the "
               f"{len(data.ids)} images none of the {len(members)} runs trained on (to compare runs instead: "
-              f"python compare.py {' '.join(m.name for m in members)})")
+              f"{command('python', 'compare.py', *(m.name for m in members), *config.runs_dir_words(req.runs_dir))})")
     return data, os.path.join(OUTPUTS_DIR, label)
 
 
