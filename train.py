@@ -86,7 +86,7 @@ def build(cfg, rt, recorded=None):
     train_data, val_data = load_splits(cfg, recorded=recorded)  # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
     if rt.main:
-        for note in advice.startup_notes(cfg, train_data, rt.world):
+        for note in advice.startup_notes(cfg, train_data, rt.world, val_data):
             warnings.warn(note, stacklevel=2)
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)

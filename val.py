@@ -244,18 +244,20 @@ def load_data(req, members):
     return data, os.path.join(OUTPUTS_DIR, label)
 
 
-def shrink_note(data, members, options):
-    """A note when images much larger than the network input are shrunk to it and --tile would keep the detail."""
+def resize_notes(data, members, options):
+    """A note on the images shrunk or stretched to the network input by more than advice.RESIZE_WARN (the rule
+    train.py warns by), naming the worst: --tile predicts them at their own size instead."""
     cfg = members[0].cfg
     if options.tile or cfg["crop"]:
         return
-    sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
-    large = [s for s in sizes if advice.shrunk_enough_to_warn(s, cfg)]
-    if large:
-        h, w = max(large, key=lambda s: s[0] * s[1])
-        print(f"note: {len(large)} image(s) are larger than the {cfg['input_w']}x{cfg['input_h']} network input "
-              f"(up to {w}x{h}) and are shrunk to it, which loses small detail; --tile predicts them at full "
-              "resolution in overlapping tiles")
+    sizes = data.sizes or [data.image(k).shape[:2] for k in range(len(data.ids))]
+    effect = {"shrunk": "which loses small detail", "stretched": "so the network sees them magnified, made of "
+              "interpolated pixels"}
+    for how, images in advice.resized_images(data.ids, sizes, cfg).items():
+        if images:
+            print(f"note: {advice.resized_line(how, images, len(sizes), cfg)}, {effect[how]}; "
+                  f"{advice.odd_ones(images, len(sizes))}pass --tile to predict images at their own size, in "
+                  "overlapping tiles (an image smaller than a tile is padded)")
 
 
 def depth_note(data, members):
@@ -278,7 +280,7 @@ def evaluate(req):
     with worded(lambda error: data_fix(error, cfg, members[0].name)):
         data, default_out = load_data(req, members)
         if req.images or req.data:
-            shrink_note(data, members, req.predict)
+            resize_notes(data, members, req.predict)
             depth_note(data, members)
         out_dir, opts = req.output or default_out, req.write
         with OutputFolder(out_dir, protected_folders(req, members), subfolders(cfg["num_classes"], opts)) as out:

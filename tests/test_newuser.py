@@ -181,7 +181,7 @@ def test_val_outputs_notes_and_where_things_went(work, monkeypatch, capsys):
                               monkeypatch, capsys)
     assert code == 0, err
     assert "skipped 2 file(s)" in out and "--img_ext .jpg" in out
-    assert "larger than the 32x32 network input" in out and "--tile" in out
+    assert "all 3 images (96x96) are shrunk 3.0x to the 32x32 network input" in out and "pass --tile" in out
     pred = "outputs/old/predictions"
     assert f"probability maps in {pred}/probs/<class>/" in out and f"outlines in {pred}/overlay/" in out
     assert len(os.listdir(work / pred / "probs" / "0")) == 3 and "ground truth" not in out   # no masks, no truth
