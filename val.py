@@ -146,12 +146,24 @@ def check_ensemble(members):
                                 "for the same classes and images")
 
 
-def data_fix(error, cfg, name):
+def folder_fix(flag, folder):
+    """The fix for a folder given to --data or --images that is not what it must be."""
+    if flag == "--images":
+        return "pass --images the folder that holds the image files"
+    parent = os.path.dirname(os.path.normpath(folder))
+    inside = os.path.basename(os.path.normpath(folder)) in ("images", "masks", "labels", "instances")
+    like = f" (e.g. {command('--data', parent or '.')})" if inside and os.path.isdir(os.path.join(parent, "images")) else ""
+    return f"pass --data the folder that holds images/ and masks/<class>/ (or labels/){like}"
+
+
+def data_fix(error, cfg, name, given=None):
     """val.py's words for the change that fixes a data problem (dataerror.DataError), for the run `name` (its config
-    cfg): its flags, and what the run takes. A run's target is what it trained on: no fix names it."""
+    cfg): its flags, and what the run takes. A run's target is what it trained on: no fix names it. given: the
+    (flag, folder) of --data or --images, where the images come from, else None (the run's own data set)."""
     n, found = cfg["num_classes"], error.found
     return {
-        "data": f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
+        "data": folder_fix(*given) if given else
+                f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
                 "labelled folder (images/, masks/<class>/) or --images DIR to predict unlabelled images",
         "img_ext": f"pass {command('--img_ext', found)}",
         "mask_ext": f"pass {command('--mask_ext', found)}",
@@ -277,7 +289,8 @@ def evaluate(req):
         raise UserError(f"--instances splits one class's mask into objects; the run {members[0].name} predicts "
                         f"{cfg['num_classes']} classes ({cfg['class_mode']}). Use it with a one-class run.")
     # a data problem met here, or while an image is read again during prediction, is worded with val.py's flags
-    with worded(lambda error: data_fix(error, cfg, members[0].name)):
+    given = ("--data", req.data) if req.data else ("--images", req.images) if req.images else None
+    with worded(lambda error: data_fix(error, cfg, members[0].name, given)):
         data, default_out = load_data(req, members)
         if req.images or req.data:
             resize_notes(data, members, req.predict)
