@@ -7,6 +7,7 @@ label image's foreground, or with --target objects its objects and their borders
 pairing.py, the splits splits.py; batching, augmentation and normalisation are in loaders.py and normalize.py.
 """
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,50 @@ TARGETS = ("masks", "objects")            # the config's target: what the networ
 OBJECT_PLANES = ("objects", "borders")    # --target objects: its two planes (instances.object_targets)
 BORDER_RADIUS = 1                         # --target objects: border half-width, in pixels of the network input
 MOSTLY_EMPTY = 0.5                        # a warning when more than this share of the images' targets mark nothing
+REGION_ID = re.compile(r"^(?P<image>.+)@y(?P<top>\d+)-(?P<bottom>\d+)_x(?P<left>\d+)-(?P<right>\d+)$")  # region_id()
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of an image: rows top .. bottom - 1, columns left .. right - 1 (the ends excluded, as in slices)."""
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    @property
+    def size(self):
+        return self.bottom - self.top, self.right - self.left
+
+    def cut(self, array):
+        """The region of an (H, W, ...) array: a view, not a copy."""
+        return array[self.top:self.bottom, self.left:self.right]
+
+    def inside(self, size):
+        return 0 <= self.top < self.bottom <= size[0] and 0 <= self.left < self.right <= size[1]
+
+    def overlaps(self, other):
+        return (self.top < other.bottom and other.top < self.bottom and self.left < other.right
+                and other.left < self.right)
+
+
+def region_id(image_id, region):
+    """The id of a region of an image, as split.csv and val.py's files name it: '<image id>@y<top>-<bottom>_x<left>-
+    <right>' (e.g. 'cells@y208-256_x0-256', the last 48 rows); the image id itself for the whole image (None)."""
+    if region is None:
+        return image_id
+    return f"{image_id}@y{region.top}-{region.bottom}_x{region.left}-{region.right}"
+
+
+def parse_region_id(text):
+    """region_id()'s text -> (image id, Region), or (text, None) when it names no region."""
+    found = REGION_ID.match(text)
+    if not found:
+        return text, None
+    top, bottom, left, right = (int(found[k]) for k in ("top", "bottom", "left", "right"))
+    if top >= bottom or left >= right:
+        return text, None
+    return found["image"], Region(top, bottom, left, right)
 
 
 
@@ -94,6 +139,8 @@ class SegmentationData:
         self.target_pixels = None             # decode(): (N, C) foreground pixels of each image's target
         self.sizes = None                     # decode(): each image's (H, W)
         self.flat = []                        # decode(): the ids of the images of one value throughout (blank)
+        self.regions = [None] * len(ids)      # views(): per entry the Region of its image it is, None: the whole image
+        self.recorded = None                  # views(): the ids split.csv records for it (recorded_ids)
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
@@ -149,25 +196,70 @@ class SegmentationData:
         return all(i is not None for i in self.images)
 
     def image(self, k):
-        """(H, W, C_in) in the file's type, from the cache or decoded from disk."""
+        """(H, W, C_in) in the file's type, from the cache or decoded from disk (for a region view, its region)."""
         if self.images[k] is not None:
             return self.images[k]
-        return read_image(self.samples[k].image, self.input_channels)
+        return cut(read_image(self.samples[k].image, self.input_channels), self.regions[k])
+
+    def whole_size(self, k):
+        """(H, W) of the whole image entry k is (a region view's image, not the region)."""
+        if self.regions[k] is None:
+            return self.image(k).shape[:2]
+        return read_image(self.samples[k].image, self.input_channels).shape[:2]
 
     def mask(self, k):
         """uint8 (H, W, C) of 0/1, from the cache or decoded from disk."""
         if self.masks[k] is not None:
             return self.masks[k]
-        mask = read_target(self.samples[k], self.image(k).shape[:2], self.targets)[0]
-        return exclusive(mask)[0] if self.targets.softmax else mask
+        mask = read_target(self.samples[k], self.whole_size(k), self.targets)[0]   # made on the whole image, then cut
+        return cut(exclusive(mask)[0] if self.targets.softmax else mask, self.regions[k])
 
     def instances(self, k):
         """int64 (H, W) object labels of image k (0 background, 1..N): its label image when the data set has
-        them, else the connected components of its first mask."""
+        them, else the connected components of its first mask. A region view: the objects of its region (an object
+        the region's edge cuts keeps the part inside)."""
         if self.samples is None or self.samples[k].labels is None:
             from scipy import ndimage
             return ndimage.label(self.mask(k)[:, :, 0])[0].astype(np.int64)
-        return read_labels(self.samples[k].labels, self.image(k).shape[:2])
+        labels = read_labels(self.samples[k].labels, self.whole_size(k))
+        return labels if self.regions[k] is None else consecutive(self.regions[k].cut(labels))
+
+    @property
+    def recorded_ids(self):
+        """The ids split.csv records for this data set: its ids, or for views of regions (training crops drawn from
+        a region several times an epoch, validation windows) the regions they are cut from, each once."""
+        return list(self.recorded) if self.recorded is not None else list(dict.fromkeys(self.ids))
+
+    def views(self, picks, recorded=None):
+        """[(image id, Region or None)] -> a SegmentationData of those regions of this data set's images (None: the
+        whole image; a region may be picked more than once), each named region_id(image id, region). The cached
+        arrays are cut as views, never copied; sizes, target pixels and blank images are the regions'. recorded:
+        the ids split.csv records for it (recorded_ids), if not these."""
+        index = {i: k for k, i in enumerate(self.ids)}
+        pick = [index[i] for i, _ in picks]
+        regions = [r for _, r in picks]
+        data = SegmentationData([region_id(i, r) for i, r in picks],
+                                [None if self.images[k] is None else cut(self.images[k], r) for k, r in zip(pick, regions)],
+                                None if self.masks is None else
+                                [None if self.masks[k] is None else cut(self.masks[k], r) for k, r in zip(pick, regions)],
+                                None if self.samples is None else [self.samples[k] for k in pick], self.input_channels)
+        data.dtypes, data.targets, data.regions, data.recorded = self.dtypes, self.targets, regions, recorded
+        if self.sizes is not None:
+            counted = {}                      # per distinct view: (size, target pixels, blank?)
+            for j, (i, r) in enumerate(picks):
+                if (i, r) not in counted:
+                    counted[i, r] = (self.sizes[pick[j]], self.target_pixels[pick[j]], i in self.flat) if r is None \
+                        else data.measure(j)
+            data.sizes = [counted[p][0] for p in picks]
+            data.target_pixels = np.array([counted[p][1] for p in picks], np.int64).reshape(len(picks), -1)
+            data.flat = list(dict.fromkeys(data.ids[j] for j, p in enumerate(picks) if counted[p][2]))
+        return data
+
+    def measure(self, k):
+        """(size, target pixels per class, whether it is one value throughout) of entry k, as decode() counts them."""
+        img, mask = self.image(k), self.mask(k) if self.labeled else None
+        counts = np.zeros(0, np.int64) if mask is None else mask.reshape(-1, mask.shape[2]).sum(0, dtype=np.int64)
+        return tuple(img.shape[:2]), counts, bool(img.min() == img.max())
 
     def subset(self, ids):
         index = {i: k for k, i in enumerate(self.ids)}
@@ -181,7 +273,21 @@ class SegmentationData:
             data.target_pixels, data.sizes = self.target_pixels[pick], [self.sizes[k] for k in pick]
         kept = set(ids)
         data.flat = [i for i in self.flat if i in kept]
+        data.regions = [self.regions[k] for k in pick]
         return data
+
+
+def consecutive(labels):
+    """Object labels renumbered 1..N in their order (0 stays the background): a region holds only some objects of
+    its image, and the object scores count the labels 1..N (instances.object_scores)."""
+    _, inverse = np.unique(labels, return_inverse=True)
+    renumbered = inverse.reshape(labels.shape).astype(np.int64)
+    return renumbered if labels.min() == 0 else renumbered + 1
+
+
+def cut(array, region):
+    """The region of an image-shaped array (None: the whole array)."""
+    return array if region is None else region.cut(array)
 
 
 def warn_zero_one(ids, total, root):

@@ -18,6 +18,8 @@ from dataset import OBJECT_PLANES, Targets, read_target
 from imagefiles import decode, image_type, read_labels
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
 from pairing import scan
+from splits import (SMALLEST_BATCH, crops_per_epoch, image_regions, largest_crop, region_cover, region_layout,
+                    region_length, regions_said, uses_regions)
 from utils import UserError, command, resolve_device
 
 DERIVED = ("--target", "the files in")   # how config words a setting it derived (follow_target, follow_folder)
@@ -27,13 +29,14 @@ WHOLE_LIMIT = {False: 256, True: 512}    # (cuda?) image sides up to which image
 CROP_SIDE = {False: 128, True: 256}      # (cuda?) the crop side for larger images ...
 OBJECTS_ACROSS = 3          # ... raised (up to twice) so that this many median objects fit across a crop
 STEP_PIXELS = {False: 16 * 96 * 96, True: 32 * 256 * 256}   # (cuda?) input pixels per optimizer step, at most
-BATCHES = (32, 16, 8, 4, 2)  # batch sizes the plan picks from (2 at least: BatchNorm needs more than one image)
+BATCHES = (32, 16, 8, 4, SMALLEST_BATCH)  # batch sizes the plan picks from (BatchNorm needs more than one image)
 TARGET_STEPS = {False: 1500, True: 3000}  # (cuda?) optimizer steps of the whole run (700 on a CPU left the
                                           # multi-class set at 0.55 IoU, 1416 steps reached 0.85: BENCHMARKS.md)
 EPOCHS = (10, 400)          # the fewest and most epochs the plan gives
 EMA_SPAN = 7                # the weights are averaged over about the last 1/EMA_SPAN of the run's steps ...
 EMA_DECAY = (0.99, 0.995)   # ... within these decays (about the last 100 to 200 steps)
 BACKGROUND = 0.5            # masks/0 covering more than this of the pixels is a background class (softmax)
+REGION_CROP = 64            # the smallest crop side the plan splits one or two images into regions for
 
 
 @dataclass
@@ -51,13 +54,14 @@ class Survey:
     object_size: float       # median object diameter in pixels (label images, else class 0's blobs); 0 if none
     brightness: tuple = (0.0, 0.0)  # 10th and 90th percentile of the images' mean intensity, as a fraction of the
                                     # pixel type's range (integer types; (0, 0) for float images)
+    sizes: tuple = ()               # (id, (h, w)) of each surveyed image (all of a data set split by regions)
 
     def line(self):
         cover = ", ".join(f"{100 * f:.1f}%" for f in self.foreground)
         objects = f", objects median {self.object_size:.0f} px" if self.object_size else ""
         channels = "1 channel" if self.channels == 1 else f"{self.channels} channels"
         classes = "1 class" if self.classes == 1 else f"{self.classes} classes"
-        return (f"{self.images} images, median {self.width}x{self.height}, {channels} of {self.dtype}, {classes} "
+        return (f"{self.images} image{'s' if self.images != 1 else ''}, median {self.width}x{self.height}, {channels} of {self.dtype}, {classes} "
                 f"covering {cover} of the pixels{objects}")
 
 
@@ -127,7 +131,8 @@ def survey(root, cfg, sources):
                   channels=max(channels), dtype=str(widest), classes=classes,
                   foreground=tuple(float(c) / pixels for c in covered),
                   object_size=float(np.median(diameters)) if diameters else 0.0,
-                  brightness=tuple(float(b) for b in np.percentile(means, (10, 90))) if means else (0.0, 0.0))
+                  brightness=tuple(float(b) for b in np.percentile(means, (10, 90))) if means else (0.0, 0.0),
+                  sizes=tuple((i, tuple(shape)) for i, shape in zip(picked, shapes)))
 
 
 def machine(device):
@@ -152,15 +157,66 @@ def plan_input(s, m, given):
         why = ("at their own size" if (h, w) == (s.height, s.width) else f"resized to {w}x{h}" +
                (" (the input size given)" if "input_w" in given else f", the nearest multiple of {SIZE_MULTIPLE}"))
         return Choice({"crop": False, "input_h": h, "input_w": w}, f"images are {s.width}x{s.height}: trained whole, {why}")
-    side = CROP_SIDE[m.cuda]
-    if s.object_size:
-        side = max(side, min(2 * side, nearest_multiple(OBJECTS_ACROSS * s.object_size)))
-    side = min(side, max(SIZE_MULTIPLE, s.smallest // SIZE_MULTIPLE * SIZE_MULTIPLE))
+    side = crop_side(s, m)
     size = f"{s.width}x{s.height}" if uniform else f"from {s.smallest} to {s.largest} px a side"
     objects = f", objects median {s.object_size:.0f} px" if s.object_size else ""
     return Choice({"crop": True, "input_h": side, "input_w": side},
                   f"images are {size}{objects}: trained on {side}x{side} crops at full resolution; val.py predicts "
                   "whole images by tiles")
+
+
+def crop_side(s, m):
+    """The side of the crops of large images: CROP_SIDE, raised (up to twice) so that OBJECTS_ACROSS median objects
+    fit across, at most the smallest image side."""
+    side = CROP_SIDE[m.cuda]
+    if s.object_size:
+        side = max(side, min(2 * side, nearest_multiple(OBJECTS_ACROSS * s.object_size)))
+    return min(side, max(SIZE_MULTIPLE, s.smallest // SIZE_MULTIPLE * SIZE_MULTIPLE))
+
+
+def surveyed_sizes(s):
+    """(h, w) of each surveyed image (the median size when the survey did not list them)."""
+    return [size for _, size in s.sizes] or [(s.height, s.width)]
+
+
+def by_regions(s, cfg, given):
+    """Whether the plan splits the data set by regions (splits.uses_regions) for crops it plans: too few images to
+    validate on whole images, --crop not turned off, no --folds."""
+    batch = cfg["batch_size"] if "batch_size" in given else BATCHES[-1]
+    return ("crop" not in given or bool(cfg["crop"])) and uses_regions(s.images, {**cfg, "crop": True,
+                                                                                  "batch_size": batch})
+
+
+def region_fit(s, val_split):
+    """The largest crop side that fits a training and a validation region into every surveyed image."""
+    return min(min(largest_crop(size, val_split), min(size) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+               for size in surveyed_sizes(s))
+
+
+def plan_region_input(s, m, val_split):
+    """One or two images, too few to validate on whole images: crops (the crop rule's side, at most region_fit) of
+    a training region of each image, validated on another region (the line planned() adds says which)."""
+    side = min(crop_side(s, m), region_fit(s, val_split))
+    images = f"1 image of {s.width}x{s.height}" if s.images == 1 else f"{s.images} images of median {s.width}x{s.height}"
+    return Choice({"crop": True, "input_h": side, "input_w": side},
+                  f"{images}, too few to validate on whole images: trained on {side}x{side} crops from one region of "
+                  "each image, validated on another (the last line says which); val.py predicts whole images by tiles")
+
+
+def region_pairs(s, cfg):
+    """[(training Region, validation Region)] of the surveyed images that the config's crops fit (planned() refuses a
+    plan where one does not)."""
+    found = [image_regions(size, (cfg["input_h"], cfg["input_w"]), cfg["val_split"]) for size in surveyed_sizes(s)]
+    return [pair for pair in found if pair]
+
+
+def epoch_samples(s, cfg, batch_size):
+    """How many samples an epoch trains on in batches of batch_size: the training split's images, or in a split by
+    regions the crops drawn from the training regions (splits.crops_per_epoch)."""
+    pairs = region_pairs(s, cfg) if uses_regions(s.images, {**cfg, "batch_size": batch_size}) else None
+    if not pairs:
+        return s.images - math.ceil(cfg["val_split"] * s.images)
+    return len(pairs) * crops_per_epoch([t.size for t, _ in pairs], (cfg["input_h"], cfg["input_w"]), batch_size)
 
 
 def training_images(images, cfg):
@@ -174,39 +230,66 @@ def training_images(images, cfg):
 
 def check_enough(s, cfg, sources, root):
     """The smallest data set the plan handles: one whose training split fills the smallest batch it plans
-    (BATCHES[-1]), or one image when the user gave --batch_size; a UserError before any plan is printed otherwise."""
-    train, need = training_images(s.images, cfg), 1 if "batch_size" in sources else BATCHES[-1]
-    if train >= need:
+    (BATCHES[-1], or the --batch_size given when smaller), or else one split by regions (by_regions) whose images
+    hold them; a UserError before any plan is printed otherwise."""
+    train = training_images(s.images, cfg)
+    need = min(cfg["batch_size"], BATCHES[-1]) if "batch_size" in sources else BATCHES[-1]
+    why = regions_refused(s, cfg, sources) if train < need else ""
+    if not why:
         return
     folds = f" with fold {cfg['fold']} of --folds {cfg['folds']} held out too" if cfg["folds"] > 1 else ""
     smallest = (f"--plan auto needs at least {need} training images (its smallest batch: BatchNorm learns from more "
                 "than one image)" if need > 1 else "a run needs at least one training image")
     raise UserError(f"{smallest}, and {root} holds {s.images} image(s), of which --val_split {cfg['val_split']:g}"
-                    f"{folds} leaves {max(train, 0)} to train on. Add images (with one or two large images, cut each "
-                    "into several image files with their masks)" +
+                    f"{folds} leaves {max(train, 0)} to train on; {why}. Add images" +
                     (", or train without --plan (with --batch_size 1)" if train >= 1 else ""))
 
 
-def plan_batch(s, m, cfg, val_split):
+def regions_refused(s, cfg, given):
+    """Why a data set too small to validate on whole images cannot be split by regions either ('' when it can)."""
+    regions = "one or two large images train on crops of a region of each image, validated on another region"
+    if "crop" in given and not cfg["crop"]:
+        return f"{regions}, which --crop false turns off"
+    if cfg["folds"] > 1:
+        return f"{regions}, but --folds needs whole images to fold"
+    if "input_h" in given or "input_w" in given:      # the crops given: planned() checks that they fit
+        return ""
+    if region_fit(s, cfg["val_split"]) < REGION_CROP:
+        return (f"{regions}, but these images (median {s.width}x{s.height}) are too small for that: crops of "
+                f"{REGION_CROP} px, the smallest the plan trains on, need {region_length(REGION_CROP, cfg['val_split'])}"
+                " px along an image's longer side")
+    return ""
+
+
+def plan_batch(s, m, cfg):
     """The largest batch that keeps MIN_STEPS optimizer steps per epoch and a step's pixels within STEP_PIXELS and
-    half the memory; 2 at least."""
-    train_images = s.images - math.ceil(val_split * s.images)
+    half the memory; 2 at least. In a split by regions the steps count the crops that cover the training regions
+    about once (an epoch then draws crops for MIN_STEPS batches at least: splits.crops_per_epoch)."""
     pixels = cfg["input_h"] * cfg["input_w"]
     step_bytes = training_bytes_per_pixel(cfg["arch"], cfg["base_channels"]) * pixels
+    pairs = region_pairs(s, cfg) if uses_regions(s.images, {**cfg, "batch_size": BATCHES[-1]}) else []
+    distinct = (len(pairs) * region_cover([t.size for t, _ in pairs], (cfg["input_h"], cfg["input_w"])) if pairs
+                else s.images - math.ceil(cfg["val_split"] * s.images))
+    def what(b):
+        if pairs:
+            return f"{epoch_samples(s, cfg, b)} random crops an epoch from training regions that hold about {distinct}"
+        return f"{distinct} training image{'s' if distinct != 1 else ''}"
     for b in BATCHES:
-        if train_images // b >= MIN_STEPS and b * pixels <= STEP_PIXELS[m.cuda] and b * step_bytes <= m.memory / 2:
-            return Choice({"batch_size": b}, f"{train_images} training images give {train_images // b} optimizer "
-                          f"steps per epoch in batches of {b}")
-    return Choice({"batch_size": BATCHES[-1]}, f"{train_images} training image(s): the smallest batch BatchNorm "
-                  f"trains with gives {max(1, train_images // 2)} optimizer step(s) per epoch")
+        if distinct // b >= MIN_STEPS and b * pixels <= STEP_PIXELS[m.cuda] and b * step_bytes <= m.memory / 2:
+            return Choice({"batch_size": b}, f"{what(b)} give {epoch_samples(s, cfg, b) // b} optimizer steps per "
+                          f"epoch in batches of {b}")
+    b = BATCHES[-1]
+    return Choice({"batch_size": b}, f"{what(b)}: the smallest batch BatchNorm trains with gives "
+                  f"{max(1, epoch_samples(s, cfg, b) // b)} optimizer step(s) per epoch")
 
 
-def steps_per_epoch(s, batch_size, val_split):
-    return max(1, (s.images - math.ceil(val_split * s.images)) // batch_size)
+def steps_per_epoch(s, cfg):
+    """Optimizer steps per epoch of the config's batch on the surveyed data set (1 at least)."""
+    return max(1, epoch_samples(s, cfg, cfg["batch_size"]) // cfg["batch_size"])
 
 
-def plan_epochs(s, m, batch_size, val_split):
-    steps = steps_per_epoch(s, batch_size, val_split)
+def plan_epochs(s, m, cfg):
+    steps = steps_per_epoch(s, cfg)
     epochs = min(EPOCHS[1], max(EPOCHS[0], math.ceil(TARGET_STEPS[m.cuda] / steps)))
     return Choice({"epochs": epochs}, f"{epochs} epochs of {steps} steps: about {epochs * steps} optimizer steps "
                   f"(the plan aims at {TARGET_STEPS[m.cuda]} on this device)")
@@ -301,11 +384,14 @@ def make_plan(s, m, cfg, given):
     take(plan_classes(s, cfg, given))
     take(plan_normalize(s))
     take(plan_model(s, m))
-    take(plan_input(s, m, {k: cfg[k] for k in ("crop", "input_h", "input_w") if k in kept}))
-    take(plan_batch(s, m, cfg, cfg["val_split"]))
-    take(plan_epochs(s, m, cfg["batch_size"], cfg["val_split"]))
+    if by_regions(s, cfg, kept):
+        take(plan_region_input(s, m, cfg["val_split"]))
+    else:
+        take(plan_input(s, m, {k: cfg[k] for k in ("crop", "input_h", "input_w") if k in kept}))
+    take(plan_batch(s, m, cfg))
+    take(plan_epochs(s, m, cfg))
     take(plan_optimizer())
-    take(plan_ema(steps_per_epoch(s, cfg["batch_size"], cfg["val_split"]) * cfg["epochs"]))
+    take(plan_ema(steps_per_epoch(s, cfg) * cfg["epochs"]))
     return plan
 
 
@@ -316,12 +402,26 @@ def planned(cfg, sources):
     s, m = survey(root, cfg, sources), machine(cfg["device"])
     check_enough(s, cfg, sources, root)
     choices = make_plan(s, m, cfg, sources)
+    final = {**cfg, **{k: v for c in choices for k, v in c.settings.items()}}
     lines = [f"plan for {root} ({s.line()}) on the {'GPU' if m.cuda else 'CPU'}:"]
     lines += [f"  {c.flags():<44} {c.reason}" for c in choices]
+    lines += region_line(s, final, root)
     followed = sorted(k for k, where in sources.items() if where.startswith(DERIVED))
     yours = sorted(k for k in sources if k not in ("name", "dataset", "data_dir", *followed))
     for where in sorted({sources[k] for k in followed}):
         lines.append(f"  set by {where}: {', '.join(k for k in followed if sources[k] == where)}")
     if yours:
         lines.append(f"  kept as given: {', '.join(yours)}")
-    return {**cfg, **{k: v for c in choices for k, v in c.settings.items()}}, choices, lines
+    return final, choices, lines
+
+
+def region_line(s, cfg, root):
+    """[The plan's line on where the validation regions lie] for a data set split by regions, else []; an image that
+    cannot hold them is refused as train.py would refuse it (splits.region_layout), before anything is printed."""
+    if not uses_regions(s.images, cfg):
+        return []
+    region_layout([i for i, _ in s.sizes] or ["the median image"], surveyed_sizes(s), cfg, root)
+    pairs = region_pairs(s, cfg)
+    copies = crops_per_epoch([t.size for t, _ in pairs], (cfg["input_h"], cfg["input_w"]), cfg["batch_size"])
+    return [f"  {regions_said(pairs, copies, cfg)} (split.csv records the regions; val.py scores the validation "
+            "regions)"]

@@ -115,19 +115,29 @@ def write_start(run_dir, engine, resume, start):
 
 
 def write_split(f, split):
-    """split.csv: id,subset per image, quoted by the csv module (an id may hold a comma, a quote or a newline)."""
+    """split.csv: id,subset per image, quoted by the csv module (an id may hold a comma, a quote or a newline). A run
+    split by regions records each region as its id, '<image id>@y<top>-<bottom>_x<left>-<right>' (splits.py)."""
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(["id", "subset"])
     writer.writerows([i, subset] for subset in ("train", "val") for i in split[subset])
 
 
 def read_split(run_dir):
-    """split.csv -> {'train': [ids], 'val': [ids]}, or None for runs from before it was recorded."""
+    """split.csv -> {'train': [ids], 'val': [ids]}, or None for runs from before it was recorded. The ids are read as
+    written: an image's, or a region's (splits.resolve tells them apart), so files written before regions read as
+    they did. A file that is not a split.csv (no id and subset columns, a row short of them): a UserError."""
     path = RunFolder(run_dir).split
     if not os.path.isfile(path):
         return None
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        broken = any(r.get("id") is None or r.get("subset") is None for r in rows)
+    except (UnicodeDecodeError, csv.Error):
+        broken = True
+    if broken:
+        raise UserError(f"{path} is not a split.csv as train.py writes it (a header 'id,subset', then one image or "
+                        "region per row): it was damaged or edited. Restore it, or start a new run (another --name)")
     return {subset: [r["id"] for r in rows if r["subset"] == subset] for subset in ("train", "val")}
 
 

@@ -30,7 +30,7 @@ from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
 from predictor import describe
-from splits import load_splits
+from splits import load_splits, region_note
 from utils import (ClosedPipeSafe, Interrupts, UserError, command, count_params, duration, exit_on_user_error,
                    plain_warning)
 
@@ -85,6 +85,9 @@ def build(cfg, rt, recorded=None):
     runtime.check_fits(cfg, rt)                                  # an input size that cannot fit: before any work
     train_data, val_data = load_splits(cfg, recorded=recorded)  # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
+    regions = region_note(train_data, val_data, cfg)
+    if rt.main and regions:
+        print(regions, flush=True)
     if rt.main:
         for note in advice.startup_notes(cfg, train_data, rt.world, val_data):
             warnings.warn(note, stacklevel=2)
@@ -92,7 +95,8 @@ def build(cfg, rt, recorded=None):
     engine = Engine(cfg, rt)
     loaders = make_loaders(cfg, train_data, val_data, rt)
     dtypes = train_data.dtypes | val_data.dtypes
-    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes),
+    split = {"train": train_data.recorded_ids, "val": val_data.recorded_ids}    # regions: each once, not their crops
+    return engine, loaders, {"split": split, "model": describe(cfg, dtypes),
                              "trivial": advice.trivial(val_data.target_pixels, val_data.sizes, cfg["class_mode"])}
 
 

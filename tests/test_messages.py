@@ -254,8 +254,9 @@ SURVEY = plan.Survey(images=2, height=512, width=512, smallest=512, largest=512,
 def test_the_plan_refuses_a_data_set_too_small_for_its_smallest_batch_before_planning(images, given, says):
     from dataclasses import replace
     cfg = {**config.DEFAULTS, **given}
+    small = replace(SURVEY, images=images, height=64, width=64, smallest=64, largest=64)   # too small for regions
     with pytest.raises(UserError, match=says):
-        plan.check_enough(replace(SURVEY, images=images), cfg, set(given), "inputs/x")
+        plan.check_enough(small, cfg, set(given), "inputs/x")
 
 
 def test_the_plan_takes_the_smallest_data_set_it_says_it_handles():

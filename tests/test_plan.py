@@ -12,6 +12,9 @@ import config
 import plan
 import train
 from conftest import make_data, make_microscopy, run_main
+from dataset import region_id
+from splits import REGION_MARGIN, crops_per_epoch, image_regions, largest_crop, region_length
+from utils import UserError
 
 CPU = plan.Machine(cuda=False, memory=24 * 2**30)
 GPU = plan.Machine(cuda=True, memory=140 * 2**30)
@@ -108,7 +111,7 @@ def test_8_bit_images_are_standardised_one_by_one_and_wider_types_by_percentiles
 def test_the_weights_are_always_averaged_over_about_a_seventh_of_the_run():
     for s, m, steps in ((SMALL, CPU, 1500), (LARGE, GPU, 3000), (replace(SMALL, images=20000), CPU, 5000)):
         got, choices = planned(s, m)
-        total = plan.steps_per_epoch(s, got["batch_size"], config.DEFAULTS["val_split"]) * got["epochs"]
+        total = plan.steps_per_epoch(s, {**config.DEFAULTS, **got}) * got["epochs"]
         assert total >= steps * 0.95
         assert got["ema"] == round(min(0.995, max(0.99, 1 - 7 / total)), 3) and 0.99 <= got["ema"] <= 0.995
         assert f"of the run's {total} steps" in reason(choices, "ema")
@@ -156,7 +159,8 @@ def test_the_users_settings_are_kept_and_the_rules_after_them_use_them():
 
 @pytest.mark.parametrize("s", [SMALL, LARGE, replace(SMALL, images=3), replace(LARGE, smallest=17, largest=900),
                                replace(SMALL, classes=4, foreground=(0.9, 0.0, 0.05, 0.05)),
-                               replace(SMALL, height=8, width=8, smallest=8, largest=8)])
+                               replace(SMALL, height=8, width=8, smallest=8, largest=8),
+                               replace(LARGE, images=1, sizes=(("one", (512, 512)),))])
 @pytest.mark.parametrize("m", [CPU, GPU])
 def test_every_plan_is_a_valid_config(s, m):
     got, choices = planned(s, m)
@@ -240,3 +244,91 @@ def test_weight_average_is_described_within_the_run():
     # a run shorter than the average's span: the average covers the whole run, never "the last 100 of 48"
     assert short_run.settings == {"ema": 0.99} and "the run's 48 steps" in short_run.reason
     assert "last" not in short_run.reason
+
+
+# --- one or two large images: crops, with a region of each image held out for validation ----------------------------
+
+ONE = replace(LARGE, images=1, height=1024, width=1024, smallest=1024, largest=1024, dtype="uint16",
+              sizes=(("big", (1024, 1024)),))
+
+
+def test_one_large_image_is_planned_on_crops_of_one_region_and_validated_on_another():
+    plan.check_enough(ONE, config.DEFAULTS, set(), "inputs/big")              # no longer refused
+    got, choices = planned(ONE)
+    cfg = {**config.DEFAULTS, **got}
+    assert (got["crop"], got["input_h"], got["input_w"]) == (True, 128, 128)
+    assert "1 image of 1024x1024, too few to validate on whole images" in reason(choices, "crop")
+    train_region, val_region = image_regions((1024, 1024), (128, 128), 0.2)
+    copies = crops_per_epoch([train_region.size], (128, 128), got["batch_size"])
+    steps = plan.steps_per_epoch(ONE, cfg)
+    assert steps == copies // got["batch_size"] >= advice.MIN_STEPS               # what train.py's epoch will make
+    assert advice.steps_note(copies, cfg) == ""                                   # the plan never earns that warning
+    assert f"give {steps} optimizer steps per epoch in batches of {got['batch_size']}" in reason(choices, "batch_size")
+    assert got["epochs"] * steps >= 0.95 * plan.TARGET_STEPS[False]
+    line, = plan.region_line(ONE, cfg, "inputs/big")
+    assert (f"validation on the bottom {val_region.size[0]} rows of the image (20%), training on {copies} random "
+            f"128x128 crops an epoch from the top {train_region.bottom} rows, {REGION_MARGIN} rows apart") in line
+
+
+def test_small_large_images_get_the_largest_crop_that_leaves_both_regions():
+    s = replace(ONE, height=256, width=256, smallest=256, largest=256, object_size=9.0, sizes=(("a", (256, 256)),))
+    got, _ = planned(s)
+    assert got["input_w"] == largest_crop((256, 256), 0.2) < plan.CROP_SIDE[False]   # 112, not the rule's 128
+    two = replace(s, images=2, width=320, sizes=(("a", (256, 320)), ("b", (256, 320))))
+    got, _ = planned(two)
+    line, = plan.region_line(two, {**config.DEFAULTS, **got}, "inputs/two")
+    assert "validation on the right" in line and "columns of each of the 2 images" in line   # wider than high
+
+
+def test_the_plan_refuses_a_split_by_regions_it_cannot_make_before_planning():
+    two = replace(ONE, images=2, sizes=(("a", (1024, 1024)), ("b", (1024, 1024))))
+    with pytest.raises(UserError, match="leaves 1 to train on; one or two large images train on crops of a region of "
+                                        "each image, validated on another region, which --crop false turns off"):
+        plan.check_enough(two, {**config.DEFAULTS, "crop": False}, {"crop"}, "inputs/two")
+    tiny = replace(two, height=100, width=100, smallest=100, largest=100, sizes=(("a", (100, 100)), ("b", (100, 100))))
+    with pytest.raises(UserError, match=f"too small for that: crops of {plan.REGION_CROP} px, the smallest the plan "
+                                        f"trains on, need {region_length(plan.REGION_CROP, 0.2)} px"):
+        plan.check_enough(tiny, config.DEFAULTS, set(), "inputs/two")
+    with pytest.raises(UserError, match="--folds needs whole images"):
+        plan.check_enough(replace(two, images=3), {**config.DEFAULTS, "folds": 2}, {"folds"}, "inputs/two")
+
+
+def test_crops_given_too_large_for_the_regions_are_refused_before_any_plan_is_printed(tmp_path, monkeypatch, capsys):
+    make_microscopy(tmp_path / "inputs", "one", n=1, size=256)
+    for extra in (["--plan", "auto"], []):
+        code, out, err = run_main(train.main, ["--dataset", "one", "--crop", "--input_h", "128", "--input_w", "128",
+                                               *extra], tmp_path, monkeypatch, capsys)
+        assert code == 2 and "plan for" not in out and "Traceback" not in err
+        assert "cell0000 (256x256) is too small for that with --input_h 128" in err
+        assert "Train on smaller crops (--input_h 112 or less)" in err
+    assert not os.path.exists(tmp_path / "models")
+
+
+@pytest.mark.e2e
+def test_one_large_16_bit_image_trains_with_a_plan_and_val_py_scores_its_held_out_region(tmp_path, monkeypatch,
+                                                                                       capsys):
+    import tifffile
+    import val
+    make_microscopy(tmp_path / "inputs", "one", n=1, size=256)
+    argv = ["--dataset", "one", "--plan", "auto", "--epochs", "1", "--base_channels", "8", "--num_workers", "0",
+            "--name", "one"]
+    code, out, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    saved = yaml.safe_load(open(tmp_path / "models" / "one" / "config.yml"))
+    side, batch = saved["input_h"], saved["batch_size"]
+    assert f"--crop --input_h {side} --input_w {side}" in out and f"--batch_size {batch} " in out   # as printed
+    train_region, val_region = image_regions((256, 256), (side, side), saved["val_split"])
+    assert f"validation on the bottom {val_region.size[0]} rows of the image" in out
+    assert "split by regions (1 image, too few to validate on whole images)" in out
+    with open(tmp_path / "models" / "one" / "split.csv") as f:
+        assert f.read() == (f"id,subset\n{region_id('cell0000', train_region)},train\n"
+                            f"{region_id('cell0000', val_region)},val\n")
+    code, out, err = run_main(val.main, ["--name", "one", "--instances"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    rows = (tmp_path / "outputs" / "one" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [region_id("cell0000", val_region)]
+    written = cv2.imread(str(tmp_path / "outputs" / "one" / "0" / f"{region_id('cell0000', val_region)}.png"), 0)
+    assert written.shape == val_region.size                                      # the region, not the whole image
+    labels = tifffile.imread(tmp_path / "inputs" / "one" / "labels" / "cell0000.tif")
+    true_count = len(set(np.unique(val_region.cut(labels)).tolist()) - {0})
+    assert f"{true_count} true" in out                                           # the objects of the region alone

@@ -95,7 +95,7 @@ BAD_TRAIN_INPUTS = [
     ("input-size", None, ["--input_w", "40"], "input_w 40 is not a multiple of 16"),
     ("batch-too-large", None, ["-b", "9"], "--batch_size 9 is larger than the training split (8"),
     ("no-validation-left", "one-image", [], "leaves 1 validation and 0 training images; both need at least one. "
-     "Add images or change --val_split. With one or two large images, cut each into several image files"),
+     "Add images or change --val_split. With one or two large images, train on crops of them (--crop"),
     ("config-not-yaml", ("bad.yml", "epochs: [1\n"), ["--config", "bad.yml"], "bad.yml is not valid YAML"),
     ("config-unknown-key", ("bad.yml", "learning_rate: 0.1\n"), ["--config", "bad.yml"], "unknown key 'learning_rate'"),
     ("config-wrong-type", ("bad.yml", "batch_size: many\n"), ["--config", "bad.yml"], "key 'batch_size' has the value 'many'"),
