@@ -30,7 +30,7 @@ from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
 from predictor import describe
-from splits import load_splits, region_note
+from splits import SMALLEST_BATCH, load_splits, region_note
 from utils import (ClosedPipeSafe, Interrupts, UserError, command, count_params, duration, exit_on_user_error,
                    plain_warning)
 
@@ -39,9 +39,12 @@ def check_batch_size(cfg, train_data, val_data):
     """A batch larger than the training split would drop every batch (the last partial one is dropped)."""
     n_train, n_all = len(train_data.ids), len(train_data.ids) + len(val_data.ids)
     if cfg["batch_size"] > n_train:
+        regions = (" With one or two large images, train on crops of them (--crop, with --input_h and --input_w): a "
+                   "region of each image is then held out for validation and the crops fill the batches."
+                   if n_train < SMALLEST_BATCH and not cfg["crop"] else "")
         raise UserError(f"--batch_size {cfg['batch_size']} is larger than the training split ({n_train} of "
                         f"{n_all} images in {os.path.join(cfg['data_dir'], cfg['dataset'])}); every batch would be "
-                        f"dropped. Use --batch_size {n_train} or less.")
+                        f"dropped. Use --batch_size {n_train} or less.{regions}")
 
 
 DEPTHS = {"uint8": "8-bit", "uint16": "16-bit", "float32": "float32"}

@@ -253,3 +253,13 @@ def test_two_images_train_on_crops_without_a_plan_and_val_py_scores_both_held_ou
     assert code == 0, err
     rows = (tmp_path / "outputs" / "two" / "metrics.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == recorded["val"]
+
+
+def test_two_images_resized_whole_are_told_that_crops_split_them_by_regions(tmp_path, monkeypatch, capsys):
+    import train
+    from conftest import run_main
+    make_microscopy(tmp_path / "inputs", "two", n=2, size=192)
+    argv = ["--dataset", "two", "--img_ext", ".tif", "--input_channels", "1", "--input_h", "64", "--input_w", "64"]
+    code, out, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "--batch_size 16 is larger than the training split (1 of 2 images" in err
+    assert "With one or two large images, train on crops of them (--crop" in err and "Traceback" not in err
