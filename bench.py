@@ -451,11 +451,11 @@ def predict_rate(cfg, rt, val_data):
         for sub in subfolders(cfg["num_classes"], opts):
             os.makedirs(os.path.join(out_dir, sub))
         with ImageWriter(out_dir, opts) as writer:                                            # warm-up
-            evaluate(runs, val_data.subset(val_data.ids[:16]), options, writer, Scores.new(runs, options))
+            evaluate(runs, val_data.subset(val_data.ids[:16]), options, writer, Scores.new(runs))
         rt.synchronize()
         t0 = time.perf_counter()
         with ImageWriter(out_dir, opts) as writer:
-            evaluate(runs, val_data, options, writer, Scores.new(runs, options))
+            evaluate(runs, val_data, options, writer, Scores.new(runs))
         rt.synchronize()
         return len(val_data.ids) / (time.perf_counter() - t0)
 

@@ -29,10 +29,11 @@ def class_names(cfg):
     return list(cfg.get("class_names") or [str(c) for c in range(cfg["num_classes"])])
 
 
-def describe(cfg, dtypes):
-    """A run's model.json: everything needed to rebuild its Predictor (dtypes: the training images' types)."""
+def describe(cfg, dtypes, scale=None):
+    """A run's model.json: everything needed to rebuild its Predictor (dtypes: the training images' types; scale:
+    the scale it learned, learned_scale)."""
     widest = max(dtypes, key=lambda d: full_range(d), default="uint8")
-    return {
+    description = {
         "format": FORMAT,
         "arch": cfg["arch"], "deep_supervision": cfg["deep_supervision"], "base_channels": cfg["base_channels"],
         "input_channels": cfg["input_channels"], "num_classes": cfg["num_classes"], "class_mode": cfg["class_mode"],
@@ -44,6 +45,36 @@ def describe(cfg, dtypes):
         "crop": cfg["crop"],
         "target": cfg["target"],      # objects: planes 0 objects and 1 borders (the objects come from both)
     }
+    if scale is not None:       # image pixels per network pixel (y, x): val.py brings images to it
+        description["scale"] = [round(float(s), 6) for s in scale]
+    return description
+
+
+MAX_SCALE = 1000.0   # image pixels per network pixel: a model.json that says more is refused
+
+
+def learned_scale(cfg, sizes):
+    """The scale a run learns (image pixels per network pixel, (y, x)): 1 for crops, else each axis's median training
+    image side over the network input's (1 for images trained at their own size). sizes: the training images' (H, W)."""
+    if cfg["crop"] or not sizes:
+        return 1.0, 1.0
+    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
+    median = lambda v: (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2  # noqa: E731
+    return median(heights) / cfg["input_h"], median(widths) / cfg["input_w"]
+
+
+def recorded_scale(description, cfg, path="model.json"):
+    """The scale a run's model.json records (untrusted: two numbers in (0, MAX_SCALE], else a UserError naming path);
+    for a run from before it was recorded: 1 if it trained on crops, else None (it predicts images resized to its
+    input, as it always did)."""
+    scale = description.get("scale") if description else None
+    if scale is None:
+        return (1.0, 1.0) if cfg["crop"] else None
+    if not (isinstance(scale, list) and len(scale) == 2 and
+            all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_SCALE for s in scale)):
+        raise UserError(f"{path}: scale must be two numbers between 0 and {MAX_SCALE:g} (image pixels per network "
+                        f"pixel, y and x), not {str(scale)[:80]}; copy the run's model.json again")
+    return float(scale[0]), float(scale[1])
 
 
 def settings_of(description):

@@ -29,7 +29,7 @@ from dataerror import worded
 from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
-from predictor import describe
+from predictor import describe, learned_scale
 from splits import load_splits
 from utils import ClosedPipeSafe, Interrupts, UserError, count_params, duration, exit_on_user_error, plain_warning
 
@@ -91,7 +91,7 @@ def build(cfg, rt, recorded=None):
     engine = Engine(cfg, rt)
     loaders = make_loaders(cfg, train_data, val_data, rt)
     dtypes = train_data.dtypes | val_data.dtypes
-    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes),
+    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes, learned_scale(cfg, train_data.sizes)),
                              "trivial": advice.trivial(val_data.target_pixels, val_data.sizes, cfg["class_mode"])}
 
 

@@ -32,7 +32,7 @@ from imagefiles import read_image
 from instances import METHODS
 from outputs import OUTPUT_FORMATS, OUTPUTS_DIR, ImageWriter, OutputFolder, OutputOptions, files, run_folders, subfolders, summary, write_metrics, write_objects
 from pairing import Sample, find_ids, scan
-from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, objects_method, tiled
+from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, how_predicted, objects_method
 from splits import load_validation
 from utils import ClosedPipeSafe, Interrupts, UserError, exit_on_user_error, plain_warning
 
@@ -64,8 +64,11 @@ def parse_args(argv):
                      f"scored (default: {BORDER_THRESHOLD}; --instances uses the probabilities themselves)")
     how.add_argument("--tta", action="store_true", help="test-time augmentation: average over the eight flips and "
                      "quarter turns of a square input (four for a rectangular one)")
-    how.add_argument("--tile", action="store_true", help="predict whole images at full resolution by overlapping "
-                     "tiles of the network's input size (always on for runs trained with --crop)")
+    how.add_argument("--tile", action="store_true", help="predict each image by overlapping tiles of the network's "
+                     "input size (always on for runs trained with --crop; without it, an image is predicted whole "
+                     "unless it is larger than 1 Mpx)")
+    how.add_argument("--resize", action="store_true", help="resize each image to the network input and the masks "
+                     "back, as the reference's val.py (loses large images' detail); default: the scale the run learned")
     how.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction with --tile (default: 0.5)")
     how.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     how.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
@@ -97,7 +100,7 @@ def parse_args(argv):
         images=args.images, img_ext=args.img_ext, mask_ext=args.mask_ext, output=args.output,
         predict=PredictOptions(batch_size=args.batch_size, tta=args.tta, tile=args.tile, overlap=args.overlap,
                                threshold=args.threshold, border_threshold=args.border_threshold,
-                               instances=args.instances, min_size=args.min_size),
+                               instances=args.instances, min_size=args.min_size, resize=args.resize),
         write=OutputOptions(output_format=args.output_format, save_probs=args.save_probs, overlay=args.overlay,
                             panels=args.panels, instances=bool(args.instances)))
 
@@ -127,6 +130,9 @@ def check_args(p, args):
         p.error("--batch_size must be at least 1")
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be at least 0 and below 1")
+    if args.tile and args.resize:
+        p.error("--tile predicts images by tiles at the run's scale and --resize shrinks them to the network input: "
+                "pass one of them")
     if args.data and args.images:
         p.error("--data scores a labelled folder and --images predicts unlabelled images: pass one of them")
     if args.min_size < 1:
@@ -173,13 +179,12 @@ def report_objects(rows, options, cfg):
           f"counting error {mean('count_error'):.2f} per image ({counts})")
 
 
-def report(scores, ids, out_dir, cfg, objects=None, by_tiles=False):
+def report(scores, ids, out_dir, cfg, objects=None, how="the prediction resized back to it"):
     """Prints per-class data-set-level and per-image-mean IoU/Dice at the images' own size and their mean over
     classes (and without class 0, the catch-all class in softmax mode), then the IoU at the network input."""
     ds_iou, ds_dice = scores.image.dataset_scores()
     img_iou, img_dice = scores.image.image_scores()
     write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice, objects)
-    how = "predicted by tiles at full resolution" if by_tiles else "the prediction resized back to it"
     print(f"scored at each image's own size ({how}):")
     print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
@@ -196,7 +201,7 @@ def report(scores, ids, out_dir, cfg, objects=None, by_tiles=False):
     print("(per-image mean: an image where neither the truth nor the prediction has the class scores 1 for it)")
     print(f"IoU: {ds_iou.mean():.4f}")
     print(f"Dice: {ds_dice.mean():.4f}")
-    if scores.input is not None:
+    if scores.input is not None and scores.input_images == len(ids):     # every image was predicted at the input
         net_iou = scores.input.dataset_scores()[0].mean().item()
         print(f"IoU at the {cfg['input_w']}x{cfg['input_h']} network input (what train.py logs as val_iou): "
               f"{net_iou:.4f}")
@@ -244,15 +249,26 @@ def load_data(req, members):
 def shrink_note(data, members, options):
     """A note when images much larger than the network input are shrunk to it and --tile would keep the detail."""
     cfg = members[0].cfg
-    if options.tile or cfg["crop"]:
-        return
+    if options.tile or cfg["crop"] or not (options.resize or members[0].scale is None):
+        return                  # images are predicted at the run's scale, not shrunk to its input
     sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
     large = [s for s in sizes if advice.shrunk_enough_to_warn(s, cfg)]
     if large:
         h, w = max(large, key=lambda s: s[0] * s[1])
+        fix = ("without --resize, they are predicted at the scale the run learned" if options.resize else
+               "--tile predicts them at full resolution in overlapping tiles")
         print(f"note: {len(large)} image(s) are larger than the {cfg['input_w']}x{cfg['input_h']} network input "
-              f"(up to {w}x{h}) and are shrunk to it, which loses small detail; --tile predicts them at full "
-              "resolution in overlapping tiles")
+              f"(up to {w}x{h}) and are shrunk to it, which loses small detail; {fix}")
+
+
+def scale_note(members, options):
+    """What val.py does with images of any size, when the run learned another scale than its images' own."""
+    run = members[0]
+    if options.resize or run.scale is None or tuple(run.scale) == (1.0, 1.0):
+        return
+    sy, sx = run.scale
+    print(f"note: {run.name} learned images at {sx:.3g}x{sy:.3g} their network size (image pixels per network "
+          f"pixel, x by y): each image is resized by that factor, predicted, and its masks resized back to it")
 
 
 def depth_note(data, members):
@@ -276,6 +292,7 @@ def evaluate(req):
         data, default_out = load_data(req, members)
         if req.images or req.data:
             shrink_note(data, members, req.predict)
+            scale_note(members, req.predict)
             depth_note(data, members)
         out_dir, opts = req.output or default_out, req.write
         with OutputFolder(out_dir, protected_folders(req, members), subfolders(cfg["num_classes"], opts)) as out:
@@ -310,13 +327,13 @@ def compare_with_trivial(meter, data, cfg):
 def predict_into(out_dir, runs, data, options, opts):
     """Predicts and scores `data` into out_dir (checked, locked and cleared): files, metrics, objects, summary."""
     cfg = runs[0].cfg
-    scores = Scores.new(runs, options)
+    scores = Scores.new(runs)
     with ImageWriter(out_dir, opts) as writer:
         objects = evaluate_images(runs, data, options, writer, scores)
     if objects:
         write_objects(out_dir, objects)
     if data.labeled:
-        report(scores, data.ids, out_dir, cfg, objects, by_tiles=tiled(runs, options))
+        report(scores, data.ids, out_dir, cfg, objects, how_predicted(runs, options))
         compare_with_trivial(scores.image, data, cfg)
     if objects and data.labeled:
         report_objects(objects, options, cfg)

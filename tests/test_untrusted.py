@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import compare
 import config
 import predict
+import predictor
 import rundir
 from utils import UserError
 
@@ -37,7 +38,7 @@ DESCRIPTION = {"format": "unet-toolkit-model/1", "arch": "UNet", "deep_supervisi
                "input_channels": 1, "num_classes": 1, "class_mode": "sigmoid", "class_names": ["0"],
                "input_size": [32, 32], "size_multiple": 16, "input_dtype": "uint8",
                "normalize": {"mode": "imagenet", "pmin": 1.0, "pmax": 99.8, "per_image": False, "full_range": 255.0},
-               "crop": False, "target": "masks"}
+               "crop": False, "target": "masks", "scale": [1.0, 1.0]}
 
 
 @BOUNDED
@@ -52,6 +53,8 @@ def test_any_model_json_gives_a_checked_config_or_one_message(tmp_path, changes)
         settings_cfg, _ = predict.settings_from_description(json.loads(json.dumps(description, default=str)),
                                                             rundir.RunFolder(str(tmp_path)))
         config.check(settings_cfg)
+        scale = predictor.recorded_scale(description, cfg, str(tmp_path / "model.json"))
+        assert scale is None or all(0 < s <= predictor.MAX_SCALE for s in scale)
     except UserError:
         return
 
