@@ -50,3 +50,13 @@ def test_a_model_json_from_before_base_channels_builds_the_reference_width():
     assert Predictor.build(description).network.conv0_0.conv1.out_channels == 8
     del description["base_channels"]                                  # as train.py wrote it before the key existed
     assert Predictor.build(description).network.conv0_0.conv1.out_channels == 32
+
+
+def test_the_description_records_an_inverted_mask_and_settings_of_reads_it_back():
+    from predictor import settings_of
+    inverted = describe({**config.DEFAULTS, "invert_mask": True}, {np.dtype("uint8")})
+    assert inverted["invert_mask"] is True and settings_of(inverted)["invert_mask"] is True
+    plain = describe(config.DEFAULTS, {np.dtype("uint8")})
+    assert settings_of(plain)["invert_mask"] is False
+    del plain["invert_mask"]                                          # a model.json from before the key
+    assert settings_of(plain)["invert_mask"] is False
