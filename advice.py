@@ -16,6 +16,7 @@ SHRINK_WARN = 2.0      # an image more than this many times larger than the netw
                        # detail when shrunk to it: train.py's start-up note and val.py's --tile note warn
 MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
 RARE_CLASS = 0.01      # a class covering less of the training pixels than this
+MAJORITY = 0.5         # one class covering more of the training pixels than this: its complement may be the point
 MARGIN = 0.05          # how much IoU a model must gain over the better trivial prediction
 
 
@@ -82,9 +83,26 @@ def rare_class_notes(target_pixels, sizes, cfg):
             for c, f in enumerate(fractions) if c >= first and 0 < f < RARE_CLASS]
 
 
+def majority_advice(fraction, where):
+    """What to say of one class covering `fraction` (above MAJORITY) of `where` ('the training pixels')."""
+    return (f"class 0 covers {100 * fraction:.0f}% of {where}, so its IoU is high for little; if the other "
+            f"{100 * (1 - fraction):.0f}% (membranes, borders, background) is the class that matters, --invert_mask "
+            "trains on it (val.py scores both either way)")
+
+
+def majority_note(target_pixels, sizes, cfg):
+    """A note when the one class of a run covers more than MAJORITY of the training pixels ('' if not)."""
+    if target_pixels is None or not sizes or cfg["num_classes"] != 1 or cfg["target"] != "masks" or \
+            cfg.get("invert_mask"):
+        return ""
+    fraction = float(target_pixels.sum()) / max(1, sum(h * w for h, w in sizes))
+    return majority_advice(fraction, "the training pixels") if fraction > MAJORITY else ""
+
+
 def startup_notes(cfg, train_data, processes=1):
     """Every start-up note for this config on this training split."""
-    notes = [shrunk_note(train_data.sizes, cfg), steps_note(len(train_data.ids), cfg, processes)]
+    notes = [shrunk_note(train_data.sizes, cfg), steps_note(len(train_data.ids), cfg, processes),
+             majority_note(train_data.target_pixels, train_data.sizes, cfg)]
     return [n for n in notes if n] + rare_class_notes(train_data.target_pixels, train_data.sizes or [], cfg)
 
 

@@ -18,7 +18,7 @@ from archs import ARCHS
 from dataset import OBJECT_PLANES, TARGETS
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
-from pairing import ext_family, single_image_type
+from pairing import class_names_file, ext_family, single_image_type
 from plan import planned
 from rundir import RunFolder
 from utils import UserError, load_yaml, str2bool
@@ -130,6 +130,10 @@ SETTINGS = [
             "or instances/), plane 0 the objects and plane 1 the borders where they touch (2 sigmoid classes, named "
             "objects and borders), so that val.py --instances splits objects where the network sees their border",
             choices=TARGETS),
+    Setting("invert_mask", False, bool, "model", "train on the complement of the mask: the pixels masks/0 (or the "
+            "label images) do not mark, e.g. the membranes between cells when the masks mark the cells; for a mask "
+            "that covers most of each image when the rest is what matters. One-class runs; val.py and an export then "
+            "predict, write and score that complement"),
     Setting("class_mode", "sigmoid", str, "model", "sigmoid: independent per-class masks; softmax: mutually "
             "exclusive classes (argmax)", choices=("sigmoid", "softmax")),
     Setting("loss", "BCEDiceLoss", str, "model", "loss function", choices=tuple(LOSSES)),
@@ -457,6 +461,12 @@ def check_combinations(cfg, source):
         raise UserError(f"{origin(source, 'loss', 'target')}: loss {cfg['loss']} weighs the border plane of --target "
                         f"{TARGET_LOSSES[cfg['loss']]}, and this run's target is {cfg['target']}; add --target "
                         f"{TARGET_LOSSES[cfg['loss']]} or choose another loss (e.g. BCEDiceLoss)")
+    if cfg["invert_mask"] and (cfg["num_classes"] != 1 or cfg["target"] != "masks"):
+        raise UserError(f"{origin(source, 'invert_mask', 'num_classes', 'target')}: invert_mask trains on the "
+                        "complement of one class's mask, and this run has "
+                        + (f"target {cfg['target']}" if cfg["target"] != "masks" else f"num_classes {cfg['num_classes']}")
+                        + "; drop invert_mask (with several classes, make the class that matters a mask folder of its "
+                        "own)")
     names = cfg["class_names"]
     if names and (len(names) != cfg["num_classes"] or len(set(names)) != len(names)):
         raise UserError(f"{origin(source, 'class_names', 'num_classes')}: class_names {','.join(names)} must name each "
@@ -552,10 +562,15 @@ def follow_target(cfg, sources):
 
 def follow_folder(cfg, sources):
     """img_ext and mask_ext that the user left out: the type of the files in images/ and masks/0/ when each holds
-    images of one type other than the default's (a folder of TIFFs needs no --img_ext .tif). -> (cfg, sources,
-    a line saying what was chosen, for each)."""
+    images of one type other than the default's (a folder of TIFFs needs no --img_ext .tif); class_names left out:
+    the names in masks/names.txt when it names num_classes classes (--plan auto takes them when it sets
+    num_classes). -> (cfg, sources, a line saying what was chosen, for each)."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
     lines = []
+    names, path = class_names_file(root) if "class_names" not in sources else ([], None)
+    if names and len(names) == cfg["num_classes"]:
+        cfg, sources = {**cfg, "class_names": names}, {**sources, "class_names": f"the file {path}"}
+        lines.append(f"class_names: {','.join(names)} (from {path}; --class_names sets them)")
     for key, folder in (("img_ext", "images"), ("mask_ext", os.path.join("masks", "0"))):
         found = single_image_type(os.path.join(root, folder))
         if key in sources or found is None or found in ext_family(cfg[key]):

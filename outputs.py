@@ -15,6 +15,7 @@ The folder:
 """
 import csv
 import io
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -292,14 +293,16 @@ def write_csv(path, fieldnames, rows):
 
 
 def write_metrics(path, ids, iou, dice, objects=None):
-    """metrics.csv: id, then iou_<c> and dice_<c> per class; with instances the object columns too."""
+    """metrics.csv: id, then iou_<c> and dice_<c> per class; with instances the object columns too. A score that is
+    NaN (an image where neither the truth nor the prediction has the class: no score) is an empty cell."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     classes = range(iou.shape[1])
     writer.writerow(["id"] + [f"{m}_{c}" for c in classes for m in ("iou", "dice")] + (OBJECT_COLUMNS if objects else []))
     for n, img_id in enumerate(ids):
         extra = [objects[n]["score"]] + [objects[n][k] for k in OBJECT_COLUMNS[1:]] if objects else []
-        writer.writerow([img_id] + [f"{v[n, c].item():.6f}" for c in classes for v in (iou, dice)] +
+        scores = [v[n, c].item() for c in classes for v in (iou, dice)]
+        writer.writerow([img_id] + ["" if math.isnan(x) else f"{x:.6f}" for x in scores] +
                         [f"{x:.6f}" if isinstance(x, float) else x for x in extra])
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 

@@ -7,20 +7,22 @@ the rules after them use the user's values (a given --input_w sets the batch siz
 """
 import math
 import os
+import shlex
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from advice import MIN_STEPS, RARE_CLASS   # the thresholds train.py's start-up notes warn at
+from advice import MAJORITY, MIN_STEPS, RARE_CLASS, majority_advice   # what train.py's start-up notes warn at
 from archs import SIZE_MULTIPLE, training_bytes_per_pixel
 from dataset import OBJECT_PLANES, Targets, read_target
 from imagefiles import decode, image_type, read_labels
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
-from pairing import scan
+from pairing import class_names_file, scan
 from utils import resolve_device
 
-DERIVED = ("--target", "the files in")   # how config words a setting it derived (follow_target, follow_folder)
+DERIVED = ("--target", "the files in", "the file ")   # how config words a setting it derived (follow_target,
+                                                      # follow_folder)
 SURVEY_IMAGES = 48          # images read for the survey, evenly spread over the sorted ids
 UNIFORM = 1.5               # largest / smallest side up to which images count as one size
 WHOLE_LIMIT = {False: 256, True: 512}    # (cuda?) image sides up to which images train whole, at their own size
@@ -34,6 +36,8 @@ EPOCHS = (10, 400)          # the fewest and most epochs the plan gives
 EMA_SPAN = 7                # the weights are averaged over about the last 1/EMA_SPAN of the run's steps ...
 EMA_DECAY = (0.99, 0.995)   # ... within these decays (about the last 100 to 200 steps)
 BACKGROUND = 0.5            # masks/0 covering more than this of the pixels is a background class (softmax)
+OVERLAP = 0.01              # classes that share less than this of their marked pixels are exclusive (softmax) ...
+UNMARKED = 0.1              # ... when at most this of the pixels is in no class (softmax counts them as class 0)
 
 
 @dataclass
@@ -51,14 +55,20 @@ class Survey:
     object_size: float       # median object diameter in pixels (label images, else class 0's blobs); 0 if none
     brightness: tuple = (0.0, 0.0)  # 10th and 90th percentile of the images' mean intensity, as a fraction of the
                                     # pixel type's range (integer types; (0, 0) for float images)
+    overlap: tuple = (0.0, 0.0)     # of the pixels some class marks, the fraction two or more classes mark; the
+                                    # same among classes 1 and up (masks/0 left out)
+    unmarked: float = 0.0           # the fraction of the pixels no class marks
+    names: tuple = ()               # the classes' names, from masks/names.txt
 
     def line(self):
         cover = ", ".join(f"{100 * f:.1f}%" for f in self.foreground)
         objects = f", objects median {self.object_size:.0f} px" if self.object_size else ""
         channels = "1 channel" if self.channels == 1 else f"{self.channels} channels"
         classes = "1 class" if self.classes == 1 else f"{self.classes} classes"
+        shared = (f"; {100 * self.overlap[0]:.1f}% of the marked pixels in two or more classes, "
+                  f"{100 * self.unmarked:.1f}% of the pixels in none" if self.classes > 1 else "")
         return (f"{self.images} images, median {self.width}x{self.height}, {channels} of {self.dtype}, {classes} "
-                f"covering {cover} of the pixels{objects}")
+                f"covering {cover} of the pixels{shared}{objects}")
 
 
 @dataclass
@@ -77,6 +87,8 @@ class Choice:
         def flag(k, v):
             if isinstance(v, bool):
                 return f"--{k}" if v else f"--{k} false"
+            if isinstance(v, list):                 # class_names: one comma-separated word for the shell
+                return f"--{k} {shlex.quote(','.join(map(str, v)))}"
             return f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
         return " ".join(flag(k, v) for k, v in self.settings.items())
 
@@ -105,11 +117,11 @@ def survey(root, cfg, sources):
     """Reads up to SURVEY_IMAGES images of <root> (and their masks) -> Survey. The files are checked as training
     checks them; num_classes is the user's if given, else the count of masks/ folders."""
     classes = cfg["num_classes"] if "num_classes" in sources else class_count(root)
-    targets = Targets(objects=cfg["target"] == "objects")         # borders at the images' own size
-    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, objects=targets.objects)
+    targets = Targets(objects=cfg["target"] == "objects", invert=bool(cfg["invert_mask"]))   # borders at the
+    scanned = scan(root, cfg["img_ext"], cfg["mask_ext"], classes, objects=targets.objects)  # images' own size
     ids = list(scanned)
     picked = sorted({ids[round(k)] for k in np.linspace(0, len(ids) - 1, min(SURVEY_IMAGES, len(ids)))})
-    shapes, channels, dtypes, covered, pixels, diameters, means = [], set(), set(), 0, 0, [], []
+    shapes, channels, dtypes, covered, shared, diameters, means = [], set(), set(), 0, np.zeros(4, np.int64), [], []
     for i in picked:
         img = image_type(decode(scanned[i].image), scanned[i].image)
         if img.dtype.kind in "ui":
@@ -118,16 +130,24 @@ def survey(root, cfg, sources):
         channels.add(img.shape[2] if img.ndim == 3 else 1)
         dtypes.add(img.dtype)
         target = read_target(scanned[i], img.shape[:2], targets)[0]
-        covered, pixels = covered + target.reshape(-1, target.shape[2]).sum(0), pixels + target.shape[0] * target.shape[1]
+        covered, shared = covered + target.reshape(-1, target.shape[2]).sum(0), shared + sharing(target)
         diameters.extend(object_diameters(scanned[i], target))
-    sides = [s for shape in shapes for s in shape]
+    sides, pixels = [s for shape in shapes for s in shape], sum(h * w for h, w in shapes)
     widest = max(dtypes, key=lambda d: (d.kind == "f", d.itemsize))
     return Survey(images=len(ids), height=int(np.median([s[0] for s in shapes])),
                   width=int(np.median([s[1] for s in shapes])), smallest=min(sides), largest=max(sides),
                   channels=max(channels), dtype=str(widest), classes=classes,
                   foreground=tuple(float(c) / pixels for c in covered),
                   object_size=float(np.median(diameters)) if diameters else 0.0,
-                  brightness=tuple(float(b) for b in np.percentile(means, (10, 90))) if means else (0.0, 0.0))
+                  brightness=tuple(float(b) for b in np.percentile(means, (10, 90))) if means else (0.0, 0.0),
+                  overlap=(shared[1] / max(1, shared[0]), shared[3] / max(1, shared[2])),
+                  unmarked=1 - shared[0] / pixels, names=tuple(class_names_file(root)[0]))
+
+
+def sharing(target):
+    """An image's (H, W, C) 0/1 target -> pixels marked by a class, by two or more; the same for classes 1 and up."""
+    marks, above_0 = target.sum(2, dtype=np.int32), target[:, :, 1:].sum(2, dtype=np.int32)
+    return np.array([(marks > 0).sum(), (marks > 1).sum(), (above_0 > 0).sum(), (above_0 > 1).sum()], np.int64)
 
 
 def machine(device):
@@ -217,8 +237,8 @@ def plan_normalize(s):
 
 
 def plan_classes(s, cfg, given):
-    """Sigmoid classes with BCE + Dice, or softmax when masks/0 is a background drawn under the other classes. A
-    class mode or loss the user gave decides the other."""
+    """Sigmoid classes with BCE + Dice, or softmax when the data says each pixel is one class (exclusive_classes).
+    A class mode or loss the user gave decides the other. The classes' names come with them (masks/names.txt)."""
     rare = [f"class {c} ({100 * f:.2f}% of the pixels)" for c, f in enumerate(s.foreground) if f < RARE_CLASS]
     weighs = f"; its Dice term weighs {', '.join(rare)} by overlap, so a rare class is not ignored" if rare else ""
     if cfg["target"] == "objects":
@@ -227,16 +247,50 @@ def plan_classes(s, cfg, given):
                       f"which border pixels weigh {BORDER_WEIGHT:g}x + a Dice that pools the batch, so the thin borders "
                       "are learned")
     if "class_mode" in given or "loss" in given:
-        softmax = cfg["class_mode"] == "softmax" if "class_mode" in given else cfg["loss"] in SOFTMAX_LOSSES
-        why = f"as --{'class_mode' if 'class_mode' in given else 'loss'} {cfg['class_mode' if 'class_mode' in given else 'loss']} asks"
+        key = "class_mode" if "class_mode" in given else "loss"
+        softmax = cfg["class_mode"] == "softmax" if key == "class_mode" else cfg["loss"] in SOFTMAX_LOSSES
+        why = f"as --{key} {cfg[key]} asks"
     else:
-        softmax = s.classes > 1 and s.foreground[0] > BACKGROUND
-        why = (f"masks/0 covers {100 * s.foreground[0]:.0f}% of the pixels: a background, so one class per pixel"
-               if softmax else "a sigmoid per class" + (" (masks/0 is not a background)" if s.classes > 1 else ""))
+        softmax, why = exclusive_classes(s)
     mode, loss = ("softmax", "CEDiceLoss") if softmax else ("sigmoid", "BCEDiceLoss")
     count = "1 class" if s.classes == 1 else f"{s.classes} classes"
-    return Choice({"num_classes": s.classes, "class_mode": mode, "loss": loss},
-                  f"{count}: {why}, with a cross-entropy + Dice loss{weighs}")
+    names = {"class_names": list(s.names)} if s.names and len(s.names) == s.classes else {}
+    named = " (their names from masks/names.txt)" if names else ""
+    return Choice({"num_classes": s.classes, "class_mode": mode, "loss": loss, **names},
+                  f"{count}{named}: {why}, with a cross-entropy + Dice loss{weighs}{majority(s, cfg)}")
+
+
+def exclusive_classes(s):
+    """-> (softmax?, why) from what the masks mark. Softmax when the classes rarely share a pixel (under OVERLAP of
+    the pixels they mark; with masks/0 a background covering most pixels, drawn under the others or not, the
+    smaller of that share with and without it) and masks/0 is such a background or few pixels are in no class
+    (at most UNMARKED: gaps, 'void', which softmax counts as class 0, the background). Otherwise a sigmoid per
+    class: classes that overlap, or a background no mask marks while masks/0 is a class of its own (softmax would
+    fold that background into it)."""
+    if s.classes == 1:
+        return False, "a sigmoid"
+    background = s.foreground[0] > BACKGROUND
+    shared = min(s.overlap) if background else s.overlap[0]
+    if shared >= OVERLAP:
+        return False, (f"{100 * shared:.1f}% of the marked pixels are in two or more classes (softmax needs under "
+                       f"{100 * OVERLAP:g}%): a sigmoid per class")
+    unmarked = f"the {100 * s.unmarked:.1f}% of the pixels no class marks count as class 0, the background"
+    if background:
+        return True, (f"masks/0 covers {100 * s.foreground[0]:.0f}% of the pixels: a background, so one class per "
+                      f"pixel (softmax; a pixel masks/0 and another class mark is that class; {unmarked})")
+    if s.unmarked <= UNMARKED:
+        return True, (f"the classes are exclusive ({100 * shared:.2f}% of the marked pixels in two or more): one "
+                      f"class per pixel (softmax); {unmarked}")
+    return False, (f"the classes are exclusive but {100 * s.unmarked:.0f}% of the pixels are in none, and masks/0 "
+                   f"({100 * s.foreground[0]:.0f}%) is a class, not that background: a sigmoid per class (for one "
+                   "class per pixel, make masks/0 the background: every pixel no other class marks)")
+
+
+def majority(s, cfg):
+    """'; class 0 covers 78% ...: --invert_mask ...' for one class covering most pixels (advice.majority_advice)."""
+    if s.classes != 1 or cfg["target"] != "masks" or cfg["invert_mask"] or s.foreground[0] <= MAJORITY:
+        return ""
+    return "; " + majority_advice(s.foreground[0], "the pixels")
 
 
 def plan_optimizer():

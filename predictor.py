@@ -44,6 +44,7 @@ def describe(cfg, dtypes, scale=None):
                       "per_image": bool(cfg["per_image_norm"]), "full_range": full_range(widest)},
         "crop": cfg["crop"],
         "target": cfg["target"],      # objects: planes 0 objects and 1 borders (the objects come from both)
+        "invert_mask": bool(cfg.get("invert_mask", False)),   # the class is the complement of the masks' class
     }
     if scale is not None:       # image pixels per network pixel (y, x): val.py brings images to it
         description["scale"] = [round(float(s), 6) for s in scale]
@@ -83,7 +84,7 @@ def settings_of(description):
     network = {k: net[k] for k in ("arch", "deep_supervision", "base_channels", "input_channels", "num_classes")}
     return {**network, "class_mode": d["class_mode"], "input_h": d["input_size"][0], "input_w": d["input_size"][1],
             "normalize": n["mode"], "norm_pmin": n["pmin"], "norm_pmax": n["pmax"], "per_image_norm": n["per_image"],
-            "crop": d["crop"], "target": d.get("target", "masks")}
+            "crop": d["crop"], "target": d.get("target", "masks"), "invert_mask": d.get("invert_mask", False)}
 
 
 def network_settings(description):

@@ -21,6 +21,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 import advice
 import config
 import rundir
@@ -145,7 +147,7 @@ def check_ensemble(members):
     """The runs of an ensemble must predict the same classes from the same kind of image."""
     first = members[0]
     for m in members[1:]:
-        for key in ("num_classes", "class_mode", "input_channels", "target"):
+        for key in ("num_classes", "class_mode", "input_channels", "target", "invert_mask"):
             if m.cfg[key] != first.cfg[key]:
                 raise UserError(f"--name: runs {first.name} and {m.name} differ in {key} ({first.cfg[key]} and "
                                 f"{m.cfg[key]}), so their predictions cannot be averaged; ensemble runs trained "
@@ -179,32 +181,71 @@ def report_objects(rows, options, cfg):
           f"counting error {mean('count_error'):.2f} per image ({counts})")
 
 
-def report(scores, ids, out_dir, cfg, objects=None, how="the prediction resized back to it"):
-    """Prints per-class data-set-level and per-image-mean IoU/Dice at the images' own size and their mean over
-    classes (and without class 0, the catch-all class in softmax mode), then the IoU at the network input."""
+def report(scores, ids, out_dir, cfg, objects=None, how="the prediction resized back to it", sizes=None):
+    """Prints per class the data-set-level IoU/Dice at the images' own size and their per-image mean over the images
+    where the truth or the prediction has the class (with their count; an image where neither has it says nothing
+    of the class: metrics.csv leaves its cell empty), their mean over classes (and without class 0, the catch-all
+    class in softmax mode), for a one-class run its complement's IoU (sizes: each image's (H, W)), then the IoU at
+    the network input."""
     ds_iou, ds_dice = scores.image.dataset_scores()
-    img_iou, img_dice = scores.image.image_scores()
+    inter, psum, tsum = torch.cat(scores.image.per_image, 1)
+    present = psum + tsum > 0                       # (N, C): the truth or the prediction has the class
+    img_iou, img_dice = (torch.where(present, v, torch.nan) for v in scores.image.image_scores())
     write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice, objects)
+    iou_means, dice_means = img_iou.nanmean(0), img_dice.nanmean(0)   # NaN for a class no image has
     print(f"scored at each image's own size ({how}):")
     print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
-        print(f"{class_label(cfg['class_names'], c)[:10]:>10} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
+        label = class_label(cfg["class_names"], c)
+        label = f"not {label}" if cfg.get("invert_mask") and not cfg["class_names"] else label
+        n = int(present[:, c].sum())
+        print(f"{label[:10]:>10} {ds_iou[c]:>15.4f} {mean_cell(iou_means[c], n):>21} {ds_dice[c]:>16.4f} "
+              f"{mean_cell(dice_means[c], n):>22}")
     rows = [("mean", slice(None))]
     if cfg["class_mode"] == "softmax":
         rows.append(("mean w/o 0", slice(1, None)))      # class 0: the pixels no mask marks
     for label, cls in rows:
-        print(f"{label:>10} {ds_iou[cls].mean():>15.4f} {img_iou[:, cls].mean():>21.4f} {ds_dice[cls].mean():>16.4f} "
-              f"{img_dice[:, cls].mean():>22.4f}")
+        print(f"{label:>10} {ds_iou[cls].mean():>15.4f} {mean_cell(iou_means[cls].nanmean()):>21} "
+              f"{ds_dice[cls].mean():>16.4f} {mean_cell(dice_means[cls].nanmean()):>22}")
     if cfg["class_mode"] == "softmax":
         print("(softmax mode: each pixel is one class: class 0 holds the pixels no other class marks, and a pixel two "
               "masks mark is the higher class, as in training; 'mean w/o 0' is the mean over classes 1 and up)")
-    print("(per-image mean: an image where neither the truth nor the prediction has the class scores 1 for it)")
+    print("(per-image mean: over the images where the truth or the prediction has the class, their count in brackets; "
+          "an image where neither has it is left out, and its cell in metrics.csv is empty)")
+    if ds_iou.shape[0] == 1 and cfg["target"] == "masks" and sizes:
+        print(complement_line([x.sum().item() for x in (inter, psum, tsum)], sum(h * w for h, w in sizes), cfg))
     print(f"IoU: {ds_iou.mean():.4f}")
     print(f"Dice: {ds_dice.mean():.4f}")
     if scores.input is not None and scores.input_images == len(ids):     # every image was predicted at the input
         net_iou = scores.input.dataset_scores()[0].mean().item()
         print(f"IoU at the {cfg['input_w']}x{cfg['input_h']} network input (what train.py logs as val_iou): "
               f"{net_iou:.4f}")
+
+
+def mean_cell(value, count=None):
+    """A per-image mean as report()'s table shows it: '0.6123', with count '0.6123 (12)'; '-' when no image has the
+    class (value NaN)."""
+    if torch.isnan(value):
+        return "-"
+    return f"{value:.4f}" + (f" ({count})" if count is not None else "")
+
+
+def complement_line(sums, pixels, cfg):
+    """One-class runs: the data-set IoU and Dice of the class's complement (every pixel the class leaves out), from
+    its summed counts (intersection, predicted, true pixels) over `pixels` pixels. With invert_mask the run's class
+    is that complement already, and its complement is masks/0 as drawn."""
+    inter, predicted, true = sums
+    both_out, either_out = pixels - (predicted + true - inter), pixels - inter     # pixels outside both / either
+    iou = both_out / either_out if either_out > 0 else 1.0
+    dice = 2 * both_out / (2 * pixels - predicted - true) if 2 * pixels > predicted + true else 1.0
+    share = 1 - true / max(1, pixels)
+    if cfg.get("invert_mask"):
+        return (f"invert_mask: this run learned the complement of the masks (the pixels they do not mark), so the masks "
+                f"written and the scores above are of that complement; the masks' own class ({100 * share:.0f}% of the "
+                f"pixels): IoU {iou:.4f}, Dice {dice:.4f} (data set)")
+    hint = "; --invert_mask trains a run on it" if share < 1 - advice.MAJORITY else ""
+    return (f"complement (the pixels the masks do not mark, {100 * share:.0f}% of them): IoU {iou:.4f}, Dice "
+            f"{dice:.4f} (data set){hint}")
 
 
 def unlabelled(req, cfg):
@@ -333,7 +374,7 @@ def predict_into(out_dir, runs, data, options, opts):
     if objects:
         write_objects(out_dir, objects)
     if data.labeled:
-        report(scores, data.ids, out_dir, cfg, objects, how_predicted(runs, options))
+        report(scores, data.ids, out_dir, cfg, objects, how_predicted(runs, options), sizes=data.sizes)
         compare_with_trivial(scores.image, data, cfg)
     if objects and data.labeled:
         report_objects(objects, options, cfg)

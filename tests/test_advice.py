@@ -1,5 +1,6 @@
 """advice.py: the start-up notes and the trivial predictions a model has to beat."""
 import os
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -45,6 +46,18 @@ def test_a_rare_class_gets_a_note_unless_the_loss_weighs_overlap():
     notes = advice.rare_class_notes(pixels, [(100, 100)], {**CFG, "num_classes": 2})
     assert len(notes) == 1 and notes[0].startswith("class 0 covers 0.50%") and "--loss BCEDiceLoss" in notes[0]
     assert advice.rare_class_notes(pixels, [(100, 100)], {**CFG, "loss": "BCEDiceLoss"}) == []
+
+
+def test_one_class_covering_most_pixels_gets_a_note_offering_its_complement():
+    cfg = {**CFG, "num_classes": 1, "target": "masks"}
+    note = advice.majority_note(np.array([[78], [78]]), [(10, 10), (10, 10)], cfg)
+    assert note.startswith("class 0 covers 78% of the training pixels") and "the other 22%" in note
+    assert "--invert_mask" in note
+    assert advice.majority_note(np.array([[50]]), [(10, 10)], cfg) == ""                       # half: no note
+    assert advice.majority_note(np.array([[78]]), [(10, 10)], {**cfg, "invert_mask": True}) == ""
+    assert advice.majority_note(np.array([[78, 5]]), [(10, 10)], {**cfg, "num_classes": 2}) == ""
+    assert note in advice.startup_notes(cfg, SimpleNamespace(sizes=[(10, 10)] * 2, ids=["a", "b"] * 80,
+                                                             target_pixels=np.array([[78], [78]])))
 
 
 def test_trivial_predictions_score_as_the_metrics_count():

@@ -174,3 +174,30 @@ def test_resume_changes_only_how_long_and_where_a_run_goes_on(tmp_path):
     assert str(e.value).endswith(" --lr 0.1. Only epochs, early_stopping, num_workers, cache_mb, loader, device, amp, "
                                  "memory_format, compile, cuda_graph, save_every, deterministic, data_dir, class_names "
                                  "may change on resume.")
+
+
+def test_the_class_names_come_from_masks_names_txt_unless_given(tmp_path):
+    from conftest import make_data
+    root = make_data(tmp_path / "inputs", "three", num_classes=3, exclusive=True, names=True)
+    base = ["--data_dir", str(tmp_path / "inputs"), "--dataset", "three", "--num_classes", "3"]
+    cfg, run = config.resolve(base)
+    assert cfg["class_names"] == ["background", "ellipse", "square"]
+    assert any(line.startswith("class_names: background,ellipse,square (from ") for line in run["plan_lines"])
+    assert config.resolve(base + ["--class_names", "a,b,c"])[0]["class_names"] == ["a", "b", "c"]
+    # a count that is not num_classes: the file is left to the class folders' own message
+    assert config.resolve(base[:-2])[0]["class_names"] == []
+    with open(os.path.join(root, "masks", "names.txt"), "a") as f:
+        f.write("extra\n")
+    with pytest.raises(UserError, match="names.txt names 4 class"):
+        config.resolve(base)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--invert_mask", "--num_classes", "2"], "invert_mask trains on the complement of one class's mask, and this run "
+                                              "has num_classes 2"),
+    (["--invert_mask", "--target", "objects"], "this run has target objects"),
+])
+def test_invert_mask_is_for_one_class_of_masks(argv, says):
+    assert config.resolve(["--invert_mask"])[0]["invert_mask"] is True
+    with pytest.raises(UserError, match=says):
+        config.resolve(argv)

@@ -102,6 +102,15 @@ def test_write_metrics_has_a_row_per_image_and_columns_per_class(tmp_path):
     assert float(rows[1]["iou_0"]) == 1.0                # nothing to find and nothing found
 
 
+def test_write_metrics_leaves_the_cell_of_a_score_that_is_not_there_empty(tmp_path):
+    """report() passes NaN where neither the truth nor the prediction has the class: no score, so no number."""
+    iou = torch.tensor([[0.5, float("nan")], [float("nan"), 1.0]])
+    outputs.write_metrics(str(tmp_path / "metrics.csv"), ["a", "b"], iou, iou * 0.9)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert (rows[0]["iou_0"], rows[0]["iou_1"], rows[0]["dice_1"]) == ("0.500000", "", "")
+    assert (rows[1]["iou_0"], rows[1]["dice_1"]) == ("", "0.900000")
+
+
 def test_the_closing_line_says_32_bit_when_an_image_had_more_than_65535_objects():
     opts = outputs.OutputOptions(instances=True)
     cfg = {"num_classes": 1, "class_names": [], "class_mode": "sigmoid", "target": "masks"}

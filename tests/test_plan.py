@@ -116,13 +116,50 @@ def test_the_weights_are_always_averaged_over_about_a_seventh_of_the_run():
     assert planned(replace(LARGE, images=2000), GPU)[0]["ema"] == 0.995
 
 
-def test_classes_get_sigmoids_unless_masks_0_is_a_background():
-    got, choices = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.004)))
+def test_classes_that_share_pixels_get_a_sigmoid_each_and_a_rare_class_a_loss_that_sees_it():
+    got, choices = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.004), overlap=(0.03, 0.05), unmarked=0.7))
     assert (got["num_classes"], got["class_mode"], got["loss"]) == (3, "sigmoid", "BCEDiceLoss")
+    assert "3.0% of the marked pixels are in two or more classes" in reason(choices, "loss")
     assert "class 2 (0.40% of the pixels)" in reason(choices, "loss")  # a rare class, and why the loss suits it
-    got, choices = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)))
-    assert (got["class_mode"], got["loss"]) == ("softmax", "CEDiceLoss")
-    assert "masks/0 covers 70%" in reason(choices, "loss")
+
+
+def test_exclusive_classes_get_softmax_and_the_unmarked_pixels_are_said_to_be_class_0():
+    street = replace(SMALL, classes=11, foreground=(0.3,) + (0.062,) * 10, overlap=(0.0, 0.0), unmarked=0.08)
+    got, choices = planned(street)
+    assert (got["num_classes"], got["class_mode"], got["loss"]) == (11, "softmax", "CEDiceLoss")
+    assert "the classes are exclusive" in reason(choices, "loss")
+    assert "the 8.0% of the pixels no class marks count as class 0, the background" in reason(choices, "loss")
+    # the same classes sharing 1% of their pixels, or with most pixels in none while masks/0 is a class of its own
+    assert planned(replace(street, overlap=(plan.OVERLAP, plan.OVERLAP)))[0]["class_mode"] == "sigmoid"
+    got, choices = planned(replace(street, unmarked=0.6))
+    assert got["class_mode"] == "sigmoid" and "60% of the pixels are in none" in reason(choices, "loss")
+    assert "make masks/0 the background" in reason(choices, "loss")
+
+
+def test_a_background_in_masks_0_gives_softmax_whether_drawn_under_the_other_classes_or_beside_them():
+    beside = replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1), overlap=(0.004, 0.04), unmarked=0.0)
+    under = replace(beside, foreground=(1.0, 0.2, 0.1), overlap=(0.3, 0.0))     # masks/0 marks every pixel
+    for s in (beside, under):
+        got, choices = planned(s)
+        assert (got["class_mode"], got["loss"]) == ("softmax", "CEDiceLoss")
+        assert f"masks/0 covers {100 * s.foreground[0]:.0f}%" in reason(choices, "loss")
+    assert planned(replace(under, overlap=(0.3, 0.2)))[0]["class_mode"] == "sigmoid"   # classes 1.. overlap too
+
+
+def test_the_class_names_of_the_data_set_come_with_the_classes_unless_given():
+    named = replace(SMALL, classes=3, foreground=(0.8, 0.1, 0.1), names=("background", "cell", "vesicle"))
+    got, choices = planned(named)
+    assert got["class_names"] == ["background", "cell", "vesicle"] and "names from masks/names.txt" in reason(choices, "loss")
+    assert "--class_names background,cell,vesicle" in next(c for c in choices if "loss" in c.settings).flags()
+    assert "class_names" not in planned(named, class_names=["a", "b", "c"])[0]
+    assert "class_names" not in planned(replace(named, names=()))[0]
+
+
+def test_one_class_covering_most_pixels_is_said_and_its_inverse_offered():
+    got, choices = planned(replace(SMALL, foreground=(0.78,)))
+    assert "class 0 covers 78% of the pixels" in reason(choices, "loss") and "--invert_mask" in reason(choices, "loss")
+    for s, given in ((replace(SMALL, foreground=(0.4,)), {}), (replace(SMALL, foreground=(0.78,)), {"invert_mask": True})):
+        assert "--invert_mask" not in reason(planned(s, **given)[1], "loss")
 
 
 def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path):
@@ -150,7 +187,7 @@ def test_the_users_settings_are_kept_and_the_rules_after_them_use_them():
     assert "crop" not in got and got["input_w"] == 96
     got, _ = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.1)), loss="CEDiceLoss")
     assert got["class_mode"] == "softmax" and "loss" not in got
-    got, _ = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)), class_mode="sigmoid")
+    got, _ = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)), class_mode="sigmoid")   # a background
     assert got["loss"] == "BCEDiceLoss"
 
 
@@ -183,6 +220,22 @@ def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_pat
     means = [cv2.imread(os.path.join(three, "images", f)).mean() / 255 for f in files]
     assert s.foreground[0] == pytest.approx(np.mean(cover)) and s.foreground[0] > 0.5
     assert s.brightness == pytest.approx(tuple(np.percentile(means, (10, 90))))    # of the images' mean intensities
+
+
+def test_the_survey_measures_how_much_the_classes_share_and_leave_unmarked_and_reads_their_names(tmp_path):
+    root = make_data(tmp_path, "shapes", n=12, size=64, num_classes=6, exclusive=True, void=True, names=True)
+    s = plan.survey(root, config.DEFAULTS, {})
+    files = sorted(os.listdir(os.path.join(root, "images")))
+    stacks = [np.stack([cv2.imread(os.path.join(root, "masks", str(c), f), 0) > 127 for c in range(6)], 2)
+              for f in files]
+    marks = np.concatenate([m.sum(2).ravel() for m in stacks])
+    above_0 = np.concatenate([m[:, :, 1:].sum(2).ravel() for m in stacks])
+    assert s.classes == 6 and s.names == ("background", "ellipse", "square", "triangle", "ellipse 2", "square 2")
+    assert s.unmarked == pytest.approx((marks == 0).mean()) and 0 < s.unmarked < plan.UNMARKED     # the void rings
+    assert s.overlap == pytest.approx(((marks > 1).sum() / (marks > 0).sum(), (above_0 > 1).sum() / (above_0 > 0).sum()))
+    got, choices = planned(s)
+    assert got["class_mode"] == "softmax" and got["class_names"] == list(s.names)
+    assert f"{100 * s.unmarked:.1f}% of the pixels in none" in s.line()
 
 
 @pytest.mark.e2e

@@ -66,3 +66,13 @@ def test_the_scale_a_run_learned_is_recorded_and_read_back_checked():
     for bad in ([0, 1], [1], "2", [float("nan"), 1.0], [1e9, 1.0], [True, 1.0]):
         with pytest.raises(UserError, match="model.json: scale must be two numbers"):
             predictor.recorded_scale({**description, "scale": bad}, cfg)
+
+
+def test_the_description_records_an_inverted_mask_and_settings_of_reads_it_back():
+    from predictor import settings_of
+    inverted = describe({**config.DEFAULTS, "invert_mask": True}, {np.dtype("uint8")})
+    assert inverted["invert_mask"] is True and settings_of(inverted)["invert_mask"] is True
+    plain = describe(config.DEFAULTS, {np.dtype("uint8")})
+    assert settings_of(plain)["invert_mask"] is False
+    del plain["invert_mask"]                                          # a model.json from before the key
+    assert settings_of(plain)["invert_mask"] is False
