@@ -1,8 +1,8 @@
 """What a run's settings mean for its data set, said before and after training.
 
-At start-up: images shrunk far below their size to the network input, too few optimizer steps per
-epoch, a class with almost no foreground. After training and in val.py: the IoU of the trivial
-predictions (every pixel background, every pixel foreground), which a model has to beat by a margin
+At start-up: images shrunk or stretched far from their size to the network input (the worst named),
+too few optimizer steps per epoch, a class with almost no foreground. After training and in val.py: the
+IoU of the trivial predictions (every pixel background, every pixel foreground), which a model has to beat by a margin
 before its own IoU means anything (on a set whose foreground fills most of each image, "foreground
 everywhere" alone scores high).
 """
@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from archs import SIZE_MULTIPLE
 from losses import OVERLAP_LOSSES
 
-SHRINK_WARN = 2.0      # an image more than this many times larger than the network input (either side) loses
-                       # detail when shrunk to it: train.py's start-up note and val.py's --tile note warn
+RESIZE_WARN = 2.0      # an image resized to the network input by more than this factor along a side gets a warning
+                       # (train.py at start-up, val.py for --data/--images): shrunk, it loses detail; stretched, the
+                       # network sees it magnified, made of interpolated pixels
+NAMED = 3              # images such a warning names, the most resized first
 MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
 RARE_CLASS = 0.01      # a class covering less of the training pixels than this
 MAJORITY = 0.5         # one class covering more of the training pixels than this: its complement may be the point
@@ -36,27 +39,74 @@ class Trivial:
                 f"{self.foreground:.4f} ({self.foreground_what} everywhere)")
 
 
-def shrink_factor(size, cfg):
-    """How many times an image of size (h, w) is shrunk to the network input: its larger side's factor."""
-    return max(size[0] / cfg["input_h"], size[1] / cfg["input_w"])
+def resize_factor(size, cfg):
+    """How an image of size (h, w) is resized to the network input: (factor >= 1, 'shrunk' or 'stretched'), for the
+    side resized the most (a 20x20000 image into 32x32 is shrunk 625x, a 1x1 one stretched 32x)."""
+    ratios = (size[0] / cfg["input_h"], size[1] / cfg["input_w"])
+    shrink, stretch = max(ratios), 1 / min(ratios)
+    return (shrink, "shrunk") if shrink >= stretch else (stretch, "stretched")
 
 
-def shrunk_enough_to_warn(size, cfg):
-    """Whether an image of size (h, w), resized to the network input, is shrunk more than SHRINK_WARN times."""
-    return shrink_factor(size, cfg) > SHRINK_WARN
+def resized_images(ids, sizes, cfg):
+    """The one rule for both scripts' warnings: the images resized by more than RESIZE_WARN ->
+    {'shrunk': [(factor, id, (h, w)), ...], 'stretched': [...]}, each list the most resized first."""
+    found = {"shrunk": [], "stretched": []}
+    for i, size in zip(ids, sizes):
+        factor, how = resize_factor(size, cfg)
+        if factor > RESIZE_WARN:
+            found[how].append((factor, i, tuple(size)))
+    return {how: sorted(images, key=lambda x: -x[0]) for how, images in found.items()}
 
 
-def shrunk_note(sizes, cfg):
-    """A note when the images (their median size) are shrunk enough to warn to the network input ('' if not)."""
+def times(factor):
+    return f"{factor:.1f}x" if factor < 10 else f"{factor:.0f}x"
+
+
+def resized_line(how, images, total, cfg):
+    """What resized_images found of one kind, naming up to NAMED images: '2 of 120 images are shrunk more than 2x
+    to the 96x96 network input: img7 (20000x20, 625x), img3 (512x512, 5.3x)', or for a whole set of one size
+    'all 12 images (512x512) are shrunk 5.3x to ...'."""
+    target = f"the {cfg['input_w']}x{cfg['input_h']} network input"
+    if len(images) == total and len({size for _, _, size in images}) == 1:
+        h, w = images[0][2]
+        which = f"the image ({w}x{h}) is" if total == 1 else f"all {total} images ({w}x{h}) are"
+        return f"{which} {how} {times(images[0][0])} to {target}"
+    named = ", ".join(f"{i} ({w}x{h}, {times(f)})" for f, i, (h, w) in images[:NAMED])
+    more = f" and {len(images) - NAMED} more" if len(images) > NAMED else ""
+    which = (f"all {total} images are" if len(images) == total else
+             f"{len(images)} of {total} images {'is' if len(images) == 1 else 'are'}")
+    return f"{which} {how} more than {RESIZE_WARN:g}x to {target}: {named}{more}"
+
+
+def odd_ones(images, total):
+    """A few resized images among many that are not are often files saved wrongly: '' or the words that say so."""
+    return "check them (images of another size than most are often mis-saved files), or " \
+        if len(images) <= total // 2 else ""
+
+
+def resize_notes(ids, sizes, cfg):
+    """train.py's start-up notes on the images resized by more than RESIZE_WARN to the network input, one for those
+    shrunk and one for those stretched ([] with --crop: crops are taken at full resolution)."""
     if cfg["crop"] or not sizes:
-        return ""
-    h, w = (int(np.median([s[k] for s in sizes])) for k in (0, 1))
-    if not shrunk_enough_to_warn((h, w), cfg):
-        return ""
-    return (f"the images (median {w}x{h}) are shrunk {shrink_factor((h, w), cfg):.1f}x to the {cfg['input_w']}x"
-            f"{cfg['input_h']} network input, so thin or small structures may vanish; train on crops of the images at "
-            "full resolution instead (--crop; val.py then predicts whole images by tiles), or give a larger "
-            "--input_w/--input_h")
+        return []
+    found, notes = resized_images(ids, sizes, cfg), []
+    if found["shrunk"]:
+        notes.append(f"{resized_line('shrunk', found['shrunk'], len(sizes), cfg)}, so thin or small structures may "
+                     f"vanish; {odd_ones(found['shrunk'], len(sizes))}train on crops of the images at full resolution "
+                     "instead (--crop; val.py then predicts whole images by tiles), or give a larger "
+                     "--input_w/--input_h")
+    if found["stretched"]:
+        h, w = (int(np.median([s[k] for s in sizes])) for k in (0, 1))
+        notes.append(f"{resized_line('stretched', found['stretched'], len(sizes), cfg)}: the network learns them "
+                     "magnified, made of interpolated pixels, each at the cost of a full input; "
+                     f"{odd_ones(found['stretched'], len(sizes))}give a smaller --input_w/--input_h (the images' "
+                     f"median size is {w}x{h}: e.g. --input_w {nearest_side(w)} --input_h {nearest_side(h)})")
+    return notes
+
+
+def nearest_side(side):
+    """The network input side (a multiple of SIZE_MULTIPLE, at least one) nearest to an image side."""
+    return max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)
 
 
 def steps_note(n_train, cfg, processes=1):
@@ -99,10 +149,13 @@ def majority_note(target_pixels, sizes, cfg):
     return majority_advice(fraction, "the training pixels") if fraction > MAJORITY else ""
 
 
-def startup_notes(cfg, train_data, processes=1):
-    """Every start-up note for this config on this training split."""
-    notes = [shrunk_note(train_data.sizes, cfg), steps_note(len(train_data.ids), cfg, processes),
-             majority_note(train_data.target_pixels, train_data.sizes, cfg)]
+def startup_notes(cfg, train_data, processes=1, val_data=None):
+    """Every start-up note for this config on this training split (and validation split: its images are resized
+    too)."""
+    every = [train_data] + ([val_data] if val_data is not None else [])
+    ids, sizes = [i for d in every for i in d.ids], [s for d in every for s in (d.sizes or [])]
+    notes = resize_notes(ids, sizes, cfg) + [steps_note(len(train_data.ids), cfg, processes),
+                                             majority_note(train_data.target_pixels, train_data.sizes, cfg)]
     return [n for n in notes if n] + rare_class_notes(train_data.target_pixels, train_data.sizes or [], cfg)
 
 
@@ -127,6 +180,11 @@ def beats(iou, baseline, what="IoU"):
     if iou >= baseline.best + MARGIN:
         return ""
     which = "background" if baseline.background >= baseline.foreground else baseline.foreground_what
+    if baseline.best + MARGIN > 1:       # nothing can beat it: the masks, not the model, decide the score
+        marks = "(almost) nothing" if which == "background" else "(almost) every pixel"
+        return (f"{what} {iou:.4f}: predicting {which} everywhere already scores {baseline.best:.4f} on these images, "
+                f"as their masks mark {marks}, so no model can beat it by {MARGIN} and the score says little about "
+                "this one. Check the masks, and evaluate on images that have something to find")
     return (f"{what} {iou:.4f} does not beat predicting {which} everywhere ({baseline.best:.4f}) by {MARGIN}: the model "
             "has learned little. Check the masks, train longer or on crops (--crop), or start from a recipe "
             "(--config recipes/...)")

@@ -29,7 +29,7 @@ import config
 from outputs import OUTPUTS_DIR
 from rundir import RunFolder
 from runlog import read_log
-from utils import UserError, atomic_write, duration, exit_on_user_error, load_yaml
+from utils import UserError, atomic_write, command, duration, exit_on_user_error, load_yaml
 
 NOT_SETTINGS = ("name", "data_dir", "device", "num_workers", "cache_mb", "loader", "runs_dir")   # not what a run is
 MAX_SETTINGS = 6        # differing settings shown per run
@@ -44,8 +44,9 @@ def load(runs_dir, name):
     run_dir = os.path.join(runs_dir, name)
     path = RunFolder(run_dir).config
     if not os.path.isfile(path):
-        raise UserError(f"{run_dir} is not a run (no config.yml); `python compare.py` with no names lists every "
-                        f"run in {runs_dir}/")
+        raise UserError(f"{run_dir} is not a run (no config.yml); "
+                        f"`{command('python', 'compare.py', *config.runs_dir_words(runs_dir))}` with no names lists "
+                        f"every run in {runs_dir}/")
     try:
         return {"name": name, "config": load_yaml(path), "log": checked_log(RunFolder(run_dir).log),
                 "val_py": val_py_iou(os.path.join(OUTPUTS_DIR, name, "metrics.csv"))}

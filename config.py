@@ -10,6 +10,8 @@ import difflib
 import fractions
 import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +23,7 @@ from normalize import MODES as NORMALIZE_MODES
 from pairing import class_names_file, ext_family, single_image_type
 from plan import planned
 from rundir import RunFolder
-from utils import UserError, load_yaml, str2bool
+from utils import UserError, command, load_yaml, str2bool
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
@@ -29,6 +31,11 @@ MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 25
 MAX_COUNT = 10**6      # the largest epoch count, batch size, patience, milestone (a config's numbers are bounded)
 MAX_INPUT = 4096       # the largest network input side: one 4096x4096 training image is already several GB of activations
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
+# A new run's name: a folder and a word of the commands the toolkit prints (val.py --name <name>), so nothing a
+# shell would split or change, nothing argparse takes for a flag, nothing file systems spell differently.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+NAME_RULE = (f"ASCII letters, digits, '_', '-' and '.', beginning with a letter, digit or '_', at most "
+             f"{MAX_NAME_BYTES} characters")
 # the --help sections, in the order --help lists them; "run" also holds the flags that are not settings (--config ...)
 GROUPS = ("run", "model", "data", "optimisation", "schedule", "hardware", "reliability")
 
@@ -92,9 +99,10 @@ class Setting:
 
 # One record per setting, in the order config.yml lists them.
 SETTINGS = [
-    Setting("name", None, str, "run", "run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)",
-            range=Range(lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; "
-                        f"no '/', not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)")),
+    Setting("name", None, str, "run", f"run name: <runs_dir>/<name>/, {NAME_RULE} (default "
+            "<dataset>_<arch>_wDS|_woDS)",
+            # what a run folder must be to be read at all; a new run's name must also follow NAME_RULE (check_name)
+            range=Range(lambda v: v is None or readable_name(v), f"a plain folder name ({NAME_RULE})")),
     Setting("epochs", 100, int, "schedule", "number of epochs", range=between(1, MAX_COUNT), resumable=True),
     Setting("batch_size", 16, int, "optimisation", "images per batch (-b)", range=between(1, MAX_COUNT), short="-b"),
     Setting("arch", "NestedUNet", str, "model", "network (-a)", choices=tuple(ARCHS), short="-a"),
@@ -318,6 +326,11 @@ def runs_dir(flag_value):
     return flag_value or os.environ.get(RUNS_DIR_ENV) or RUNS_DIR
 
 
+def runs_dir_words(folder):
+    """The words a printed command needs to find runs in `folder`: none for the default models/, else --runs_dir."""
+    return [] if folder == RUNS_DIR else ["--runs_dir", folder]
+
+
 def add_runs_dir(parser):
     """The runs-folder flag that every script which reads or writes runs has."""
     parser.add_argument("--runs_dir", default=None, metavar="DIR",
@@ -408,10 +421,39 @@ def finite(v):
 
 
 def valid_name(name):
-    """A run name is one folder strictly inside the runs folder: never the runs folder itself or outside it, and
-    short enough for every file system (255 bytes a name) with room for val.py's '+'-joined ensemble names."""
+    """A new run's name: NAME_RULE (a readable_name too)."""
+    return bool(NAME_PATTERN.fullmatch(name)) and len(name) <= MAX_NAME_BYTES
+
+
+def readable_name(name):
+    """A run folder the scripts read (--resume, val.py, export.py, compare.py): one folder strictly inside the runs
+    folder, never the runs folder itself or outside it, and short enough for every file system (255 bytes a name)
+    with room for val.py's '+'-joined ensemble names. Looser than valid_name: a run named before NAME_RULE was
+    enforced ('my run') is still read."""
     return (bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
             and len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES)
+
+
+def name_like(name):
+    """A name that follows NAME_RULE, made from one that does not ('my run ü' -> 'my_run_u'); '' if none is left."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", ascii_name).lstrip("._-")[:MAX_NAME_BYTES]
+
+
+def check_name(cfg, sources, given):
+    """A new run's name follows NAME_RULE; a UserError naming where it came from (given: the user gave it, else it
+    is the default <dataset>_<arch>_... name, whose parts came from other settings) and a name that does."""
+    name = cfg["name"]
+    if valid_name(name):
+        return
+    like = name_like(name)
+    example = f" (e.g. --name {command(like)})" if like else ""
+    if given:
+        raise UserError(f"{origin(sources, 'name')}: name must be a plain folder name of {NAME_RULE}, not {name!r}; "
+                        f"it is a folder and a word of the commands the toolkit prints. Pass another --name{example}")
+    raise UserError(f"no --name was given, so the run is named after its data set and network "
+                    f"(<dataset>_<arch>_wDS|woDS, with dataset {cfg['dataset']!r} from {origin(sources, 'dataset')}): "
+                    f"{name!r}, which is not a plain folder name ({NAME_RULE}). Pass --name{example}")
 
 
 def origin(source, *keys):
@@ -537,8 +579,12 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
         cfg, choices, plan_lines = planned(cfg, sources)
         run["plan_lines"] += plan_lines
         sources = {**{k: "the plan" for c in choices for k in c.settings}, **sources}
-    if cfg["name"] is None:
+    given = cfg["name"] is not None
+    if not given:
+        check_values(cfg, sources)         # the settings the default name is made of, with their own messages
         cfg["name"] = default_name(cfg)
+    if not (readable_name(cfg["name"]) and os.path.isdir(os.path.join(run["runs_dir"], cfg["name"]))):
+        check_name(cfg, sources, given)    # a new folder's name; a run folder that exists is resumed or replaced as named
     check(cfg, sources)                    # the name too, before it is used as a path
     run["changes"], run["sources"] = [], sources
     if run["resume"]:
@@ -586,7 +632,9 @@ def whence(sources, key, value):
     said = f"{key} {human(value)}"
     if where is None:
         return f"{said} is the default"
-    return f"--{key} {human(value)} was given on the command line" if where == "the command line" else f"{said} comes from {where}"
+    if where == "the command line":
+        return f"{command(f'--{key}', human(value))} was given on the command line"
+    return f"{said} comes from {where}"
 
 
 def saved_config(run_dir):
@@ -617,9 +665,10 @@ def resumed(cfg, sources, runs):
         if key not in RESUMABLE:
             raise UserError(f"--resume: {origin(sources, key)} sets {key} to {cfg[key]!r}, but {os.path.join(runs, cfg['name'])} "
                             f"trained with {saved[key]!r}, and its weights, optimizer state and schedule belong to that."
-                            f" Drop it to continue the run, or start a new run from its config: python train.py "
-                            f"--config {path if path.endswith('.yml') else '<your config>'} --name <new name> "
-                            f"--{key} {cfg[key]}. Only {', '.join(RESUMABLE)} may change on resume.")
+                            f" Drop it to continue the run, or start a new run from its config: "
+                            f"{command('python', 'train.py', '--config')} "
+                            f"{command(path) if path.endswith('.yml') else '<your config>'} --name <new name> "
+                            f"{command(f'--{key}', human(cfg[key]))}. Only {', '.join(RESUMABLE)} may change on resume.")
         changes.append(f"{key} {saved[key]} -> {cfg[key]}")
         saved[key] = cfg[key]
     if saved["name"] != cfg["name"]:       # a copied or renamed run folder: it is the run --name names, not the old one

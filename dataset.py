@@ -23,6 +23,7 @@ DECODE_CHUNK = 256                        # files decoded per round, so --cache_
 TARGETS = ("masks", "objects")            # the config's target: what the network learns (Targets)
 OBJECT_PLANES = ("objects", "borders")    # --target objects: its two planes (instances.object_targets)
 BORDER_RADIUS = 1                         # --target objects: border half-width, in pixels of the network input
+MOSTLY_EMPTY = 0.5                        # a warning when more than this share of the images' targets mark nothing
 
 
 
@@ -98,6 +99,7 @@ class SegmentationData:
         self.targets = Targets()              # decode(): what each image's target is (softmax, objects)
         self.target_pixels = None             # decode(): (N, C) foreground pixels of each image's target
         self.sizes = None                     # decode(): each image's (H, W)
+        self.flat = []                        # decode(): the ids of the images of one value throughout (blank)
 
     @classmethod
     def from_folder(cls, root, img_ext, mask_ext, num_classes, input_channels, cache_bytes=None):
@@ -112,7 +114,7 @@ class SegmentationData:
         data.target_pixels: per image and class, the target's foreground pixels; data.sizes: per image (H, W)."""
         ids, samples = list(scanned), list(scanned.values())
         images, masks, zero_one, dtypes, used = [], [], [], set(), 0
-        overlapping, counts, sizes = [], [], []
+        overlapping, counts, sizes, flat = [], [], [], []
         # OpenCV decodes without the GIL: threads run in parallel. tifffile's parsing holds it, so TIFF files are
         # read in this thread (faster than threads contending for the GIL).
         threads = 1 if any(is_tiff(s.image) for s in samples[:1]) else DECODE_THREADS
@@ -126,6 +128,7 @@ class SegmentationData:
                         overlapping += [i] if overlaps else []
                     counts.append(mask.reshape(-1, mask.shape[2]).sum(0, dtype=np.int64))
                     sizes.append(img.shape[:2])
+                    flat += [i] if img.min() == img.max() else []     # one value throughout: nothing to see
                     keep = cache_bytes is None or used + img.nbytes + mask.nbytes <= cache_bytes
                     used += (img.nbytes + mask.nbytes) if keep else 0
                     images.append(img if keep else None)
@@ -140,6 +143,7 @@ class SegmentationData:
         data = cls(ids, images, masks, samples, input_channels)
         data.dtypes, data.targets = dtypes, targets
         data.target_pixels, data.sizes = np.array(counts, np.int64).reshape(len(ids), -1), sizes
+        data.flat = flat
         return data
 
     @property
@@ -181,6 +185,8 @@ class SegmentationData:
         data.dtypes, data.targets = self.dtypes, self.targets
         if self.sizes is not None:
             data.target_pixels, data.sizes = self.target_pixels[pick], [self.sizes[k] for k in pick]
+        kept = set(ids)
+        data.flat = [i for i in self.flat if i in kept]
         return data
 
 
@@ -214,9 +220,32 @@ def check_foreground(foreground, root, class_mode, objects=False):
     if objects:
         if empty:
             warnings.warn(f"no two objects touch in any label image under {root}, so the borders plane of --target "
-                          "objects is empty and adds nothing: train with --target masks", stacklevel=3)
+                          "objects is empty: the network learns only the objects plane, val_iou averages in an empty "
+                          "plane (IoU 1 wherever no border is predicted), and val.py --instances splits objects by "
+                          "their shape alone, as for a run on masks. Train with --target masks (val.py --instances "
+                          "splits touching objects there too)", stacklevel=3)
         return
     for c in empty:
         warnings.warn(f"class {c} has no foreground pixel in any mask under {root}/masks/{c}: the model cannot learn "
                       "it and its IoU will stay 0 (or 1 where it predicts nothing). Check that folder's masks",
                       stacklevel=3)
+
+
+def check_blank(data, root, class_mode):
+    """Warnings for a data set of blank images: images of one value throughout (the network sees nothing in them),
+    and targets that mark nothing in most images (it sees mostly background and may learn to predict nothing);
+    each names the images. In softmax mode class 0 is the background: classes 1.. count as marking something."""
+    if data.flat:
+        which = ("every image is" if len(data.flat) == len(data.ids) else
+                 f"{len(data.flat)} of {len(data.ids)} images {'is' if len(data.flat) == 1 else 'are'}")
+        warnings.warn(f"{which} blank under {root}/images, one value throughout ({listing(data.flat)}): the "
+                      "network sees nothing there to learn from. Check those files (an export or conversion that "
+                      "failed, the wrong channel or page of a TIFF) and remove or replace them", stacklevel=3)
+    first = 1 if class_mode == "softmax" else 0
+    unmarked = [i for i, pixels in zip(data.ids, data.target_pixels) if not pixels[first:].any()]
+    if len(unmarked) > MOSTLY_EMPTY * len(data.ids):
+        warnings.warn(f"{len(unmarked)} of {len(data.ids)} images under {root} have masks that mark nothing "
+                      f"({listing(unmarked)}): the network sees mostly background and may learn to predict nothing "
+                      "(and score the IoU of predicting background everywhere). If those images hold objects, their "
+                      "masks were saved wrongly (foreground is 255, or 1 in masks of 0 and 1); if they really hold "
+                      "none, train on the images that do, or add more that do", stacklevel=3)

@@ -100,12 +100,20 @@ def find_ids(folder, ext, *, ext_key="img_ext"):
     ids = find_files(folder, ext_family(ext), what)
     if ids:
         return ids
-    files = [f for f in os.listdir(folder) if not f.startswith(".")]
-    if not files:
+    entries = [f for f in os.listdir(folder) if not f.startswith(".")]
+    if not entries:
         raise DataError(f"No input file found in {folder}, make sure you put your {what} there", path=folder)
+    files = [f for f in entries if os.path.isfile(os.path.join(folder, f))]
     found = sorted({os.path.splitext(f)[1] for f in files if os.path.splitext(f)[1]})
-    raise DataError(f"no file ending in '{ext}' in {folder} (it holds files ending in {', '.join(found) or '(none)'})",
-                    setting=ext_key, path=folder, found=found[0] if found else ".png",
+    if not found:        # no extension to suggest: folders (a data set's images/, masks/), or files without one
+        held = (f"only folders ({listing(entries)})" if not files else
+                f"{len(files)} file(s) without an extension ({listing(files)}), which --{ext_key} cannot choose")
+        here = f"; for a data set's images, give its images/ folder ({os.path.join(folder, 'images')})" \
+            if "images" in entries and not files else ""
+        raise DataError(f"no file ending in '{ext}' in {folder}: it holds {held}; the {what} must be files directly "
+                        f"inside it, named <id>{ext}{here}", path=folder)
+    raise DataError(f"no file ending in '{ext}' in {folder} (it holds files ending in {', '.join(found)})",
+                    setting=ext_key, path=folder, found=found[0],
                     around=("; ", f" if that is the extension of your {what}"))
 
 

@@ -7,7 +7,6 @@ the rules after them use the user's values (a given --input_w sets the batch siz
 """
 import math
 import os
-import shlex
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ from dataset import OBJECT_PLANES, Targets, read_target
 from imagefiles import decode, image_type, read_labels
 from losses import BORDER_WEIGHT, OBJECTS_LOSS, SOFTMAX_LOSSES
 from pairing import class_names_file, scan
-from utils import resolve_device
+from utils import UserError, command, resolve_device
 
 DERIVED = ("--target", "the files in", "the file ")   # how config words a setting it derived (follow_target,
                                                       # follow_folder)
@@ -88,8 +87,8 @@ class Choice:
             if isinstance(v, bool):
                 return f"--{k}" if v else f"--{k} false"
             if isinstance(v, list):                 # class_names: one comma-separated word for the shell
-                return f"--{k} {shlex.quote(','.join(map(str, v)))}"
-            return f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
+                return command(f"--{k}", ",".join(map(str, v)))
+            return command(f"--{k}", f"{v:g}" if isinstance(v, float) else v)
         return " ".join(flag(k, v) for k, v in self.settings.items())
 
 
@@ -181,6 +180,30 @@ def plan_input(s, m, given):
     return Choice({"crop": True, "input_h": side, "input_w": side},
                   f"images are {size}{objects}: trained on {side}x{side} crops at full resolution; val.py predicts "
                   "whole images by tiles")
+
+
+def training_images(images, cfg):
+    """How many of `images` the run trains on: those the validation split leaves (splits.split_for), less the
+    fold validated on with --folds K."""
+    train = images - math.ceil(cfg["val_split"] * images)
+    if cfg["folds"] > 1:
+        train -= train // cfg["folds"] + (1 if cfg["fold"] < train % cfg["folds"] else 0)
+    return train
+
+
+def check_enough(s, cfg, sources, root):
+    """The smallest data set the plan handles: one whose training split fills the smallest batch it plans
+    (BATCHES[-1]), or one image when the user gave --batch_size; a UserError before any plan is printed otherwise."""
+    train, need = training_images(s.images, cfg), 1 if "batch_size" in sources else BATCHES[-1]
+    if train >= need:
+        return
+    folds = f" with fold {cfg['fold']} of --folds {cfg['folds']} held out too" if cfg["folds"] > 1 else ""
+    smallest = (f"--plan auto needs at least {need} training images (its smallest batch: BatchNorm learns from more "
+                "than one image)" if need > 1 else "a run needs at least one training image")
+    raise UserError(f"{smallest}, and {root} holds {s.images} image(s), of which --val_split {cfg['val_split']:g}"
+                    f"{folds} leaves {max(train, 0)} to train on. Add images (with one or two large images, cut each "
+                    "into several image files with their masks)" +
+                    (", or train without --plan (with --batch_size 1)" if train >= 1 else ""))
 
 
 def plan_batch(s, m, cfg, val_split):
@@ -344,6 +367,7 @@ def planned(cfg, sources):
     sources: where each user-set key came from (flags, --config); those keys are not planned."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
     s, m = survey(root, cfg, sources), machine(cfg["device"])
+    check_enough(s, cfg, sources, root)
     choices = make_plan(s, m, cfg, sources)
     lines = [f"plan for {root} ({s.line()}) on the {'GPU' if m.cuda else 'CPU'}:"]
     lines += [f"  {c.flags():<44} {c.reason}" for c in choices]

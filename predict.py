@@ -29,7 +29,7 @@ from metrics import binarize
 from normalize import as_batch, image_ranges, resize_image
 from predictor import Predictor, describe, recorded_dtypes, recorded_scale, settings_of
 from tiling import predict_tiled
-from utils import UserError
+from utils import UserError, command
 
 BORDER_THRESHOLD = 0.5   # val.py --border_threshold's default: see BENCHMARKS.md, "Objects ... (issue 20)"
 
@@ -77,18 +77,38 @@ class TrainedRun:
 
 def check_run_folder(name, folder, runs_dir):
     """A UserError unless --name names a run folder with a model.pth (an epoch a kill cut short is completed)."""
-    if not config.valid_name(name):
+    if not config.readable_name(name):
         raise UserError(f"--name {name!r} is not a run name (a folder name under {runs_dir}/)")
+    train = ["python", "train.py", "--name", name, *config.runs_dir_words(runs_dir)]
     if not os.path.isdir(folder.path):
         listed = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
         raise UserError(f"there is no run {folder.path}" + (f" (runs there: {', '.join(listed)})" if listed else "") +
-                        f". Train it first (python train.py --name {name}), or pass --runs_dir (or set "
+                        f". Train it first ({command(*train)}), or pass --runs_dir (or set "
                         f"${config.RUNS_DIR_ENV}) to the folder that holds your runs.")
     if not rundir.in_use(folder.path):
         rundir.repair(folder.path)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
     if not os.path.isfile(folder.model):
-        raise UserError(f"{folder.model} does not exist: the run has not finished an epoch yet. "
-                        f"Train it (python train.py --name {name} --resume) first.")
+        raise missing_weights(folder, train)
+
+
+def missing_weights(folder, train):
+    """The UserError for a run folder without a model.pth file, saying why and what goes on: train: the words of
+    the command that trains the run."""
+    again = command(*train[:2], "--config", folder.config, *train[2:], "--overwrite")   # the run's own settings
+    if not os.path.isfile(folder.config):
+        again = command(*train, "--overwrite") + " (with the settings it was trained with)"
+    if os.path.lexists(folder.model):
+        return UserError(f"{folder.model} is not a file (a folder or a broken link), so it is not the run's weights, "
+                         "which train.py writes there as a file. Move it away, then put the file back (from a copy of "
+                         f"the run) or train the run again: {again}")
+    if os.path.isfile(folder.last):      # last.pth exists once an epoch has finished, and so does model.pth
+        return UserError(f"{folder.model} is missing, though the run has finished epochs (it has a last.pth): it was "
+                         f"moved or deleted. Put it back (from a copy of the run), or train the run again: {again}")
+    if rundir.in_use(folder.path):
+        return UserError(f"{folder.model} does not exist yet: the run is training its first epoch. Wait until it "
+                         "has finished one.")
+    return UserError(f"{folder.model} does not exist: the run stopped before it finished an epoch. Train it again: "
+                     f"{again}")
 
 
 def trained_config(folder):

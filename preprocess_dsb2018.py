@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 
 from imagefiles import check_png_size
-from utils import Interrupts, UserError, exit_on_user_error, process_alive, progress_bar, write_png
+from pairing import missing_reason
+from utils import Interrupts, UserError, command, exit_on_user_error, process_alive, progress_bar, write_png
 
 OUTPUT_FOLDERS = ("images", "masks", "instances")
 MAX_MEMBER_BYTES = 256 * 2**20       # a zip member declaring more is refused before it is read (stage1 PNGs: < 1 MB)
@@ -112,6 +113,8 @@ def open_zip(src):
 def prepare_out(out, overwrite):
     """Refuses to write into a folder that already holds files, unless --overwrite (then, once the new data set is
     complete, the folders this script writes - images/, masks/, instances/ - are replaced; anything else stays)."""
+    if not os.path.isdir(out) and missing_reason(out) != "does not exist":     # a file where a folder goes
+        raise UserError(f"--out {out} {missing_reason(out)}; pass a folder (it is created if missing)")
     present = [d for d in OUTPUT_FOLDERS if os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))]
     if present and not overwrite:
         raise UserError(f"{out} already holds a data set ({', '.join(d + '/' for d in present)}); pass --overwrite "
@@ -202,10 +205,11 @@ def next_step(out, n, labeled):
     parent, name = os.path.split(os.path.normpath(out))
     if not labeled:
         return (f"no sample in the source has masks (the layout of the stage-1 test set): wrote {n} images only, "
-                f"to {out}/images, for prediction: python val.py --name <run> --images {out}/images")
-    where = "" if os.path.normpath(parent) == "inputs" else f" --data_dir {parent or '.'}"
+                f"to {out}/images, for prediction: python val.py --name <run> "
+                f"{command('--images', os.path.join(out, 'images'))}")
+    where = [] if os.path.normpath(parent) == "inputs" else ["--data_dir", parent or "."]
     return (f"wrote {n} images to {out}/images, their masks to {out}/masks/0 and nucleus labels to {out}/instances; "
-            f"train with: python train.py{where} --dataset {name}")
+            f"train with: {command('python', 'train.py', *where, '--dataset', name)}")
 
 
 def main(argv=None):

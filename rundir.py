@@ -61,6 +61,12 @@ def check_existing(run_dir, run):
     """Refuses to touch an existing run unless --resume or --overwrite says so; -> the run files present."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"{run_dir} is a file, not a run folder. Train under another --name, or move the file away.")
+    for f in RUN_FILES:     # a folder or a broken link named as a run file: train.py neither writes nor removes it
+        path = os.path.join(run_dir, f)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is {'a folder' if os.path.isdir(path) else 'not a file'}, where a run keeps its "
+                            f"{f} file; train.py removes only files it wrote. Move it away, then run the same command "
+                            "again")
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if run["resume"]:
         if not os.path.isfile(RunFolder(run_dir).last):

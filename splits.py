@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 
 from dataerror import DataError
-from dataset import SegmentationData, Targets, cache_budget, check_foreground
+from dataset import SegmentationData, Targets, cache_budget, check_blank, check_foreground
 from pairing import scan
 from utils import UserError
 
@@ -102,6 +102,7 @@ def load_splits(cfg, *, recorded=None):
     data = SegmentationData.decode(scanned, cfg["input_channels"], cache_budget(cfg["cache_mb"]), root,
                                    targets=targets)
     check_foreground(data.target_pixels.sum(0), root, cfg["class_mode"], targets.objects)
+    check_blank(data, root, cfg["class_mode"])
     if recorded is not None:
         return data.subset([i for i in recorded["train"] if i in scanned]), \
             data.subset([i for i in recorded["val"] if i in scanned])

@@ -31,7 +31,8 @@ from loaders import make_loaders
 from normalize import resolve_mode
 from predictor import describe, learned_scale
 from splits import load_splits
-from utils import ClosedPipeSafe, Interrupts, UserError, count_params, duration, exit_on_user_error, plain_warning
+from utils import (ClosedPipeSafe, Interrupts, UserError, command, count_params, duration, exit_on_user_error,
+                   plain_warning)
 
 
 def check_batch_size(cfg, train_data, val_data):
@@ -85,7 +86,7 @@ def build(cfg, rt, recorded=None):
     train_data, val_data = load_splits(cfg, recorded=recorded)  # bad data is reported here, with nothing changed
     check_batch_size(cfg, train_data, val_data)
     if rt.main:
-        for note in advice.startup_notes(cfg, train_data, rt.world):
+        for note in advice.startup_notes(cfg, train_data, rt.world, val_data):
             warnings.warn(note, stacklevel=2)
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
@@ -131,9 +132,9 @@ def fit(cfg, run, rt, interrupts):
 def finished_message(cfg, run, best, run_dir):
     """The end-of-run lines: best score and where, how to evaluate, and the recipes if the run used the
     reference's slow defaults."""
-    where = "" if run["runs_dir"] == config.RUNS_DIR else f" --runs_dir {run['runs_dir']}"
+    evaluate = command("python", "val.py", "--name", cfg["name"], *config.runs_dir_words(run["runs_dir"]))
     text = (f"best val_iou {best['iou']:.4f} (at the {cfg['input_w']}x{cfg['input_h']} network input) at epoch "
-            f"{best['epoch']}; model: {run_dir}/model.pth; evaluate with: python val.py --name {cfg['name']}{where}")
+            f"{best['epoch']}; model: {run_dir}/model.pth; evaluate with: {evaluate}")
     if config.reference_optimizer(cfg):
         text += ("\ntip: this run used the reference's optimizer defaults (SGD at lr 1e-3), which learn slowly. "
                  "The recipes in recipes/ reach a better model in fewer epochs, e.g. "
@@ -152,9 +153,10 @@ def announce(cfg, run, rt, engine, loaders, run_dir):
     print(line, flush=True)
     if run["resume"] and (engine.epoch >= cfg["epochs"] or engine.should_stop()):
         why = f"all its {cfg['epochs']} epochs" if engine.epoch >= cfg["epochs"] else "until early stopping"
-        print(f"{run_dir} has already trained {why}: nothing to do. To train it longer: python train.py --name "
-              f"{cfg['name']} --resume --epochs {engine.epoch + max(10, engine.epoch // 2)}"
-              + (" --early_stopping 0" if engine.should_stop() else ""), flush=True)
+        longer = command("python", "train.py", "--name", cfg["name"], *config.runs_dir_words(run["runs_dir"]),
+                         "--resume", "--epochs", engine.epoch + max(10, engine.epoch // 2),
+                         *(["--early_stopping", 0] if engine.should_stop() else []))
+        print(f"{run_dir} has already trained {why}: nothing to do. To train it longer: {longer}", flush=True)
     print(f"val_iou and val_dice: over the whole validation split, at the {cfg['input_w']}x{cfg['input_h']} network "
           "input; val.py scores at each image's own size (and prints both)", flush=True)
 
@@ -204,12 +206,12 @@ def rundir_advice(cfg, run):
     return rundir.restart_advice(os.path.join(run["runs_dir"], cfg["name"]))
 
 
-def torchrun_failure(e, cfg):
+def torchrun_failure(e, cfg, run):
     """Under torchrun a RuntimeError usually means another process died and the collectives broke off."""
-    name = cfg["name"] if cfg else "<name>"
+    last = rundir.RunFolder(os.path.join(run["runs_dir"], cfg["name"])).last if cfg and run else "<run folder>/last.pth"
     first_line = str(e).strip().splitlines()[0][:300]
     return (f"error: [rank {os.environ.get('RANK')}] training stopped: {first_line}\n"
-            f"If another process failed, torchrun's summary below names it. models/{name}/last.pth holds the last "
+            f"If another process failed, torchrun's summary below names it. {last} holds the last "
             "finished epoch: rerun the same torchrun command with --resume.")
 
 
@@ -236,7 +238,7 @@ def main(argv=None):
             sys.exit(1)
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise
-        print(torchrun_failure(e, cfg), file=sys.stderr)
+        print(torchrun_failure(e, cfg, run), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if first_process:
@@ -261,7 +263,7 @@ SAYS_WHENCE = ("img_ext", "mask_ext", "input_channels", "num_classes")   # fixes
 def data_fix(error, cfg=None, run=None):
     """train.py's words for the change that fixes a data problem (dataerror.DataError); with the resolved config
     and run, where the value to change came from too (config.whence: the default, a config file, a flag)."""
-    fix = DATA_FIXES[error.setting].format(error.found)
+    fix = DATA_FIXES[error.setting].format(command(error.found))   # e.g. an extension with a space, quoted
     if run is not None and error.setting in SAYS_WHENCE:
         fix += f" ({config.whence(run.get('sources', {}), error.setting, cfg[error.setting])})"
     return fix
@@ -273,9 +275,8 @@ def interrupted_message(cfg, run):
     if last is None or not os.path.isfile(last):
         advice = rundir.restart_advice(os.path.dirname(last)) if last else "run the same command again"
         return f"interrupted before the run saved anything to resume from; {advice}"
-    where = "" if run["runs_dir"] == config.RUNS_DIR else f" --runs_dir {run['runs_dir']}"
-    again = (f"python train.py --name {cfg['name']}{where} --resume" if "WORLD_SIZE" not in os.environ
-             else "the same torchrun command with --resume added")
+    again = (command("python", "train.py", "--name", cfg["name"], *config.runs_dir_words(run["runs_dir"]), "--resume")
+             if "WORLD_SIZE" not in os.environ else "the same torchrun command with --resume added")
     return f"interrupted: {last} holds the last finished epoch; continue with\n    {again}"
 
 

@@ -5,6 +5,7 @@ import functools
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -120,6 +121,13 @@ def progress_bar(iterable, desc, total=None, show=True):
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, delay=PROGRESS_AFTER,
                 file=sys.stderr, disable=None if show else True)
+
+
+def command(*words):
+    """A command the toolkit prints for a person to paste, as one line: each word shell-quoted where a shell would
+    split or change it (a run name with a space, a path with '$'), so that it runs as printed:
+    command("python", "val.py", "--name", "my run") -> "python val.py --name 'my run'"."""
+    return " ".join(shlex.quote(str(w)) for w in words)
 
 
 def str2bool(v):

@@ -36,7 +36,7 @@ from outputs import OUTPUT_FORMATS, OUTPUTS_DIR, ImageWriter, OutputFolder, Outp
 from pairing import Sample, find_ids, scan
 from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, how_predicted, objects_method
 from splits import load_validation
-from utils import ClosedPipeSafe, Interrupts, UserError, exit_on_user_error, plain_warning
+from utils import ClosedPipeSafe, Interrupts, UserError, command, exit_on_user_error, plain_warning
 
 EXAMPLES = """examples:
   python val.py --name dsb2018_96_UNet_woDS --overlay          # score the validation split, draw outlines
@@ -154,18 +154,30 @@ def check_ensemble(members):
                                 "for the same classes and images")
 
 
-def data_fix(error, cfg, name):
+def folder_fix(flag, folder):
+    """The fix for a folder given to --data or --images that is not what it must be."""
+    if flag == "--images":
+        return "pass --images the folder that holds the image files"
+    parent = os.path.dirname(os.path.normpath(folder))
+    inside = os.path.basename(os.path.normpath(folder)) in ("images", "masks", "labels", "instances")
+    like = f" (e.g. {command('--data', parent or '.')})" if inside and os.path.isdir(os.path.join(parent, "images")) else ""
+    return f"pass --data the folder that holds images/ and masks/<class>/ (or labels/){like}"
+
+
+def data_fix(error, cfg, name, given=None):
     """val.py's words for the change that fixes a data problem (dataerror.DataError), for the run `name` (its config
-    cfg): its flags, and what the run takes. A run's target is what it trained on: no fix names it."""
+    cfg): its flags, and what the run takes. A run's target is what it trained on: no fix names it. given: the
+    (flag, folder) of --data or --images, where the images come from, else None (the run's own data set)."""
     n, found = cfg["num_classes"], error.found
     return {
-        "data": f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
+        "data": folder_fix(*given) if given else
+                f"if the data set moved, edit data_dir in {name}'s config.yml, or pass --data DIR to score a "
                 "labelled folder (images/, masks/<class>/) or --images DIR to predict unlabelled images",
-        "img_ext": f"pass --img_ext {found}",
-        "mask_ext": f"pass --mask_ext {found}",
+        "img_ext": f"pass {command('--img_ext', found)}",
+        "mask_ext": f"pass {command('--mask_ext', found)}",
         "input_channels": f"the run {name} was trained with input_channels {cfg['input_channels']} and takes only "
-                          f"such images: convert them to grayscale, or train a run on them with python train.py "
-                          f"--input_channels {found} ...",
+                          f"such images: convert them to grayscale, or train a run on them with "
+                          f"{command('python', 'train.py', '--input_channels', found)} ...",
         "num_classes": f"the run {name} predicts {n} class(es), so a folder scored with it needs masks/0 .. "
                        f"masks/{n - 1}",
     }.get(error.setting, "")
@@ -256,9 +268,12 @@ def unlabelled(req, cfg):
     others = sorted(f for f in os.listdir(req.images) if f not in taken and not f.startswith(".")
                     and os.path.isfile(os.path.join(req.images, f)))
     if others:
-        exts = sorted({os.path.splitext(f)[1] or "(none)" for f in others})
-        print(f"note: skipped {len(others)} file(s) in {req.images} that do not end in {ext} ({', '.join(exts)}); "
-              f"pass --img_ext {exts[0]} to predict those instead")
+        suffixes = {os.path.splitext(f)[1] for f in others}
+        exts = sorted(suffixes - {""})
+        kinds = ", ".join(exts + (["no extension"] if "" in suffixes else []))
+        # a file without an extension cannot be chosen by --img_ext: only the extensions found are suggested
+        instead = f"; pass {command('--img_ext', exts[0])} to predict those instead" if exts else ""
+        print(f"note: skipped {len(others)} file(s) in {req.images} that do not end in {ext} ({kinds}){instead}")
     samples = [Sample(os.path.join(req.images, f)) for f in files.values()]
     return SegmentationData(list(files), [read_image(s.image, cfg["input_channels"]) for s in samples], None, samples)
 
@@ -283,23 +298,26 @@ def load_data(req, members):
     if len(members) > 1:
         print(f"ensemble of {', '.join(m.name for m in members)} (their probabilities averaged): evaluating on the "
               f"{len(data.ids)} images none of the {len(members)} runs trained on (to compare runs instead: "
-              f"python compare.py {' '.join(m.name for m in members)})")
+              f"{command('python', 'compare.py', *(m.name for m in members), *config.runs_dir_words(req.runs_dir))})")
     return data, os.path.join(OUTPUTS_DIR, label)
 
 
-def shrink_note(data, members, options):
-    """A note when images much larger than the network input are shrunk to it and --tile would keep the detail."""
+def resize_notes(data, members, options):
+    """A note on the images shrunk or stretched to the network input by more than advice.RESIZE_WARN (the rule
+    train.py warns by), naming the worst: --tile predicts them at their own size instead."""
     cfg = members[0].cfg
     if options.tile or cfg["crop"] or not (options.resize or members[0].scale is None):
-        return                  # images are predicted at the run's scale, not shrunk to its input
-    sizes = [data.image(k).shape[:2] for k in range(len(data.ids))]
-    large = [s for s in sizes if advice.shrunk_enough_to_warn(s, cfg)]
-    if large:
-        h, w = max(large, key=lambda s: s[0] * s[1])
-        fix = ("without --resize, they are predicted at the scale the run learned" if options.resize else
-               "--tile predicts them at full resolution in overlapping tiles")
-        print(f"note: {len(large)} image(s) are larger than the {cfg['input_w']}x{cfg['input_h']} network input "
-              f"(up to {w}x{h}) and are shrunk to it, which loses small detail; {fix}")
+        return                  # images are predicted at the run's scale, not resized to its input
+    sizes = data.sizes or [data.image(k).shape[:2] for k in range(len(data.ids))]
+    effect = {"shrunk": "which loses small detail", "stretched": "so the network sees them magnified, made of "
+              "interpolated pixels"}
+    fix = ("without --resize, they are predicted at the scale the run learned" if options.resize else
+           "pass --tile to predict images at their own size, in overlapping tiles (an image smaller than a tile is "
+           "padded)")
+    for how, images in advice.resized_images(data.ids, sizes, cfg).items():
+        if images:
+            print(f"note: {advice.resized_line(how, images, len(sizes), cfg)}, {effect[how]}; "
+                  f"{advice.odd_ones(images, len(sizes))}{fix}")
 
 
 def scale_note(members, options):
@@ -329,10 +347,11 @@ def evaluate(req):
         raise UserError(f"--instances splits one class's mask into objects; the run {members[0].name} predicts "
                         f"{cfg['num_classes']} classes ({cfg['class_mode']}). Use it with a one-class run.")
     # a data problem met here, or while an image is read again during prediction, is worded with val.py's flags
-    with worded(lambda error: data_fix(error, cfg, members[0].name)):
+    given = ("--data", req.data) if req.data else ("--images", req.images) if req.images else None
+    with worded(lambda error: data_fix(error, cfg, members[0].name, given)):
         data, default_out = load_data(req, members)
         if req.images or req.data:
-            shrink_note(data, members, req.predict)
+            resize_notes(data, members, req.predict)
             scale_note(members, req.predict)
             depth_note(data, members)
         out_dir, opts = req.output or default_out, req.write

@@ -15,18 +15,72 @@ CFG = {"crop": False, "input_w": 96, "input_h": 96, "batch_size": 16, "loss": "B
        "class_mode": "sigmoid"}
 
 
+def ids(n):
+    return [f"img{k:02d}" for k in range(n)]
+
+
 def test_images_shrunk_more_than_twice_get_a_note_suggesting_crops():
-    note = advice.shrunk_note([(512, 512)] * 3, CFG)
-    assert "median 512x512" in note and "shrunk 5.3x" in note and "--crop" in note
-    assert advice.shrunk_note([(512, 512)] * 3, {**CFG, "crop": True}) == ""
-    assert advice.shrunk_note([(192, 192)] * 3, CFG) == ""               # exactly 2x: no note
+    notes = advice.resize_notes(ids(3), [(512, 512)] * 3, CFG)
+    assert len(notes) == 1 and "all 3 images (512x512) are shrunk 5.3x to the 96x96" in notes[0] and "--crop" in notes[0]
+    assert "check them" not in notes[0]                                   # the whole set: not a few odd files
+    assert advice.resize_notes(ids(3), [(512, 512)] * 3, {**CFG, "crop": True}) == []
+    assert advice.resize_notes(ids(3), [(192, 192)] * 3, CFG) == []       # exactly 2x: no note
+    assert advice.resize_notes(ids(3), [(48, 48)] * 3, CFG) == []         # exactly 2x the other way: none either
 
 
-def test_one_rule_says_when_an_image_is_shrunk_enough_to_warn():
-    """train.py's note (on the median size) and val.py's --tile note (on each image) both ask this."""
-    assert not advice.shrunk_enough_to_warn((192, 192), CFG)              # exactly SHRINK_WARN: no note
-    assert advice.shrunk_enough_to_warn((193, 10), CFG) and advice.shrunk_enough_to_warn((10, 193), CFG)  # either side
-    assert advice.shrink_factor((96, 480), CFG) == 5.0
+def test_each_image_is_judged_so_an_outlier_among_fitting_images_is_named_with_its_factor():
+    """The median of 32x32 images fits a 32x32 input; one 20000x20 image is squashed 625x and one 1x1 image
+    stretched 32x, and each note names its image, its size and its factor."""
+    cfg = {**CFG, "input_w": 32, "input_h": 32}
+    names, sizes = ids(20) + ["wide", "dot"], [(32, 32)] * 20 + [(20, 20000), (1, 1)]
+    shrunk, stretched = advice.resize_notes(names, sizes, cfg)
+    assert shrunk.startswith("1 of 22 images is shrunk more than 2x to the 32x32 network input: wide (20000x20, 625x)")
+    assert stretched.startswith("1 of 22 images is stretched more than 2x to the 32x32 network input: dot (1x1, 32x)")
+    assert "check them" in shrunk and "check them" in stretched           # a few odd files among many
+    tall = advice.resize_notes(["tall"] + ids(4), [(300, 40)] + [(32, 32)] * 4, cfg)
+    assert tall == [tall[0]] and "tall (40x300, 9.4x)" in tall[0]        # either side counts
+
+
+def test_a_note_names_the_worst_few_images_first_and_counts_the_rest():
+    sizes = [(96 * k, 96) for k in (3, 9, 4, 5, 6)] + [(96, 96)] * 5
+    note = advice.resize_notes(ids(10), sizes, CFG)[0]
+    assert "5 of 10 images are shrunk more than 2x" in note
+    assert "img01 (96x864, 9.0x), img04 (96x576, 6.0x), img03 (96x480, 5.0x) and 2 more" in note
+
+
+def test_a_set_of_small_images_is_told_a_smaller_input_that_fits_it():
+    note, = advice.resize_notes(ids(12), [(30, 34)] * 10 + [(60, 60)] * 2, CFG)
+    assert "10 of 12 images are stretched more than 2x" in note and "e.g. --input_w 32 --input_h 32" in note
+    assert "check them" not in note
+    note, = advice.resize_notes(ids(3), [(30, 34), (40, 40), (20, 20)], CFG)
+    assert note.startswith("all 3 images are stretched more than 2x to the 96x96 network input: img02 (20x20, 4.8x)")
+
+
+def test_one_rule_says_how_much_an_image_is_resized_either_way():
+    """train.py's notes and val.py's note both ask resized_images, on each image."""
+    assert advice.resize_factor((96, 480), CFG) == (5.0, "shrunk")
+    assert advice.resize_factor((12, 96), CFG) == (8.0, "stretched")
+    assert advice.resize_factor((20, 20000), {**CFG, "input_w": 32, "input_h": 32}) == (625.0, "shrunk")
+    found = advice.resized_images(["a", "b", "c", "d"], [(193, 96), (96, 47), (192, 96), (48, 96)], CFG)
+    assert [i for _, i, _ in found["shrunk"]] == ["a"] and [i for _, i, _ in found["stretched"]] == ["b"]
+
+
+def test_val_notes_the_images_it_resizes_by_the_same_rule_and_suggests_tiles(capsys):
+    from types import SimpleNamespace
+    cfg = {**CFG, "input_w": 32, "input_h": 32}
+    data = SimpleNamespace(ids=ids(10) + ["wide", "dot"], sizes=[(32, 32)] * 10 + [(20, 20000), (1, 1)])
+    from predict import PredictOptions
+    members = [SimpleNamespace(cfg=cfg, scale=None)]      # a run from before the scale was recorded: images resized
+    val.resize_notes(data, members, PredictOptions())
+    out = capsys.readouterr().out
+    assert "wide (20000x20, 625x), which loses small detail" in out and "dot (1x1, 32x)" in out
+    assert out.count("pass --tile") == 2
+    val.resize_notes(data, members, PredictOptions(tile=True))
+    assert capsys.readouterr().out == ""                                  # tiles: no image is resized
+    val.resize_notes(data, [SimpleNamespace(cfg=cfg, scale=(1.0, 1.0))], PredictOptions())
+    assert capsys.readouterr().out == ""                                  # at the run's own scale: none either
+    val.resize_notes(data, members, PredictOptions(resize=True))
+    assert capsys.readouterr().out.count("without --resize") == 2         # asked for: said, with the way back
 
 
 def test_every_loss_but_the_plain_cross_entropies_weighs_classes_by_overlap():
@@ -74,6 +128,15 @@ def test_beats_warns_below_the_margin_only():
     t = advice.Trivial(0.1, 0.8, "foreground")
     assert "does not beat predicting foreground everywhere (0.8000)" in advice.beats(0.82, t)
     assert advice.beats(0.86, t) == ""
+
+
+@pytest.mark.parametrize("trivial, says", [(advice.Trivial(1.0, 0.0, "foreground"), "their masks mark (almost) nothing"),
+                                           (advice.Trivial(0.97, 0.1, "foreground"), "mark (almost) nothing"),
+                                           (advice.Trivial(0.0, 0.99, "foreground"), "mark (almost) every pixel")])
+def test_a_trivial_score_no_model_can_beat_blames_the_masks_not_the_training(trivial, says):
+    """Validation masks that mark nothing score 1 for 'background everywhere': 'train longer' would mislead."""
+    warning = advice.beats(1.0, trivial)
+    assert says in warning and "no model can beat it" in warning and "train longer" not in warning
 
 
 @pytest.mark.e2e

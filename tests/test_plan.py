@@ -50,7 +50,7 @@ def test_large_images_train_on_crops_and_few_images_get_small_batches_and_more_e
     assert got["batch_size"] == 2 and "12 optimizer steps per epoch" in reason(choices, "batch_size")
     assert got["epochs"] == 125 and got["ema"] == 0.995              # ceil(1500 / 12)
     assert advice.steps_note(24, {**config.DEFAULTS, **got}) == ""    # the plan never earns its own warning
-    assert advice.shrunk_note([(512, 512)], {**config.DEFAULTS, **got}) == ""
+    assert advice.resize_notes(["a"], [(512, 512)], {**config.DEFAULTS, **got}) == []
 
 
 def test_large_objects_get_larger_crops_and_small_images_smaller_ones():

@@ -107,7 +107,7 @@ BAD_TRAIN_INPUTS = [
     ("name-dot", None, ["--name", "."], "name must be a plain folder name"),
     ("name-parent", None, ["--name", ".."], "name must be a plain folder name"),
     ("name-path", None, ["--name", "x/../.."], "name must be a plain folder name"),
-    ("name-too-long", None, ["--name", "n" * 250], "at most 120 bytes"),
+    ("name-too-long", None, ["--name", "n" * 250], "at most 120 characters"),
     ("memory-loader-crop", None, ["--loader", "memory", "--crop"], "with --crop use --loader workers"),
     ("seed-too-large", None, ["--seed", str(2**64)], "seed must be between 0 and 2**63-1"),
     ("negative-weight-decay", None, ["--weight_decay", "-1"], "(--weight_decay): weight_decay must be 0 or a positive"),
