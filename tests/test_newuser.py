@@ -188,7 +188,8 @@ def test_val_outputs_notes_and_where_things_went(work, monkeypatch, capsys):
     assert f"probability maps in {pred}/probs/<class>/" in out and f"outlines in {pred}/overlay/" in out
     assert len(os.listdir(work / pred / "probs" / "0")) == 3 and "ground truth" not in out   # no masks, no truth
     code, out, err = run_main(val.main, ["--name", "old", "--images", "new", "--resize"], work, monkeypatch, capsys)
-    assert code == 0 and "larger than the 32x32 network input" in out and "without --resize" in out, err  # asked
+    assert code == 0 and "all 3 images (96x96) are shrunk 3.0x to the 32x32 network input" in out, err  # asked
+    assert "without --resize" in out
     code, out, err = run_main(val.main, ["--name", "old", "--overlay"], work, monkeypatch, capsys)
     assert code == 0 and "ground truth magenta" in out, err
     overlays = [cv2.imread(str(p)) for p in (work / "outputs" / "old" / "overlay").iterdir()]

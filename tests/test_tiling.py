@@ -103,7 +103,7 @@ def test_larger_images_are_predicted_at_the_trained_scale_whole_not_shrunk(tmp_p
             for how, flags in (("whole", []), ("tiles", ["--tile"]), ("resized", ["--resize"]))}
     assert all(r.returncode == 0 for r in runs.values()), {h: r.stderr for h, r in runs.items()}
     assert "shrunk" not in runs["whole"].stdout and "predicted whole at full resolution" in runs["whole"].stdout
-    assert "shrunk to it" in runs["resized"].stdout
+    assert "are shrunk 3.0x to the 32x32 network input" in runs["resized"].stdout
     masks = os.listdir(tmp_path / "out_whole" / "0")
     assert len(masks) == 4 and cv2.imread(str(tmp_path / "out_whole" / "0" / masks[0]), cv2.IMREAD_UNCHANGED).shape == (96, 96)
     whole, tiles, resized = (iou_of(runs[h].stdout) for h in ("whole", "tiles", "resized"))
