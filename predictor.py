@@ -16,7 +16,8 @@ what an exported model does); val.py passes the ranges of each whole image, so t
 is normalised as the training loaders normalised it.
 
 Any height and width: the network's four poolings need multiples of 16 (SIZE_MULTIPLE), so an input of another
-size is normalised, reflected at its bottom and right edges up to the next multiple, predicted, and cropped back:
+size, once its intensity ranges are taken, is mirrored at its bottom and right edges up to the next multiple,
+normalised, predicted, and cropped back:
 (B, C, 500, 300) in, (B, K, 500, 300) out. Inputs whose sides are multiples of 16 (everything val.py predicts)
 take the path they always took. The padding is written with tensor operations on the input's size, so a traced
 TorchScript or ONNX file pads any size it is given, not only the size it was traced with.
@@ -112,13 +113,15 @@ class Predictor(torch.nn.Module):
         return torch.stack([lo, lo + self.full_range], dim=1)
 
     def logits(self, x, ranges=None):
-        """Raw images (B, C_in, H, W) of any size -> logits of the final head (B, C, H, W)."""
-        x = normalize(x, self.ranges(x) if ranges is None else ranges.to(x.device), self.norm)
+        """Raw images (B, C_in, H, W) of any size -> logits of the final head (B, C, H, W). The intensity ranges are
+        the unpadded images' (or `ranges`); the mirrored image is normalised (its per-image statistics too, as
+        val.py's padded images are)."""
+        ranges = self.ranges(x) if ranges is None else ranges.to(x.device)
         h, w = x.shape[2], x.shape[3]
-        if not (torch.jit.is_tracing() or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE):
-            return final_logits(self.network(x), self.deep_supervision)       # the sizes training and val.py use
+        if not (torch.jit.is_tracing() or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE):     # the sizes val.py gives
+            return final_logits(self.network(normalize(x, ranges, self.norm)), self.deep_supervision)
         padded = reflect_to_multiple(x, SIZE_MULTIPLE)      # a traced graph always pads (by 0 for such sizes)
-        return final_logits(self.network(padded), self.deep_supervision)[:, :, :h, :w]
+        return final_logits(self.network(normalize(padded, ranges, self.norm)), self.deep_supervision)[:, :, :h, :w]
 
     def forward(self, x, ranges=None):
         return activate(self.logits(x, ranges), self.class_mode)

@@ -381,19 +381,21 @@ def test_sizes_that_are_multiples_of_16_are_predicted_as_they_always_were():
 
 @pytest.mark.parametrize("size", [(37, 45), (61, 35), (5, 7), (17, 1)])
 def test_any_size_is_mirrored_to_a_multiple_of_16_and_cropped_back(size):
-    """Normalised on the image itself (its intensity range and per-image statistics), then mirrored at the bottom and
-    right edges as F.pad's reflect mode does (further than it can, for images under 9 px), predicted, cropped."""
+    """The intensity ranges taken from the image itself, then the image mirrored at the bottom and right edges as
+    F.pad's reflect mode does (further than it can, for images under 9 px), normalised, predicted, cropped: what
+    val.py does with an image it pads."""
     model = tiny_predictor()
     x = torch.rand(1, 2, *size) * 4000
     h, w = size
     pad_h, pad_w = -h % 16, -w % 16
-    z = normalize(x, model.ranges(x), model.norm)
     with torch.no_grad():
         probs = model(x)
         assert probs.shape == (1, 3, h, w) and torch.isfinite(probs).all()
         if pad_h < h and pad_w < w:                       # where F.pad's reflect mode can say what it should be
-            mirrored = torch.nn.functional.pad(z, (0, pad_w, 0, pad_h), mode="reflect")
-            assert torch.allclose(probs, torch.sigmoid(model.network(mirrored))[:, :, :h, :w], atol=1e-6)
+            mirrored = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+            assert torch.allclose(probs, model(mirrored, model.ranges(x))[:, :, :h, :w], atol=1e-6)
+            z = normalize(mirrored, model.ranges(x), model.norm)
+            assert torch.allclose(probs, torch.sigmoid(model.network(z))[:, :, :h, :w], atol=1e-6)
     padded = predictor.reflect_to_multiple(torch.arange(5.0).view(1, 1, 5, 1), 16)[0, 0, :, 0]
     assert padded.tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]    # bouncing: 11 more rows from 5
 
