@@ -160,13 +160,24 @@ def python_snippet(d):
     else:
         result = ("mask = (probs[0, 0] > 0.5).astype(np.uint8) * 255    # the first class; probs[0, k]: class k\n"
                   'tifffile.imwrite("my_mask.tif", mask)')
-    return f"""import numpy as np, onnxruntime, tifffile
+    sy, sx = d.get("scale") or (1.0, 1.0)
+    if (sy, sx) == (1.0, 1.0):
+        run = f"""probs = session.run(None, {{"input": x}})[0]                 # (1, {d['num_classes']}, H, W): the image's own size"""
+    else:       # the run learned images at another scale than their own: predicted at it, as val.py does
+        run = f"""h, w = x.shape[2:]                                         # the model learned images {sx:g}x{sy:g} smaller (x, y):
+at_scale = cv2.resize(np.moveaxis(x[0], 0, -1), (max(1, round(w / {sx:g})), max(1, round(h / {sy:g}))))
+x = np.moveaxis(at_scale.reshape(*at_scale.shape[:2], -1), -1, 0)[None]
+probs = session.run(None, {{"input": x}})[0]
+probs = np.stack([cv2.resize(p, (w, h)) for p in probs[0]])[None]   # (1, {d['num_classes']}, H, W): the image's own size"""
+    imports = "import cv2, numpy as np, onnxruntime, tifffile" if (sy, sx) != (1.0, 1.0) else \
+        "import numpy as np, onnxruntime, tifffile"
+    return f"""{imports}
 session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 image = tifffile.imread("my_image.tif").astype(np.float32)  # raw values, any height and width
 if image.ndim == 3 and image.shape[0] != {c}:
     image = np.moveaxis(image, -1, 0)                      # (H, W, C) -> (C, H, W)
 x = image.reshape(1, {c}, *image.shape[-2:])                # (1, C, H, W)
-probs = session.run(None, {{"input": x}})[0]                 # (1, {d['num_classes']}, H, W): the image's own size
+{run}
 {result}"""
 
 

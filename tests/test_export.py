@@ -416,3 +416,34 @@ def test_traced_torchscript_and_onnx_keep_the_padding_dynamic(tmp_path):
             expected, got = model(y), scripted(y)
         assert got.shape == (2, 3, *size) and torch.allclose(got, expected, atol=1e-5)
         assert np.abs(session.run(None, {"input": y.numpy()})[0] - expected.numpy()).max() < 1e-5
+
+
+def test_the_readme_python_brings_an_image_to_the_scale_the_run_learned(tmp_path, monkeypatch):
+    """A run that learned images at half their size (model.json's scale): the snippet gives the model the image at
+    that scale and the probabilities back at the image's own size, as val.py does."""
+    import sys
+    import types
+
+    import tifffile
+    seen = []
+
+    class Session:                       # onnxruntime's part the snippet uses: probabilities = the first channel
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, outputs, feeds):
+            seen.append(feeds["input"].shape)
+            return [feeds["input"][:, :1] / 255]
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(InferenceSession=Session))
+    description = {"input_channels": 1, "num_classes": 1, "class_mode": "sigmoid", "scale": [2.0, 2.0]}
+    image = np.zeros((500, 300), np.uint8)
+    image[:250] = 255                                          # the top half bright
+    tifffile.imwrite(tmp_path / "my_image.tif", image)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(export.python_snippet(description), namespace)
+    assert seen == [(1, 1, 250, 150)]                          # the model saw the image at half its size
+    probs = namespace["probs"]
+    assert probs.shape == (1, 1, 500, 300) and probs[0, 0, :240].min() == 1 and probs[0, 0, 260:].max() == 0
+    assert "cv2" not in export.python_snippet({**description, "scale": [1.0, 1.0]})     # own scale: as it was
