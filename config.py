@@ -95,6 +95,11 @@ SETTINGS = [
     Setting("name", None, str, "run", "run name: <runs_dir>/<name>/ (default <dataset>_<arch>_wDS|_woDS)",
             range=Range(lambda v: v is None or valid_name(v), "a plain folder name (letters, digits, '_', '-', '.'; "
                         f"no '/', not '.' or '..', not starting with '.', at most {MAX_NAME_BYTES} bytes)")),
+    Setting("time_budget", 0.0, float, "run", "minutes the run may take, counted from the start of train.py (a resumed "
+            "run's from the resume): training stops after the last epoch that fits, its files written, and --plan auto "
+            "chooses the epochs (if needed a narrower network or smaller crops) to finish within it (0: no limit)",
+            range=Range(lambda v: finite(v) and 0 <= v <= MAX_COUNT, f"0 (no limit) or minutes up to {MAX_COUNT}"),
+            resumable=True, resume_after="early_stopping"),
     Setting("epochs", 100, int, "schedule", "number of epochs", range=between(1, MAX_COUNT), resumable=True),
     Setting("batch_size", 16, int, "optimisation", "images per batch (-b)", range=between(1, MAX_COUNT), short="-b"),
     Setting("arch", "NestedUNet", str, "model", "network (-a)", choices=tuple(ARCHS), short="-a"),
