@@ -129,7 +129,7 @@ def fit(cfg, run, rt, interrupts):
     if rt.main:
         print(finished_message(cfg, run, engine.best, run_dir))
         print(f"{start['trivial'].line()} on the validation split")
-        warning = advice.beats(engine.best["iou"], start["trivial"], "best val_iou")
+        warning = advice.beats(engine.best["iou"], start["trivial"], "best val_iou", cfg["crop"])
         if warning:
             warnings.warn(warning, stacklevel=2)
     return engine.best["iou"]
