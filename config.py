@@ -103,6 +103,11 @@ SETTINGS = [
             "<dataset>_<arch>_wDS|_woDS)",
             # what a run folder must be to be read at all; a new run's name must also follow NAME_RULE (check_name)
             range=Range(lambda v: v is None or readable_name(v), f"a plain folder name ({NAME_RULE})")),
+    Setting("time_budget", 0.0, float, "run", "minutes the run may take, counted from the start of train.py (a resumed "
+            "run's from the resume): training stops after the last epoch that fits, its files written, and --plan auto "
+            "chooses the epochs (if needed a narrower network or smaller crops) to finish within it (0: no limit)",
+            range=Range(lambda v: finite(v) and 0 <= v <= MAX_COUNT, f"0 (no limit) or minutes up to {MAX_COUNT}"),
+            resumable=True, resume_after="early_stopping"),
     Setting("epochs", 100, int, "schedule", "number of epochs", range=between(1, MAX_COUNT), resumable=True),
     Setting("batch_size", 16, int, "optimisation", "images per batch (-b)", range=between(1, MAX_COUNT), short="-b"),
     Setting("arch", "NestedUNet", str, "model", "network (-a)", choices=tuple(ARCHS), short="-a"),

@@ -95,6 +95,19 @@ def test_few_optimizer_steps_get_a_note_with_a_batch_size_that_gives_more():
     assert "only 2 optimizer" in advice.steps_note(160, CFG, processes=4)  # 16 per process, 4 processes
 
 
+def test_the_steps_note_never_suggests_a_batch_below_the_plans_smallest():
+    """One place (advice.batch_for_steps) decides how small a batch goes: at MIN_BATCH the note says nothing, where
+    it once suggested --batch_size 1 right after the plan had said why 2 is the smallest."""
+    for n_train in range(2, 400):
+        for batch in (1, 2, 3, 4, 8, 16, 32):
+            note = advice.steps_note(n_train, {**CFG, "batch_size": batch})
+            if note:
+                suggested = int(note.split("; --batch_size ")[1].split()[0])
+                assert advice.MIN_BATCH <= suggested < batch and n_train // suggested > n_train // batch
+    assert advice.steps_note(12, {**CFG, "batch_size": 2}) == ""            # 6 steps, but 2 is as small as it goes
+    assert advice.batch_for_steps(1) == 1 and advice.batch_for_steps(19) == 2 and advice.batch_for_steps(400) == 40
+
+
 def test_a_rare_class_gets_a_note_unless_the_loss_weighs_overlap():
     pixels = np.array([[50, 5000]])                                        # 0.5% and 50% of 100x100
     notes = advice.rare_class_notes(pixels, [(100, 100)], {**CFG, "num_classes": 2})
@@ -128,6 +141,7 @@ def test_beats_warns_below_the_margin_only():
     t = advice.Trivial(0.1, 0.8, "foreground")
     assert "does not beat predicting foreground everywhere (0.8000)" in advice.beats(0.82, t)
     assert advice.beats(0.86, t) == ""
+    assert "--crop" in advice.beats(0.82, t) and "--crop" not in advice.beats(0.82, t, crop=True)  # crops already
 
 
 @pytest.mark.parametrize("trivial, says", [(advice.Trivial(1.0, 0.0, "foreground"), "their masks mark (almost) nothing"),

@@ -171,9 +171,10 @@ def test_resume_changes_only_how_long_and_where_a_run_goes_on(tmp_path):
     with pytest.raises(UserError) as e:
         config.resolve(base + ["--lr", "0.1"])
     assert str(e.value).startswith("--resume: the command line (--lr) sets lr to 0.1, but ")
-    assert str(e.value).endswith(" --lr 0.1. Only epochs, early_stopping, num_workers, cache_mb, loader, device, amp, "
-                                 "memory_format, compile, cuda_graph, save_every, deterministic, data_dir, class_names "
-                                 "may change on resume.")
+    assert str(e.value).endswith(" --lr 0.1. Only epochs, early_stopping, time_budget, num_workers, cache_mb, loader, "
+                                 "device, amp, memory_format, compile, cuda_graph, save_every, deterministic, data_dir, "
+                                 "class_names may change on resume.")
+
 
 
 def test_the_class_names_come_from_masks_names_txt_unless_given(tmp_path):

@@ -162,7 +162,8 @@ def test_one_class_covering_most_pixels_is_said_and_its_inverse_offered():
         assert "--invert_mask" not in reason(planned(s, **given)[1], "loss")
 
 
-def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path):
+def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan, "time_training", lambda cfg, device: plan.Speed(0.1, 0.01))   # not what this tests
     got, choices = planned(replace(SMALL, classes=2, foreground=(0.15, 0.01)), target="objects", num_classes=2,
                            class_mode="sigmoid")
     assert got["loss"] == "BorderWeightedLoss" and "--target objects: a sigmoid per plane (objects, borders)" in reason(
@@ -211,7 +212,8 @@ def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_pat
     assert s.foreground[0] == pytest.approx(np.mean([(image > 0).mean() for image in labels]))   # all 12 are read
     areas = np.concatenate([np.bincount(image.ravel())[1:] for image in labels])
     diameters = np.sqrt(4 * areas[areas > 0] / np.pi)
-    assert s.object_size == pytest.approx(np.median(diameters[diameters < 24]))   # below half the image's side
+    objects = diameters[(diameters >= plan.SPECK) & (diameters < 24)]       # not specks, below half the image's side
+    assert s.object_size == pytest.approx(np.median(objects)) and len(objects) < len(diameters)   # some were specks
     three = make_data(tmp_path, "three", num_classes=3, exclusive=True, size=40)
     s = plan.survey(three, config.DEFAULTS, {})
     assert (s.classes, s.channels, s.dtype, s.height) == (3, 3, "uint8", 40)
@@ -247,6 +249,9 @@ def test_train_plan_auto_prints_the_plan_and_saves_it_as_ordinary_keys(tmp_path,
     assert code == 0, err
     assert "plan for inputs/cells (12 images, median 48x48, 1 channel of uint8" in out
     assert "--crop false --input_h 48 --input_w 48" in out and "kept as given: base_channels, epochs" in out
+    said = [line for line in out.splitlines() if line.startswith("expected: about ")]   # timed before training
+    assert len(said) == 1 and "s a step, 4 steps, plus validation)" in said[0]          # 1 epoch of 4 steps
+    assert out.index(said[0]) < out.index("\nconfig: ") < out.index("\nepoch 1/1 ")
     saved = yaml.safe_load(open(tmp_path / "models" / "planned" / "config.yml"))
     assert (saved["input_w"], saved["input_channels"], saved["batch_size"], saved["epochs"]) == (48, 1, 2, 1)
     assert saved["optimizer"] == "AdamW" and "plan" not in saved
@@ -281,7 +286,8 @@ def test_a_membrane_set_is_mostly_foreground_with_thin_lines_and_is_planned_on_c
     assert s.foreground[0] == pytest.approx(np.mean([m.mean() for m in masks]))
     areas = np.concatenate([np.bincount(ndimage.label(m)[0].ravel())[1:] for m in masks])
     diameters = np.sqrt(4 * areas / np.pi)
-    assert s.object_size == pytest.approx(np.median(diameters[diameters < 160]))   # the cells, not the whole image
+    cells = diameters[(diameters >= plan.SPECK) & (diameters < 160)]          # the cells, not the whole image
+    assert s.object_size == pytest.approx(np.median(cells))
     assert 5 < s.object_size < 60                                     # cells of ~25 px
     got, _ = planned(s)
     assert got["crop"] and got["input_w"] == 128 and got["input_channels"] == 1
@@ -293,3 +299,140 @@ def test_weight_average_is_described_within_the_run():
     # a run shorter than the average's span: the average covers the whole run, never "the last 100 of 48"
     assert short_run.settings == {"ema": 0.99} and "the run's 48 steps" in short_run.reason
     assert "last" not in short_run.reason
+
+
+def timed(m=CPU):
+    """Machine m with a stand-in for the timing of its steps: a step costs its pixels times the network's width
+    squared (and a fixed part), a validation image a third of its share; every config timed is recorded."""
+    asked = []
+
+    def speed(cfg):
+        asked.append(dict(cfg))
+        work = cfg["input_h"] * cfg["input_w"] * (cfg["base_channels"] / 32) ** 2
+        return plan.Speed(step=0.01 + 7.5e-6 * cfg["batch_size"] * work, image=2.5e-6 * work)
+    return replace(m, speed=speed), asked
+
+
+def planned_cfg(s, m, **given):
+    got, choices = planned(s, m, **given)
+    return {**config.DEFAULTS, **given, **got}, choices
+
+
+def seconds_said(line):
+    """'expected: about 6m20s ...' -> 380."""
+    import re
+    h, m, sec = re.match(r"expected: about (?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", line).groups()
+    return 3600 * int(h or 0) + 60 * int(m or 0) + int(sec or 0)
+
+
+def test_a_timed_plan_says_how_long_the_run_takes_and_plans_as_an_untimed_one_without_a_budget():
+    m, asked = timed()
+    cfg, _ = planned_cfg(LARGE, m)
+    assert planned(LARGE, m)[0] == planned(LARGE)[0]                  # no budget: timing changes no setting
+    line = plan.expected(LARGE, m, cfg)
+    step = m.speed(cfg).step
+    assert f"on this CPU ({step:.2f} s a step, 1500 steps, plus validation)" in line   # the planned network, timed
+    assert asked[-1]["base_channels"] == 32 and asked[-1]["input_w"] == 128 and asked[-1]["batch_size"] == 2
+    steps_alone = 1500 * step
+    assert steps_alone <= seconds_said(line) <= 1.2 * steps_alone + plan.START_SECONDS + 125 * plan.EPOCH_SECONDS
+    assert plan.expected(LARGE, CPU, cfg) == ""                        # not timed: nothing said
+
+
+@pytest.mark.parametrize("minutes", [30, 4, 1.5, 0.6])
+def test_a_time_budget_plans_a_run_that_fits_making_it_cheaper_in_order_and_saying_what_it_gave_up(minutes):
+    m, _ = timed()
+    cfg, choices = planned_cfg(LARGE, m, time_budget=minutes)
+    assert plan.run_seconds(LARGE, cfg, m.speed(cfg)) <= 60 * minutes * plan.BUDGET_USE
+    line = plan.expected(LARGE, m, cfg)
+    assert f"within the {minutes:g} min time budget" in line and seconds_said(line) <= 60 * minutes
+    full, _ = planned_cfg(LARGE, m)
+    narrower, smaller = cfg["base_channels"] < 32, cfg["input_w"] < full["input_w"]
+    assert not smaller or cfg["base_channels"] == plan.NARROWER[-1]  # the width first, then the crops
+    if narrower:
+        assert f"{cfg['base_channels']} channels wide instead of 32, to fit the {minutes:g} min time budget" in reason(
+            choices, "base_channels")
+    if smaller:
+        assert f"({full['input_w']}x{full['input_w']} without the time budget)" in reason(choices, "input_w")
+    if cfg["epochs"] < full["epochs"]:
+        assert f"{full['epochs'] - cfg['epochs']} given up" in reason(choices, "epochs")
+    if minutes == 30:
+        assert cfg == {**full, "time_budget": 30}                      # what fits is not made cheaper
+    if minutes <= 1.5:
+        assert narrower                                               # too few sensible epochs at full width
+
+
+def test_a_time_budget_keeps_the_users_settings_and_says_when_their_epochs_do_not_fit():
+    m, _ = timed()
+    cfg, _ = planned_cfg(LARGE, m, time_budget=1.5, base_channels=32)
+    assert cfg["base_channels"] == 32 and cfg["input_w"] < 128          # the crops were made smaller instead
+    cfg, choices = planned_cfg(LARGE, m, time_budget=1.5, epochs=400, input_w=128)
+    assert cfg["epochs"] == 400 and "epochs" not in {k for c in choices for k in c.settings}
+    line = plan.expected(LARGE, m, cfg)
+    assert "more than the 1.5 min time budget, which stops training after about epoch" in line
+    last = int(line.split("after about epoch ")[1].split()[0])
+    assert 1 <= last < 400
+
+
+def test_the_timer_times_each_network_once_and_never_one_that_cannot_fit(monkeypatch):
+    timings = []
+    monkeypatch.setattr(plan, "time_training", lambda cfg, device: timings.append(cfg) or plan.Speed(0.1, 0.01))
+    timer = plan.Timer("cpu", memory=24 * 2**30)
+    cfg = {**config.DEFAULTS, "arch": "UNet", "input_w": 128, "input_h": 128, "batch_size": 2}
+    assert timer(cfg) == timer({**cfg, "epochs": 7, "ema": 0.995}) == plan.Speed(0.1, 0.01)
+    assert len(timings) == 1                                            # the same network and batch: timed once
+    timer({**cfg, "base_channels": 16})
+    assert len(timings) == 2
+    assert plan.Timer("cpu", memory=2**20)(cfg) is None and len(timings) == 2   # 1 MiB: not risked
+
+
+def test_time_training_times_real_steps_and_leaves_the_random_state_alone():
+    import torch
+    cfg = {**config.DEFAULTS, "arch": "UNet", "base_channels": 4, "input_w": 32, "input_h": 32, "batch_size": 2,
+           "input_channels": 1, "device": "cpu", "ema": 0.99}
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    speed = plan.time_training(cfg, "cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert speed.step > 0 and speed.image > 0
+
+
+def test_the_batch_the_plan_falls_back_to_is_never_one_the_steps_note_argues_with():
+    """The plan once said batch 2 was the smallest BatchNorm trains with, and then a note suggested --batch_size 1."""
+    for images in (2, 3, 5, 8, 12, 19, 21, 25, 30, 60, 100, 670, 20000):
+        s = replace(SMALL, images=images)
+        got, choices = planned(s)
+        train_images = images - int(np.ceil(0.2 * images))
+        assert advice.steps_note(train_images, {**config.DEFAULTS, **got}) == "", images
+        assert got["batch_size"] <= train_images                        # never a batch that drops every image
+        if got["batch_size"] == advice.MIN_BATCH and train_images // advice.MIN_BATCH < advice.MIN_STEPS:
+            assert advice.MIN_BATCH_WHY in reason(choices, "batch_size")
+    got, choices = planned(replace(SMALL, images=2))                    # one training image: batch 1, said plainly
+    assert got["batch_size"] == 1 and "batch 1 (the one image)" in reason(choices, "batch_size")
+
+
+def test_the_plan_says_a_rare_class_is_weighed_by_overlap_only_when_its_loss_does():
+    s = replace(SMALL, classes=2, foreground=(0.2, 0.004))
+    _, choices = planned(s)
+    assert "weighs class 1 (0.40% of the pixels) by overlap" in reason(choices, "class_mode")
+    cfg, choices = planned_cfg(s, CPU, loss="BCEWithLogitsLoss")
+    assert "--loss BCEWithLogitsLoss (given)" in reason(choices, "class_mode")
+    assert "by overlap" not in reason(choices, "class_mode")
+    note = advice.rare_class_notes(np.array([[2000, 40]]), [(100, 100)], cfg)   # ... as the start-up note says
+    assert len(note) == 1 and "with --loss BCEWithLogitsLoss a model can score well by missing it" in note[0]
+
+
+def test_object_sizes_are_said_only_when_the_masks_are_objects(tmp_path):
+    """Specks of a class and one region across the image are not objects: 'objects median 1 px' described nothing."""
+    data = make_data(tmp_path, "specks", n=6, size=64, channels=1)
+    rng = np.random.default_rng(0)
+    for f in sorted(os.listdir(os.path.join(data, "masks", "0"))):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:40] = 255                                                 # a region as wide as the image (sky) ...
+        mask[rng.integers(42, 64, 30), rng.integers(0, 64, 30)] = 255   # ... and specks of a pixel or two
+        cv2.imwrite(os.path.join(data, "masks", "0", f), mask)
+    s = plan.survey(data, config.DEFAULTS, {})
+    assert s.object_size == 0 and "objects median" not in s.line()
+    nuclei = plan.survey(make_data(tmp_path, "nuclei", n=6, size=64, channels=1), config.DEFAULTS, {})
+    assert nuclei.object_size >= plan.SPECK and "objects median" in nuclei.line()
+    assert plan.object_size(np.array([5.0, 6.0]), held=40, foreground=43) == 5.5               # specks aside
+    assert plan.object_size(np.array([5.0]), held=20, foreground=4000) == 0.0                  # most not objects
