@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocess_dsb2018 import convert, main
+from preprocess_dsb2018 import MARKER, convert, main
 from utils import UserError
 
 
@@ -79,7 +79,7 @@ def test_a_set_without_masks_is_written_as_images_for_prediction(tmp_path, capsy
     main(["--src", zipped(tmp_path / "test_set", tmp_path / "stage1_test.zip"), "--out", str(tmp_path / "t")])
     out = capsys.readouterr().out
     assert "no sample in the source has masks" in out and "val.py --name <run> --images" in out
-    assert sorted(os.listdir(tmp_path / "t")) == ["images"] and len(os.listdir(tmp_path / "t" / "images")) == 3
+    assert sorted(os.listdir(tmp_path / "t")) == [MARKER, "images"] and len(os.listdir(tmp_path / "t" / "images")) == 3
 
 
 def test_a_set_with_some_masks_missing_is_refused(tmp_path):
