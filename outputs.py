@@ -102,11 +102,12 @@ def check_place(path, named, script, fix, protected=(), own=None):
     A UserError that starts with `named` (the flag and its value) when path is one of `protected` [(folder, what it
     is)] or inside one, or when it or a folder above it holds a data set, a run folder or an export, or it holds run
     folders (guarded_ancestor; own: what the script itself may find there). fix: what to pass instead."""
-    for folder, what in protected:
-        if inside(path, folder):
+    found = guarded_ancestor(path, own)
+    depth = len(found[0]) if found else -1
+    for folder, what in sorted(protected, key=lambda p: -len(os.path.realpath(p[0]))):   # the nearest one named
+        if inside(path, folder) and len(os.path.realpath(folder)) >= depth:
             raise UserError(f"{named} is inside {folder} ({what}); {script} does not write among the files it reads "
                             f"or a run's files. {fix}")
-    found = guarded_ancestor(path, own)
     if found:
         raise UserError(f"{named} is inside {found[0]}, which holds {found[1]}; {script} does not write among a data "
                         f"set's, a run's or an export's files, or beside the runs of a runs folder. {fix}")
