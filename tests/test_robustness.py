@@ -942,3 +942,31 @@ def test_what_is_wrong_with_a_run_file_names_each_way_it_can_be_unreadable(tmp_p
     with pytest.raises(rundir.UserError, match=r"config.yml \(the run's settings\) cannot be read \(Permission denied\)"
                                                r": the run folder is damaged"):
         rundir.check_files(str(run))
+
+
+def test_a_small_jpeg_or_bmp_declaring_a_huge_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """631 bytes of JPEG declaring 30000x30000 pixels took 31 s and 6.5 GB to decode, and 65000x65000 ended in an
+    OpenCV traceback: the header is read first, past any EXIF block, as a PNG's is."""
+    import imagefiles
+    from dataerror import DataError
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    jpeg = jpeg.tobytes()
+    exif = b"\xff\xe1" + (20002).to_bytes(2, "big") + bytes(20000)           # an APP1 block before the frame
+    frame = jpeg.index(b"\xff\xc0")
+    ok, bmp = cv2.imencode(".bmp", np.zeros((8, 8, 3), np.uint8))
+    bmp = bytearray(bmp.tobytes())
+    bmp[18:22], bmp[22:26] = (40000).to_bytes(4, "little"), (-40000).to_bytes(4, "little", signed=True)
+    cases = {"big.jpg": (jpeg[:frame + 5] + (30000).to_bytes(2, "big") * 2 + jpeg[frame + 9:], "30000x30000"),
+             "exif.jpeg": (jpeg[:2] + exif + jpeg[2:frame + 5] + (65000).to_bytes(2, "big") * 2 + jpeg[frame + 9:],
+                           "65000x65000"),
+             "big.bmp": (bytes(bmp), "40000x40000")}
+    decoded = []
+    real = cv2.imread
+    monkeypatch.setattr(imagefiles.cv2, "imread", lambda *a: decoded.append(a) or real(*a))
+    for name, (data, declared) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"{name} declares {declared} pixels .* more than 2 GiB"):
+            imagefiles.decode(str(tmp_path / name))
+    assert decoded == []
+    (tmp_path / "fine.jpg").write_bytes(jpeg[:2] + exif + jpeg[2:])           # an ordinary JPEG still reads
+    assert imagefiles.decode(str(tmp_path / "fine.jpg")).shape == (8, 8, 3) and len(decoded) == 1
