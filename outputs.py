@@ -4,9 +4,11 @@ was written.
 
 The folder:
 
-- Refused: a folder that is, or is inside, a data set (the one val.py reads and the runs' own), a run folder or
-  the runs folder itself; and an output subfolder that is a symbolic link (its files would land in, and be
-  removed from, the link's target).
+- Refused: a folder that is, or is inside, a data set (the one val.py reads and the runs' own, or any other), a
+  run folder, an export or the runs folder itself; and an output subfolder that is a symbolic link (its files
+  would land in, and be removed from, the link's target). That guard, check_place(), is every script's: train.py's
+  run folder, export.py's --output, preprocess_dsb2018.py's and make_demo_data.py's --out, bench.py's --out and
+  compare.py's --plot pass it too.
 - Locked while val.py writes it (<output>/.lock, as a run folder is while it trains): a second evaluation into
   the same folder is refused instead of interleaving its files with the first's.
 - Recorded: the files an evaluation will write are listed in <output>/.val_files before any is written; the
