@@ -270,6 +270,10 @@ def check_output(out, default, run_dir):
     files named as the export's that an earlier export did not write."""
     if os.path.abspath(out) == os.path.abspath(default):
         return
+    runs = os.path.dirname(run_dir) or "."
+    outputs.check_place(out, f"--output {out}", "export.py", f"Pass --output to a folder of its own (the default is "
+                        f"{default})", [] if outputs.inside(os.getcwd(), runs) else [(runs, "the runs folder")],
+                        own={out: "an export"})         # an export: replaced if it is this run's (its marker says)
     marker = os.path.join(out, MARKER)
     if os.path.isfile(marker):
         with open(marker, errors="replace") as f:
@@ -278,14 +282,6 @@ def check_output(out, default, run_dir):
             raise UserError(f"--output {out} holds another export ({source[:200]}); nothing was replaced. Pass "
                             "--output to a new folder")
         return
-    runs = os.path.dirname(run_dir) or "."
-    found = outputs.guarded_ancestor(out)
-    if found is None and outputs.inside(out, runs) and not outputs.inside(os.getcwd(), runs):
-        found = (runs, "the runs folder")
-    if found:
-        raise UserError(f"--output {out} is inside {found[0]}, which holds {found[1]}; export.py does not write "
-                        "among a data set's, a run's or another export's files. Pass --output to a folder of its own "
-                        f"(the default is {default})")
     clash = [f for f in EXPORT_FILES if os.path.lexists(os.path.join(out, f))]
     if clash:
         raise UserError(f"--output {out} already holds {', '.join(clash)}, not written by export.py; nothing was "

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+import outputs
 from utils import UserError, exit_on_user_error
 
 SHAPES = ("ellipse", "square", "triangle")
@@ -115,6 +116,19 @@ def make_sample(rng, size, classes, channels):
 
 MARKER = ".made_by_make_demo_data"      # in every folder this script wrote: it may rewrite only those
 DATA_FOLDERS = ("images", "masks", "labels")
+MAX_SIZE = 4096      # --size: one image of 4096x4096 takes about 1.2 GB of memory while it is made (~70 bytes a pixel)
+
+
+def check_space(out, n, size, per_pixel):
+    """--n images of --size, at most per_pixel bytes a pixel on disk (image and masks or labels, uncompressed as a
+    TIFF is), against the free space where --out goes: a UserError naming --n and both figures before writing."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    need, free = n * size * size * per_pixel, shutil.disk_usage(path).free
+    if need > free:
+        raise UserError(f"--n {n}: {n} images of {size}x{size} and their masks or labels take up to {need / 2**30:.1f} GiB on "
+                        f"disk, and {path} has {free / 2**30:.1f} GiB free; pass a smaller --n or --size")
 
 
 def prepare_out(out):
@@ -122,6 +136,8 @@ def prepare_out(out):
     folders emptied (a smaller --n leaves no stale images); a folder holding anyone else's images is refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    outputs.check_place(out, f"--out {out}", "make_demo_data.py", "Pass --out to a folder of its own (the default is "
+                        "inputs/demo)", own={out: "a data set"})        # a data set: rewritten if this script's
     present = [d for d in DATA_FOLDERS if os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))]
     if present and not os.path.isfile(os.path.join(out, MARKER)):
         raise UserError(f"--out {out} already holds {', '.join(d + '/' for d in present)} that this script did not "
@@ -253,8 +269,8 @@ def main(argv=None):
                    "marking the cells (electron-microscopy-like; try --n 30 --size 512)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.n < 1 or a.size < 16:
-        p.error("--n must be at least 1 and --size at least 16")
+    if a.n < 1 or not 16 <= a.size <= MAX_SIZE:
+        p.error(f"--n must be at least 1 and --size between 16 and {MAX_SIZE}")
     if (a.exclusive and a.num_classes < 2) or (a.void and not a.exclusive):
         p.error("--exclusive needs --num_classes 2 or more (class 0 is the background), and --void needs --exclusive")
     if a.microscopy and (a.channels == 3 or a.num_classes > 1 or a.exclusive or a.names):
@@ -262,6 +278,9 @@ def main(argv=None):
     if a.membranes and (a.microscopy or a.num_classes > 1 or a.exclusive or a.names or a.channels not in (None, 1)):
         p.error("--membranes writes one class of grayscale 8-bit images: drop the other data options")
     with exit_on_user_error():
+        per_pixel = (2 if a.membranes else (a.channels or 1) * (4 if a.float32 else 2) + 2 if a.microscopy
+                     else (a.channels or 3) + a.num_classes)      # bytes of an image and its masks or labels
+        check_space(a.out, a.n, a.size, per_pixel)
         if a.membranes:
             generate_membranes(a.out, a.n, a.size, a.seed)
             print(f"wrote {a.n} grayscale membrane images and masks to {a.out}/images and {a.out}/masks/0")

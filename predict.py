@@ -85,6 +85,7 @@ def check_run_folder(name, folder, runs_dir):
         raise UserError(f"there is no run {folder.path}" + (f" (runs there: {', '.join(listed)})" if listed else "") +
                         f". Train it first ({command(*train)}), or pass --runs_dir (or set "
                         f"${config.RUNS_DIR_ENV}) to the folder that holds your runs.")
+    rundir.check_files(folder.path)     # a run file that is a folder, a broken link or unreadable: named
     if not rundir.in_use(folder.path):
         rundir.repair(folder.path)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
     if not os.path.isfile(folder.model):

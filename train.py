@@ -25,6 +25,7 @@ import advice
 import checkpoint
 import config
 import distributed
+import outputs
 import rundir
 import runtime
 from dataerror import worded
@@ -99,10 +100,21 @@ def build(cfg, rt, recorded=None):
                              "trivial": advice.trivial(val_data.target_pixels, val_data.sizes, cfg["class_mode"])}
 
 
+def check_run_place(cfg, run, run_dir):
+    """The run folder, guarded as every folder the toolkit writes (outputs.check_place): not inside a data set, another
+    run folder or an export, and not a folder that holds runs; an existing run there is check_existing()'s."""
+    outputs.check_place(run_dir, f"the run folder {run_dir} (--runs_dir {run['runs_dir']}, --name {cfg['name']})",
+                        "train.py", f"Pass another --name or --runs_dir (runs go to {config.RUNS_DIR}/<name>/ by "
+                        "default)", own={run_dir: "a run folder"})
+    if run["resume"] or run["overwrite"]:
+        rundir.check_files(run_dir, rundir.RUN_FILES)      # what it reads and replaces: readable files
+
+
 def fit(cfg, run, rt, interrupts):
     started = run.get("started", time.monotonic())     # the time budget counts from here: train.py's start
     deadline = started + 60 * cfg["time_budget"] - FINISH_SECONDS if cfg["time_budget"] else None
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
+    check_run_place(cfg, run, run_dir)                                    # before the data is read
     recorded = rundir.read_split(run_dir) if run["resume"] else None       # a resumed run keeps its split
     engine, loaders, start = build(cfg, rt, recorded)
     if rt.main:
