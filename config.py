@@ -29,6 +29,7 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 255)
 MAX_COUNT = 10**6      # the largest epoch count, batch size, patience, milestone (a config's numbers are bounded)
+MAX_PATH = 4096        # the longest path a setting may hold (PATH_MAX on Linux)
 MAX_INPUT = 4096       # the largest network input side: one 4096x4096 training image is already several GB of activations
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
 # A new run's name: a folder and a word of the commands the toolkit prints (val.py --name <name>), so nothing a
@@ -103,6 +104,13 @@ SETTINGS = [
             "<dataset>_<arch>_wDS|_woDS)",
             # what a run folder must be to be read at all; a new run's name must also follow NAME_RULE (check_name)
             range=Range(lambda v: v is None or readable_name(v), f"a plain folder name ({NAME_RULE})")),
+    Setting("init", None, str, "run", "start from a trained model's weights instead of random ones: a run's name "
+            "(under --runs_dir) or folder, a model.pth (described by the model.json beside it) or a BioImage.IO zip "
+            "written by export.py. The network and its normalisation follow it; other input channels adapt its first "
+            "convolution, another class count or target gets a new final layer; unless given, lr is a tenth and "
+            "--plan auto's epochs a quarter (default: none, random weights)",
+            range=Range(lambda v: v is None or (0 < len(v) <= MAX_PATH and "\0" not in v),
+                        f"a run name or the path of a run folder, model.pth or .zip (at most {MAX_PATH} characters)")),
     Setting("time_budget", 0.0, float, "run", "minutes the run may take, counted from the start of train.py (a resumed "
             "run's from the resume): training stops after the last epoch that fits, its files written, and --plan auto "
             "chooses the epochs (if needed a narrower network or smaller crops) to finish within it (0: no limit)",
@@ -557,11 +565,16 @@ def default_name(cfg):
     return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}{folds}"
 
 
-def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
-    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'runs_dir', 'changes'}).
+def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.", start_from=None):
+    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'runs_dir', 'changes',
+    'init'}).
 
     With --resume the base is the run's own config (config.yml, or the copy inside last.pth), and
     only the RESUMABLE keys may differ from it.
+    start_from: for a new run with --init, (cfg, sources, runs_dir) -> (cfg, sources, source) reads the model it
+    starts from and sets what follows it, before --plan plans the rest (train.py: pretrained.follow_init); run['init']
+    is that source (its .lines are printed with the plan's), None without --init and on --resume (last.pth holds
+    the weights then).
     """
     args = vars(build_parser(description).parse_args(argv))
     run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False),
@@ -576,9 +589,13 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     sources = {**{k: run["config"] for k in file_cfg}, **{k: "the command line" for k in args}}
     cfg = merge(file_cfg, run["config"], args)
     cfg, sources = follow_target(cfg, sources)
-    run["plan_lines"] = []
+    run["plan_lines"], run["init"] = [], None
     if not run["resume"]:
         cfg, sources, run["plan_lines"] = follow_folder(cfg, sources)
+        if cfg["init"] is not None and start_from is not None:
+            check_values(cfg, sources)     # the user's own values first, with their own messages
+            cfg, sources, run["init"] = start_from(cfg, sources, run["runs_dir"])
+            run["plan_lines"] += run["init"].lines
     if run["plan"]:
         check_values(cfg, sources)         # the user's own values first, with their own messages
         cfg, choices, plan_lines = planned(cfg, sources)

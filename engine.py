@@ -218,6 +218,13 @@ class Engine:
         self.best = {"iou": -1.0, "epoch": 0, "stale": 0}
         self.progress_lines = False   # ProgressLines on stdout in long loops: train.py's log, not bench.py's JSON
 
+    def start_from(self, state):
+        """--init: initial weights (a state_dict of this network, pretrained.adapted gives it) instead of the random
+        ones, in the network and its weight average; the optimizer has no state yet, so nothing else changes."""
+        self.model.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state)
+
     @property
     def eval_net(self):
         """What validation runs and model.pth holds: the weight average with --ema, else the network itself."""

@@ -26,6 +26,7 @@ import checkpoint
 import config
 import distributed
 import outputs
+import pretrained
 import rundir
 import runtime
 from dataerror import worded
@@ -65,6 +66,15 @@ def choose_normalization(cfg, dtypes, verbose):
               "percentile", flush=True)
 
 
+def resolve(argv=None):
+    """The command line -> (config, run flags), as config.resolve gives them, with --init's source read and what
+    follows from it (pretrained.follow_init before --plan, pretrained.fine_tuning after it)."""
+    cfg, run = config.resolve(argv, start_from=pretrained.follow_init)
+    if run["init"] is not None:
+        cfg = pretrained.fine_tuning(cfg, run)
+    return cfg, run
+
+
 def train(cfg, run, interrupts=None):
     """The whole run: data, model, loop, files. Returns the best validation IoU.
 
@@ -78,11 +88,12 @@ def train(cfg, run, interrupts=None):
         distributed.cleanup(rt)
 
 
-def build(cfg, rt, recorded=None):
+def build(cfg, rt, recorded=None, init=None):
     """Every check, the data, the network and the loaders, before anything on disk changes:
     -> (engine, (training loader, validation loader), what the run folder records at the start: {'split':
     {'train': ids, 'val': ids}, 'model': model.json's description of the Predictor}).
-    recorded: a resumed run's split.csv, whose split it keeps."""
+    recorded: a resumed run's split.csv, whose split it keeps. init: the --init source (pretrained.Source) whose
+    weights the network starts from (model.json records where they came from)."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
     runtime.check_fits(cfg, rt)                                  # an input size that cannot fit: before any work
@@ -94,9 +105,14 @@ def build(cfg, rt, recorded=None):
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
     engine.progress_lines = rt.main      # a long epoch says how far it is in a log file too
+    if init is not None:
+        engine.start_from(pretrained.adapted(init, cfg, engine.model.state_dict(), rt.main))
     loaders = make_loaders(cfg, train_data, val_data, rt)
     dtypes = train_data.dtypes | val_data.dtypes
-    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": describe(cfg, dtypes, learned_scale(cfg, train_data.sizes)),
+    description = describe(cfg, dtypes, learned_scale(cfg, train_data.sizes))
+    if init is not None:
+        description["init"] = init.provenance()
+    return engine, loaders, {"split": {"train": train_data.ids, "val": val_data.ids}, "model": description,
                              "trivial": advice.trivial(val_data.target_pixels, val_data.sizes, cfg["class_mode"])}
 
 
@@ -116,7 +132,9 @@ def fit(cfg, run, rt, interrupts):
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
     check_run_place(cfg, run, run_dir)                                    # before the data is read
     recorded = rundir.read_split(run_dir) if run["resume"] else None       # a resumed run keeps its split
-    engine, loaders, start = build(cfg, rt, recorded)
+    engine, loaders, start = build(cfg, rt, recorded, run.get("init"))
+    if run["resume"]:
+        start["model"] = pretrained.still_recorded(start["model"], run_dir)   # where it started, in model.json
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused
@@ -291,7 +309,7 @@ def main(argv=None, started=None):
         # a data problem's fix in train.py's words; the lambda reads cfg and run when the problem is met: None while
         # resolving (the --plan survey), then the config, whose fixes also say where each value came from
         with exit_on_user_error(quiet=not first_process), worded(lambda error: data_fix(error, cfg, run)):
-            cfg, run = config.resolve(argv)
+            cfg, run = resolve(argv)
             run["started"] = started
             for line in run["plan_lines"]:
                 print(line, flush=True)

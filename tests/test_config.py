@@ -10,7 +10,7 @@ from utils import UserError, save_yaml
 def test_defaults_and_reference_name():
     cfg, run = config.resolve([])
     assert cfg["arch"] == "NestedUNet" and cfg["batch_size"] == 16 and cfg["lr"] == 1e-3
-    assert cfg["name"] == "dsb2018_96_NestedUNet_woDS" and run == {"config": None, "resume": False, "overwrite": False, "runs_dir": "models", "changes": [], "sources": {}, "plan": None, "plan_lines": []}
+    assert cfg["name"] == "dsb2018_96_NestedUNet_woDS" and run == {"config": None, "resume": False, "overwrite": False, "runs_dir": "models", "changes": [], "sources": {}, "plan": None, "plan_lines": [], "init": None}
     cfg, _ = config.resolve(["-a", "NestedUNet", "--deep_supervision", "True", "-b", "4"])
     assert cfg["name"] == "dsb2018_96_NestedUNet_wDS" and cfg["batch_size"] == 4
 
