@@ -36,7 +36,7 @@ from normalize import resolve_mode
 from predictor import describe, learned_scale
 from splits import load_splits
 from utils import (ClosedPipeSafe, Interrupts, UserError, command, count_params, duration, exit_on_user_error,
-                   plain_warning)
+                   plain_warning, quiet_worker_disconnects)
 
 
 def check_batch_size(cfg, train_data, val_data):
@@ -301,6 +301,7 @@ def main(argv=None, started=None):
     started = time.monotonic() if started is None else started
     interrupts = Interrupts()
     interrupts.install()          # Ctrl-C and SIGTERM (e.g. from a job scheduler) stop cleanly
+    sys.excepthook = quiet_worker_disconnects(sys.excepthook)   # ... without a loader worker thread's traceback
     warnings.formatwarning = plain_warning
     sys.stdout = ClosedPipeSafe(sys.stdout)   # piped into head or a closed ssh: keep training
     first_process = os.environ.get("RANK", "0") == "0"   # under torchrun every process meets the same error
