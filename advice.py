@@ -18,7 +18,11 @@ RESIZE_WARN = 2.0      # an image resized to the network input by more than this
                        # network sees it magnified, made of interpolated pixels
 NAMED = 3              # images such a warning names, the most resized first
 MIN_STEPS = 10         # optimizer steps per epoch below which a run learns little per epoch
+MIN_BATCH = 2          # the smallest batch the plan chooses and the notes suggest: BatchNorm's statistics then span
+                       # more than one image (a smaller batch only where the training split has one image)
+MIN_BATCH_WHY = "the smallest batch whose BatchNorm statistics span more than one image"
 RARE_CLASS = 0.01      # a class covering less of the training pixels than this
+MAJORITY = 0.5         # one class covering more of the training pixels than this: its complement may be the point
 MARGIN = 0.05          # how much IoU a model must gain over the better trivial prediction
 
 
@@ -108,12 +112,20 @@ def nearest_side(side):
     return max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)
 
 
+def batch_for_steps(n_train, processes=1):
+    """The batch for n_train training images (over `processes`): the largest that gives MIN_STEPS optimizer steps an
+    epoch, never below MIN_BATCH, nor above the images a process has (a larger batch would drop every one). The plan
+    chooses no larger batch, and the steps note suggests this one: they never disagree."""
+    return max(1, min(n_train // processes, max(MIN_BATCH, n_train // (MIN_STEPS * processes))))
+
+
 def steps_note(n_train, cfg, processes=1):
-    """A note when an epoch makes fewer than MIN_STEPS optimizer steps ('' if not)."""
+    """A note when an epoch makes fewer than MIN_STEPS optimizer steps and the batch of batch_for_steps would make
+    more ('' if not: at MIN_BATCH the batch is as small as it goes, and the epochs are the run's length)."""
     steps = n_train // (cfg["batch_size"] * processes)
-    if steps >= MIN_STEPS:
+    batch = batch_for_steps(n_train, processes)
+    if steps >= MIN_STEPS or n_train // (batch * processes) <= steps:
         return ""
-    batch = max(1, n_train // (MIN_STEPS * processes))
     return (f"an epoch makes only {steps} optimizer step(s) ({n_train} training images, --batch_size "
             f"{cfg['batch_size']}); --batch_size {batch} gives {n_train // (batch * processes)} per epoch, or "
             "train for more --epochs")
@@ -132,12 +144,29 @@ def rare_class_notes(target_pixels, sizes, cfg):
             for c, f in enumerate(fractions) if c >= first and 0 < f < RARE_CLASS]
 
 
+def majority_advice(fraction, where):
+    """What to say of one class covering `fraction` (above MAJORITY) of `where` ('the training pixels')."""
+    return (f"class 0 covers {100 * fraction:.0f}% of {where}, so its IoU is high for little; if the other "
+            f"{100 * (1 - fraction):.0f}% (membranes, borders, background) is the class that matters, --invert_mask "
+            "trains on it (val.py scores both either way)")
+
+
+def majority_note(target_pixels, sizes, cfg):
+    """A note when the one class of a run covers more than MAJORITY of the training pixels ('' if not)."""
+    if target_pixels is None or not sizes or cfg["num_classes"] != 1 or cfg["target"] != "masks" or \
+            cfg.get("invert_mask"):
+        return ""
+    fraction = float(target_pixels.sum()) / max(1, sum(h * w for h, w in sizes))
+    return majority_advice(fraction, "the training pixels") if fraction > MAJORITY else ""
+
+
 def startup_notes(cfg, train_data, processes=1, val_data=None):
     """Every start-up note for this config on this training split (and validation split: its images are resized
     too)."""
     every = [train_data] + ([val_data] if val_data is not None else [])
     ids, sizes = [i for d in every for i in d.ids], [s for d in every for s in (d.sizes or [])]
-    notes = resize_notes(ids, sizes, cfg) + [steps_note(len(train_data.ids), cfg, processes)]
+    notes = resize_notes(ids, sizes, cfg) + [steps_note(len(train_data.ids), cfg, processes),
+                                             majority_note(train_data.target_pixels, train_data.sizes, cfg)]
     return [n for n in notes if n] + rare_class_notes(train_data.target_pixels, train_data.sizes or [], cfg)
 
 
@@ -156,9 +185,9 @@ def trivial(target_pixels, sizes, class_mode):
     return Trivial(everywhere(set()), everywhere(set(range(len(present)))), "foreground")
 
 
-def beats(iou, baseline, what="IoU"):
+def beats(iou, baseline, what="IoU", crop=False):
     """A warning ('' if none) when a model's IoU (`what`: its name) is not MARGIN above the better trivial
-    prediction."""
+    prediction. crop: the run trained on crops already (--crop is then not suggested)."""
     if iou >= baseline.best + MARGIN:
         return ""
     which = "background" if baseline.background >= baseline.foreground else baseline.foreground_what
@@ -167,6 +196,6 @@ def beats(iou, baseline, what="IoU"):
         return (f"{what} {iou:.4f}: predicting {which} everywhere already scores {baseline.best:.4f} on these images, "
                 f"as their masks mark {marks}, so no model can beat it by {MARGIN} and the score says little about "
                 "this one. Check the masks, and evaluate on images that have something to find")
+    crops = "" if crop else " or on crops (--crop)"
     return (f"{what} {iou:.4f} does not beat predicting {which} everywhere ({baseline.best:.4f}) by {MARGIN}: the model "
-            "has learned little. Check the masks, train longer or on crops (--crop), or start from a recipe "
-            "(--config recipes/...)")
+            f"has learned little. Check the masks, train longer{crops}, or start from a recipe (--config recipes/...)")

@@ -184,6 +184,29 @@ class Probabilities(nn.Module):
         return activate(final_logits(self.network(x), self.deep_supervision), self.class_mode)
 
 
+FIRST_CONV = "conv0_0.conv1.weight"   # the first convolution's weight in a network's state_dict: (out, C_in, 3, 3)
+HEAD_PREFIX = "final"                 # the final 1x1 heads' attribute names: final, or final1 .. final4
+
+
+def is_head(key):
+    """Whether a state_dict key belongs to a final head (the layer a new class count or target replaces)."""
+    return key.split(".")[0].startswith(HEAD_PREFIX)
+
+
+def adapt_input_weight(weight, channels):
+    """A first convolution's weight (out, C, k, k) for `channels` input channels instead of C, as
+    segmentation_models_pytorch adapts a pretrained encoder: to 1 channel, the sum over the C (a grey image then gives
+    what the original gave for the image of C equal channels: 3 -> 1); otherwise channel i takes the original's channel
+    i mod C and all are scaled by C / channels (1 -> N: repeated and divided by N, so an image of N equal channels gives
+    what the grey image gave; between other counts the same rule keeps the output's scale)."""
+    c = weight.shape[1]
+    if channels == c:
+        return weight
+    if channels == 1:
+        return weight.sum(1, keepdim=True)
+    return weight[:, torch.arange(channels) % c] * (c / channels)
+
+
 def parameter_shapes(cfg):
     """{name: shape} of the state_dict of the network build_model(cfg) gives, computed on the meta device (nothing
     allocated, so a config that describes an enormous network costs nothing to check)."""

@@ -55,7 +55,7 @@ from losses import LOSSES
 from loaders import make_loaders
 from metrics import SegMeter, binarize
 from normalize import resolve_mode
-from outputs import ImageWriter, OutputOptions, subfolders
+from outputs import ImageWriter, OutputOptions, check_place, subfolders
 from pairing import scan
 from predict import PredictOptions, TrainedRun
 from predictor import Predictor, describe
@@ -451,11 +451,11 @@ def predict_rate(cfg, rt, val_data):
         for sub in subfolders(cfg["num_classes"], opts):
             os.makedirs(os.path.join(out_dir, sub))
         with ImageWriter(out_dir, opts) as writer:                                            # warm-up
-            evaluate(runs, val_data.subset(val_data.ids[:16]), options, writer, Scores.new(runs, options))
+            evaluate(runs, val_data.subset(val_data.ids[:16]), options, writer, Scores.new(runs))
         rt.synchronize()
         t0 = time.perf_counter()
         with ImageWriter(out_dir, opts) as writer:
-            evaluate(runs, val_data, options, writer, Scores.new(runs, options))
+            evaluate(runs, val_data, options, writer, Scores.new(runs))
         rt.synchronize()
         return len(val_data.ids) / (time.perf_counter() - t0)
 
@@ -567,8 +567,6 @@ def write_tiff16(data, out):
 def decode_rows(data, opts):
     """Seconds of the start-up check (scan + decode + every check, as train.py does it) of the PNG data set and of
     its 16-bit TIFF copy, best of 5 each, interleaved so that both see the same machine load."""
-    if opts.keep_tiff and os.path.exists(opts.keep_tiff) and os.listdir(opts.keep_tiff):
-        raise UserError(f"--keep_tiff {opts.keep_tiff} is not empty; pass a new folder (nothing in it is replaced)")
     out = opts.keep_tiff or tempfile.mkdtemp(prefix="tif16_")
     write_tiff16(data, out)
     sets = {"png8": (opts.data, ".png"), "tiff16_labels": (out, ".tif")}
@@ -726,7 +724,28 @@ def case_row(cfg, rt, data, opts):
     return row
 
 
+def check_outputs(opts):
+    """--out (a file the JSON lines are appended to) and --keep_tiff (a new folder), checked before minutes of
+    measuring: never inside a data set, a run folder or an export (outputs.check_place), a file where a file goes
+    and a folder where a folder goes, in a folder that exists."""
+    if opts.out:
+        check_place(opts.out, f"--out {opts.out}", "bench.py", "Pass --out to a file of its own, e.g. bench.jsonl")
+        folder = os.path.dirname(os.path.abspath(opts.out))
+        if os.path.isdir(opts.out) or not os.path.isdir(folder):
+            why = "is a folder" if os.path.isdir(opts.out) else \
+                f"is in {folder}, which {'is not a folder' if os.path.exists(folder) else 'does not exist'}"
+            raise UserError(f"--out {opts.out} {why}; pass a file (the JSON lines are appended to it) in a folder "
+                            "that exists")
+    if opts.keep_tiff:
+        if os.path.exists(opts.keep_tiff) and (not os.path.isdir(opts.keep_tiff) or os.listdir(opts.keep_tiff)):
+            raise UserError(f"--keep_tiff {opts.keep_tiff} is not an empty folder; pass a new folder (nothing in it "
+                            "is replaced)")
+        check_place(opts.keep_tiff, f"--keep_tiff {opts.keep_tiff}", "bench.py", "Pass --keep_tiff to a new folder "
+                    "of its own")
+
+
 def benchmark(opts):
+    check_outputs(opts)
     if opts.seeds and opts.time_to_iou is None:
         raise UserError("--seeds times one training per seed to --time_to_iou: pass --time_to_iou too (e.g. 0.80)")
     device = resolve_device(opts.device)

@@ -12,13 +12,17 @@ per_image_norm stays inside the model (Probabilities' per_image_eps): it standar
 as in training each crop), and BioImage.IO's zero_mean_unit_variance would take its statistics from the raw image
 (bioimageio.core computes a sample's statistics before any preprocessing step).
 
+The weights are in one format, TorchScript, which every one of those tools runs: each further format would store
+the weights again (an export holds three copies at most: model.pth, model.onnx and this). The package is built in
+a folder of its own that is removed once zipped; only the zip is kept.
+
 The test tensors are the raw test image and the Predictor's probabilities for it, so a consumer that runs the
 package's preprocessing and weights reproduces what val.py gives; bioimageio.core's model test checks exactly that.
 """
 import hashlib
-import inspect
 import os
 import string
+import tempfile
 import typing
 import warnings
 import zipfile
@@ -29,37 +33,37 @@ import numpy as np
 import torch
 
 import archs
-from normalize import STANDARDIZE_EPS, Normalization, mean_std, normalize
 from figures import display_image
-from predictor import EXPORT_TOLERANCE, network_settings, save_onnx, save_torchscript, within_tolerance
-from utils import UserError, atomic_write
+from normalize import STANDARDIZE_EPS, Normalization, mean_std, normalize
+from predictor import EXPORT_TOLERANCE, ExportFault, fault_words, network_settings, save_torchscript, within_tolerance
+from utils import atomic_write
 
 FORMAT_VERSION = "0.5.12"
-OPSET = 17
 CITE = {
     "UNet": {"text": "Ronneberger, Fischer and Brox. U-Net: Convolutional networks for biomedical image "
                      "segmentation. MICCAI 2015.", "doi": "10.1007/978-3-319-24574-4_28"},
     "NestedUNet": {"text": "Zhou, Rahman Siddiquee, Tajbakhsh and Liang. UNet++: A nested U-Net architecture for "
                            "medical image segmentation. DLMIA 2018.", "doi": "10.1007/978-3-030-00889-5_1"},
 }
-FILES = {"architecture": "archs.py", "state_dict": "weights.pt", "torchscript": "weights_torchscript.pt",
-         "onnx": "weights.onnx", "test_input": "test_input.npy", "test_output": "test_output.npy",
+FILES = {"torchscript": "weights_torchscript.pt", "test_input": "test_input.npy", "test_output": "test_output.npy",
          "cover": "cover.png", "documentation": "README.md"}
 
 
 TEXT_LIMITS = {"name": 128, "description": 1024, "tensor": 128}   # bioimageio.spec 0.5's longest texts
+NAME_LIMIT = 64                   # a package name longer than this is reported by bioimageio.spec (INFO)
 NAME_CHARACTERS = set(string.ascii_letters + string.digits + "_+- ()")    # what a package's name may hold
 
 
-class PackageInvalid(UserError):
+class PackageInvalid(ExportFault):
     """The package export.py wrote did not validate: a fault of the toolkit, not of the user's input."""
-    exit_code = 4
 
 
 def package_name(run_name, arch):
-    """'<run> <arch> segmentation' in the characters a package name may hold (others become '-'), at most 64."""
-    name = "".join(c if c in NAME_CHARACTERS else "-" for c in f"{run_name} {arch} segmentation")
-    return name[:64]
+    """'<run> <arch> segmentation' in the characters a package name may hold (others become '-'), at most 64: the
+    run name shortened first, so that the name always ends in what the model is."""
+    tail = f" {arch} segmentation"
+    run = "".join(c if c in NAME_CHARACTERS else "-" for c in run_name)
+    return (run[:NAME_LIMIT - len(tail)] + tail).strip()
 
 
 def known_license(license_id):
@@ -102,15 +106,21 @@ def channel_names(d):
     return ["red", "green", "blue"] if c == 3 else [f"channel{k}" for k in range(c)]
 
 
+def class_names(d):
+    """The output channels' names: the run's class names where they are distinct non-empty texts, else class0, ..."""
+    names = [str(n).strip() for n in d.get("class_names") or []]
+    if len(names) == d["num_classes"] and all(names) and len(set(names)) == len(names):
+        return names
+    return [f"class{c}" for c in range(d["num_classes"])]
+
+
 def network_part(predictor):
     """The Predictor's network, head and activation as archs.Probabilities (the package's model), same weights."""
     d = predictor.description
     network = {**network_settings(d), "deep_supervision": bool(d["deep_supervision"])}
-    kwargs = {"network": network, "class_mode": d["class_mode"],
-              "per_image_eps": STANDARDIZE_EPS if d["normalize"]["per_image"] else None}
-    model = archs.Probabilities(**kwargs)
+    model = archs.Probabilities(network, d["class_mode"], STANDARDIZE_EPS if d["normalize"]["per_image"] else None)
     model.network.load_state_dict(predictor.network.state_dict())
-    return model.float().eval(), kwargs
+    return model.float().eval()
 
 
 def sha256(path):
@@ -120,22 +130,36 @@ def sha256(path):
 
 def tensor_axes(d, space):
     return [{"type": "batch"}, {"type": "channel", "channel_names": channel_names(d) if space == "input" else
-                                [f"class{c}" for c in range(d["num_classes"])]},
+                                class_names(d)},
             *({"type": "space", "id": a, "size": {"min": d["size_multiple"], "step": d["size_multiple"]}
                if space == "input" else {"tensor_id": "raw", "axis_id": a}} for a in ("y", "x"))]
+
+
+def fitted(parts, limit):
+    """The first parts joined by '; ', as many as fit in `limit` characters (the first cut to fit, if alone too long)."""
+    text = parts[0][:limit]
+    for part in parts[1:]:
+        if len(text) + 2 + len(part) > limit:
+            break
+        text += "; " + part
+    return text
 
 
 def input_text(d):
     """The input tensor's description, within bioimageio.spec's 128 characters for any type and input size."""
     h, w = d["input_size"]
-    return (f"raw {d['input_dtype']} image values; height and width multiples of {d['size_multiple']} "
-            f"(trained at {h}x{w})")[:TEXT_LIMITS["tensor"]]
+    return fitted([f"raw {d['input_dtype']} image values", f"height and width multiples of {d['size_multiple']}",
+                   f"trained at {h}x{w}"], TEXT_LIMITS["tensor"])
 
 
-def rdf(d, info, kwargs, folder):
+def output_text(d):
+    how = "softmax over the classes" if d["class_mode"] == "softmax" else "sigmoid per class"
+    return fitted([how, "threshold at 0.5 for masks"], TEXT_LIMITS["tensor"])
+
+
+def rdf(d, info, folder):
     """rdf.yaml's content for the files written in `folder`."""
     h = lambda key: sha256(os.path.join(folder, FILES[key]))  # noqa: E731
-    version = torch.__version__.split("+")[0]
     return {
         "format_version": FORMAT_VERSION, "type": "model", "name": info.name, "description": info.description,
         "authors": [{"name": a} for a in info.authors], "license": info.license,
@@ -144,40 +168,31 @@ def rdf(d, info, kwargs, folder):
         "inputs": [{"id": "raw", "description": input_text(d), "axes": tensor_axes(d, "input"),
                     "test_tensor": {"source": FILES["test_input"], "sha256": h("test_input")},
                     "data": {"type": "float32"}, "preprocessing": preprocessing(d)}],
-        "outputs": [{"id": "probabilities", "description": ("softmax over the classes" if d["class_mode"] == "softmax"
-                                                            else "sigmoid per class") + "; threshold at 0.5 for masks",
-                     "axes": tensor_axes(d, "output"),
+        "outputs": [{"id": "probabilities", "description": output_text(d), "axes": tensor_axes(d, "output"),
                      "test_tensor": {"source": FILES["test_output"], "sha256": h("test_output")},
                      "data": {"type": "float32", "range": [0.0, 1.0]}}],
-        "weights": {
-            "pytorch_state_dict": {"source": FILES["state_dict"], "sha256": h("state_dict"), "pytorch_version": version,
-                                   "architecture": {"source": FILES["architecture"], "sha256": h("architecture"),
-                                                    "callable": "Probabilities", "kwargs": kwargs}},
-            "torchscript": {"source": FILES["torchscript"], "sha256": h("torchscript"), "pytorch_version": version,
-                            "parent": "pytorch_state_dict"},
-            "onnx": {"source": FILES["onnx"], "sha256": h("onnx"), "opset_version": OPSET,
-                     "parent": "pytorch_state_dict"}},
+        "weights": {"torchscript": {"source": FILES["torchscript"], "sha256": h("torchscript"),
+                                    "pytorch_version": torch.__version__.split("+")[0]}},
         "config": {"bioimageio": {"reproducibility_tolerance": [
             {"absolute_tolerance": EXPORT_TOLERANCE, "relative_tolerance": EXPORT_TOLERANCE}]}},
     }
 
 
 def checked(name, got, expected):
-    """The export check (predictor.within_tolerance), in the package's words: the difference, or a UserError."""
-    return within_tolerance(got, expected, f"the BioImage.IO package's {name} weights differ", "the package was not written")
+    """The export check (predictor.within_tolerance), in the package's words: the difference, or an ExportFault."""
+    return within_tolerance(got, expected, f"the BioImage.IO package's {name} weights differ")
 
 
 def write_weights(model, z, expected, folder):
-    """weights.pt, TorchScript and ONNX of the package's model, each checked on the normalised test input z."""
-    torch.save(model.state_dict(), os.path.join(folder, FILES["state_dict"]))
-    save_torchscript(model, z, os.path.join(folder, FILES["torchscript"]))
-    save_onnx(model, z, os.path.join(folder, FILES["onnx"]), ("raw", "probabilities", "y", "x"), OPSET)
-    import onnxruntime
-    session = onnxruntime.InferenceSession(os.path.join(folder, FILES["onnx"]), providers=["CPUExecutionProvider"])
+    """The package's model as TorchScript, checked on the normalised test input z and on a larger input (z mirrored
+    beside and under itself, 16 px more each way: a consumer gives any multiple of 16) -> the largest difference."""
+    path = os.path.join(folder, FILES["torchscript"])
+    save_torchscript(model, z, path)
+    larger = torch.cat([z, z.flip(2)], 2)
+    larger = torch.cat([larger, larger.flip(3)], 3)[:, :, :z.shape[2] + 16, :z.shape[3] + 16]
+    loaded = torch.jit.load(path)
     with torch.no_grad():
-        checked("pytorch_state_dict", model(z), expected)
-        checked("torchscript", torch.jit.load(os.path.join(folder, FILES["torchscript"]))(z), expected)
-    return checked("onnx", session.run(None, {"raw": z.numpy()})[0], expected)
+        return max(checked("torchscript", loaded(z), expected), checked("torchscript", loaded(larger), model(larger)))
 
 
 def write_cover(x, expected, path):
@@ -200,33 +215,34 @@ def documentation(d, info):
             f"`probabilities`: (batch, {d['num_classes']}, y, x), in 0..1; threshold at 0.5 for masks.\n")
 
 
-def write(predictor, x, expected, folder, info):
-    """The package folder and its zip (<folder>.zip) for a Predictor, its raw test input x and output expected
-    (1, K, H, W); each weight format checked against `expected`, the zip validated with bioimageio.spec."""
+def write_files(predictor, x, expected, folder, info):
+    """rdf.yaml and the files it names, in `folder`; the weights checked against `expected` -> their difference."""
     import yaml
-    os.makedirs(folder, exist_ok=True)
-    model, kwargs = network_part(predictor)
     z = normalize(x, predictor.ranges(x), replace(predictor.norm, per_image=False))    # per_image: in the model
-    diff = write_weights(model, z, expected, folder)
-    atomic_write(os.path.join(folder, FILES["architecture"]), lambda f: f.write(inspect.getsource(archs)))
+    diff = write_weights(network_part(predictor), z, expected, folder)
     np.save(os.path.join(folder, FILES["test_input"]), x.numpy())
     np.save(os.path.join(folder, FILES["test_output"]), expected.numpy())
     write_cover(x, expected, os.path.join(folder, FILES["cover"]))
     atomic_write(os.path.join(folder, FILES["documentation"]), lambda f: f.write(documentation(predictor.description, info)))
-    content = rdf(predictor.description, info, kwargs, folder)
+    content = rdf(predictor.description, info, folder)
     atomic_write(os.path.join(folder, "rdf.yaml"), lambda f: yaml.safe_dump(content, f, sort_keys=False))
-    zip_path = folder.rstrip(os.sep) + ".zip"
-    tmp = zip_path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in ["rdf.yaml", *FILES.values()]:
-            zf.write(os.path.join(folder, name), name)
-    os.replace(tmp, zip_path)
-    return zip_path, diff
+    return diff
+
+
+def write(predictor, x, expected, zip_path, info):
+    """The package zip for a Predictor, its raw test input x (1, C, H, W) and output expected (1, K, H, W), built
+    in a folder beside zip_path that is removed once zipped -> the weights' largest difference to `expected`."""
+    with tempfile.TemporaryDirectory(prefix=".package-", dir=os.path.dirname(zip_path) or ".") as folder:
+        diff = write_files(predictor, x, expected, folder, info)
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name in ["rdf.yaml", *FILES.values()]:
+                zf.write(os.path.join(folder, name), name)
+    return diff
 
 
 def validate(path):
-    """bioimageio.spec's validation of a package (offline: every file is in it) -> its status; a UserError with
-    the validation's report when it is not valid."""
+    """bioimageio.spec's validation of a package (offline: every file is in it) -> its status; a PackageInvalid
+    (a fault of the toolkit) with the validation's report when it is not valid."""
     from bioimageio.spec import InvalidDescr, load_description
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -234,7 +250,6 @@ def validate(path):
     summary = descr.validation_summary
     if isinstance(descr, InvalidDescr) or summary.status not in ("valid-format", "passed"):
         found = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in summary.errors) or summary.status
-        raise PackageInvalid(f"the BioImage.IO package {path} did not pass bioimageio.spec's validation ({found[:2000]}). "
-                             "This is a fault of export.py, not of your run or flags: please report it with the "
-                             "run's config.yml and model.json")
+        raise PackageInvalid(fault_words(f"the BioImage.IO package did not pass bioimageio.spec's validation "
+                                         f"({found[:2000]})"))
     return summary.status

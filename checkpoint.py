@@ -42,10 +42,11 @@ def to_cpu(obj):
     return map_tensors(obj, lambda t: t if t.device.type == "cpu" else t.to("cpu"))
 
 
-def load(path):
-    """torch.load(weights_only=True): a file from elsewhere cannot run code; a non-checkpoint is a UserError."""
+def load(path, data=None):
+    """torch.load(weights_only=True): a file from elsewhere cannot run code; a non-checkpoint is a UserError.
+    data: the file's bytes, already read (a zip's member, or a file read once to hash it), named `path` in messages."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - garbage input fails in many ways (UnpicklingError, IndexError, EOFError...)

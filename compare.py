@@ -26,8 +26,8 @@ import os
 import statistics
 
 import config
-from outputs import OUTPUTS_DIR
-from rundir import RunFolder
+from outputs import OUTPUTS_DIR, check_place, inside
+from rundir import RunFolder, check_files
 from runlog import read_log
 from utils import UserError, atomic_write, command, duration, exit_on_user_error, load_yaml
 
@@ -43,11 +43,12 @@ def load(runs_dir, name):
     a UserError."""
     run_dir = os.path.join(runs_dir, name)
     path = RunFolder(run_dir).config
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"{run_dir} is not a run (no config.yml); "
                         f"`{command('python', 'compare.py', *config.runs_dir_words(runs_dir))}` with no names lists "
                         f"every run in {runs_dir}/")
     try:
+        check_files(run_dir)                # a run file that is a folder, a broken link or unreadable: named
         return {"name": name, "config": load_yaml(path), "log": checked_log(RunFolder(run_dir).log),
                 "val_py": val_py_iou(os.path.join(OUTPUTS_DIR, name, "metrics.csv"))}
     except UserError as e:
@@ -106,7 +107,7 @@ def val_py_iou(path):
 def all_runs(runs_dir):
     if not os.path.isdir(runs_dir):
         raise UserError(f"there is no runs folder {runs_dir}/; train a run first, or pass --runs_dir")
-    names = sorted(n for n in os.listdir(runs_dir) if os.path.isfile(RunFolder(os.path.join(runs_dir, n)).config))
+    names = sorted(n for n in os.listdir(runs_dir) if os.path.lexists(RunFolder(os.path.join(runs_dir, n)).config))
     if not names:
         raise UserError(f"{runs_dir}/ holds no run (a folder with config.yml)")
     return names
@@ -174,10 +175,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs_dir = config.runs_dir(args.runs_dir)
     with exit_on_user_error():
-        if args.plot and os.path.exists(args.plot):
+        if args.plot and os.path.lexists(args.plot):
             raise UserError(f"--plot {args.plot} exists; compare.py does not replace files: pass a new file name")
         if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
             raise UserError(f"--plot {args.plot}: give a file name ending in .png, .pdf or .svg")
+        if args.plot:
+            check_place(args.plot, f"--plot {args.plot}", "compare.py", "Pass --plot to a file of its own, e.g. "
+                        "runs.png", [] if inside(os.getcwd(), runs_dir) else [(runs_dir, "the runs folder")])
         folder = os.path.dirname(os.path.abspath(args.plot)) if args.plot else None
         if folder and not os.path.isdir(folder):
             raise UserError(f"--plot {args.plot}: the folder {os.path.dirname(args.plot)} does not exist; create it "

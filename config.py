@@ -20,7 +20,7 @@ from archs import ARCHS
 from dataset import OBJECT_PLANES, TARGETS
 from losses import LOSSES, OBJECTS_LOSS, SIGMOID_LOSSES, SOFTMAX_LOSSES, TARGET_LOSSES
 from normalize import MODES as NORMALIZE_MODES
-from pairing import ext_family, single_image_type
+from pairing import class_names_file, ext_family, single_image_type
 from plan import planned
 from rundir import RunFolder
 from utils import UserError, command, load_yaml, str2bool
@@ -29,6 +29,7 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 MAX_NAME_BYTES = 120   # the longest run name, in bytes (a file name may have 255)
 MAX_COUNT = 10**6      # the largest epoch count, batch size, patience, milestone (a config's numbers are bounded)
+MAX_PATH = 4096        # the longest path a setting may hold (PATH_MAX on Linux)
 MAX_INPUT = 4096       # the largest network input side: one 4096x4096 training image is already several GB of activations
 RUNS_DIR = "models"  # runs live in models/<name>/, relative to where the command is run
 # A new run's name: a folder and a word of the commands the toolkit prints (val.py --name <name>), so nothing a
@@ -103,6 +104,18 @@ SETTINGS = [
             "<dataset>_<arch>_wDS|_woDS)",
             # what a run folder must be to be read at all; a new run's name must also follow NAME_RULE (check_name)
             range=Range(lambda v: v is None or readable_name(v), f"a plain folder name ({NAME_RULE})")),
+    Setting("init", None, str, "run", "start from a trained model's weights instead of random ones: a run's name "
+            "(under --runs_dir) or folder, a model.pth (described by the model.json beside it) or a BioImage.IO zip "
+            "written by export.py. The network and its normalisation follow it; other input channels adapt its first "
+            "convolution, another class count or target gets a new final layer; unless given, lr is a tenth and "
+            "--plan auto's epochs a quarter (default: none, random weights)",
+            range=Range(lambda v: v is None or (0 < len(v) <= MAX_PATH and "\0" not in v),
+                        f"a run name or the path of a run folder, model.pth or .zip (at most {MAX_PATH} characters)")),
+    Setting("time_budget", 0.0, float, "run", "minutes the run may take, counted from the start of train.py (a resumed "
+            "run's from the resume): training stops after the last epoch that fits, its files written, and --plan auto "
+            "chooses the epochs (if needed a narrower network or smaller crops) to finish within it (0: no limit)",
+            range=Range(lambda v: finite(v) and 0 <= v <= MAX_COUNT, f"0 (no limit) or minutes up to {MAX_COUNT}"),
+            resumable=True, resume_after="early_stopping"),
     Setting("epochs", 100, int, "schedule", "number of epochs", range=between(1, MAX_COUNT), resumable=True),
     Setting("batch_size", 16, int, "optimisation", "images per batch (-b)", range=between(1, MAX_COUNT), short="-b"),
     Setting("arch", "NestedUNet", str, "model", "network (-a)", choices=tuple(ARCHS), short="-a"),
@@ -138,6 +151,10 @@ SETTINGS = [
             "or instances/), plane 0 the objects and plane 1 the borders where they touch (2 sigmoid classes, named "
             "objects and borders), so that val.py --instances splits objects where the network sees their border",
             choices=TARGETS),
+    Setting("invert_mask", False, bool, "model", "train on the complement of the mask: the pixels masks/0 (or the "
+            "label images) do not mark, e.g. the membranes between cells when the masks mark the cells; for a mask "
+            "that covers most of each image when the rest is what matters. One-class runs; val.py and an export then "
+            "predict, write and score that complement"),
     Setting("class_mode", "sigmoid", str, "model", "sigmoid: independent per-class masks; softmax: mutually "
             "exclusive classes (argmax)", choices=("sigmoid", "softmax")),
     Setting("loss", "BCEDiceLoss", str, "model", "loss function", choices=tuple(LOSSES)),
@@ -499,6 +516,12 @@ def check_combinations(cfg, source):
         raise UserError(f"{origin(source, 'loss', 'target')}: loss {cfg['loss']} weighs the border plane of --target "
                         f"{TARGET_LOSSES[cfg['loss']]}, and this run's target is {cfg['target']}; add --target "
                         f"{TARGET_LOSSES[cfg['loss']]} or choose another loss (e.g. BCEDiceLoss)")
+    if cfg["invert_mask"] and (cfg["num_classes"] != 1 or cfg["target"] != "masks"):
+        raise UserError(f"{origin(source, 'invert_mask', 'num_classes', 'target')}: invert_mask trains on the "
+                        "complement of one class's mask, and this run has "
+                        + (f"target {cfg['target']}" if cfg["target"] != "masks" else f"num_classes {cfg['num_classes']}")
+                        + "; drop invert_mask (with several classes, make the class that matters a mask folder of its "
+                        "own)")
     names = cfg["class_names"]
     if names and (len(names) != cfg["num_classes"] or len(set(names)) != len(names)):
         raise UserError(f"{origin(source, 'class_names', 'num_classes')}: class_names {','.join(names)} must name each "
@@ -542,11 +565,16 @@ def default_name(cfg):
     return f"{cfg['dataset']}_{cfg['arch']}_{'wDS' if cfg['deep_supervision'] else 'woDS'}{folds}"
 
 
-def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network."):
-    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'runs_dir', 'changes'}).
+def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.", start_from=None):
+    """Command line -> (validated config dict, run flags {'resume', 'overwrite', 'config', 'runs_dir', 'changes',
+    'init'}).
 
     With --resume the base is the run's own config (config.yml, or the copy inside last.pth), and
     only the RESUMABLE keys may differ from it.
+    start_from: for a new run with --init, (cfg, sources, runs_dir) -> (cfg, sources, source) reads the model it
+    starts from and sets what follows it, before --plan plans the rest (train.py: pretrained.follow_init); run['init']
+    is that source (its .lines are printed with the plan's), None without --init and on --resume (last.pth holds
+    the weights then).
     """
     args = vars(build_parser(description).parse_args(argv))
     run = {k: args.pop(k, default) for k, default in (("config", None), ("resume", False), ("overwrite", False),
@@ -561,9 +589,13 @@ def resolve(argv=None, description="Train a U-Net / UNet++ segmentation network.
     sources = {**{k: run["config"] for k in file_cfg}, **{k: "the command line" for k in args}}
     cfg = merge(file_cfg, run["config"], args)
     cfg, sources = follow_target(cfg, sources)
-    run["plan_lines"] = []
+    run["plan_lines"], run["init"] = [], None
     if not run["resume"]:
         cfg, sources, run["plan_lines"] = follow_folder(cfg, sources)
+        if cfg["init"] is not None and start_from is not None:
+            check_values(cfg, sources)     # the user's own values first, with their own messages
+            cfg, sources, run["init"] = start_from(cfg, sources, run["runs_dir"])
+            run["plan_lines"] += run["init"].lines
     if run["plan"]:
         check_values(cfg, sources)         # the user's own values first, with their own messages
         cfg, choices, plan_lines = planned(cfg, sources)
@@ -598,10 +630,15 @@ def follow_target(cfg, sources):
 
 def follow_folder(cfg, sources):
     """img_ext and mask_ext that the user left out: the type of the files in images/ and masks/0/ when each holds
-    images of one type other than the default's (a folder of TIFFs needs no --img_ext .tif). -> (cfg, sources,
-    a line saying what was chosen, for each)."""
+    images of one type other than the default's (a folder of TIFFs needs no --img_ext .tif); class_names left out:
+    the names in masks/names.txt when it names num_classes classes (--plan auto takes them when it sets
+    num_classes). -> (cfg, sources, a line saying what was chosen, for each)."""
     root = os.path.join(cfg["data_dir"], cfg["dataset"])
     lines = []
+    names, path = class_names_file(root) if "class_names" not in sources else ([], None)
+    if names and len(names) == cfg["num_classes"]:
+        cfg, sources = {**cfg, "class_names": names}, {**sources, "class_names": f"the file {path}"}
+        lines.append(f"class_names: {','.join(names)} (from {path}; --class_names sets them)")
     for key, folder in (("img_ext", "images"), ("mask_ext", os.path.join("masks", "0"))):
         found = single_image_type(os.path.join(root, folder))
         if key in sources or found is None or found in ext_family(cfg[key]):

@@ -75,18 +75,21 @@ def parse_region_id(text):
 @dataclass
 class Targets:
     """What an image's training target is, from the run's config (Targets.of): its masks, made exclusive in
-    softmax mode; or, with objects, the planes of instances.object_targets from its label image, the borders
-    drawn BORDER_RADIUS pixels wide at the network's input (so wider at an image resized down to it: a border
-    must not vanish in the resizing)."""
+    softmax mode, or with invert their complement (--invert_mask: the pixels the one class's mask does not mark);
+    or, with objects, the planes of instances.object_targets from its label image, the borders drawn
+    BORDER_RADIUS pixels wide at the network's input (so wider at an image resized down to it: a border must not
+    vanish in the resizing)."""
     softmax: bool = False
     objects: bool = False
     input_size: tuple = None     # (h, w) the images are resized to for the network; None: crops at their own size
+    invert: bool = False         # the complement of the mask (one class)
 
     @classmethod
     def of(cls, cfg):
         objects = cfg.get("target") == "objects"
         return cls(cfg["class_mode"] == "softmax", objects,
-                   (cfg["input_h"], cfg["input_w"]) if objects and not cfg["crop"] else None)
+                   (cfg["input_h"], cfg["input_w"]) if objects and not cfg["crop"] else None,
+                   bool(cfg.get("invert_mask")))
 
     def border_radius(self, size):
         """The border half-width in the pixels of an image of size (H, W)."""
@@ -97,13 +100,16 @@ class Targets:
 
 def read_target(sample, size, targets=None):
     """-> (0/1 uint8 (H, W, C) target, whether a mask was stored as 0/1): the masks, or the label image's foreground;
-    with targets.objects, the label image's objects and borders (instances.object_targets)."""
+    with targets.invert their complement; with targets.objects, the label image's objects and borders
+    (instances.object_targets)."""
     if targets is not None and targets.objects:
         from instances import object_targets
         return object_targets(checked_labels(sample.labels, size), targets.border_radius(size)), False
     if sample.masks:
-        return read_masks(sample.masks, sample.image, size)
-    return (checked_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
+        mask, zero_one = read_masks(sample.masks, sample.image, size)
+    else:
+        mask, zero_one = (checked_labels(sample.labels, size) > 0).astype(np.uint8)[:, :, None], False
+    return (1 - mask if targets is not None and targets.invert else mask), zero_one
 
 
 def exclusive(mask):

@@ -8,6 +8,8 @@ heads) that val.py and bench.py use too.
 """
 import copy
 import math
+import sys
+import time
 import warnings
 
 import torch
@@ -20,9 +22,31 @@ from archs import build_model, final_logits
 from losses import LOSSES
 from metrics import SegMeter, binarize
 from rundir import LAST
-from utils import UserError, progress_bar, seed_everything
+from utils import UserError, duration, progress_bar, seed_everything
 
 SYNC_EVERY = 10  # batches between host syncs (progress bar, NaN check): syncing each batch stalls a GPU
+PROGRESS_EVERY = 30.0   # seconds between the progress lines of a long epoch or validation in a log file
+
+
+class ProgressLines:
+    """A line on stdout every PROGRESS_EVERY seconds while a loop of `total` batches runs, for a log file
+    (`python train.py ... > train.log`): tqdm's bar draws only on a terminal. Off where that bar shows on the
+    terminal stdout is, and where show is False (Engine.progress_lines: train.py's first process only)."""
+
+    def __init__(self, what, total, show=True):
+        self.what, self.total = what, total
+        self.on = show and not (sys.stdout.isatty() and sys.stderr.isatty())
+        self.start = self.last = time.monotonic()
+
+    def tick(self, done, loss=None):
+        """After `done` batches (and the mean loss so far, if known): a line if PROGRESS_EVERY has passed."""
+        now = time.monotonic()
+        if not self.on or now - self.last < PROGRESS_EVERY:
+            return
+        self.last, elapsed = now, now - self.start
+        left = f", about {duration(elapsed / done * (self.total - done))} left of it" if done < self.total else ""
+        said = f", loss {loss:.4f}" if loss is not None else ""
+        print(f"  {self.what}: batch {done} of {self.total}{said} ({duration(elapsed)} in{left})", flush=True)
 
 
 class TrainingDiverged(UserError):
@@ -192,6 +216,14 @@ class Engine:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.epoch, self.rows = 0, []
         self.best = {"iou": -1.0, "epoch": 0, "stale": 0}
+        self.progress_lines = False   # ProgressLines on stdout in long loops: train.py's log, not bench.py's JSON
+
+    def start_from(self, state):
+        """--init: initial weights (a state_dict of this network, pretrained.adapted gives it) instead of the random
+        ones, in the network and its weight average; the optimizer has no state yet, so nothing else changes."""
+        self.model.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state)
 
     @property
     def eval_net(self):
@@ -232,8 +264,10 @@ class Engine:
         self.net.train()
         meter = SegMeter(self.cfg["num_classes"], self.rt.device)
         batch_losses, sizes = [], []   # kept on the device; read every SYNC_EVERY batches
-        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg['epochs']}", leave=False, dynamic_ncols=True,
+        desc = f"epoch {epoch}/{self.cfg['epochs']}"
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                    disable=None if self.rt.main else True)   # no bar in logs, nor on other processes than the first
+        lines, mean_loss = ProgressLines(desc, len(loader), self.progress_lines), None
         for step, (images, masks, _) in enumerate(bar, 1):
             with record_function("place"):
                 images, masks = self.rt.place_batch(images, masks)   # (B, C_in, H, W), (B, C, H, W)
@@ -246,6 +280,7 @@ class Engine:
                 with record_function("sync"):
                     mean_loss = check_finite(batch_losses, sizes, epoch)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", iou=f"{meter.iou():.4f}")
+            lines.tick(step, mean_loss)
         loss_sum = check_finite(batch_losses, sizes, epoch) * sum(sizes)
         mean_loss = reduce_totals(meter, loss_sum, sum(sizes), self.rt)   # over all processes: then the IoU
         return {"loss": mean_loss, "iou": meter.iou()}
@@ -257,13 +292,15 @@ class Engine:
         net.eval()
         meter = SegMeter(self.cfg["num_classes"], self.rt.device)
         total_loss, count = torch.zeros((), device=self.rt.device), 0
-        for images, masks, _ in progress_bar(loader, "validation", show=self.rt.main):
+        lines = ProgressLines("validation", len(loader), self.progress_lines)
+        for batch, (images, masks, _) in enumerate(progress_bar(loader, "validation", show=self.rt.main), 1):
             images, masks = self.rt.place_batch(images, masks)
             with self.rt.autocast():
                 loss, logits = forward_loss(net, images, masks, self.criterion, self.cfg["deep_supervision"])
             total_loss += loss.float() * images.shape[0]
             count += images.shape[0]
             meter.update(binarize(logits.float(), self.cfg["class_mode"]), masks)
+            lines.tick(batch)
         val_loss = reduce_totals(meter, total_loss.item(), count, self.rt)
         iou, dice = meter.dataset_scores()
         stats = {"val_loss": val_loss, "val_iou": iou.mean().item(), "val_dice": dice.mean().item()}

@@ -10,7 +10,7 @@ import cv2
 import torch
 
 from metrics import SegMeter
-from predict import class_thresholds, predict_images, tiled, to_prediction
+from predict import class_thresholds, predict_images, to_prediction
 from utils import progress_bar
 
 
@@ -19,13 +19,13 @@ class Scores:
     """The counts of an evaluation: at each image's size, and at the network input (None when not counted)."""
     image: SegMeter
     input: SegMeter = None
+    input_images: int = 0         # how many images were predicted at the network input (and counted in `input`)
 
     @classmethod
-    def new(cls, runs, options):
+    def new(cls, runs):
         cfg, device = runs[0].cfg, runs[0].rt.device
-        at_input = len(runs) == 1 and not tiled(runs, options)
         return cls(SegMeter(cfg["num_classes"], device, keep_per_image=True),
-                   SegMeter(cfg["num_classes"], device) if at_input else None)
+                   SegMeter(cfg["num_classes"], device) if len(runs) == 1 else None)
 
 
 def evaluate(runs, data, options, writer, scores):
@@ -40,6 +40,7 @@ def evaluate(runs, data, options, writer, scores):
             scores.image.update(result.mask_tensor, as_target(truth, result.mask_tensor.device))
         if truth is not None and result.at_input is not None and scores.input is not None:
             score_at_input(scores.input, result.at_input, truth, cfg, thresholds)
+            scores.input_images += 1
         true_labels = (lambda k=result.index: data.instances(k)) if data.labeled and options.instances else None
         writer.submit(result, None if truth is None else truth.transpose(2, 0, 1), true_labels)
     return writer.rows()

@@ -47,11 +47,60 @@ def png_decoded_bytes(header):
 def check_png_size(header, name):
     """A DataError for a PNG whose declared pixels would take more than MAX_IMAGE_BYTES decoded."""
     size = png_decoded_bytes(header)
-    if size is not None and size > MAX_IMAGE_BYTES:
-        width, height = png_dimensions(header)
+    if size is not None:
+        check_declared(name, *png_dimensions(header), size)
+
+
+def check_declared(name, width, height, size):
+    if size > MAX_IMAGE_BYTES:
         raise DataError(f"{name} declares {width}x{height} pixels ({size / 2**30:.1f} GiB decoded), more than "
                         f"{MAX_IMAGE_BYTES >> 30} GiB; this toolkit takes 2D images that fit in memory: crop or tile it "
                         "first (or replace the file if it is damaged)", path=name)
+
+
+# A JPEG's start-of-frame markers (0xC0..0xCF, less the table markers among them), and those without a length
+JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_STANDALONE = frozenset(range(0xD0, 0xD9)) | {0x01}
+
+
+def jpeg_dimensions(f):
+    """(width, height, components) from a JPEG's frame header, found by walking its segments from the start and
+    seeking past each (an EXIF block or padding does not hide it); None for a file that is not a JPEG or has none."""
+    if f.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF or marker[1] == 0xDA:      # not a marker, or the image data begins
+            return None
+        if marker[1] == 0xFF:                                              # a fill byte: the marker is the next one
+            f.seek(-1, os.SEEK_CUR)
+            continue
+        if marker[1] in JPEG_STANDALONE:
+            continue
+        segment = f.read(8)                   # length (2), then in a frame: precision, height (2), width (2), components
+        length = int.from_bytes(segment[:2], "big")
+        if len(segment) < 8 or length < 2:
+            return None
+        if marker[1] in JPEG_FRAMES:
+            return int.from_bytes(segment[5:7], "big"), int.from_bytes(segment[3:5], "big"), segment[7]
+        f.seek(length - 8, os.SEEK_CUR)
+
+
+def check_header(path):
+    """A DataError for a PNG, JPEG or BMP whose header declares more than MAX_IMAGE_BYTES of pixels, before OpenCV
+    decodes it (631 bytes of JPEG declaring 30000x30000 pixels took 31 s and 6.5 GB); OpenCV refuses more than
+    2**30 pixels in any other format itself."""
+    with open(path, "rb") as f:
+        header = f.read(30)
+        check_png_size(header[:26], path)
+        if header.startswith(b"BM") and len(header) >= 30:            # BMP: width, height (negative: top-down), bits
+            width, height = int.from_bytes(header[18:22], "little", signed=True), \
+                abs(int.from_bytes(header[22:26], "little", signed=True))
+            check_declared(path, width, height, abs(width) * height * 4)
+        f.seek(0)
+        frame = jpeg_dimensions(f)
+        if frame:
+            check_declared(path, frame[0], frame[1], frame[0] * frame[1] * max(frame[2], 1))
 
 
 def decode(path):
@@ -63,12 +112,14 @@ def decode(path):
         raise unreadable(path, "it is empty")
     if is_tiff(path):
         return read_tiff(path)
-    with open(path, "rb") as f:
-        check_png_size(f.read(26), path)
-    if os.path.splitext(path)[1].lower() in (".jpg", ".jpeg"):
-        img = cv2.imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)      # applies the EXIF orientation
-    else:
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    check_header(path)
+    try:
+        if os.path.splitext(path)[1].lower() in (".jpg", ".jpeg"):
+            img = cv2.imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)      # applies the EXIF orientation
+        else:
+            img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:              # e.g. more than OpenCV's 2**30 pixels
+        raise unreadable(path, f"OpenCV could not read it ({str(e).strip().splitlines()[-1][:200]})") from None
     if img is None:
         raise unreadable(path)
     if img.ndim == 3 and img.shape[2] == 4:

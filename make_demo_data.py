@@ -3,10 +3,14 @@
     python make_demo_data.py --out inputs/demo --n 120 --size 64
     python make_demo_data.py --out inputs/demo16 --microscopy      # 16-bit TIFFs with TIFF label images
     python make_demo_data.py --out inputs/em --membranes --n 30 --size 512   # thin membranes between cells
+    python make_demo_data.py --out inputs/shapes8 --num_classes 8 --exclusive --void --names   # 8 classes
 
 Each image is a dim, noisy, uneven background with bright blurred blobs ("nuclei"); class k's
 mask marks the blobs of shape k (k = 0: ellipses, 1: squares, 2: triangles). With --exclusive,
-class 0 is the background instead, so every pixel belongs to exactly one class (softmax mode).
+class 0 is the background instead, so every pixel belongs to exactly one class (softmax mode);
+--void then leaves a ring of 1 px around each blob in no class, as street-scene sets leave their
+"void" pixels unlabelled. Up to 11 classes: past three shapes, a shape comes back one grey level
+brighter (ellipses at 4 levels, ...). --names writes masks/names.txt, the classes' names.
 
 --microscopy writes what a fluorescence microscope and an annotation tool give instead: 12-bit
 signal in 16-bit TIFFs (background about 100, nuclei 300-3000 grey levels, with noise; --channels 2
@@ -27,13 +31,17 @@ if __name__ == "__main__":   # Ctrl-C or SIGTERM while the imports below load (s
 import argparse
 import os
 import shutil
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+import outputs
 from utils import UserError, exit_on_user_error
 
 SHAPES = ("ellipse", "square", "triangle")
+MAX_CLASSES = 11               # mask classes it can draw: the shapes at up to four grey levels (and a background)
+LEVELS = (60, 250)             # the darkest and brightest level of a many-class set's shapes (on a background of 0-45)
 
 
 def draw_shape(canvas, kind, cx, cy, r, angle):
@@ -48,9 +56,40 @@ def draw_shape(canvas, kind, cx, cy, r, angle):
         cv2.fillPoly(canvas, [pts], 255)
 
 
-def make_sample(rng, size, num_classes, channels, exclusive):
-    """-> image uint8 (size, size[, 3]), list of num_classes uint8 masks (0/255)."""
-    shape_classes = num_classes - 1 if exclusive else num_classes
+@dataclass(frozen=True)
+class Classes:
+    """What the masks of a generated nuclei-like set mark."""
+    count: int = 1              # mask classes (masks/0 .. masks/<count-1>)
+    exclusive: bool = False     # class 0 is the background: every pixel in exactly one class (softmax mode)
+    void: bool = False          # with exclusive: a 1-px ring around each blob in no class
+    names: bool = False         # also write masks/names.txt
+
+    @property
+    def shapes(self):
+        """The classes that are shapes (all but the background)."""
+        return self.count - 1 if self.exclusive else self.count
+
+    def names_list(self):
+        """The classes' names: 'background' (exclusive), then per shape class its shape, with its grey level's
+        number past the first ('ellipse', 'square', 'triangle', 'ellipse 2', ...)."""
+        shapes = [SHAPES[k % len(SHAPES)] + (f" {k // len(SHAPES) + 1}" if k >= len(SHAPES) else "")
+                  for k in range(self.shapes)]
+        return ["background"] * self.exclusive + shapes
+
+
+def shape_levels(shape_classes):
+    """A many-class set's grey level per shape class: the k-th repeat of a shape is brighter (more than three
+    classes), so that two classes of one shape differ; None for up to three classes (one brightness per image)."""
+    if shape_classes <= len(SHAPES):
+        return None
+    repeats = -(-shape_classes // len(SHAPES))
+    return [np.linspace(*LEVELS, repeats)[k // len(SHAPES)] for k in range(shape_classes)]
+
+
+def make_sample(rng, size, classes, channels):
+    """-> image uint8 (size, size[, 3]), list of classes.count uint8 masks (0/255)."""
+    shape_classes = classes.shapes
+    levels = shape_levels(shape_classes)
     yy, xx = np.mgrid[0:size, 0:size] / size
     background = 20 + 25 * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))       # uneven lighting
     masks = [np.zeros((size, size), np.uint8) for _ in range(shape_classes)]
@@ -62,18 +101,34 @@ def make_sample(rng, size, num_classes, channels, exclusive):
     fg = np.maximum.reduce(masks) > 0
     brightness = rng.uniform(110, 200)
     img = background + fg * brightness
+    for k in range(shape_classes if levels else 0):     # the higher class on top, as softmax mode counts overlaps
+        img = np.where(masks[k] > 0, background + levels[k], img)
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.8) + rng.normal(0, 12, (size, size))
     img = np.clip(img, 0, 255).astype(np.uint8)
     if channels == 3:
         tint = rng.uniform(0.7, 1.0, 3)
         img = np.clip(img[:, :, None] * tint, 0, 255).astype(np.uint8)
-    if exclusive:
-        masks = [np.where(fg, 0, 255).astype(np.uint8)] + masks
+    if classes.exclusive:
+        ring = cv2.dilate(fg.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0 if classes.void else fg
+        masks = [np.where(ring, 0, 255).astype(np.uint8)] + masks
     return img, masks
 
 
 MARKER = ".made_by_make_demo_data"      # in every folder this script wrote: it may rewrite only those
 DATA_FOLDERS = ("images", "masks", "labels")
+MAX_SIZE = 4096      # --size: one image of 4096x4096 takes about 1.2 GB of memory while it is made (~70 bytes a pixel)
+
+
+def check_space(out, n, size, per_pixel):
+    """--n images of --size, at most per_pixel bytes a pixel on disk (image and masks or labels, uncompressed as a
+    TIFF is), against the free space where --out goes: a UserError naming --n and both figures before writing."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    need, free = n * size * size * per_pixel, shutil.disk_usage(path).free
+    if need > free:
+        raise UserError(f"--n {n}: {n} images of {size}x{size} and their masks or labels take up to {need / 2**30:.1f} GiB on "
+                        f"disk, and {path} has {free / 2**30:.1f} GiB free; pass a smaller --n or --size")
 
 
 def prepare_out(out):
@@ -81,6 +136,8 @@ def prepare_out(out):
     folders emptied (a smaller --n leaves no stale images); a folder holding anyone else's images is refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    outputs.check_place(out, f"--out {out}", "make_demo_data.py", "Pass --out to a folder of its own (the default is "
+                        "inputs/demo)", own={out: "a data set"})        # a data set: rewritten if this script's
     present = [d for d in DATA_FOLDERS if os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))]
     if present and not os.path.isfile(os.path.join(out, MARKER)):
         raise UserError(f"--out {out} already holds {', '.join(d + '/' for d in present)} that this script did not "
@@ -93,16 +150,20 @@ def prepare_out(out):
         f.write("synthetic data written by make_demo_data.py; it may rewrite this folder\n")
 
 
-def generate(out, n=120, size=64, num_classes=1, channels=3, seed=0, exclusive=False):
-    """Write n images and their masks under `out` in the images/ + masks/<class>/ layout; returns the ids."""
+def generate(out, n=120, size=64, classes=Classes(), channels=3, seed=0):
+    """Write n images and their masks under `out` in the images/ + masks/<class>/ layout (and with classes.names
+    masks/names.txt); returns the ids."""
     prepare_out(out)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    for c in range(num_classes):
+    for c in range(classes.count):
         os.makedirs(os.path.join(out, "masks", str(c)), exist_ok=True)
+    if classes.names:
+        with open(os.path.join(out, "masks", "names.txt"), "w") as f:
+            f.write("".join(name + "\n" for name in classes.names_list()))
     ids = [f"img{i:04d}" for i in range(n)]
     for i in ids:
-        img, masks = make_sample(rng, size, num_classes, channels, exclusive)
+        img, masks = make_sample(rng, size, classes, channels)
         cv2.imwrite(os.path.join(out, "images", i + ".png"), img)
         for c, m in enumerate(masks):
             cv2.imwrite(os.path.join(out, "masks", str(c), i + ".png"), m)
@@ -194,23 +255,32 @@ def main(argv=None):
     p.add_argument("--out", default="inputs/demo", help="output folder (default: inputs/demo)")
     p.add_argument("--n", type=int, default=120, help="number of images (default: 120)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
-    p.add_argument("--num_classes", type=int, default=1, choices=(1, 2, 3), help="mask classes (default: 1)")
+    p.add_argument("--num_classes", type=int, default=1, choices=range(1, MAX_CLASSES + 1), metavar="N",
+                   help=f"mask classes, 1 to {MAX_CLASSES} (default: 1)")
     p.add_argument("--channels", type=int, default=None, choices=(1, 2, 3),
                    help="1 = grayscale, 3 = RGB (default: 3); with --microscopy 1 or 2 fluorescence channels (default: 1)")
     p.add_argument("--microscopy", action="store_true", help="16-bit TIFF images with TIFF label images (labels/)")
     p.add_argument("--float32", action="store_true", help="with --microscopy: float32 TIFF images")
     p.add_argument("--exclusive", action="store_true", help="class 0 is the background (for --class_mode softmax)")
+    p.add_argument("--void", action="store_true", help="with --exclusive: a 1-px ring around each blob in no class "
+                   "(unlabelled, as the 'void' of street-scene sets)")
+    p.add_argument("--names", action="store_true", help="also write masks/names.txt: the classes' names, one a line")
     p.add_argument("--membranes", action="store_true", help="grayscale cells separated by thin membranes, the mask "
                    "marking the cells (electron-microscopy-like; try --n 30 --size 512)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.n < 1 or a.size < 16:
-        p.error("--n must be at least 1 and --size at least 16")
-    if a.microscopy and (a.channels == 3 or a.num_classes > 1 or a.exclusive):
-        p.error("--microscopy writes 1 or 2 channels and one class (label images): drop --num_classes/--exclusive")
-    if a.membranes and (a.microscopy or a.num_classes > 1 or a.exclusive or a.channels not in (None, 1)):
+    if a.n < 1 or not 16 <= a.size <= MAX_SIZE:
+        p.error(f"--n must be at least 1 and --size between 16 and {MAX_SIZE}")
+    if (a.exclusive and a.num_classes < 2) or (a.void and not a.exclusive):
+        p.error("--exclusive needs --num_classes 2 or more (class 0 is the background), and --void needs --exclusive")
+    if a.microscopy and (a.channels == 3 or a.num_classes > 1 or a.exclusive or a.names):
+        p.error("--microscopy writes 1 or 2 channels and one class (label images): drop --num_classes/--exclusive/--names")
+    if a.membranes and (a.microscopy or a.num_classes > 1 or a.exclusive or a.names or a.channels not in (None, 1)):
         p.error("--membranes writes one class of grayscale 8-bit images: drop the other data options")
     with exit_on_user_error():
+        per_pixel = (2 if a.membranes else (a.channels or 1) * (4 if a.float32 else 2) + 2 if a.microscopy
+                     else (a.channels or 3) + a.num_classes)      # bytes of an image and its masks or labels
+        check_space(a.out, a.n, a.size, per_pixel)
         if a.membranes:
             generate_membranes(a.out, a.n, a.size, a.seed)
             print(f"wrote {a.n} grayscale membrane images and masks to {a.out}/images and {a.out}/masks/0")
@@ -220,8 +290,9 @@ def main(argv=None):
             print(f"wrote {a.n} {'float32' if a.float32 else '16-bit'} TIFF images and label images to {a.out}/images "
                   f"and {a.out}/labels")
             return
-        generate(a.out, a.n, a.size, a.num_classes, a.channels or 3, a.seed, a.exclusive)
-    print(f"wrote {a.n} images and masks to {a.out}/images and {a.out}/masks/0..{a.num_classes - 1}")
+        generate(a.out, a.n, a.size, Classes(a.num_classes, a.exclusive, a.void, a.names), a.channels or 3, a.seed)
+    print(f"wrote {a.n} images and masks to {a.out}/images and {a.out}/masks/0..{a.num_classes - 1}" +
+          (f" (their names in {a.out}/masks/names.txt)" if a.names else ""))
 
 
 if __name__ == "__main__":

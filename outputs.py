@@ -4,9 +4,11 @@ was written.
 
 The folder:
 
-- Refused: a folder that is, or is inside, a data set (the one val.py reads and the runs' own), a run folder or
-  the runs folder itself; and an output subfolder that is a symbolic link (its files would land in, and be
-  removed from, the link's target).
+- Refused: a folder that is, or is inside, a data set (the one val.py reads and the runs' own, or any other), a
+  run folder, an export or the runs folder itself; and an output subfolder that is a symbolic link (its files
+  would land in, and be removed from, the link's target). That guard, check_place(), is every script's: train.py's
+  run folder, export.py's --output, preprocess_dsb2018.py's and make_demo_data.py's --out, bench.py's --out and
+  compare.py's --plot pass it too.
 - Locked while val.py writes it (<output>/.lock, as a run folder is while it trains): a second evaluation into
   the same folder is refused instead of interleaving its files with the first's.
 - Recorded: the files an evaluation will write are listed in <output>/.val_files before any is written; the
@@ -15,6 +17,7 @@ The folder:
 """
 import csv
 import io
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,50 +53,67 @@ def run_folders(runs_dir):
 
 EXPORT_MARKER = ".unet_toolkit_export"   # in a folder export.py writes (export.py's MARKER)
 TARGET_FOLDERS = ("masks", "labels", "instances")   # beside images/, what makes a folder a labelled data set
+RUNS = "run folders"      # what a folder that holds runs holds (what_it_holds of a write's own folder)
 
 
-def what_it_holds(folder):
-    """'a data set' (images/ beside masks/, labels/ or instances/), 'a run folder' (config.yml or model.pth), 'an
-    export' (export.py's marker), or None: a folder whose files a toolkit script must not write among."""
+def holds_runs(folder):
+    """Whether a subfolder of folder is a run folder (folder is a runs folder, such as models/)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.is_dir() and rundir.RunFolder(e.path).is_run() for e in entries)
+    except OSError:
+        return False
+
+
+def what_it_holds(folder, itself=False):
+    """'a data set' (images/ beside masks/, labels/ or instances/), 'an export' (export.py's marker), 'a run folder'
+    (config.yml or model.pth, even broken), or None: a folder whose files a toolkit script must not write among.
+    itself: the folder a script writes into (not one above it), which must not hold run folders either (RUNS): files
+    written there would lie among the runs."""
     if os.path.isdir(os.path.join(folder, "images")) and any(os.path.isdir(os.path.join(folder, t))
                                                                for t in TARGET_FOLDERS):
         return "a data set"
-    if any(os.path.isfile(os.path.join(folder, f)) for f in rundir.MARKS_A_RUN):
-        return "a run folder"
     if os.path.isfile(os.path.join(folder, EXPORT_MARKER)):
-        return "an export"
-    return None
+        return "an export"                       # before the run folder: an export holds model.pth too
+    if any(os.path.lexists(os.path.join(folder, f)) for f in rundir.MARKS_A_RUN):
+        return "a run folder"
+    return RUNS if itself and holds_runs(folder) else None
 
 
-def guarded_ancestor(out_dir):
-    """(folder, what it holds) for the first of out_dir and its parents that holds a data set, a run or an export,
-    whoever made it; None if none does. Folders that hold the current folder are where the user works and are not
-    guarded."""
-    path, cwd = os.path.realpath(out_dir), os.getcwd()
+def guarded_ancestor(path, own=None):
+    """(folder, what it holds) for the first of path and its parents that holds a data set, a run or an export
+    (path itself: or run folders), whoever made it; None if none does. own {folder: what it holds}: what the script
+    itself writes there (train.py's run folder, make_demo_data.py's data set), whose own rules say whether it is
+    replaced. Folders that hold the current folder are where the user works and are not guarded."""
+    path, cwd = os.path.realpath(path), os.getcwd()
+    own = {os.path.realpath(k): v for k, v in (own or {}).items()}
+    itself = True
     while True:
         if os.path.isdir(path) and not inside(cwd, path):
-            held = what_it_holds(path)
-            if held:
+            held = what_it_holds(path, itself)
+            if held and own.get(path) != held:
                 return path, held
-        parent = os.path.dirname(path)
+        parent, itself = os.path.dirname(path), False
         if parent == path:
             return None
         path = parent
 
 
-def check_place(out_dir, protected):
-    """protected: [(folder, what it is)]. A UserError if out_dir is one of them or inside one, or inside any folder
-    that holds a data set, a run or an export (guarded_ancestor)."""
-    for folder, what in protected:
-        if inside(out_dir, folder):
-            raise UserError(f"--output {out_dir} is inside {folder} ({what}); val.py does not write among the "
-                            "files it reads or a run's files. Pass --output to a folder of its own (the default is "
-                            "outputs/<name>/)")
-    found = guarded_ancestor(out_dir)
+def check_place(path, named, script, fix, protected=(), own=None):
+    """The one guard of every folder or file a script writes (val.py's and export.py's --output, train.py's run
+    folder, the data sets of preprocess_dsb2018.py and make_demo_data.py, bench.py's --out, compare.py's --plot).
+    A UserError that starts with `named` (the flag and its value) when path is one of `protected` [(folder, what it
+    is)] or inside one, or when it or a folder above it holds a data set, a run folder or an export, or it holds run
+    folders (guarded_ancestor; own: what the script itself may find there). fix: what to pass instead."""
+    found = guarded_ancestor(path, own)
+    depth = len(found[0]) if found else -1
+    for folder, what in sorted(protected, key=lambda p: -len(os.path.realpath(p[0]))):   # the nearest one named
+        if inside(path, folder) and len(os.path.realpath(folder)) >= depth:
+            raise UserError(f"{named} is inside {folder} ({what}); {script} does not write among the files it reads "
+                            f"or a run's files. {fix}")
     if found:
-        raise UserError(f"--output {out_dir} is inside {found[0]}, which holds {found[1]}; val.py does not write "
-                        "among a data set's, a run's or an export's files. Pass --output to a folder of its own (the "
-                        "default is outputs/<name>/)")
+        raise UserError(f"{named} is inside {found[0]}, which holds {found[1]}; {script} does not write among a data "
+                        f"set's, a run's or an export's files, or beside the runs of a runs folder. {fix}")
 
 
 def safe_relative(rel):
@@ -110,7 +130,8 @@ class OutputFolder:
                                    fix="pass another --output")
 
     def __enter__(self):
-        check_place(self.dir, self.protected)
+        check_place(self.dir, f"--output {self.dir}", "val.py", "Pass --output to a folder of its own (the default "
+                    "is outputs/<name>/)", self.protected)
         for sub in self.subfolders:
             path = os.path.join(self.dir, sub)
             if any(os.path.islink(p) for p in (path, os.path.dirname(path)) if p != self.dir):
@@ -292,14 +313,16 @@ def write_csv(path, fieldnames, rows):
 
 
 def write_metrics(path, ids, iou, dice, objects=None):
-    """metrics.csv: id, then iou_<c> and dice_<c> per class; with instances the object columns too."""
+    """metrics.csv: id, then iou_<c> and dice_<c> per class; with instances the object columns too. A score that is
+    NaN (an image where neither the truth nor the prediction has the class: no score) is an empty cell."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     classes = range(iou.shape[1])
     writer.writerow(["id"] + [f"{m}_{c}" for c in classes for m in ("iou", "dice")] + (OBJECT_COLUMNS if objects else []))
     for n, img_id in enumerate(ids):
         extra = [objects[n]["score"]] + [objects[n][k] for k in OBJECT_COLUMNS[1:]] if objects else []
-        writer.writerow([img_id] + [f"{v[n, c].item():.6f}" for c in classes for v in (iou, dice)] +
+        scores = [v[n, c].item() for c in classes for v in (iou, dice)]
+        writer.writerow([img_id] + ["" if math.isnan(x) else f"{x:.6f}" for x in scores] +
                         [f"{x:.6f}" if isinstance(x, float) else x for x in extra])
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 

@@ -3,6 +3,8 @@
 Layout (as in the reference, plus label images):
     <root>/images/<id><img_ext>
     <root>/masks/<class>/<id><mask_ext>      class = 0 .. num_classes-1
+    <root>/masks/names.txt                   optional: the classes' names, one a line in class order (line 1 names
+                                             masks/0), used as class_names when the run is not given them
     <root>/labels/<id>.png|.tif|.tiff        label images (0 background, 1..N one number per object), as
                                              napari, Cellpose or StarDist write them: the target when there
                                              is no masks/ (foreground = label > 0), and the objects of
@@ -22,6 +24,8 @@ MAX_LISTED = 10                           # file names shown in one error messag
 LABEL_EXTS = (".png", ".tif", ".tiff")    # label images, whatever --mask_ext says
 LABEL_FOLDERS = ("labels", "instances")   # the label-image folder; instances/ is its older name
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")   # what a folder's one image type may be
+NAMES_FILE = "names.txt"                  # masks/names.txt: the classes' names, one a line, in class order
+NAMES_MAX_BYTES = 64 * 1024               # a names file larger than this is not a names file
 
 
 def listing(names):
@@ -140,6 +144,40 @@ def class_folders(mask_root, num_classes):
             raise DataError(fact, setting="num_classes", path=mask_root, found=len(present))
         raise DataError(f"{fact}; name the class folders 0, 1, 2, ... (one per class)", path=mask_root)
     return [os.path.join(mask_root, c) for c in expected]
+
+
+def class_names_file(root):
+    """The class names that <root>/masks/names.txt gives -> (names, its path), or ([], None) without one. One name
+    a line, in the order of masks/0, masks/1, ...; spaces around a name and empty lines at the end are dropped.
+    A names file that is not one name per class folder (or not UTF-8 text, or a name twice, an empty line, a comma
+    in a name) is a DataError naming the file and the line."""
+    path = os.path.join(root, "masks", NAMES_FILE)
+    if not os.path.isfile(path):
+        return [], None
+    if os.path.getsize(path) > NAMES_MAX_BYTES:
+        raise DataError(f"{path} is larger than {NAMES_MAX_BYTES // 1024} KB, which is no list of class names; it "
+                        "should hold one name a line, in the order of masks/0, masks/1, ...", path=path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f.read().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} cannot be read as text ({e.__class__.__name__}); save it as UTF-8 text, one class "
+                        "name a line", path=path) from None
+    while lines and not lines[-1]:
+        lines.pop()
+    folders = [d for d in os.listdir(os.path.dirname(path)) if d.isdigit() and os.path.isdir(os.path.join(
+        os.path.dirname(path), d))]
+    for n, name in enumerate(lines, 1):
+        problem = ("is empty" if not name else "holds a comma" if "," in name else
+                   f"repeats the name '{name}' of line {lines.index(name) + 1}" if lines.index(name) < n - 1 else "")
+        if problem:
+            raise DataError(f"{path}: line {n} {problem}; the file names each class once, one name a line (line 1 "
+                            "names masks/0, line 2 masks/1, ...)", path=path)
+    if len(lines) != len(folders):
+        raise DataError(f"{path} names {len(lines)} class(es) but {os.path.dirname(path)} holds {len(folders)} class "
+                        f"folder(s); give one name a line for each of masks/0 .. masks/{max(0, len(folders) - 1)}, "
+                        "in that order", path=path)
+    return lines, path
 
 
 def check_pairs(image_ids, found, folder, ext, what):

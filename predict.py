@@ -23,11 +23,11 @@ import checkpoint
 import config
 import rundir
 import runtime
-from archs import build_model, parameter_shapes
+from archs import SIZE_MULTIPLE, build_model, parameter_shapes
 from instances import split, split_by_borders
 from metrics import binarize
 from normalize import as_batch, image_ranges, resize_image
-from predictor import Predictor, describe, recorded_dtypes, settings_of
+from predictor import Predictor, describe, recorded_dtypes, recorded_scale, settings_of
 from tiling import predict_tiled
 from utils import UserError, command
 
@@ -45,14 +45,16 @@ class PredictOptions:
     border_threshold: float = None    # --target objects: the borders plane's threshold (None: BORDER_THRESHOLD)
     instances: str = None         # split the foreground into objects: an instances.METHODS name, or None
     min_size: int = 4             # the smallest object kept, in pixels
+    resize: bool = False          # each image resized to the network input (the reference's way), not at its scale
 
 
 class TrainedRun:
-    """One trained run, ready to predict: its name, config, Runtime and Predictor (network in eval mode, with its
-    normalisation, head and activation)."""
+    """One trained run, ready to predict: its name, config, Runtime, Predictor (network in eval mode, with its
+    normalisation, head and activation) and the scale it learned (image pixels per network pixel, (y, x); None for a
+    run from before it was recorded, which predicts images resized to its input)."""
 
-    def __init__(self, name, cfg, rt, predictor):
-        self.name, self.cfg, self.rt, self.predictor = name, cfg, rt, predictor
+    def __init__(self, name, cfg, rt, predictor, scale=None):
+        self.name, self.cfg, self.rt, self.predictor, self.scale = name, cfg, rt, predictor, scale
         self.norm = predictor.norm
 
     @classmethod
@@ -67,7 +69,10 @@ class TrainedRun:
         checkpoint.check_shapes(state, parameter_shapes(cfg), folder.model)   # before a network of that size is built
         network = rt.place_model(build_model(cfg))
         checkpoint.load_weights(network, state, folder.model)
-        return cls(name, cfg, rt, Predictor(network, describe(cfg, recorded_dtypes(folder.description()))).eval())
+        description = folder.description()
+        scale = recorded_scale(description, cfg, folder.model_json)
+        predictor = Predictor(network, describe(cfg, recorded_dtypes(description), scale)).eval()
+        return cls(name, cfg, rt, predictor, scale)
 
 
 def check_run_folder(name, folder, runs_dir):
@@ -80,6 +85,7 @@ def check_run_folder(name, folder, runs_dir):
         raise UserError(f"there is no run {folder.path}" + (f" (runs there: {', '.join(listed)})" if listed else "") +
                         f". Train it first ({command(*train)}), or pass --runs_dir (or set "
                         f"${config.RUNS_DIR_ENV}) to the folder that holds your runs.")
+    rundir.check_files(folder.path)     # a run file that is a folder, a broken link or unreadable: named
     if not rundir.in_use(folder.path):
         rundir.repair(folder.path)      # an epoch whose files a kill cut short (model.pth, log.csv) is completed
     if not os.path.isfile(folder.model):
@@ -217,36 +223,91 @@ def prepared(images, norm, size=None):
     return as_batch(images), ranges
 
 
-def resized_probs(runs, data, options):
-    """Yields (k, image, probabilities (1, C, H, W) at the image's original size, the first run's probabilities
-    (1, C, h, w) at its network input size): batches resized to each run's input, the runs' probabilities averaged."""
+WHOLE_MAX_PIXELS = 1024 * 1024   # an image larger than this (at the trained scale) is predicted by tiles: memory
+
+
+def network_size(run, shape, options):
+    """The size (h, w) `run` predicts an image of `shape` at: the image brought to the scale the run learned (its
+    own size for a run trained on crops or on images at their own size), or the network input with options.resize
+    and for runs from before the scale was recorded."""
+    if options.resize or run.scale is None:
+        return run.cfg["input_h"], run.cfg["input_w"]
+    h, w = shape[:2]
+    return max(1, round(h / run.scale[0])), max(1, round(w / run.scale[1]))
+
+
+def by_tiles(run, size, options):
+    """Whether an image predicted at `size` goes by overlapping tiles of the network input: --tile, a run trained on
+    crops, or an image too large to predict whole; never with options.resize."""
+    return not options.resize and (options.tile or run.cfg["crop"] or size[0] * size[1] > WHOLE_MAX_PIXELS)
+
+
+def padded(x):
+    """(B, C, h, w) -> reflect-padded (replicated where too small to reflect) at the bottom and right to multiples
+    of SIZE_MULTIPLE, which the network's four poolings need."""
+    h, w = x.shape[2:]
+    pad_h, pad_w = -h % SIZE_MULTIPLE, -w % SIZE_MULTIPLE
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if pad_h < h and pad_w < w else "replicate")
+
+
+def at_own_size(probs, shape):
+    """Probabilities (1, C, h, w) resized (bilinear) to an image's own (H, W)."""
+    size = tuple(shape[:2])
+    return probs if tuple(probs.shape[2:]) == size else F.interpolate(probs, size=size, mode="bilinear",
+                                                                      align_corners=False)
+
+
+def tiled_image(run, image, size, options):
+    """One image by overlapping tiles of the network input, at `size` -> probabilities (1, C, H, W) at its own size."""
+    x, ranges = prepared([image], run.norm, None if tuple(size) == image.shape[:2] else size)
+    x = x.to(run.rt.device)
+    probs = predict_tiled(lambda tiles: predict_probs(run.predictor, tiles, ranges.expand(len(tiles), -1, -1), run.rt,
+                                                      options.tta),
+                          x, run.cfg["input_h"], run.cfg["input_w"], options.overlap, options.batch_size)
+    return at_own_size(probs, image.shape)
+
+
+def run_probs(run, images, options):
+    """One run's probabilities for a few images -> ([(1, C, H, W) at each image's own size], [(1, C, h, w) at the
+    network input, or None where the image was not predicted at it]). Images predicted whole at the same size go
+    through the network as one batch."""
+    own, at_input, batches = [None] * len(images), [None] * len(images), {}
+    for b, image in enumerate(images):
+        size = network_size(run, image.shape, options)
+        if by_tiles(run, size, options):
+            own[b] = tiled_image(run, image, size, options)
+        else:
+            batches.setdefault(size, []).append(b)
+    for size, picked in batches.items():
+        x, ranges = prepared([images[b] for b in picked], run.norm, size)
+        probs = predict_probs(run.predictor, padded(x), ranges, run.rt, options.tta)[:, :, :size[0], :size[1]]
+        for i, b in enumerate(picked):
+            own[b] = at_own_size(probs[i:i + 1], images[b].shape)
+            at_input[b] = probs[i:i + 1] if size == (run.cfg["input_h"], run.cfg["input_w"]) else None
+    return own, at_input
+
+
+def image_probs(runs, data, options):
+    """Yields (k, image, probabilities (1, C, H, W) at the image's own size, averaged over the runs, the first run's
+    probabilities (1, C, h, w) at its network input or None), a few images (options.batch_size) at a time."""
     for start in range(0, len(data.ids), options.batch_size):
         images = [data.image(k) for k in range(start, min(start + options.batch_size, len(data.ids)))]
-        at_input = [predict_probs(m.predictor, *prepared(images, m.norm, (m.cfg["input_h"], m.cfg["input_w"])),
-                                  m.rt, options.tta) for m in runs]                            # per run (B, C, h, w)
+        per_run = [run_probs(run, images, options) for run in runs]
         for b, image in enumerate(images):
-            size = image.shape[:2]
-            p = sum(F.interpolate(q[b:b + 1], size=size, mode="bilinear", align_corners=False)
-                    if q.shape[2:] != size else q[b:b + 1] for q in at_input) / len(runs)
-            yield start + b, image, p, at_input[0][b:b + 1]
+            yield start + b, image, sum(own[b] for own, _ in per_run) / len(runs), per_run[0][1][b]
 
 
-def tiled_probs(runs, data, options):
-    """Yields (k, image, probabilities (1, C, H, W), None): whole images at full resolution, by overlapping tiles."""
-    for k in range(len(data.ids)):
-        image, total = data.image(k), 0
-        for m in runs:
-            x, ranges = prepared([image], m.norm)
-            x = x.to(m.rt.device)
-            total = total + predict_tiled(lambda tiles: predict_probs(m.predictor, tiles, ranges.expand(len(tiles), -1, -1),
-                                                                      m.rt, options.tta), x,
-                                          m.cfg["input_h"], m.cfg["input_w"], options.overlap, options.batch_size)
-        yield k, image, total / len(runs), None
-
-
-def tiled(runs, options):
-    """Whether whole images are predicted by tiles: --tile, or a run trained on crops."""
-    return options.tile or any(m.cfg["crop"] for m in runs)
+def how_predicted(runs, options):
+    """How images are brought to the network, as val.py's score table says it."""
+    run = runs[0]
+    if options.resize or run.scale is None:
+        return "the prediction resized back to it"
+    where = "at full resolution" if tuple(run.scale) == (1.0, 1.0) else "at the trained scale, resized back to it"
+    if options.tile or run.cfg["crop"]:
+        return f"predicted by tiles {where}"
+    return f"predicted whole {where}, by tiles when larger than {WHOLE_MAX_PIXELS // 1024 ** 2} Mpx"
 
 
 def object_labels(mask, probs, cfg, method, min_size):
@@ -294,8 +355,7 @@ def predict_images(runs, data, options):
     in order. Writes nothing."""
     cfg = runs[0].cfg
     thresholds = class_thresholds(cfg, options.threshold, options.border_threshold)
-    predictions = (tiled_probs if tiled(runs, options) else resized_probs)(runs, data, options)
-    for k, image, probs, at_input in predictions:
+    for k, image, probs, at_input in image_probs(runs, data, options):
         mask = to_prediction(probs, cfg, thresholds)                                      # (1, C, H, W)
         yield ImageResult(k, data.ids[k], image, probs[0].cpu().numpy(), mask[0].cpu().numpy(), mask, at_input,
                           cfg, options)

@@ -29,12 +29,19 @@ import zlib
 import cv2
 import numpy as np
 
-from imagefiles import check_png_size
-from pairing import missing_reason
+import outputs
+from imagefiles import check_png_size, png_decoded_bytes, png_dimensions
 from utils import Interrupts, UserError, command, exit_on_user_error, process_alive, progress_bar, write_png
 
 OUTPUT_FOLDERS = ("images", "masks", "instances")
+MARKER = ".made_by_preprocess_dsb2018"   # in a data set this script wrote: --overwrite replaces only those
 MAX_MEMBER_BYTES = 256 * 2**20       # a zip member declaring more is refused before it is read (stage1 PNGs: < 1 MB)
+MAX_LABELS = 65535                   # nuclei in one sample that a 16-bit label image can number
+# Memory one sample takes while it is converted, per pixel: of the source (decoded RGB image, uint16 labels, a
+# decoded mask and its comparison, the float32 union) and of the output (resized image and its BGR copy, resized
+# union, x255, uint8, resized labels, and the PNG encodings of each).
+SOURCE_BYTES_PER_PIXEL, OUTPUT_BYTES_PER_PIXEL = 12, 16
+DISK_MARGIN = 1.1                    # the data set's projected size, padded for the images larger than the first
 
 
 def sample_files(names):
@@ -57,6 +64,9 @@ def sample_files(names):
         else:
             entry[1].append(name)
     return {k: v for k, v in samples.items() if v[0] is not None}
+
+
+UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError)   # a damaged file or member
 
 
 class Source:
@@ -85,8 +95,28 @@ class Source:
             raise UserError(f"cannot decode {name} in {self.root}; the download may be damaged")
         return img
 
-    def zip_member(self, name):
-        """One member's bytes, after checking what it declares: its size, and no encryption."""
+    def dimensions(self, name):
+        """(width, height) that a sample's PNG declares in its header, read without decoding it (and refused past
+        imagefiles' limit); None for a file that is not a PNG (its decoding names it later)."""
+        try:
+            if self.zip:
+                self.check_member(name)
+                with self.zip.open(name) as f:
+                    header = f.read(26)
+            else:
+                with open(os.path.join(self.root, name), "rb") as f:
+                    header = f.read(26)
+        except UNREADABLE as e:
+            raise self.damaged(name, e) from None
+        check_png_size(header, f"{name} in {self.root}")
+        return png_dimensions(header) if png_decoded_bytes(header) is not None else None
+
+    def damaged(self, name, e):
+        return UserError(f"cannot read {name} from {self.root} ({e}); the download is damaged or incomplete: "
+                         "download it again")
+
+    def check_member(self, name):
+        """What a zip member declares, checked before it is read: its size, and no encryption."""
         info = self.zip.getinfo(name)
         if info.flag_bits & 0x1:
             raise UserError(f"{name} in {self.root} is encrypted; unzip the archive with its password and pass the "
@@ -94,11 +124,14 @@ class Source:
         if info.file_size > MAX_MEMBER_BYTES:
             raise UserError(f"{name} in {self.root} declares {info.file_size / 2**20:.0f} MB, more than any image of "
                             f"the set ({MAX_MEMBER_BYTES >> 20} MB at most); the archive is damaged or not stage1_train")
+
+    def zip_member(self, name):
+        """One member's bytes, after checking what it declares."""
+        self.check_member(name)
         try:
             return self.zip.read(name)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
-            raise UserError(f"cannot read {name} from {self.root} ({e}); the download is damaged or incomplete: "
-                            "download it again") from None
+        except UNREADABLE as e:
+            raise self.damaged(name, e) from None
 
 
 def open_zip(src):
@@ -111,14 +144,82 @@ def open_zip(src):
 
 
 def prepare_out(out, overwrite):
-    """Refuses to write into a folder that already holds files, unless --overwrite (then, once the new data set is
-    complete, the folders this script writes - images/, masks/, instances/ - are replaced; anything else stays)."""
-    if not os.path.isdir(out) and missing_reason(out) != "does not exist":     # a file where a folder goes
-        raise UserError(f"--out {out} {missing_reason(out)}; pass a folder (it is created if missing)")
+    """--out guarded as every folder the toolkit writes (outputs.check_place), and a folder: a data set there is
+    refused unless --overwrite and this script wrote it (its MARKER); then, once the new data set is complete, the
+    folders this script writes - images/, masks/, instances/ - are replaced, and anything else stays."""
+    path = os.path.abspath(out)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is a file" if path == os.path.abspath(out) else f"is inside {path}, which is a file"
+        raise UserError(f"--out {out} {what}, not a folder; pass a folder (it is created if missing)")
+    outputs.check_place(out, f"--out {out}", "preprocess_dsb2018.py", "Pass --out to a folder of its own (the default "
+                        "is inputs/dsb2018_<size>)", own={out: "a data set"})
     present = [d for d in OUTPUT_FOLDERS if os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))]
+    if present and not os.path.isfile(os.path.join(out, MARKER)):
+        raise UserError(f"--out {out} already holds {', '.join(d + '/' for d in present)} that this script did not "
+                        "write; it never replaces a data set it did not write. Pass --out to another folder (or move "
+                        "that data set away yourself)")
     if present and not overwrite:
         raise UserError(f"{out} already holds a data set ({', '.join(d + '/' for d in present)}); pass --overwrite "
                         "to replace it, or --out to write somewhere else")
+
+
+def available_memory():
+    """Bytes this process can still allocate before the kernel's out-of-memory killer ends it: Linux's MemAvailable,
+    lowered to the room left under a cgroup (container, job scheduler) limit; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit.isdigit():
+                found.append(int(limit) - int(g.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def gib(n):
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(source, size):
+    """--size against the memory one sample takes, estimated from the largest image's header before anything is
+    decoded (a 20-image zip at --size 60000 was killed by the kernel at 19 GB): a UserError naming --size and the
+    figure when the machine has less available. -> {image name: output pixels}, for check_disk()."""
+    sizes = {image: source.dimensions(image) for image, _ in source.samples.values()}
+    sizes = {image: wh for image, wh in sizes.items() if wh is not None}
+    if not sizes:
+        return {}
+    largest = max(sizes, key=lambda image: sizes[image][0] * sizes[image][1])
+    width, height = sizes[largest]
+    need = width * height * SOURCE_BYTES_PER_PIXEL + (size * size or width * height) * OUTPUT_BYTES_PER_PIXEL
+    available = available_memory()
+    if available is not None and need > available:
+        side = f"at {size}x{size}" if size else f"at its own size, {width}x{height} ({largest})"
+        raise UserError(f"--size {size}: converting one image {side} takes about {gib(need)} of memory (its masks "
+                        f"and labels included), and this machine has {gib(available)} available; pass a smaller "
+                        f"--size (the largest image here is {width}x{height}; the default is 96)")
+    return {image: size * size or w * h for image, (w, h) in sizes.items()}
+
+
+def check_disk(partial, first, out_pixels, size):
+    """After the first sample: the data set's size projected from what its files took per pixel, against the free
+    space; a UserError naming --size and both figures when it would not fit (before hours of writing)."""
+    written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(partial) for f in fs)
+    if not out_pixels.get(first):
+        return
+    need = written / out_pixels[first] * sum(out_pixels.values()) * DISK_MARGIN
+    free = shutil.disk_usage(partial).free + written
+    if need > free:
+        raise UserError(f"--size {size}: the data set would take about {gib(need)} on disk ({len(out_pixels)} images;"
+                        f" the first one's files took {written / 2**20:.1f} MB), and {os.path.dirname(partial)} has "
+                        f"{gib(free)} free; free space or pass a smaller --size")
 
 
 def partial_folder(out):
@@ -148,9 +249,16 @@ def publish(partial, out):
 
 def instance_labels(source, mask_names, shape):
     """The sample's nucleus masks -> a uint16 label image: 0 background, 1..N one per nucleus (file name order)."""
+    if len(mask_names) > MAX_LABELS:
+        raise UserError(f"{os.path.dirname(mask_names[0])} in {source.root} holds {len(mask_names)} masks, more than "
+                        f"a 16-bit label image numbers ({MAX_LABELS}); the archive is damaged or not stage1_train")
     labels = np.zeros(shape, np.uint16)
     for n, m in enumerate(sorted(mask_names), 1):
-        labels[source.read(m, cv2.IMREAD_GRAYSCALE) > 127] = n
+        mask = source.read(m, cv2.IMREAD_GRAYSCALE)
+        if mask.shape != shape:
+            raise UserError(f"{m} in {source.root} is {mask.shape[1]}x{mask.shape[0]} pixels, its image "
+                            f"{shape[1]}x{shape[0]}; the archive is damaged or not stage1_train")
+        labels[mask > 127] = n
     return labels
 
 
@@ -185,16 +293,24 @@ def convert(src, out, size, overwrite=False):
                         "needs masks for every image. Remove those samples or fix the download.")
     labeled = not unlabelled
     prepare_out(out, overwrite)
+    out_pixels = check_memory(source, size)          # before anything is decoded or written
     partial = partial_folder(out)
     try:
         for folder in ("images", os.path.join("masks", "0"), "instances") if labeled else ("images",):
             os.makedirs(os.path.join(partial, folder))
-        for sample in progress_bar(sorted(source.samples.items()), "preprocessing"):
+        with open(os.path.join(partial, MARKER), "w") as f:
+            f.write("written by preprocess_dsb2018.py; --overwrite replaces it\n")
+        for k, sample in enumerate(progress_bar(sorted(source.samples.items()), "preprocessing")):
             convert_sample(source, sample, partial, size)
+            if k == 0:
+                check_disk(partial, sample[1][0], out_pixels, size)
         publish(partial, out)
     except OSError as e:
         raise UserError(f"could not write the data set ({e.strerror or e}: {e.filename or out}); nothing was written "
                         f"to {out}. Free space or make the folder writable, then run the same command again") from None
+    except MemoryError:
+        raise UserError(f"--size {size}: the machine ran out of memory converting the images; nothing was written to "
+                        f"{out}. Pass a smaller --size") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)      # gone after publish; what a failure or Ctrl-C left
     return len(source.samples), labeled

@@ -9,9 +9,11 @@ the order last.pth, model.pth, log.csv, so a log.csv that lags behind last.pth m
 died mid-epoch-save; repair() completes that epoch from last.pth (--resume and val.py call it).
 """
 import csv
+import errno
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,10 @@ CONFIG, LOG, MODEL, MODEL_JSON = "config.yml", "log.csv", "model.pth", "model.js
 LAST, CURVES, SPLIT = "last.pth", "curves.png", "split.csv"
 RUN_FILES = (CONFIG, LOG, MODEL, MODEL_JSON, LAST, CURVES, SPLIT)
 MARKS_A_RUN = (CONFIG, MODEL)     # a folder holding either is a run folder (scripts never write among its files)
+READ_FILES = (CONFIG, MODEL, MODEL_JSON, LAST, LOG, SPLIT)   # what val.py, export.py and compare.py read of a run
+ROLES = {CONFIG: "the run's settings", MODEL: "its best weights", MODEL_JSON: "what rebuilds its network",
+         LAST: "the training state --resume continues from", LOG: "its log of epochs", CURVES: "its curves",
+         SPLIT: "its training and validation images"}
 LOCK = ".lock"       # <pid> <host> of the process training the run
 CURVES_EVERY = 5.0   # seconds between curves.png redraws while training (matplotlib takes ~0.4 s a plot)
 
@@ -44,7 +50,7 @@ class RunFolder:
 
     def is_run(self):
         """Whether the folder holds a run (config.yml or model.pth), as a folder a colleague sent may hold only one."""
-        return any(os.path.exists(os.path.join(self.path, f)) for f in MARKS_A_RUN)
+        return any(os.path.lexists(os.path.join(self.path, f)) for f in MARKS_A_RUN)   # a broken one too
 
     def description(self):
         """model.json (what train.py recorded of the Predictor it trained) as a dict, or None (older runs, or a file
@@ -57,6 +63,42 @@ class RunFolder:
             return None
 
 
+def what_is_wrong(path):
+    """Why a run file that is there cannot be read as one ('is a folder, not a file', 'is a broken link (to X)',
+    'cannot be read (Permission denied)', ...), or None: a readable file, or nothing there (a missing file is each
+    script's own message)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:            # a link to nothing, or to itself
+        if e.errno == errno.ELOOP:
+            return "is a link that leads back to itself"
+        target = os.readlink(path) if os.path.islink(path) else None
+        return f"is a broken link (to {target})" if target is not None else f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, a pipe or a socket)"
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+def check_files(run_dir, names=READ_FILES):
+    """A UserError naming the first of the run's files (names) that is there but is not a readable file: a run
+    folder whose model.pth was a folder said "the run has not finished an epoch yet", and --resume did nothing."""
+    for name in names:
+        path = os.path.join(run_dir, name)
+        why = what_is_wrong(path)
+        if why:
+            raise UserError(f"{path} ({ROLES[name]}) {why}: the run folder is damaged. Put the run's own {name} "
+                            f"back (from a copy of the run), or move {path} away; the toolkit never removes what it "
+                            "did not write")
+
+
 def check_existing(run_dir, run):
     """Refuses to touch an existing run unless --resume or --overwrite says so; -> the run files present."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -67,7 +109,7 @@ def check_existing(run_dir, run):
             raise UserError(f"{path} is {'a folder' if os.path.isdir(path) else 'not a file'}, where a run keeps its "
                             f"{f} file; train.py removes only files it wrote. Move it away, then run the same command "
                             "again")
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    existing = [f for f in RUN_FILES if os.path.lexists(os.path.join(run_dir, f))]
     if run["resume"]:
         if not os.path.isfile(RunFolder(run_dir).last):
             raise UserError(f"--resume: {run_dir}/last.pth does not exist, so there is nothing to resume. "

@@ -16,7 +16,8 @@ from itertools import count
 
 import numpy as np
 
-from advice import MIN_STEPS
+from advice import MIN_BATCH, MIN_STEPS   # MIN_BATCH: also the fewest training images a split of whole
+                                          # images must leave before regions are split
 from archs import SIZE_MULTIPLE
 from dataerror import DataError
 from dataset import (Region, SegmentationData, Targets, cache_budget, check_blank, check_foreground, parse_region_id,
@@ -25,8 +26,6 @@ from imagefiles import read_image
 from pairing import scan
 from utils import UserError
 
-SMALLEST_BATCH = 2      # the smallest batch BatchNorm learns from (more than one image): --plan auto's smallest, and
-                        # the fewest training images a split of whole images must leave before regions are split
 REGION_MARGIN = 16      # pixels left out between an image's training and validation regions, so that an object the
                         # line between them cuts is not half trained on and half validated
 
@@ -77,10 +76,10 @@ def split_for(ids, cfg):
 def uses_regions(images, cfg):
     """Whether a data set of `images` images is split by regions of each image instead of by whole images: a run on
     crops (--crop), without --folds, whose split of whole images would leave fewer training images than the smallest
-    batch (SMALLEST_BATCH; one with --batch_size 1): one or two large images, say."""
+    batch (MIN_BATCH; one with --batch_size 1): one or two large images, say."""
     if not cfg.get("crop") or cfg["folds"] > 1:
         return False
-    return images - math.ceil(cfg["val_split"] * images) < min(cfg["batch_size"], SMALLEST_BATCH)
+    return images - math.ceil(cfg["val_split"] * images) < min(cfg["batch_size"], MIN_BATCH)
 
 
 def image_regions(size, crop, val_split):

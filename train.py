@@ -19,20 +19,24 @@ import os
 import time
 import warnings
 
+import torch
+
 import advice
 import checkpoint
 import config
 import distributed
+import outputs
+import pretrained
 import rundir
 import runtime
 from dataerror import worded
 from engine import Engine
 from loaders import make_loaders
 from normalize import resolve_mode
-from predictor import describe
-from splits import SMALLEST_BATCH, load_splits, region_note
+from predictor import describe, learned_scale
+from splits import load_splits, region_note
 from utils import (ClosedPipeSafe, Interrupts, UserError, command, count_params, duration, exit_on_user_error,
-                   plain_warning)
+                   plain_warning, quiet_worker_disconnects)
 
 
 def check_batch_size(cfg, train_data, val_data):
@@ -41,7 +45,7 @@ def check_batch_size(cfg, train_data, val_data):
     if cfg["batch_size"] > n_train:
         regions = (" With one or two large images, train on crops of them (--crop, with --input_h and --input_w): a "
                    "region of each image is then held out for validation and the crops fill the batches."
-                   if n_train < SMALLEST_BATCH and not cfg["crop"] else "")
+                   if n_train < advice.MIN_BATCH and not cfg["crop"] else "")
         raise UserError(f"--batch_size {cfg['batch_size']} is larger than the training split ({n_train} of "
                         f"{n_all} images in {os.path.join(cfg['data_dir'], cfg['dataset'])}); every batch would be "
                         f"dropped. Use --batch_size {n_train} or less.{regions}")
@@ -65,6 +69,15 @@ def choose_normalization(cfg, dtypes, verbose):
               "percentile", flush=True)
 
 
+def resolve(argv=None):
+    """The command line -> (config, run flags), as config.resolve gives them, with --init's source read and what
+    follows from it (pretrained.follow_init before --plan, pretrained.fine_tuning after it)."""
+    cfg, run = config.resolve(argv, start_from=pretrained.follow_init)
+    if run["init"] is not None:
+        cfg = pretrained.fine_tuning(cfg, run)
+    return cfg, run
+
+
 def train(cfg, run, interrupts=None):
     """The whole run: data, model, loop, files. Returns the best validation IoU.
 
@@ -78,11 +91,12 @@ def train(cfg, run, interrupts=None):
         distributed.cleanup(rt)
 
 
-def build(cfg, rt, recorded=None):
+def build(cfg, rt, recorded=None, init=None):
     """Every check, the data, the network and the loaders, before anything on disk changes:
     -> (engine, (training loader, validation loader), what the run folder records at the start: {'split':
     {'train': ids, 'val': ids}, 'model': model.json's description of the Predictor}).
-    recorded: a resumed run's split.csv, whose split it keeps."""
+    recorded: a resumed run's split.csv, whose split it keeps. init: the --init source (pretrained.Source) whose
+    weights the network starts from (model.json records where they came from)."""
     if cfg["sync_bn"] and rt.active and not rt.cuda:
         raise UserError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); drop it on CPU")
     runtime.check_fits(cfg, rt)                                  # an input size that cannot fit: before any work
@@ -96,17 +110,38 @@ def build(cfg, rt, recorded=None):
             warnings.warn(note, stacklevel=2)
     choose_normalization(cfg, train_data.dtypes | val_data.dtypes, rt.main)
     engine = Engine(cfg, rt)
+    engine.progress_lines = rt.main      # a long epoch says how far it is in a log file too
+    if init is not None:
+        engine.start_from(pretrained.adapted(init, cfg, engine.model.state_dict(), rt.main))
     loaders = make_loaders(cfg, train_data, val_data, rt)
     dtypes = train_data.dtypes | val_data.dtypes
+    description = describe(cfg, dtypes, learned_scale(cfg, train_data.sizes))
+    if init is not None:
+        description["init"] = init.provenance()
     split = {"train": train_data.recorded_ids, "val": val_data.recorded_ids}    # regions: each once, not their crops
-    return engine, loaders, {"split": split, "model": describe(cfg, dtypes),
+    return engine, loaders, {"split": split, "model": description,
                              "trivial": advice.trivial(val_data.target_pixels, val_data.sizes, cfg["class_mode"])}
 
 
+def check_run_place(cfg, run, run_dir):
+    """The run folder, guarded as every folder the toolkit writes (outputs.check_place): not inside a data set, another
+    run folder or an export, and not a folder that holds runs; an existing run there is check_existing()'s."""
+    outputs.check_place(run_dir, f"the run folder {run_dir} (--runs_dir {run['runs_dir']}, --name {cfg['name']})",
+                        "train.py", f"Pass another --name or --runs_dir (runs go to {config.RUNS_DIR}/<name>/ by "
+                        "default)", own={run_dir: "a run folder"})
+    if run["resume"] or run["overwrite"]:
+        rundir.check_files(run_dir, rundir.RUN_FILES)      # what it reads and replaces: readable files
+
+
 def fit(cfg, run, rt, interrupts):
+    started = run.get("started", time.monotonic())     # the time budget counts from here: train.py's start
+    deadline = started + 60 * cfg["time_budget"] - FINISH_SECONDS if cfg["time_budget"] else None
     run_dir = os.path.join(run["runs_dir"], cfg["name"])
+    check_run_place(cfg, run, run_dir)                                    # before the data is read
     recorded = rundir.read_split(run_dir) if run["resume"] else None       # a resumed run keeps its split
-    engine, loaders, start = build(cfg, rt, recorded)
+    engine, loaders, start = build(cfg, rt, recorded, run.get("init"))
+    if run["resume"]:
+        start["model"] = pretrained.still_recorded(start["model"], run_dir)   # where it started, in model.json
     if rt.main:
         rundir.check_existing(run_dir, run)           # before the lock creates the folder
     with rundir.RunLock(run_dir, rt.main):             # a second process training the same run is refused
@@ -121,16 +156,18 @@ def fit(cfg, run, rt, interrupts):
             announce(cfg, run, rt, engine, loaders, run_dir)
         writer = rundir.EpochWriter(run_dir, cfg["class_names"], cfg["save_every"])   # written while training goes on
         try:
-            loop(cfg, engine, loaders, writer, interrupts)
+            budget_ended = loop(cfg, engine, loaders, writer, interrupts, deadline)
         finally:
             if rt.main:
                 writer.close(engine.rows)       # a finished, failed or interrupted run: its last files complete
     if rt.main and engine.should_stop():
         print(f"early stopping: no better val_iou for {engine.best['stale']} epochs")
+    if rt.main and budget_ended:
+        print(budget_message(cfg, run, engine.epoch, time.monotonic() - started), flush=True)
     if rt.main:
         print(finished_message(cfg, run, engine.best, run_dir))
         print(f"{start['trivial'].line()} on the validation split")
-        warning = advice.beats(engine.best["iou"], start["trivial"], "best val_iou")
+        warning = advice.beats(engine.best["iou"], start["trivial"], "best val_iou", cfg["crop"])
         if warning:
             warnings.warn(warning, stacklevel=2)
     return engine.best["iou"]
@@ -168,13 +205,39 @@ def announce(cfg, run, rt, engine, loaders, run_dir):
           "input; val.py scores at each image's own size (and prints both)", flush=True)
 
 
-def loop(cfg, engine, loaders, writer, interrupts):
-    """The epochs: train, validate, step the schedule, hand the epoch's files to the writer, print a line."""
+FINISH_SECONDS = 3.0    # kept from a time budget for what follows the last epoch: its files, curves.png, the summary
+
+
+def budget_message(cfg, run, epoch, seconds):
+    """What a run that its time budget stopped says: where it stopped, that its files are written, how to go on."""
+    resume = command("python", "train.py", "--name", cfg["name"], *config.runs_dir_words(run["runs_dir"]), "--resume")
+    return (f"time budget reached after epoch {epoch} of {cfg['epochs']}, {duration(seconds)} into the "
+            f"{cfg['time_budget']:g} min of --time_budget (the next epoch would have ended after them); its files are "
+            f"written. To train the other {cfg['epochs'] - epoch}: {resume} (the budget counts again from then; "
+            "--time_budget sets another, 0 none)")
+
+
+def out_of_time(deadline, seconds, rt):
+    """Whether the next epoch would end after the deadline (time.monotonic, FINISH_SECONDS before the budget's end;
+    None: no time budget), by the mean of this process's epochs so far (`seconds`; none yet: the first epoch always
+    runs). Under torchrun the processes decide together: one out of time stops them all, at the same epoch."""
+    if deadline is None or not seconds:
+        return False
+    late = torch.tensor(float(time.monotonic() + sum(seconds) / len(seconds) > deadline), device=rt.device)
+    return distributed.all_reduce_sum(late, rt).item() > 0
+
+
+def loop(cfg, engine, loaders, writer, interrupts, deadline=None):
+    """The epochs: train, validate, step the schedule, hand the epoch's files to the writer, print a line.
+    deadline: the time budget's end (time.monotonic), or None -> whether the budget ended the run before its last
+    epoch."""
     train_loader, val_loader = loaders
-    started, first = time.time(), engine.epoch
+    started, first, seconds = time.time(), engine.epoch, []
     for epoch in range(engine.epoch + 1, cfg["epochs"] + 1):
         if engine.should_stop():
             break
+        if out_of_time(deadline, seconds, engine.rt):
+            return True
         t0 = time.time()
         train_loader.set_epoch(epoch)   # the epoch's shuffle and augmentation depend on (seed, epoch) only
         lr = engine.lr
@@ -182,6 +245,7 @@ def loop(cfg, engine, loaders, writer, interrupts):
         stats.update(engine.validate(val_loader))
         engine.step_scheduler(stats["val_loss"])
         improved = engine.end_epoch(epoch, lr, stats, time.time() - t0)
+        seconds.append(time.time() - t0)
         if not engine.rt.main:
             continue
         with interrupts.deferred():   # the snapshot is taken whole, even if Ctrl-C comes now
@@ -189,12 +253,18 @@ def loop(cfg, engine, loaders, writer, interrupts):
         print(f"epoch {epoch}/{cfg['epochs']}  lr {lr:.2e}  loss {stats['loss']:.4f}  iou {stats['iou']:.4f}  "
               f"val_loss {stats['val_loss']:.4f}  val_iou {stats['val_iou']:.4f}  val_dice {stats['val_dice']:.4f}  "
               f"{engine.rows[-1]['seconds']:.1f}s{'  *best*' if improved else ''}  "
-              f"{progress(time.time() - started, epoch - first, cfg['epochs'] - epoch)}", flush=True)
+              f"{progress(time.time() - started, epoch - first, cfg['epochs'] - epoch, deadline)}", flush=True)
+    return False
 
 
-def progress(elapsed, done, left):
-    """'elapsed 1m05s, about 3m20s left' after `done` epochs of this process, `left` to go (the mean so far)."""
-    return f"(elapsed {duration(elapsed)}, about {duration(elapsed / max(done, 1) * left)} left)"
+def progress(elapsed, done, left, deadline=None):
+    """'elapsed 1m05s, about 3m20s left' after `done` epochs of this process, `left` to go (the mean so far); with a
+    time budget ending sooner (deadline, time.monotonic), '..., about 2m00s left: the time budget'."""
+    expected = elapsed / max(done, 1) * left
+    budget_left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if left and budget_left is not None and budget_left < expected:
+        return f"(elapsed {duration(elapsed)}, about {duration(budget_left)} left: the time budget)"
+    return f"(elapsed {duration(elapsed)}, about {duration(expected)} left)"
 
 
 WORKER_DIED = "DataLoader worker"     # how torch's RuntimeError begins when a loader process died
@@ -222,9 +292,23 @@ def torchrun_failure(e, cfg, run):
             "finished epoch: rerun the same torchrun command with --resume.")
 
 
-def main(argv=None):
+def process_age():
+    """Seconds since this process started (Linux: /proc; elsewhere 0), so that a time budget counts the imports too."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])     # field 22, starttime, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            return max(0.0, float(f.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def main(argv=None, started=None):
+    """The command line; started: when the run began (time.monotonic), for --time_budget (None: now)."""
+    started = time.monotonic() if started is None else started
     interrupts = Interrupts()
     interrupts.install()          # Ctrl-C and SIGTERM (e.g. from a job scheduler) stop cleanly
+    sys.excepthook = quiet_worker_disconnects(sys.excepthook)   # ... without a loader worker thread's traceback
     warnings.formatwarning = plain_warning
     sys.stdout = ClosedPipeSafe(sys.stdout)   # piped into head or a closed ssh: keep training
     first_process = os.environ.get("RANK", "0") == "0"   # under torchrun every process meets the same error
@@ -233,7 +317,8 @@ def main(argv=None):
         # a data problem's fix in train.py's words; the lambda reads cfg and run when the problem is met: None while
         # resolving (the --plan survey), then the config, whose fixes also say where each value came from
         with exit_on_user_error(quiet=not first_process), worded(lambda error: data_fix(error, cfg, run)):
-            cfg, run = config.resolve(argv)
+            cfg, run = resolve(argv)
+            run["started"] = started
             for line in run["plan_lines"]:
                 print(line, flush=True)
             print(f"config: {', '.join(config.differences(cfg)) or 'the defaults'} (the rest at their defaults; "
@@ -290,4 +375,4 @@ def interrupted_message(cfg, run):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, main() handles Ctrl-C and SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    main()
+    main(started=time.monotonic() - process_age())

@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import traceback
 
 import cv2
 import numpy as np
@@ -66,6 +67,18 @@ class ClosedPipeSafe:
 def plain_warning(message, category, filename, lineno, line=None):
     """warnings.formatwarning for users: 'warning: <message>' without a source line."""
     return f"warning: {message}\n"
+
+
+def quiet_worker_disconnects(hook):
+    """sys.excepthook that stays silent for a connection to a DataLoader worker that dropped in multiprocessing's
+    resource sharer thread (a worker stopped by Ctrl-C or SIGTERM while it asked for a file descriptor): the run
+    stops with its own message, not a thread's traceback. Every other exception goes to `hook`."""
+    def excepthook(kind, value, tb):
+        frames = traceback.extract_tb(tb)
+        if issubclass(kind, (EOFError, OSError)) and frames and frames[0].filename.endswith("resource_sharer.py"):
+            return
+        hook(kind, value, tb)
+    return excepthook
 
 
 class Interrupts:

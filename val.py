@@ -21,6 +21,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 import advice
 import config
 import rundir
@@ -32,7 +34,7 @@ from imagefiles import read_image
 from instances import METHODS
 from outputs import OUTPUT_FORMATS, OUTPUTS_DIR, ImageWriter, OutputFolder, OutputOptions, files, run_folders, subfolders, summary, write_metrics, write_objects
 from pairing import Sample, find_ids, scan
-from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, objects_method, tiled
+from predict import BORDER_THRESHOLD, PredictOptions, TrainedRun, how_predicted, objects_method
 from splits import load_validation
 from utils import ClosedPipeSafe, Interrupts, UserError, command, exit_on_user_error, plain_warning
 
@@ -64,8 +66,11 @@ def parse_args(argv):
                      f"scored (default: {BORDER_THRESHOLD}; --instances uses the probabilities themselves)")
     how.add_argument("--tta", action="store_true", help="test-time augmentation: average over the eight flips and "
                      "quarter turns of a square input (four for a rectangular one)")
-    how.add_argument("--tile", action="store_true", help="predict whole images at full resolution by overlapping "
-                     "tiles of the network's input size (always on for runs trained with --crop)")
+    how.add_argument("--tile", action="store_true", help="predict each image by overlapping tiles of the network's "
+                     "input size (always on for runs trained with --crop; without it, an image is predicted whole "
+                     "unless it is larger than 1 Mpx)")
+    how.add_argument("--resize", action="store_true", help="resize each image to the network input and the masks "
+                     "back, as the reference's val.py (loses large images' detail); default: the scale the run learned")
     how.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction with --tile (default: 0.5)")
     how.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     how.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
@@ -97,7 +102,7 @@ def parse_args(argv):
         images=args.images, img_ext=args.img_ext, mask_ext=args.mask_ext, output=args.output,
         predict=PredictOptions(batch_size=args.batch_size, tta=args.tta, tile=args.tile, overlap=args.overlap,
                                threshold=args.threshold, border_threshold=args.border_threshold,
-                               instances=args.instances, min_size=args.min_size),
+                               instances=args.instances, min_size=args.min_size, resize=args.resize),
         write=OutputOptions(output_format=args.output_format, save_probs=args.save_probs, overlay=args.overlay,
                             panels=args.panels, instances=bool(args.instances)))
 
@@ -127,6 +132,9 @@ def check_args(p, args):
         p.error("--batch_size must be at least 1")
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be at least 0 and below 1")
+    if args.tile and args.resize:
+        p.error("--tile predicts images by tiles at the run's scale and --resize shrinks them to the network input: "
+                "pass one of them")
     if args.data and args.images:
         p.error("--data scores a labelled folder and --images predicts unlabelled images: pass one of them")
     if args.min_size < 1:
@@ -139,7 +147,7 @@ def check_ensemble(members):
     """The runs of an ensemble must predict the same classes from the same kind of image."""
     first = members[0]
     for m in members[1:]:
-        for key in ("num_classes", "class_mode", "input_channels", "target"):
+        for key in ("num_classes", "class_mode", "input_channels", "target", "invert_mask"):
             if m.cfg[key] != first.cfg[key]:
                 raise UserError(f"--name: runs {first.name} and {m.name} differ in {key} ({first.cfg[key]} and "
                                 f"{m.cfg[key]}), so their predictions cannot be averaged; ensemble runs trained "
@@ -185,33 +193,71 @@ def report_objects(rows, options, cfg):
           f"counting error {mean('count_error'):.2f} per image ({counts})")
 
 
-def report(scores, ids, out_dir, cfg, objects=None, by_tiles=False):
-    """Prints per-class data-set-level and per-image-mean IoU/Dice at the images' own size and their mean over
-    classes (and without class 0, the catch-all class in softmax mode), then the IoU at the network input."""
+def report(scores, ids, out_dir, cfg, objects=None, how="the prediction resized back to it", sizes=None):
+    """Prints per class the data-set-level IoU/Dice at the images' own size and their per-image mean over the images
+    where the truth or the prediction has the class (with their count; an image where neither has it says nothing
+    of the class: metrics.csv leaves its cell empty), their mean over classes (and without class 0, the catch-all
+    class in softmax mode), for a one-class run its complement's IoU (sizes: each image's (H, W)), then the IoU at
+    the network input."""
     ds_iou, ds_dice = scores.image.dataset_scores()
-    img_iou, img_dice = scores.image.image_scores()
+    inter, psum, tsum = torch.cat(scores.image.per_image, 1)
+    present = psum + tsum > 0                       # (N, C): the truth or the prediction has the class
+    img_iou, img_dice = (torch.where(present, v, torch.nan) for v in scores.image.image_scores())
     write_metrics(os.path.join(out_dir, "metrics.csv"), ids, img_iou, img_dice, objects)
-    how = "predicted by tiles at full resolution" if by_tiles else "the prediction resized back to it"
+    iou_means, dice_means = img_iou.nanmean(0), img_dice.nanmean(0)   # NaN for a class no image has
     print(f"scored at each image's own size ({how}):")
     print(f"{'class':>10} {'IoU (data set)':>15} {'IoU (per-image mean)':>21} {'Dice (data set)':>16} {'Dice (per-image mean)':>22}")
     for c in range(ds_iou.shape[0]):
-        print(f"{class_label(cfg['class_names'], c)[:10]:>10} {ds_iou[c]:>15.4f} {img_iou[:, c].mean():>21.4f} {ds_dice[c]:>16.4f} {img_dice[:, c].mean():>22.4f}")
+        label = class_label(cfg["class_names"], c)
+        label = f"not {label}" if cfg.get("invert_mask") and not cfg["class_names"] else label
+        n = int(present[:, c].sum())
+        print(f"{label[:10]:>10} {ds_iou[c]:>15.4f} {mean_cell(iou_means[c], n):>21} {ds_dice[c]:>16.4f} "
+              f"{mean_cell(dice_means[c], n):>22}")
     rows = [("mean", slice(None))]
     if cfg["class_mode"] == "softmax":
         rows.append(("mean w/o 0", slice(1, None)))      # class 0: the pixels no mask marks
     for label, cls in rows:
-        print(f"{label:>10} {ds_iou[cls].mean():>15.4f} {img_iou[:, cls].mean():>21.4f} {ds_dice[cls].mean():>16.4f} "
-              f"{img_dice[:, cls].mean():>22.4f}")
+        print(f"{label:>10} {ds_iou[cls].mean():>15.4f} {mean_cell(iou_means[cls].nanmean()):>21} "
+              f"{ds_dice[cls].mean():>16.4f} {mean_cell(dice_means[cls].nanmean()):>22}")
     if cfg["class_mode"] == "softmax":
         print("(softmax mode: each pixel is one class: class 0 holds the pixels no other class marks, and a pixel two "
               "masks mark is the higher class, as in training; 'mean w/o 0' is the mean over classes 1 and up)")
-    print("(per-image mean: an image where neither the truth nor the prediction has the class scores 1 for it)")
+    print("(per-image mean: over the images where the truth or the prediction has the class, their count in brackets; "
+          "an image where neither has it is left out, and its cell in metrics.csv is empty)")
+    if ds_iou.shape[0] == 1 and cfg["target"] == "masks" and sizes:
+        print(complement_line([x.sum().item() for x in (inter, psum, tsum)], sum(h * w for h, w in sizes), cfg))
     print(f"IoU: {ds_iou.mean():.4f}")
     print(f"Dice: {ds_dice.mean():.4f}")
-    if scores.input is not None:
+    if scores.input is not None and scores.input_images == len(ids):     # every image was predicted at the input
         net_iou = scores.input.dataset_scores()[0].mean().item()
         print(f"IoU at the {cfg['input_w']}x{cfg['input_h']} network input (what train.py logs as val_iou): "
               f"{net_iou:.4f}")
+
+
+def mean_cell(value, count=None):
+    """A per-image mean as report()'s table shows it: '0.6123', with count '0.6123 (12)'; '-' when no image has the
+    class (value NaN)."""
+    if torch.isnan(value):
+        return "-"
+    return f"{value:.4f}" + (f" ({count})" if count is not None else "")
+
+
+def complement_line(sums, pixels, cfg):
+    """One-class runs: the data-set IoU and Dice of the class's complement (every pixel the class leaves out), from
+    its summed counts (intersection, predicted, true pixels) over `pixels` pixels. With invert_mask the run's class
+    is that complement already, and its complement is masks/0 as drawn."""
+    inter, predicted, true = sums
+    both_out, either_out = pixels - (predicted + true - inter), pixels - inter     # pixels outside both / either
+    iou = both_out / either_out if either_out > 0 else 1.0
+    dice = 2 * both_out / (2 * pixels - predicted - true) if 2 * pixels > predicted + true else 1.0
+    share = 1 - true / max(1, pixels)
+    if cfg.get("invert_mask"):
+        return (f"invert_mask: this run learned the complement of the masks (the pixels they do not mark), so the masks "
+                f"written and the scores above are of that complement; the masks' own class ({100 * share:.0f}% of the "
+                f"pixels): IoU {iou:.4f}, Dice {dice:.4f} (data set)")
+    hint = "; --invert_mask trains a run on it" if share < 1 - advice.MAJORITY else ""
+    return (f"complement (the pixels the masks do not mark, {100 * share:.0f}% of them): IoU {iou:.4f}, Dice "
+            f"{dice:.4f} (data set){hint}")
 
 
 def unlabelled(req, cfg):
@@ -260,16 +306,28 @@ def resize_notes(data, members, options):
     """A note on the images shrunk or stretched to the network input by more than advice.RESIZE_WARN (the rule
     train.py warns by), naming the worst: --tile predicts them at their own size instead."""
     cfg = members[0].cfg
-    if options.tile or cfg["crop"]:
-        return
+    if options.tile or cfg["crop"] or not (options.resize or members[0].scale is None):
+        return                  # images are predicted at the run's scale, not resized to its input
     sizes = data.sizes or [data.image(k).shape[:2] for k in range(len(data.ids))]
     effect = {"shrunk": "which loses small detail", "stretched": "so the network sees them magnified, made of "
               "interpolated pixels"}
+    fix = ("without --resize, they are predicted at the scale the run learned" if options.resize else
+           "pass --tile to predict images at their own size, in overlapping tiles (an image smaller than a tile is "
+           "padded)")
     for how, images in advice.resized_images(data.ids, sizes, cfg).items():
         if images:
             print(f"note: {advice.resized_line(how, images, len(sizes), cfg)}, {effect[how]}; "
-                  f"{advice.odd_ones(images, len(sizes))}pass --tile to predict images at their own size, in "
-                  "overlapping tiles (an image smaller than a tile is padded)")
+                  f"{advice.odd_ones(images, len(sizes))}{fix}")
+
+
+def scale_note(members, options):
+    """What val.py does with images of any size, when the run learned another scale than its images' own."""
+    run = members[0]
+    if options.resize or run.scale is None or tuple(run.scale) == (1.0, 1.0):
+        return
+    sy, sx = run.scale
+    print(f"note: {run.name} learned images at {sx:.3g}x{sy:.3g} their network size (image pixels per network "
+          f"pixel, x by y): each image is resized by that factor, predicted, and its masks resized back to it")
 
 
 def depth_note(data, members):
@@ -294,6 +352,7 @@ def evaluate(req):
         data, default_out = load_data(req, members)
         if req.images or req.data:
             resize_notes(data, members, req.predict)
+            scale_note(members, req.predict)
             depth_note(data, members)
         out_dir, opts = req.output or default_out, req.write
         with OutputFolder(out_dir, protected_folders(req, members), subfolders(cfg["num_classes"], opts)) as out:
@@ -328,13 +387,13 @@ def compare_with_trivial(meter, data, cfg):
 def predict_into(out_dir, runs, data, options, opts):
     """Predicts and scores `data` into out_dir (checked, locked and cleared): files, metrics, objects, summary."""
     cfg = runs[0].cfg
-    scores = Scores.new(runs, options)
+    scores = Scores.new(runs)
     with ImageWriter(out_dir, opts) as writer:
         objects = evaluate_images(runs, data, options, writer, scores)
     if objects:
         write_objects(out_dir, objects)
     if data.labeled:
-        report(scores, data.ids, out_dir, cfg, objects, by_tiles=tiled(runs, options))
+        report(scores, data.ids, out_dir, cfg, objects, how_predicted(runs, options), sizes=data.sizes)
         compare_with_trivial(scores.image, data, cfg)
     if objects and data.labeled:
         report_objects(objects, options, cfg)

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from make_demo_data import generate, generate_microscopy  # noqa: E402
+from make_demo_data import Classes, generate, generate_microscopy  # noqa: E402
 
 DSB = os.path.join(ROOT, "..", "shared", "datasets", "dsb2018_96")
 
@@ -34,11 +34,12 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-def make_data(root, name="tiny", **kw):
-    """Generate a data set at <root>/<name> and return its path (kw as in make_demo_data.generate)."""
+def make_data(root, name="tiny", num_classes=1, exclusive=False, void=False, names=False, **kw):
+    """Generate a data set at <root>/<name> and return its path (the classes as make_demo_data.Classes, kw as in
+    make_demo_data.generate)."""
     kw = {"n": 10, "size": 32, **kw}
     path = os.path.join(root, name)
-    generate(path, **kw)
+    generate(path, classes=Classes(num_classes, exclusive, void, names), **kw)
     return path
 
 

@@ -1,5 +1,6 @@
 """advice.py: the start-up notes and the trivial predictions a model has to beat."""
 import os
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -68,13 +69,18 @@ def test_val_notes_the_images_it_resizes_by_the_same_rule_and_suggests_tiles(cap
     from types import SimpleNamespace
     cfg = {**CFG, "input_w": 32, "input_h": 32}
     data = SimpleNamespace(ids=ids(10) + ["wide", "dot"], sizes=[(32, 32)] * 10 + [(20, 20000), (1, 1)])
-    members = [SimpleNamespace(cfg=cfg)]
-    val.resize_notes(data, members, SimpleNamespace(tile=False))
+    from predict import PredictOptions
+    members = [SimpleNamespace(cfg=cfg, scale=None)]      # a run from before the scale was recorded: images resized
+    val.resize_notes(data, members, PredictOptions())
     out = capsys.readouterr().out
     assert "wide (20000x20, 625x), which loses small detail" in out and "dot (1x1, 32x)" in out
     assert out.count("pass --tile") == 2
-    val.resize_notes(data, members, SimpleNamespace(tile=True))
+    val.resize_notes(data, members, PredictOptions(tile=True))
     assert capsys.readouterr().out == ""                                  # tiles: no image is resized
+    val.resize_notes(data, [SimpleNamespace(cfg=cfg, scale=(1.0, 1.0))], PredictOptions())
+    assert capsys.readouterr().out == ""                                  # at the run's own scale: none either
+    val.resize_notes(data, members, PredictOptions(resize=True))
+    assert capsys.readouterr().out.count("without --resize") == 2         # asked for: said, with the way back
 
 
 def test_every_loss_but_the_plain_cross_entropies_weighs_classes_by_overlap():
@@ -89,11 +95,36 @@ def test_few_optimizer_steps_get_a_note_with_a_batch_size_that_gives_more():
     assert "only 2 optimizer" in advice.steps_note(160, CFG, processes=4)  # 16 per process, 4 processes
 
 
+def test_the_steps_note_never_suggests_a_batch_below_the_plans_smallest():
+    """One place (advice.batch_for_steps) decides how small a batch goes: at MIN_BATCH the note says nothing, where
+    it once suggested --batch_size 1 right after the plan had said why 2 is the smallest."""
+    for n_train in range(2, 400):
+        for batch in (1, 2, 3, 4, 8, 16, 32):
+            note = advice.steps_note(n_train, {**CFG, "batch_size": batch})
+            if note:
+                suggested = int(note.split("; --batch_size ")[1].split()[0])
+                assert advice.MIN_BATCH <= suggested < batch and n_train // suggested > n_train // batch
+    assert advice.steps_note(12, {**CFG, "batch_size": 2}) == ""            # 6 steps, but 2 is as small as it goes
+    assert advice.batch_for_steps(1) == 1 and advice.batch_for_steps(19) == 2 and advice.batch_for_steps(400) == 40
+
+
 def test_a_rare_class_gets_a_note_unless_the_loss_weighs_overlap():
     pixels = np.array([[50, 5000]])                                        # 0.5% and 50% of 100x100
     notes = advice.rare_class_notes(pixels, [(100, 100)], {**CFG, "num_classes": 2})
     assert len(notes) == 1 and notes[0].startswith("class 0 covers 0.50%") and "--loss BCEDiceLoss" in notes[0]
     assert advice.rare_class_notes(pixels, [(100, 100)], {**CFG, "loss": "BCEDiceLoss"}) == []
+
+
+def test_one_class_covering_most_pixels_gets_a_note_offering_its_complement():
+    cfg = {**CFG, "num_classes": 1, "target": "masks"}
+    note = advice.majority_note(np.array([[78], [78]]), [(10, 10), (10, 10)], cfg)
+    assert note.startswith("class 0 covers 78% of the training pixels") and "the other 22%" in note
+    assert "--invert_mask" in note
+    assert advice.majority_note(np.array([[50]]), [(10, 10)], cfg) == ""                       # half: no note
+    assert advice.majority_note(np.array([[78]]), [(10, 10)], {**cfg, "invert_mask": True}) == ""
+    assert advice.majority_note(np.array([[78, 5]]), [(10, 10)], {**cfg, "num_classes": 2}) == ""
+    assert note in advice.startup_notes(cfg, SimpleNamespace(sizes=[(10, 10)] * 2, ids=["a", "b"] * 80,
+                                                             target_pixels=np.array([[78], [78]])))
 
 
 def test_trivial_predictions_score_as_the_metrics_count():
@@ -110,6 +141,7 @@ def test_beats_warns_below_the_margin_only():
     t = advice.Trivial(0.1, 0.8, "foreground")
     assert "does not beat predicting foreground everywhere (0.8000)" in advice.beats(0.82, t)
     assert advice.beats(0.86, t) == ""
+    assert "--crop" in advice.beats(0.82, t) and "--crop" not in advice.beats(0.82, t, crop=True)  # crops already
 
 
 @pytest.mark.parametrize("trivial, says", [(advice.Trivial(1.0, 0.0, "foreground"), "their masks mark (almost) nothing"),

@@ -76,3 +76,28 @@ def test_first_layer_follows_any_channel_count(arch, channels):
     assert first.in_channels == channels
     with torch.no_grad():
         assert model(torch.rand(1, channels, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def conv(weight, x):
+    return torch.nn.functional.conv2d(x, weight, padding=1)
+
+
+def test_an_adapted_first_convolution_follows_the_sum_rule():
+    from archs import FIRST_CONV, adapt_input_weight
+    g = torch.Generator().manual_seed(0)
+    net = build_model({"arch": "UNet", "num_classes": 1, "input_channels": 3, "deep_supervision": False,
+                       "base_channels": 4})
+    rgb_weight = net.state_dict()[FIRST_CONV]
+    grey = torch.rand(2, 1, 16, 16, generator=g)
+    # 3 -> 1: a grey image through the adapted convolution is the image of three equal channels through the original
+    assert adapt_input_weight(rgb_weight, 1).shape == (4, 1, 3, 3)
+    assert torch.allclose(conv(adapt_input_weight(rgb_weight, 1), grey), conv(rgb_weight, grey.repeat(1, 3, 1, 1)),
+                          atol=1e-6)
+    # 1 -> 4: an image of four equal channels through the adapted convolution is the grey image through the original
+    grey_weight = adapt_input_weight(rgb_weight, 1)
+    assert torch.allclose(conv(adapt_input_weight(grey_weight, 4), grey.repeat(1, 4, 1, 1)), conv(grey_weight, grey),
+                          atol=1e-6)
+    # 3 -> 2 (any other counts): channel i is the original's i mod 3, scaled by 3/2
+    two = adapt_input_weight(rgb_weight, 2)
+    assert torch.allclose(two, rgb_weight[:, :2] * 1.5)
+    assert adapt_input_weight(rgb_weight, 3) is rgb_weight

@@ -1,14 +1,13 @@
-"""bioimageio_package.py: the package's model equals the Predictor and its architecture file stands alone (the
-packages export.py writes, their validation and bioimageio.core's test: tests/test_export.py)."""
+"""bioimageio_package.py: the package's model equals the Predictor after rdf.yaml's steps, and its TorchScript weights
+are built and checked in a folder that is not left (the packages export.py writes, their validation and
+bioimageio.core's test: tests/test_export.py)."""
 import os
-import subprocess
-import sys
+import zipfile
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-import archs
 import bioimageio_package as bp
 from archs import build_model
 from normalize import normalize
@@ -26,12 +25,12 @@ def predictor(cfg=CFG, dtype="uint16"):
 
 def test_the_packages_model_after_the_rdf_scaling_equals_the_predictor():
     p = predictor()
-    model, kwargs = bp.network_part(p)
+    model = bp.network_part(p)
     x = torch.rand(2, 2, 32, 48) * 4000
     scaled = normalize(x, p.ranges(x), replace(p.norm, per_image=False))     # what rdf.yaml's steps give
     with torch.no_grad():
         assert torch.allclose(model(scaled), p(x), atol=1e-6)
-    assert kwargs["per_image_eps"] is not None and kwargs["network"]["input_channels"] == 2
+    assert model.per_image_eps is not None
 
 
 def test_preprocessing_names_the_runs_percentiles_and_the_imagenet_scaling():
@@ -45,17 +44,21 @@ def test_preprocessing_names_the_runs_percentiles_and_the_imagenet_scaling():
     assert np.allclose(got, [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
 
 
-def test_the_architecture_file_rebuilds_the_model_with_nothing_but_torch(tmp_path):
-    """A BioImage.IO consumer imports the package's archs.py alone: no other file of this toolkit beside it."""
-    (tmp_path / "archs_copy.py").write_text(open(archs.__file__).read())
-    model, kwargs = bp.network_part(predictor())
-    torch.save(model.state_dict(), tmp_path / "weights.pt")
-    code = ("import importlib.util, torch; assert importlib.util.find_spec('normalize') is None; "
-            "import archs_copy; "
-            f"m = archs_copy.Probabilities(**{kwargs!r}); "
-            "m.load_state_dict(torch.load('weights.pt', weights_only=True)); m.eval(); "
-            "print(tuple(m(torch.rand(1, 2, 32, 32)).shape))")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "(1, 2, 32, 32)"
+def test_the_package_is_its_zip_alone_with_torchscript_weights_that_take_any_multiple_of_16(tmp_path):
+    """The files are built in a hidden folder beside the zip and removed once zipped; the weights, checked against
+    PyTorch on the test input, reproduce the test output (after rdf.yaml's steps) at another size too."""
+    p = predictor({**CFG, "arch": "UNet", "deep_supervision": False, "base_channels": 4})
+    x = torch.rand(1, 2, 32, 32) * 4000
+    with torch.no_grad():
+        expected = p(x)
+    info = bp.PackageInfo("cells NestedUNet segmentation", "Nuclei.", ("Ada Lovelace",))
+    diff = bp.write(p, x, expected, str(tmp_path / "package.zip"), info)
+    assert diff <= 1e-4 and os.listdir(tmp_path) == ["package.zip"]
+    with zipfile.ZipFile(tmp_path / "package.zip") as z:
+        assert sorted(z.namelist()) == sorted(["rdf.yaml", *bp.FILES.values()])
+        z.extract(bp.FILES["torchscript"], tmp_path)
+    weights = torch.jit.load(str(tmp_path / bp.FILES["torchscript"]))
+    y = torch.rand(1, 2, 48, 64) * 4000
+    with torch.no_grad():
+        got = weights(normalize(y, p.ranges(y), replace(p.norm, per_image=False)))
+        assert torch.allclose(got, p(y), atol=1e-5)

@@ -88,7 +88,7 @@ def test_broken_runs_are_named_in_the_table_and_the_others_shown(tmp_path, monke
     rows = {line.split()[0]: line for line in lines[1:8]}
     assert "1/1" in rows["good"] and "1/1" in rows["bad_metrics"] and rows["bad_metrics"].split()[-2] == "-"
     for name, says in (("latin1", "is not UTF-8 text"), ("no_val_iou", "has no val_iou column"),
-                       ("log_folder", "is not a file"), ("nan_iou", "val_iou is 'nan', not a number"),
+                       ("log_folder", "log.csv (its log of epochs) is a folder, not a file"), ("nan_iou", "val_iou is 'nan', not a number"),
                        ("bad_yaml", "is not valid YAML")):
         assert "cannot be read" in rows[name]
         assert any(line.startswith(f"{name}: ") and says in line for line in lines[8:]), (name, out)

@@ -10,7 +10,7 @@ from utils import UserError, save_yaml
 def test_defaults_and_reference_name():
     cfg, run = config.resolve([])
     assert cfg["arch"] == "NestedUNet" and cfg["batch_size"] == 16 and cfg["lr"] == 1e-3
-    assert cfg["name"] == "dsb2018_96_NestedUNet_woDS" and run == {"config": None, "resume": False, "overwrite": False, "runs_dir": "models", "changes": [], "sources": {}, "plan": None, "plan_lines": []}
+    assert cfg["name"] == "dsb2018_96_NestedUNet_woDS" and run == {"config": None, "resume": False, "overwrite": False, "runs_dir": "models", "changes": [], "sources": {}, "plan": None, "plan_lines": [], "init": None}
     cfg, _ = config.resolve(["-a", "NestedUNet", "--deep_supervision", "True", "-b", "4"])
     assert cfg["name"] == "dsb2018_96_NestedUNet_wDS" and cfg["batch_size"] == 4
 
@@ -171,6 +171,34 @@ def test_resume_changes_only_how_long_and_where_a_run_goes_on(tmp_path):
     with pytest.raises(UserError) as e:
         config.resolve(base + ["--lr", "0.1"])
     assert str(e.value).startswith("--resume: the command line (--lr) sets lr to 0.1, but ")
-    assert str(e.value).endswith(" --lr 0.1. Only epochs, early_stopping, num_workers, cache_mb, loader, device, amp, "
-                                 "memory_format, compile, cuda_graph, save_every, deterministic, data_dir, class_names "
-                                 "may change on resume.")
+    assert str(e.value).endswith(" --lr 0.1. Only epochs, early_stopping, time_budget, num_workers, cache_mb, loader, "
+                                 "device, amp, memory_format, compile, cuda_graph, save_every, deterministic, data_dir, "
+                                 "class_names may change on resume.")
+
+
+
+def test_the_class_names_come_from_masks_names_txt_unless_given(tmp_path):
+    from conftest import make_data
+    root = make_data(tmp_path / "inputs", "three", num_classes=3, exclusive=True, names=True)
+    base = ["--data_dir", str(tmp_path / "inputs"), "--dataset", "three", "--num_classes", "3"]
+    cfg, run = config.resolve(base)
+    assert cfg["class_names"] == ["background", "ellipse", "square"]
+    assert any(line.startswith("class_names: background,ellipse,square (from ") for line in run["plan_lines"])
+    assert config.resolve(base + ["--class_names", "a,b,c"])[0]["class_names"] == ["a", "b", "c"]
+    # a count that is not num_classes: the file is left to the class folders' own message
+    assert config.resolve(base[:-2])[0]["class_names"] == []
+    with open(os.path.join(root, "masks", "names.txt"), "a") as f:
+        f.write("extra\n")
+    with pytest.raises(UserError, match="names.txt names 4 class"):
+        config.resolve(base)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--invert_mask", "--num_classes", "2"], "invert_mask trains on the complement of one class's mask, and this run "
+                                              "has num_classes 2"),
+    (["--invert_mask", "--target", "objects"], "this run has target objects"),
+])
+def test_invert_mask_is_for_one_class_of_masks(argv, says):
+    assert config.resolve(["--invert_mask"])[0]["invert_mask"] is True
+    with pytest.raises(UserError, match=says):
+        config.resolve(argv)

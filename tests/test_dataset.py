@@ -162,3 +162,17 @@ def test_target_objects_reads_the_label_images_whatever_masks_holds(tmp_path):
     assert mask.shape == (64, 64, 2) and mask[:, :, 0].sum() == 800
     assert np.flatnonzero(mask[20, :, 1]).tolist() == [28, 29, 30, 31]   # 2 pixels each side at 64 for 1 at 32
     assert data.target_pixels.tolist() == [[800, 4 * 20]]
+
+
+def test_invert_mask_makes_the_target_the_complement_of_the_masks_and_of_the_label_images(tiny, micro):
+    from dataset import Targets
+    from pairing import scan
+    inverted = Targets.of({**config.DEFAULTS, "invert_mask": True})
+    assert inverted.invert and not Targets.of(config.DEFAULTS).invert
+    for root, ext in ((tiny, ".png"), (micro, ".tif")):
+        plain = SegmentationData.decode(scan(root, ext, ".png", 1), 3, None, root)
+        data = SegmentationData.decode(scan(root, ext, ".png", 1), 3, 0, root, targets=inverted)   # cached: none
+        assert data.masks[0] is None and np.array_equal(data.mask(0), 1 - plain.mask(0))
+        assert plain.mask(0).any() and data.mask(0).any()
+        pixels = [h * w for h, w in plain.sizes]
+        assert data.target_pixels[:, 0].tolist() == [p - t for p, t in zip(pixels, plain.target_pixels[:, 0])]

@@ -262,12 +262,15 @@ def test_target_objects_needs_label_images_and_its_two_planes(tmp_path, monkeypa
 
 def test_an_ensemble_of_an_objects_run_and_a_masks_run_is_refused():
     from types import SimpleNamespace
-    cfg = {"num_classes": 2, "class_mode": "sigmoid", "input_channels": 3}
+    cfg = {"num_classes": 2, "class_mode": "sigmoid", "input_channels": 3, "invert_mask": False}
     masks = SimpleNamespace(name="two_classes", cfg={**cfg, "target": "masks"})
     objects = SimpleNamespace(name="sep", cfg={**cfg, "target": "objects"})
     val.check_ensemble([objects, SimpleNamespace(name="sep2", cfg=dict(objects.cfg))])     # alike: accepted
     with pytest.raises(UserError, match="runs sep and two_classes differ in target"):
         val.check_ensemble([objects, masks])
+    inverted = SimpleNamespace(name="inv", cfg={**masks.cfg, "invert_mask": True})   # predicts the complement
+    with pytest.raises(UserError, match="runs two_classes and inv differ in invert_mask"):
+        val.check_ensemble([masks, inverted])
 
 
 def test_the_borders_plane_has_its_own_threshold_and_other_runs_one_for_all():

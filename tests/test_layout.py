@@ -54,7 +54,8 @@ def imported_by(name):
 
 
 PREDICTION = ("predict", "predictor", "evaluation", "outputs", "figures", "bioimageio_package", "export")
-TRAINING = {"engine", "loaders", "train"}      # the loop, its batches and augmentation, the training script
+TRAINING = {"engine", "loaders", "train", "pretrained"}   # the loop, its batches and augmentation, the training
+# script, and the weights a run starts from (--init)
 
 
 @pytest.mark.parametrize("name", PREDICTION)

@@ -181,10 +181,15 @@ def test_val_outputs_notes_and_where_things_went(work, monkeypatch, capsys):
                               monkeypatch, capsys)
     assert code == 0, err
     assert "skipped 2 file(s)" in out and "--img_ext .jpg" in out
-    assert "all 3 images (96x96) are shrunk 3.0x to the 32x32 network input" in out and "pass --tile" in out
+    assert "shrunk" not in out                                   # predicted whole at the scale the run learned
+    assert all(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape == (96, 96)
+               for p in (work / "outputs" / "old" / "predictions" / "0").iterdir())
     pred = "outputs/old/predictions"
     assert f"probability maps in {pred}/probs/<class>/" in out and f"outlines in {pred}/overlay/" in out
     assert len(os.listdir(work / pred / "probs" / "0")) == 3 and "ground truth" not in out   # no masks, no truth
+    code, out, err = run_main(val.main, ["--name", "old", "--images", "new", "--resize"], work, monkeypatch, capsys)
+    assert code == 0 and "all 3 images (96x96) are shrunk 3.0x to the 32x32 network input" in out, err  # asked
+    assert "without --resize" in out
     code, out, err = run_main(val.main, ["--name", "old", "--overlay"], work, monkeypatch, capsys)
     assert code == 0 and "ground truth magenta" in out, err
     overlays = [cv2.imread(str(p)) for p in (work / "outputs" / "old" / "overlay").iterdir()]

@@ -119,3 +119,46 @@ def test_each_script_words_the_fix_with_its_own_flags(tiny):
     e = problem(lambda: scan(tiny, ".png", ".png", 2, objects=True))
     with pytest.raises(DataError, match="StarDist save them.; add them$"), worded(lambda e: val.data_fix(e, cfg, "old")):
         raise e
+
+
+def names_file(root, text, encoding="utf-8"):
+    path = os.path.join(root, "masks", "names.txt")
+    with open(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return path
+
+
+def test_a_names_file_beside_the_masks_names_the_classes_in_their_order(tmp_path):
+    from conftest import make_data
+    from pairing import class_names_file
+    root = make_data(tmp_path, "three", num_classes=3, exclusive=True)
+    assert class_names_file(root) == ([], None)                             # no file: no names
+    path = names_file(root, "  background\nnucleus  \r\nvesicle\n\n\n")     # spaces, CRLF, empty lines at the end
+    assert class_names_file(root) == (["background", "nucleus", "vesicle"], path)
+    assert scan(root, ".png", ".png", 3)["img0000"].masks[2].endswith(os.path.join("masks", "2", "img0000.png"))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("background\nnucleus\n", r"names 2 class\(es\) but .* holds 3 class folder"),
+    ("background\nnucleus\nvesicle\nmore\n", "names 4 class"),
+    ("background\n\nvesicle\n", "line 2 is empty"),
+    ("background\nnucleus\nbackground\n", "line 3 repeats the name 'background' of line 1"),
+    ("background\nnuclei, large\nvesicle\n", "line 2 holds a comma"),
+])
+def test_a_names_file_that_does_not_name_each_class_folder_once_is_refused_with_the_line(tmp_path, text, says):
+    from conftest import make_data
+    from pairing import class_names_file
+    root = make_data(tmp_path, "three", num_classes=3, exclusive=True)
+    names_file(root, text)
+    with pytest.raises(DataError, match=says):
+        class_names_file(root)
+
+
+def test_a_names_file_that_is_not_text_is_refused(tmp_path):
+    from conftest import make_data
+    from pairing import class_names_file
+    root = make_data(tmp_path, "three", num_classes=3, exclusive=True)
+    with open(os.path.join(root, "masks", "names.txt"), "wb") as f:
+        f.write(b"\xff\xfe\x00b\x00a")
+    with pytest.raises(DataError, match="cannot be read as text"):
+        class_names_file(root)

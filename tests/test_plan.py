@@ -13,7 +13,7 @@ import plan
 import train
 from conftest import make_data, make_microscopy, run_main
 from dataset import region_id
-from splits import REGION_MARGIN, crops_per_epoch, image_regions, largest_crop, region_length
+from splits import REGION_MARGIN, crops_per_epoch, image_regions, largest_crop, region_length, windows
 from utils import UserError
 
 CPU = plan.Machine(cuda=False, memory=24 * 2**30)
@@ -119,16 +119,54 @@ def test_the_weights_are_always_averaged_over_about_a_seventh_of_the_run():
     assert planned(replace(LARGE, images=2000), GPU)[0]["ema"] == 0.995
 
 
-def test_classes_get_sigmoids_unless_masks_0_is_a_background():
-    got, choices = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.004)))
+def test_classes_that_share_pixels_get_a_sigmoid_each_and_a_rare_class_a_loss_that_sees_it():
+    got, choices = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.004), overlap=(0.03, 0.05), unmarked=0.7))
     assert (got["num_classes"], got["class_mode"], got["loss"]) == (3, "sigmoid", "BCEDiceLoss")
+    assert "3.0% of the marked pixels are in two or more classes" in reason(choices, "loss")
     assert "class 2 (0.40% of the pixels)" in reason(choices, "loss")  # a rare class, and why the loss suits it
-    got, choices = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)))
-    assert (got["class_mode"], got["loss"]) == ("softmax", "CEDiceLoss")
-    assert "masks/0 covers 70%" in reason(choices, "loss")
 
 
-def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path):
+def test_exclusive_classes_get_softmax_and_the_unmarked_pixels_are_said_to_be_class_0():
+    street = replace(SMALL, classes=11, foreground=(0.3,) + (0.062,) * 10, overlap=(0.0, 0.0), unmarked=0.08)
+    got, choices = planned(street)
+    assert (got["num_classes"], got["class_mode"], got["loss"]) == (11, "softmax", "CEDiceLoss")
+    assert "the classes are exclusive" in reason(choices, "loss")
+    assert "the 8.0% of the pixels no class marks count as class 0, the background" in reason(choices, "loss")
+    # the same classes sharing 1% of their pixels, or with most pixels in none while masks/0 is a class of its own
+    assert planned(replace(street, overlap=(plan.OVERLAP, plan.OVERLAP)))[0]["class_mode"] == "sigmoid"
+    got, choices = planned(replace(street, unmarked=0.6))
+    assert got["class_mode"] == "sigmoid" and "60% of the pixels are in none" in reason(choices, "loss")
+    assert "make masks/0 the background" in reason(choices, "loss")
+
+
+def test_a_background_in_masks_0_gives_softmax_whether_drawn_under_the_other_classes_or_beside_them():
+    beside = replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1), overlap=(0.004, 0.04), unmarked=0.0)
+    under = replace(beside, foreground=(1.0, 0.2, 0.1), overlap=(0.3, 0.0))     # masks/0 marks every pixel
+    for s in (beside, under):
+        got, choices = planned(s)
+        assert (got["class_mode"], got["loss"]) == ("softmax", "CEDiceLoss")
+        assert f"masks/0 covers {100 * s.foreground[0]:.0f}%" in reason(choices, "loss")
+    assert planned(replace(under, overlap=(0.3, 0.2)))[0]["class_mode"] == "sigmoid"   # classes 1.. overlap too
+
+
+def test_the_class_names_of_the_data_set_come_with_the_classes_unless_given():
+    named = replace(SMALL, classes=3, foreground=(0.8, 0.1, 0.1), names=("background", "cell", "vesicle"))
+    got, choices = planned(named)
+    assert got["class_names"] == ["background", "cell", "vesicle"] and "names from masks/names.txt" in reason(choices, "loss")
+    assert "--class_names background,cell,vesicle" in next(c for c in choices if "loss" in c.settings).flags()
+    assert "class_names" not in planned(named, class_names=["a", "b", "c"])[0]
+    assert "class_names" not in planned(replace(named, names=()))[0]
+
+
+def test_one_class_covering_most_pixels_is_said_and_its_inverse_offered():
+    got, choices = planned(replace(SMALL, foreground=(0.78,)))
+    assert "class 0 covers 78% of the pixels" in reason(choices, "loss") and "--invert_mask" in reason(choices, "loss")
+    for s, given in ((replace(SMALL, foreground=(0.4,)), {}), (replace(SMALL, foreground=(0.78,)), {"invert_mask": True})):
+        assert "--invert_mask" not in reason(planned(s, **given)[1], "loss")
+
+
+def test_target_objects_plans_a_sigmoid_per_plane_and_surveys_the_label_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan, "time_training", lambda cfg, device: plan.Speed(0.1, 0.01))   # not what this tests
     got, choices = planned(replace(SMALL, classes=2, foreground=(0.15, 0.01)), target="objects", num_classes=2,
                            class_mode="sigmoid")
     assert got["loss"] == "BorderWeightedLoss" and "--target objects: a sigmoid per plane (objects, borders)" in reason(
@@ -153,7 +191,7 @@ def test_the_users_settings_are_kept_and_the_rules_after_them_use_them():
     assert "crop" not in got and got["input_w"] == 96
     got, _ = planned(replace(SMALL, classes=3, foreground=(0.2, 0.1, 0.1)), loss="CEDiceLoss")
     assert got["class_mode"] == "softmax" and "loss" not in got
-    got, _ = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)), class_mode="sigmoid")
+    got, _ = planned(replace(SMALL, classes=3, foreground=(0.7, 0.2, 0.1)), class_mode="sigmoid")   # a background
     assert got["loss"] == "BCEDiceLoss"
 
 
@@ -178,7 +216,8 @@ def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_pat
     assert s.foreground[0] == pytest.approx(np.mean([(image > 0).mean() for image in labels]))   # all 12 are read
     areas = np.concatenate([np.bincount(image.ravel())[1:] for image in labels])
     diameters = np.sqrt(4 * areas[areas > 0] / np.pi)
-    assert s.object_size == pytest.approx(np.median(diameters[diameters < 24]))   # below half the image's side
+    objects = diameters[(diameters >= plan.SPECK) & (diameters < 24)]       # not specks, below half the image's side
+    assert s.object_size == pytest.approx(np.median(objects)) and len(objects) < len(diameters)   # some were specks
     three = make_data(tmp_path, "three", num_classes=3, exclusive=True, size=40)
     s = plan.survey(three, config.DEFAULTS, {})
     assert (s.classes, s.channels, s.dtype, s.height) == (3, 3, "uint8", 40)
@@ -187,6 +226,22 @@ def test_the_survey_reads_sizes_channels_depth_classes_cover_and_objects(tmp_pat
     means = [cv2.imread(os.path.join(three, "images", f)).mean() / 255 for f in files]
     assert s.foreground[0] == pytest.approx(np.mean(cover)) and s.foreground[0] > 0.5
     assert s.brightness == pytest.approx(tuple(np.percentile(means, (10, 90))))    # of the images' mean intensities
+
+
+def test_the_survey_measures_how_much_the_classes_share_and_leave_unmarked_and_reads_their_names(tmp_path):
+    root = make_data(tmp_path, "shapes", n=12, size=64, num_classes=6, exclusive=True, void=True, names=True)
+    s = plan.survey(root, config.DEFAULTS, {})
+    files = sorted(os.listdir(os.path.join(root, "images")))
+    stacks = [np.stack([cv2.imread(os.path.join(root, "masks", str(c), f), 0) > 127 for c in range(6)], 2)
+              for f in files]
+    marks = np.concatenate([m.sum(2).ravel() for m in stacks])
+    above_0 = np.concatenate([m[:, :, 1:].sum(2).ravel() for m in stacks])
+    assert s.classes == 6 and s.names == ("background", "ellipse", "square", "triangle", "ellipse 2", "square 2")
+    assert s.unmarked == pytest.approx((marks == 0).mean()) and 0 < s.unmarked < plan.UNMARKED     # the void rings
+    assert s.overlap == pytest.approx(((marks > 1).sum() / (marks > 0).sum(), (above_0 > 1).sum() / (above_0 > 0).sum()))
+    got, choices = planned(s)
+    assert got["class_mode"] == "softmax" and got["class_names"] == list(s.names)
+    assert f"{100 * s.unmarked:.1f}% of the pixels in none" in s.line()
 
 
 @pytest.mark.e2e
@@ -198,6 +253,9 @@ def test_train_plan_auto_prints_the_plan_and_saves_it_as_ordinary_keys(tmp_path,
     assert code == 0, err
     assert "plan for inputs/cells (12 images, median 48x48, 1 channel of uint8" in out
     assert "--crop false --input_h 48 --input_w 48" in out and "kept as given: base_channels, epochs" in out
+    said = [line for line in out.splitlines() if line.startswith("expected: about ")]   # timed before training
+    assert len(said) == 1 and "s a step, 4 steps, plus validation)" in said[0]          # 1 epoch of 4 steps
+    assert out.index(said[0]) < out.index("\nconfig: ") < out.index("\nepoch 1/1 ")
     saved = yaml.safe_load(open(tmp_path / "models" / "planned" / "config.yml"))
     assert (saved["input_w"], saved["input_channels"], saved["batch_size"], saved["epochs"]) == (48, 1, 2, 1)
     assert saved["optimizer"] == "AdamW" and "plan" not in saved
@@ -232,7 +290,8 @@ def test_a_membrane_set_is_mostly_foreground_with_thin_lines_and_is_planned_on_c
     assert s.foreground[0] == pytest.approx(np.mean([m.mean() for m in masks]))
     areas = np.concatenate([np.bincount(ndimage.label(m)[0].ravel())[1:] for m in masks])
     diameters = np.sqrt(4 * areas / np.pi)
-    assert s.object_size == pytest.approx(np.median(diameters[diameters < 160]))   # the cells, not the whole image
+    cells = diameters[(diameters >= plan.SPECK) & (diameters < 160)]          # the cells, not the whole image
+    assert s.object_size == pytest.approx(np.median(cells))
     assert 5 < s.object_size < 60                                     # cells of ~25 px
     got, _ = planned(s)
     assert got["crop"] and got["input_w"] == 128 and got["input_channels"] == 1
@@ -286,8 +345,8 @@ def test_the_plan_refuses_a_split_by_regions_it_cannot_make_before_planning():
                                         "each image, validated on another region, which --crop false turns off"):
         plan.check_enough(two, {**config.DEFAULTS, "crop": False}, {"crop"}, "inputs/two")
     tiny = replace(two, height=100, width=100, smallest=100, largest=100, sizes=(("a", (100, 100)), ("b", (100, 100))))
-    with pytest.raises(UserError, match=f"too small for that: crops of {plan.REGION_CROP} px, the smallest the plan "
-                                        f"trains on, need {region_length(plan.REGION_CROP, 0.2)} px"):
+    with pytest.raises(UserError, match=f"too small for that: crops of {plan.MIN_CROP} px, the smallest the plan "
+                                        f"trains on, need {region_length(plan.MIN_CROP, 0.2)} px"):
         plan.check_enough(tiny, config.DEFAULTS, set(), "inputs/two")
     with pytest.raises(UserError, match="--folds needs whole images"):
         plan.check_enough(replace(two, images=3), {**config.DEFAULTS, "folds": 2}, {"folds"}, "inputs/two")
@@ -332,3 +391,159 @@ def test_one_large_16_bit_image_trains_with_a_plan_and_val_py_scores_its_held_ou
     labels = tifffile.imread(tmp_path / "inputs" / "one" / "labels" / "cell0000.tif")
     true_count = len(set(np.unique(val_region.cut(labels)).tolist()) - {0})
     assert f"{true_count} true" in out                                           # the objects of the region alone
+
+
+def timed(m=CPU):
+    """Machine m with a stand-in for the timing of its steps: a step costs its pixels times the network's width
+    squared (and a fixed part), a validation image a third of its share; every config timed is recorded."""
+    asked = []
+
+    def speed(cfg):
+        asked.append(dict(cfg))
+        work = cfg["input_h"] * cfg["input_w"] * (cfg["base_channels"] / 32) ** 2
+        return plan.Speed(step=0.01 + 7.5e-6 * cfg["batch_size"] * work, image=2.5e-6 * work)
+    return replace(m, speed=speed), asked
+
+
+def planned_cfg(s, m, **given):
+    got, choices = planned(s, m, **given)
+    return {**config.DEFAULTS, **given, **got}, choices
+
+
+def seconds_said(line):
+    """'expected: about 6m20s ...' -> 380."""
+    import re
+    h, m, sec = re.match(r"expected: about (?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", line).groups()
+    return 3600 * int(h or 0) + 60 * int(m or 0) + int(sec or 0)
+
+
+def test_a_timed_plan_says_how_long_the_run_takes_and_plans_as_an_untimed_one_without_a_budget():
+    m, asked = timed()
+    cfg, _ = planned_cfg(LARGE, m)
+    assert planned(LARGE, m)[0] == planned(LARGE)[0]                  # no budget: timing changes no setting
+    line = plan.expected(LARGE, m, cfg)
+    step = m.speed(cfg).step
+    assert f"on this CPU ({step:.2f} s a step, 1500 steps, plus validation)" in line   # the planned network, timed
+    assert asked[-1]["base_channels"] == 32 and asked[-1]["input_w"] == 128 and asked[-1]["batch_size"] == 2
+    steps_alone = 1500 * step
+    assert steps_alone <= seconds_said(line) <= 1.2 * steps_alone + plan.START_SECONDS + 125 * plan.EPOCH_SECONDS
+    assert plan.expected(LARGE, CPU, cfg) == ""                        # not timed: nothing said
+
+
+@pytest.mark.parametrize("minutes", [30, 4, 1.5, 0.6])
+def test_a_time_budget_plans_a_run_that_fits_making_it_cheaper_in_order_and_saying_what_it_gave_up(minutes):
+    m, _ = timed()
+    cfg, choices = planned_cfg(LARGE, m, time_budget=minutes)
+    assert plan.run_seconds(LARGE, cfg, m.speed(cfg)) <= 60 * minutes * plan.BUDGET_USE
+    line = plan.expected(LARGE, m, cfg)
+    assert f"within the {minutes:g} min time budget" in line and seconds_said(line) <= 60 * minutes
+    full, _ = planned_cfg(LARGE, m)
+    narrower, smaller = cfg["base_channels"] < 32, cfg["input_w"] < full["input_w"]
+    assert not smaller or cfg["base_channels"] == plan.NARROWER[-1]  # the width first, then the crops
+    if narrower:
+        assert f"{cfg['base_channels']} channels wide instead of 32, to fit the {minutes:g} min time budget" in reason(
+            choices, "base_channels")
+    if smaller:
+        assert f"({full['input_w']}x{full['input_w']} without the time budget)" in reason(choices, "input_w")
+    if cfg["epochs"] < full["epochs"]:
+        assert f"{full['epochs'] - cfg['epochs']} given up" in reason(choices, "epochs")
+    if minutes == 30:
+        assert cfg == {**full, "time_budget": 30}                      # what fits is not made cheaper
+    if minutes <= 1.5:
+        assert narrower                                               # too few sensible epochs at full width
+
+
+def test_a_time_budget_on_one_large_image_counts_the_validation_windows_of_its_region_and_fits():
+    """Split by regions, an epoch validates on the crop-sized windows covering the validation region (splits.windows),
+    not on one held-out image: the estimate counts them, and a tight budget shrinks the region crops too."""
+    m, _ = timed()
+    for minutes in (None, 0.6):
+        cfg, choices = planned_cfg(ONE, m, **({"time_budget": minutes} if minutes else {}))
+        crop = (cfg["input_h"], cfg["input_w"])
+        _, val_region = image_regions((1024, 1024), crop, cfg["val_split"])
+        inputs = len(windows(val_region, crop))
+        assert plan.validation_inputs(ONE, cfg) == inputs > 1
+        speed = m.speed(cfg)
+        assert plan.epoch_seconds(ONE, cfg, speed) >= plan.steps_per_epoch(ONE, cfg) * speed.step + inputs * speed.image
+        if minutes:
+            assert plan.run_seconds(ONE, cfg, speed) <= 60 * minutes * plan.BUDGET_USE
+            assert crop[0] < plan.CROP_SIDE[False] and "128x128 without the time budget" in reason(choices, "input_w")
+            assert image_regions((1024, 1024), crop, cfg["val_split"])         # the smaller crops still fit both
+
+
+def test_a_time_budget_keeps_the_users_settings_and_says_when_their_epochs_do_not_fit():
+    m, _ = timed()
+    cfg, _ = planned_cfg(LARGE, m, time_budget=1.5, base_channels=32)
+    assert cfg["base_channels"] == 32 and cfg["input_w"] < 128          # the crops were made smaller instead
+    cfg, choices = planned_cfg(LARGE, m, time_budget=1.5, epochs=400, input_w=128)
+    assert cfg["epochs"] == 400 and "epochs" not in {k for c in choices for k in c.settings}
+    line = plan.expected(LARGE, m, cfg)
+    assert "more than the 1.5 min time budget, which stops training after about epoch" in line
+    last = int(line.split("after about epoch ")[1].split()[0])
+    assert 1 <= last < 400
+
+
+def test_the_timer_times_each_network_once_and_never_one_that_cannot_fit(monkeypatch):
+    timings = []
+    monkeypatch.setattr(plan, "time_training", lambda cfg, device: timings.append(cfg) or plan.Speed(0.1, 0.01))
+    timer = plan.Timer("cpu", memory=24 * 2**30)
+    cfg = {**config.DEFAULTS, "arch": "UNet", "input_w": 128, "input_h": 128, "batch_size": 2}
+    assert timer(cfg) == timer({**cfg, "epochs": 7, "ema": 0.995}) == plan.Speed(0.1, 0.01)
+    assert len(timings) == 1                                            # the same network and batch: timed once
+    timer({**cfg, "base_channels": 16})
+    assert len(timings) == 2
+    assert plan.Timer("cpu", memory=2**20)(cfg) is None and len(timings) == 2   # 1 MiB: not risked
+
+
+def test_time_training_times_real_steps_and_leaves_the_random_state_alone():
+    import torch
+    cfg = {**config.DEFAULTS, "arch": "UNet", "base_channels": 4, "input_w": 32, "input_h": 32, "batch_size": 2,
+           "input_channels": 1, "device": "cpu", "ema": 0.99}
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    speed = plan.time_training(cfg, "cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert speed.step > 0 and speed.image > 0
+
+
+def test_the_batch_the_plan_falls_back_to_is_never_one_the_steps_note_argues_with():
+    """The plan once said batch 2 was the smallest BatchNorm trains with, and then a note suggested --batch_size 1.
+    On whole images (--crop false: two images would otherwise be split by regions, whose crops fill the batches)."""
+    for images in (2, 3, 5, 8, 12, 19, 21, 25, 30, 60, 100, 670, 20000):
+        s = replace(SMALL, images=images)
+        got, choices = planned(s, crop=False)
+        train_images = images - int(np.ceil(0.2 * images))
+        assert advice.steps_note(train_images, {**config.DEFAULTS, **got}) == "", images
+        assert got["batch_size"] <= train_images                        # never a batch that drops every image
+        if got["batch_size"] == advice.MIN_BATCH and train_images // advice.MIN_BATCH < advice.MIN_STEPS:
+            assert advice.MIN_BATCH_WHY in reason(choices, "batch_size")
+    got, choices = planned(replace(SMALL, images=2), crop=False)        # one training image: batch 1, said plainly
+    assert got["batch_size"] == 1 and "batch 1 (the one image)" in reason(choices, "batch_size")
+
+
+def test_the_plan_says_a_rare_class_is_weighed_by_overlap_only_when_its_loss_does():
+    s = replace(SMALL, classes=2, foreground=(0.2, 0.004))
+    _, choices = planned(s)
+    assert "weighs class 1 (0.40% of the pixels) by overlap" in reason(choices, "class_mode")
+    cfg, choices = planned_cfg(s, CPU, loss="BCEWithLogitsLoss")
+    assert "--loss BCEWithLogitsLoss (given)" in reason(choices, "class_mode")
+    assert "by overlap" not in reason(choices, "class_mode")
+    note = advice.rare_class_notes(np.array([[2000, 40]]), [(100, 100)], cfg)   # ... as the start-up note says
+    assert len(note) == 1 and "with --loss BCEWithLogitsLoss a model can score well by missing it" in note[0]
+
+
+def test_object_sizes_are_said_only_when_the_masks_are_objects(tmp_path):
+    """Specks of a class and one region across the image are not objects: 'objects median 1 px' described nothing."""
+    data = make_data(tmp_path, "specks", n=6, size=64, channels=1)
+    rng = np.random.default_rng(0)
+    for f in sorted(os.listdir(os.path.join(data, "masks", "0"))):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:40] = 255                                                 # a region as wide as the image (sky) ...
+        mask[rng.integers(42, 64, 30), rng.integers(0, 64, 30)] = 255   # ... and specks of a pixel or two
+        cv2.imwrite(os.path.join(data, "masks", "0", f), mask)
+    s = plan.survey(data, config.DEFAULTS, {})
+    assert s.object_size == 0 and "objects median" not in s.line()
+    nuclei = plan.survey(make_data(tmp_path, "nuclei", n=6, size=64, channels=1), config.DEFAULTS, {})
+    assert nuclei.object_size >= plan.SPECK and "objects median" in nuclei.line()
+    assert plan.object_size(np.array([5.0, 6.0]), held=40, foreground=43) == 5.5               # specks aside
+    assert plan.object_size(np.array([5.0]), held=20, foreground=4000) == 0.0                  # most not objects

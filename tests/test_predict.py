@@ -72,7 +72,7 @@ def test_an_ensemble_averages_the_runs_probabilities():
     images = [np.zeros((32, 32, 3), np.uint8)]
     data = SegmentationData(["a"], images, None)
     members = [predict.TrainedRun("a", CFG, rt, wrap(Shift(2.0))), predict.TrainedRun("b", CFG, rt, wrap(Shift(-1.0)))]
-    (_, _, probs, first), = predict.resized_probs(members, data, args())
+    (_, _, probs, first), = predict.image_probs(members, data, args())
     expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2
     assert torch.allclose(probs, expected.expand_as(probs)) and torch.allclose(first, torch.sigmoid(torch.tensor(2.0)))
 
@@ -84,23 +84,56 @@ def test_to_prediction_thresholds_or_takes_the_argmax():
     assert predict.to_prediction(probs, {**CFG, "class_mode": "softmax"}, 0.5).flatten().tolist() == [0, 0, 1]
 
 
-@pytest.mark.parametrize("tile", [False, True], ids=["resized", "tiled"])
-def test_probabilities_come_back_at_each_images_own_size(tile):
+@pytest.mark.parametrize("how", ["resized", "tiled", "whole"])
+def test_probabilities_come_back_at_each_images_own_size(how):
     rng = np.random.default_rng(0)
     sizes = [(40, 40), (24, 56), (64, 32), (32, 32)]
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     data = SegmentationData([f"i{k}" for k in range(4)], images, None)
     rt = runtime.build(torch.device("cpu"), CFG)
-    members = [predict.TrainedRun("m", CFG, rt, wrap(build_network(CFG, rt)))]
-    produce = predict.tiled_probs if tile else predict.resized_probs
-    out = list(produce(members, data, args()))
+    scale = None if how == "resized" else (1.0, 1.0)      # a run from before the scale was recorded: resized
+    members = [predict.TrainedRun("m", CFG, rt, wrap(build_network(CFG, rt)), scale)]
+    out = list(predict.image_probs(members, data, args(tile=how == "tiled")))
     assert [k for k, *_ in out] == [0, 1, 2, 3]
     assert [tuple(p.shape) for _, _, p, _ in out] == [(1, 1, h, w) for h, w in sizes]
     # the image of the network input's size, in one piece or one tile: the probabilities of one forward of it
     with torch.no_grad(), rt.autocast():
         direct = members[0].predictor(torch.from_numpy(images[3]).permute(2, 0, 1)[None].float())
     assert torch.allclose(out[3][2], direct, atol=1e-5)
-    assert all((q is None) if tile else q.shape == (1, 1, 32, 32) for *_, q in out)   # at the network input
+    at_input = [q is not None for *_, q in out]            # scored at the network input: only images predicted at it
+    assert at_input == {"resized": [True] * 4, "tiled": [False] * 4, "whole": [False, False, False, True]}[how]
+
+
+class Box(torch.nn.Module):
+    """A 'network' whose logit is high where the input's first channel is bright: what it finds has the size the
+    network sees, so a resize shows in the mask."""
+
+    def forward(self, x):
+        return (x[:, :1] - x[:, :1].mean()) * 20
+
+
+def test_whole_images_are_predicted_at_their_own_size_never_shrunk_unless_asked():
+    image = np.zeros((96, 80, 3), np.uint8)
+    image[40:43, 30:33] = 255                              # a 3x3 spot: shrunk to 32 px it would be 1 px
+    data = SegmentationData(["big"], [image], None)
+    rt = runtime.build(torch.device("cpu"), CFG)
+    run = predict.TrainedRun("m", CFG, rt, wrap(Box()), (1.0, 1.0))
+    (whole,) = predict.predict_images([run], data, args())
+    assert whole.mask.shape == (1, 96, 80) and whole.mask[0].sum() == 9 and whole.mask[0, 40:43, 30:33].all()
+    (shrunk,) = predict.predict_images([run], data, args(resize=True))
+    assert shrunk.mask[0].sum() != 9                        # the old way: through a 32x32 input and back
+    assert predict.network_size(run, (96, 80), args()) == (96, 80)
+    half = predict.TrainedRun("m", CFG, rt, wrap(Box()), (2.0, 2.5))     # learned at half and 2/5 the image size
+    assert predict.network_size(half, (96, 80), args()) == (48, 32)
+    (scaled,) = predict.predict_images([half], data, args())
+    assert scaled.mask.shape == (1, 96, 80)
+
+
+def test_odd_sizes_are_padded_to_the_networks_multiple_and_cropped_back():
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)
+    y = predict.padded(x)
+    assert y.shape == (2, 3, 16, 16) and torch.equal(y[:, :, :5, :7], x)
+    assert predict.padded(torch.zeros(1, 1, 32, 48)).shape == (1, 1, 32, 48)        # multiples: untouched
 
 
 def test_predict_images_yields_a_result_per_image_in_order_and_objects_only_when_asked():

@@ -8,7 +8,9 @@ import torch
 import config
 from archs import build_model
 from normalize import Normalization, intensity_range, normalize
+import predictor
 from predictor import Predictor, describe
+from utils import UserError
 
 
 @pytest.mark.parametrize("mode, dtype, high", [("imagenet", "uint8", 255), ("percentile", "uint16", 4000),
@@ -50,3 +52,27 @@ def test_a_model_json_from_before_base_channels_builds_the_reference_width():
     assert Predictor.build(description).network.conv0_0.conv1.out_channels == 8
     del description["base_channels"]                                  # as train.py wrote it before the key existed
     assert Predictor.build(description).network.conv0_0.conv1.out_channels == 32
+
+
+def test_the_scale_a_run_learned_is_recorded_and_read_back_checked():
+    cfg = {**config.DEFAULTS, "input_h": 64, "input_w": 32}
+    assert predictor.learned_scale({**cfg, "crop": True}, [(512, 512)]) == (1.0, 1.0)       # crops: full resolution
+    assert predictor.learned_scale(cfg, [(256, 64), (128, 64), (256, 96)]) == (4.0, 2.0)    # the median side / input
+    description = describe(cfg, {np.dtype("uint8")}, (4.0, 2.0))
+    assert predictor.recorded_scale(description, cfg) == (4.0, 2.0)
+    old = describe(cfg, {np.dtype("uint8")})                    # a run from before the scale was recorded
+    assert "scale" not in old and predictor.recorded_scale(old, cfg) is None
+    assert predictor.recorded_scale(old, {**cfg, "crop": True}) == (1.0, 1.0)
+    for bad in ([0, 1], [1], "2", [float("nan"), 1.0], [1e9, 1.0], [True, 1.0]):
+        with pytest.raises(UserError, match="model.json: scale must be two numbers"):
+            predictor.recorded_scale({**description, "scale": bad}, cfg)
+
+
+def test_the_description_records_an_inverted_mask_and_settings_of_reads_it_back():
+    from predictor import settings_of
+    inverted = describe({**config.DEFAULTS, "invert_mask": True}, {np.dtype("uint8")})
+    assert inverted["invert_mask"] is True and settings_of(inverted)["invert_mask"] is True
+    plain = describe(config.DEFAULTS, {np.dtype("uint8")})
+    assert settings_of(plain)["invert_mask"] is False
+    del plain["invert_mask"]                                          # a model.json from before the key
+    assert settings_of(plain)["invert_mask"] is False

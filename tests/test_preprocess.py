@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocess_dsb2018 import convert, main
+from preprocess_dsb2018 import MARKER, convert, main
 from utils import UserError
 
 
@@ -79,7 +79,7 @@ def test_a_set_without_masks_is_written_as_images_for_prediction(tmp_path, capsy
     main(["--src", zipped(tmp_path / "test_set", tmp_path / "stage1_test.zip"), "--out", str(tmp_path / "t")])
     out = capsys.readouterr().out
     assert "no sample in the source has masks" in out and "val.py --name <run> --images" in out
-    assert sorted(os.listdir(tmp_path / "t")) == ["images"] and len(os.listdir(tmp_path / "t" / "images")) == 3
+    assert sorted(os.listdir(tmp_path / "t")) == [MARKER, "images"] and len(os.listdir(tmp_path / "t" / "images")) == 3
 
 
 def test_a_set_with_some_masks_missing_is_refused(tmp_path):
@@ -219,3 +219,88 @@ def test_size_0_keeps_each_image_and_its_masks_at_full_resolution(tmp_path, monk
     with pytest.raises(SystemExit):
         main(["--src", str(src), "--size", "-1"])
     assert "or 0 for full resolution" in capsys.readouterr().err
+
+
+def leftovers(folder):
+    """What a preprocessing left in folder: the data set and any hidden .partial folder."""
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_a_size_that_does_not_fit_in_memory_is_refused_before_anything_is_decoded(tmp_path, monkeypatch, capsys):
+    """--size 60000 on a 20-image zip was killed by the kernel at 19.4 GB after 197 s, leaving a hidden .partial
+    folder: the memory a sample takes is estimated from the headers first, and the refusal names --size and it."""
+    import preprocess_dsb2018
+    make_stage1(tmp_path / "s", n=3)
+    src = zipped(tmp_path / "s", tmp_path / "s.zip")
+    assert preprocess_dsb2018.available_memory() > 0          # read from the machine (Linux)
+    monkeypatch.setattr(preprocess_dsb2018, "available_memory", lambda: 2**30)
+    decoded = []
+    monkeypatch.setattr(preprocess_dsb2018.cv2, "imdecode", lambda *a: decoded.append(a) or None)
+    for size in (60000, 9000):
+        with pytest.raises(SystemExit) as e:
+            main(["--src", src, "--out", str(tmp_path / "data" / "big"), "--size", str(size)])
+        need = (80 * 64 * preprocess_dsb2018.SOURCE_BYTES_PER_PIXEL +
+                size * size * preprocess_dsb2018.OUTPUT_BYTES_PER_PIXEL) / 2**30
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: --size {size}: converting one image at {size}x{size} "
+                                                    f"takes about {need:.1f} GiB of memory") and "1.0 GiB available" in err
+        assert "the largest image here is 80x64" in err and not decoded and leftovers(tmp_path / "data") == []
+    monkeypatch.undo()
+    main(["--src", src, "--out", str(tmp_path / "data" / "small"), "--size", "96"])       # what fits is written
+    assert leftovers(tmp_path / "data") == ["small"]
+
+
+def test_a_data_set_larger_than_the_free_space_is_refused_after_its_first_image(tmp_path, monkeypatch, capsys):
+    import preprocess_dsb2018
+    make_stage1(tmp_path / "s", n=3)
+    real = shutil.disk_usage
+    monkeypatch.setattr(preprocess_dsb2018.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(SystemExit) as e:
+        main(["--src", str(tmp_path / "s"), "--out", str(tmp_path / "data" / "d"), "--size", "256"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --size 256: the data set would take about ") and \
+        "(3 images; the first one's files took" in err and "free; free space or pass a smaller --size" in err
+    assert leftovers(tmp_path / "data") == []                    # no data set, no hidden .partial folder
+
+
+def test_a_failed_preprocessing_leaves_no_partial_folder(tmp_path, monkeypatch, capsys):
+    import preprocess_dsb2018
+    make_stage1(tmp_path / "s", n=3)
+
+    def out_of_memory(*args):
+        raise MemoryError
+    monkeypatch.setattr(preprocess_dsb2018, "instance_labels", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        main(["--src", str(tmp_path / "s"), "--out", str(tmp_path / "data" / "d")])
+    assert e.value.code == 2 and "--size 96: the machine ran out of memory" in capsys.readouterr().err
+    assert leftovers(tmp_path / "data") == []
+    monkeypatch.undo()
+    (tmp_path / "s" / "sample1" / "masks" / "m0.png").write_bytes(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1])
+    with pytest.raises(UserError, match="m0.png in .* is 8x8 pixels, its image 80x64"):    # a mask of another size
+        convert(str(tmp_path / "s"), str(tmp_path / "data" / "d"), 32)
+    monkeypatch.setattr(preprocess_dsb2018, "MAX_LABELS", 1)       # more nuclei than a 16-bit label image numbers
+    with pytest.raises(UserError, match="holds 2 masks, more than a 16-bit label image numbers"):
+        convert(str(tmp_path / "s"), str(tmp_path / "data" / "d"), 32)
+    assert leftovers(tmp_path / "data") == []
+
+
+def test_out_that_is_a_file_or_someone_elses_data_set_is_refused(tmp_path, monkeypatch, capsys):
+    """--out <a file> advised to free space and rerun; a data set this script did not write was replaced with
+    --overwrite."""
+    from conftest import make_data
+    make_stage1(tmp_path / "s", n=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    cells = make_data(tmp_path / "inputs", "cells", n=2)
+    os.remove(os.path.join(cells, ".made_by_make_demo_data"))           # a user's data set
+    monkeypatch.chdir(tmp_path)
+    for out, says in [("notes.txt", "--out notes.txt is a file, not a folder; pass a folder"),
+                      ("notes.txt/d", f"--out notes.txt/d is inside {tmp_path / 'notes.txt'}, which is a file"),
+                      ("inputs/cells", "--out inputs/cells already holds images/, masks/ that this script did not "
+                                       "write; it never replaces a data set it did not write")]:
+        for overwrite in ([], ["--overwrite"]):
+            with pytest.raises(SystemExit) as e:
+                main(["--src", "s", "--out", out, *overwrite])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and says in err and "free space" not in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(os.listdir(tmp_path / "inputs" / "cells" / "images")) == 2
+    assert sorted(os.listdir(tmp_path)) == ["inputs", "notes.txt", "s"]          # no hidden .partial folder

@@ -32,12 +32,13 @@ FAST = ["--base_channels", "8", "--dataset", "tiny", "--arch", "UNet", "--epochs
 
 
 def snapshot(folder):
-    """{relative path: sha1} of every file under folder."""
+    """{relative path: sha1} of every file under folder ('-> target' for a link, 'folder' for a folder)."""
     out = {}
-    for d, _, files in os.walk(folder):
-        for f in files:
+    for d, dirs, files in os.walk(folder):
+        for f in files + dirs:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, folder)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+            out[os.path.relpath(p, folder)] = "-> " + os.readlink(p) if os.path.islink(p) else "folder" \
+                if os.path.isdir(p) else hashlib.sha1(open(p, "rb").read()).hexdigest()
     return out
 
 
@@ -836,3 +837,136 @@ def test_make_demo_data_never_replaces_a_data_set_it_did_not_write(tiny, tmp_pat
                                 capsys)
         assert code == 0, err
     assert len(os.listdir(workdir / "inputs" / "demo" / "images")) == 3
+
+
+@pytest.mark.e2e
+def test_train_never_makes_its_run_folder_among_a_users_files(workdir, monkeypatch, capsys):
+    """--runs_dir and --name that put the run folder in a data set, its images/, another run's folder, the runs
+    folder itself or an export: one message naming both flags and the folder, nothing written (train.py wrote
+    model.pth, log.csv and config.yml into inputs/tiny and its images/, where curves.png became an image)."""
+    os.makedirs(workdir / "exports" / "x")
+    (workdir / "exports" / "x" / ".unet_toolkit_export").write_text("exported from models/old\n")
+    cases = [("inputs", "tiny", "inputs/tiny", "a data set"), ("inputs/tiny", "images", "inputs/tiny", "a data set"),
+             ("inputs/tiny/masks", "0", "inputs/tiny", "a data set"), ("models/old", "x", "models/old", "a run folder"),
+             (".", "models", "models", "run folders"), ("exports", "x", "exports/x", "an export"),
+             ("exports/x", "y", "exports/x", "an export")]
+    before = snapshot(workdir)
+    for runs_dir, name, folder, holds in cases:
+        for resume in ([], ["--overwrite"]):
+            code, out, err = run_main(train.main, FAST + ["--runs_dir", runs_dir, "--name", name, *resume], workdir,
+                                      monkeypatch, capsys)
+            run_dir = os.path.join(runs_dir, name)
+            assert code == 2 and err.startswith(f"error: the run folder {run_dir} (--runs_dir {runs_dir}, --name "
+                                                f"{name}) is inside {workdir / folder}, which holds {holds}"), err
+            assert err.count("\n") == 1 and "Pass another --name or --runs_dir" in err
+            assert snapshot(workdir) == before, (runs_dir, name)
+
+
+@pytest.mark.e2e
+def test_bench_out_and_keep_tiff_are_refused_among_a_users_files_before_measuring(workdir, monkeypatch, capsys):
+    import bench
+    before = snapshot(workdir)
+    for flag, value, says in [("--out", "inputs/tiny/bench.jsonl", "which holds a data set"),
+                              ("--out", "inputs/tiny/images/bench.jsonl", "which holds a data set"),
+                              ("--out", "models/old/bench.jsonl", "which holds a run folder"),
+                              ("--out", "models", "which holds run folders"),
+                              ("--out", "nowhere/bench.jsonl", "which does not exist"),
+                              ("--keep_tiff", "inputs/tiny/masks/tif", "which holds a data set"),
+                              ("--keep_tiff", "models/old/tif", "which holds a run folder")]:
+        code, out, err = run_main(bench.main, ["--quick", "--device", "cpu", "--data", "inputs/tiny", flag, value],
+                                  workdir, monkeypatch, capsys)
+        assert code == 2 and err.startswith(f"error: {flag} {value} ") and says in err and not out, err
+        assert snapshot(workdir) == before
+
+
+BROKEN = {"folder": lambda p: os.makedirs(p), "broken link": lambda p: os.symlink("/nonexistent/x", p),
+          "link to itself": lambda p: os.symlink(os.path.basename(p), p)}
+SAYS = {"folder": "is a folder, not a file", "broken link": "is a broken link (to /nonexistent/x)",
+        "link to itself": "is a link that leads back to itself"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["model.pth", "last.pth", "config.yml", "model.json", "log.csv", "split.csv"])
+def test_a_run_file_that_is_not_a_readable_file_is_named_by_every_script(workdir, monkeypatch, capsys, name):
+    """model.pth replaced by a folder said "the run has not finished an epoch yet" and --resume did nothing: val.py,
+    export.py, compare.py and train.py --resume (and --overwrite, which would remove it) now name the file and what
+    is wrong with it, and change nothing."""
+    import compare
+    import export
+    for kind, make in BROKEN.items():
+        run = workdir / "models" / "b"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(workdir / "models" / "old", run, symlinks=True)
+        os.remove(run / name)
+        make(str(run / name))
+        before = snapshot(workdir)
+        expected = f"models/b/{name} ({train.rundir.ROLES[name]}) {SAYS[kind]}: the run folder is damaged"
+        for main, argv in [(val.main, ["--name", "b"]), (export.main, ["--name", "b"]),
+                           (train.main, ["--name", "b", "--resume", "--epochs", "3"]),
+                           (train.main, FAST + ["--name", "b", "--overwrite"])]:
+            code, out, err = run_main(main, argv, workdir, monkeypatch, capsys)
+            assert code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1, (kind, argv, err)
+        code, out, err = run_main(compare.main, [], workdir, monkeypatch, capsys)
+        assert code == 0 and f"\nb: {expected}" in out and re.search(r"\nold +UNet", out), (kind, out)
+        assert snapshot(workdir) == before, kind
+
+
+def test_make_demo_data_bounds_what_a_few_flags_ask_for(tmp_path, monkeypatch, capsys):
+    """--size 60000 asked for gigabytes per image and --n 10**9 for more than any disk, silently."""
+    import make_demo_data
+    code, _, err = run_main(make_demo_data.main, ["--size", "60000"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"--size between 16 and {make_demo_data.MAX_SIZE}" in err
+    for argv, per_pixel in [(["--n", "1000000000"], 3 + 1), (["--n", "100000000", "--microscopy", "--float32"], 4 + 2),
+                            (["--n", "100000000", "--membranes", "--size", "512"], 2)]:
+        code, _, err = run_main(make_demo_data.main, argv, tmp_path, monkeypatch, capsys)
+        n, size = int(argv[1]), int(argv[-1]) if "--size" in argv else 64
+        assert code == 2 and err.startswith(f"error: --n {n}: {n} images of {size}x{size} and their masks or labels "
+                                            f"take up to {n * size * size * per_pixel / 2**30:.1f} GiB on disk"), err
+        assert "pass a smaller --n or --size" in err and os.listdir(tmp_path) == []
+
+
+def test_what_is_wrong_with_a_run_file_names_each_way_it_can_be_unreadable(tmp_path, monkeypatch):
+    import rundir
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yml").write_text("arch: UNet\n")
+    rundir.check_files(str(run))                                # readable files and missing ones: nothing to say
+    os.mkfifo(run / "log.csv")                                  # opening it would wait forever
+    with pytest.raises(rundir.UserError, match=r"log.csv \(its log of epochs\) is not a regular file"):
+        rundir.check_files(str(run))
+    os.remove(run / "log.csv")
+
+    def denied(path, *args, **kw):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(rundir, "open", denied, raising=False)  # root reads any file: an unreadable one, as it fails
+    with pytest.raises(rundir.UserError, match=r"config.yml \(the run's settings\) cannot be read \(Permission denied\)"
+                                               r": the run folder is damaged"):
+        rundir.check_files(str(run))
+
+
+def test_a_small_jpeg_or_bmp_declaring_a_huge_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """631 bytes of JPEG declaring 30000x30000 pixels took 31 s and 6.5 GB to decode, and 65000x65000 ended in an
+    OpenCV traceback: the header is read first, past any EXIF block, as a PNG's is."""
+    import imagefiles
+    from dataerror import DataError
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    jpeg = jpeg.tobytes()
+    exif = b"\xff\xe1" + (20002).to_bytes(2, "big") + bytes(20000)           # an APP1 block before the frame
+    frame = jpeg.index(b"\xff\xc0")
+    ok, bmp = cv2.imencode(".bmp", np.zeros((8, 8, 3), np.uint8))
+    bmp = bytearray(bmp.tobytes())
+    bmp[18:22], bmp[22:26] = (40000).to_bytes(4, "little"), (-40000).to_bytes(4, "little", signed=True)
+    cases = {"big.jpg": (jpeg[:frame + 5] + (30000).to_bytes(2, "big") * 2 + jpeg[frame + 9:], "30000x30000"),
+             "exif.jpeg": (jpeg[:2] + exif + jpeg[2:frame + 5] + (65000).to_bytes(2, "big") * 2 + jpeg[frame + 9:],
+                           "65000x65000"),
+             "big.bmp": (bytes(bmp), "40000x40000")}
+    decoded = []
+    real = cv2.imread
+    monkeypatch.setattr(imagefiles.cv2, "imread", lambda *a: decoded.append(a) or real(*a))
+    for name, (data, declared) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"{name} declares {declared} pixels .* more than 2 GiB"):
+            imagefiles.decode(str(tmp_path / name))
+    assert decoded == []
+    (tmp_path / "fine.jpg").write_bytes(jpeg[:2] + exif + jpeg[2:])           # an ordinary JPEG still reads
+    assert imagefiles.decode(str(tmp_path / "fine.jpg")).shape == (8, 8, 3) and len(decoded) == 1

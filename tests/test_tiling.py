@@ -1,4 +1,5 @@
 """Tiled prediction of images larger than the network input, and training on crops."""
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from archs import UNet
-from conftest import ROOT, make_data, run_main
+from conftest import ROOT, make_data, make_microscopy, run_main
 from tiling import predict_tiled, starts
 
 TOLERANCE = 0.005   # max |tiled - direct| of probabilities in the interior, for a 7-pixel receptive field
@@ -77,3 +78,35 @@ def test_train_on_crops_then_predict_whole_images(tmp_path, monkeypatch, capsys)
     masks = [cv2.imread(str(out / f), cv2.IMREAD_UNCHANGED) for f in sorted(os.listdir(out))]
     assert len(masks) == 2 and all(m.shape == (64, 64) for m in masks)   # whole images, full resolution
     assert "IoU:" in r.stdout and "(predicted by tiles at full resolution)" in r.stdout, r.stdout
+
+
+def iou_of(stdout):
+    return float(next(line.split()[1] for line in stdout.splitlines() if line.startswith("IoU:")))
+
+
+@pytest.mark.e2e
+def test_larger_images_are_predicted_at_the_trained_scale_whole_not_shrunk(tmp_path, monkeypatch, capsys):
+    """A run trained on 32x32 16-bit images (nuclei of 4-9 px) scores 96x96 images of the same nuclei whole at full
+    resolution by default, at least as well as by tiles; --resize (the reference's way) shrinks them 3x and says so."""
+    import train
+    make_microscopy(tmp_path / "inputs", n=24, size=32)
+    make_microscopy(tmp_path / "inputs", name="large", n=4, size=96, seed=1)
+    args = ["--dataset", "micro", "--img_ext", ".tif", "--mask_ext", ".tif", "--arch", "UNet", "--base_channels", "8",
+            "--epochs", "8", "-b", "4", "--input_w", "32", "--input_h", "32", "--num_workers", "0", "--device", "cpu",
+            "--optimizer", "Adam", "--lr", "3e-3", "--input_channels", "1", "--name", "small"]
+    code, out, err = run_main(train.main, args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    with open(tmp_path / "models" / "small" / "model.json") as f:
+        assert json.load(f)["scale"] == [1.0, 1.0]          # 32x32 images at a 32x32 input: their own scale
+    val = [sys.executable, os.path.join(ROOT, "val.py"), "--name", "small", "--data", "inputs/large"]
+    runs = {how: subprocess.run(val + flags + ["--output", f"out_{how}"], cwd=tmp_path, capture_output=True, text=True)
+            for how, flags in (("whole", []), ("tiles", ["--tile"]), ("resized", ["--resize"]))}
+    assert all(r.returncode == 0 for r in runs.values()), {h: r.stderr for h, r in runs.items()}
+    assert "shrunk" not in runs["whole"].stdout and "predicted whole at full resolution" in runs["whole"].stdout
+    assert "are shrunk 3.0x to the 32x32 network input" in runs["resized"].stdout
+    masks = os.listdir(tmp_path / "out_whole" / "0")
+    assert len(masks) == 4 and cv2.imread(str(tmp_path / "out_whole" / "0" / masks[0]), cv2.IMREAD_UNCHANGED).shape == (96, 96)
+    whole, tiles, resized = (iou_of(runs[h].stdout) for h in ("whole", "tiles", "resized"))
+    # whole images see the most context; tiles of the 32-px input lose a little at their borders; nuclei shrunk 3x
+    # are lost
+    assert whole >= tiles - 0.01 and tiles > resized + 0.05 and whole > resized + 0.1, (whole, tiles, resized)

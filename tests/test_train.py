@@ -1,6 +1,7 @@
 """train.py's pieces, run in-process on tiny generated data (fast), and the learning test on real data."""
 import csv
 import os
+import sys
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import config
 import runtime
 import train
-from conftest import make_data
+from conftest import ROOT, make_data, run_main
 from engine import Engine
 from loaders import make_loaders
 from splits import load_splits
@@ -96,3 +97,70 @@ def test_resuming_a_finished_run_says_so_and_how_to_continue(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "has already trained all its 1 epochs: nothing to do" in out
     assert "python train.py --name done --resume --epochs 11" in out and "epoch 2/" not in out
+
+
+def test_a_time_budget_stops_before_an_epoch_that_would_end_after_it():
+    import time
+    rt = runtime.build(torch.device("cpu"), config.DEFAULTS)
+    now = time.monotonic()
+    assert not train.out_of_time(None, [5.0], rt)                       # no budget
+    assert not train.out_of_time(now - 100, [], rt)                     # the first epoch always runs
+    assert train.out_of_time(now + 100, [150.0, 250.0], rt)            # a mean epoch of 200 s would end after it
+    assert not train.out_of_time(now + 1e6, [150.0, 250.0], rt)
+    assert train.progress(60, 2, 3, now + 1e6) == "(elapsed 1m00s, about 1m30s left)"   # the budget ends later
+    assert train.progress(60, 2, 3, now - 5) == "(elapsed 1m00s, about 0s left: the time budget)"
+    assert train.process_age() > 0
+
+
+def test_a_long_epoch_prints_progress_lines_unless_the_bar_shows_on_the_same_terminal(monkeypatch, capsys):
+    import engine
+    monkeypatch.setattr(engine, "PROGRESS_EVERY", 0.0)
+    lines = engine.ProgressLines("epoch 2/5", total=4)
+    for done in (1, 2, 3, 4):
+        lines.tick(done, loss=0.5)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("  epoch 2/5: batch 1 of 4, loss 0.5000 (") and "left of it" in out[0]
+    assert len(out) == 4 and "left of it" not in out[3]                 # the last batch: nothing left
+    monkeypatch.setattr(engine, "PROGRESS_EVERY", 1e9)
+    engine.ProgressLines("validation", total=4).tick(1)
+    assert capsys.readouterr().out == ""                                # not yet time for a line
+    monkeypatch.setattr(engine, "PROGRESS_EVERY", 0.0)
+    for stream in (sys.stdout, sys.stderr):
+        monkeypatch.setattr(stream, "isatty", lambda: True, raising=False)
+    engine.ProgressLines("validation", total=4).tick(1)                 # tqdm's bar is on the terminal: no lines
+    engine.ProgressLines("validation", total=4, show=False).tick(1)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.e2e
+def test_progress_lines_reach_a_log_file(tmp_path):
+    """train.py ... > train.log: the log says how far a long epoch is, not only tqdm's bar on a terminal (the interval
+    is set to 0 here, through engine.PROGRESS_EVERY, so every batch prints one)."""
+    import subprocess
+    make_data(tmp_path / "inputs")
+    hook = "import sys, engine; engine.PROGRESS_EVERY = 0; import train; train.main(sys.argv[1:])"
+    with open(tmp_path / "train.log", "w") as log:
+        done = subprocess.run([sys.executable, "-c", hook, *TINY, "--epochs", "2", "--name", "logged"], cwd=tmp_path,
+                              stdout=log, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr
+    lines = open(tmp_path / "train.log").read().splitlines()
+    batches = [i for i, line in enumerate(lines) if line.startswith("  epoch 2/2: batch ")]
+    assert [lines[i][:25] for i in batches] == ["  epoch 2/2: batch 1 of 2", "  epoch 2/2: batch 2 of 2"]
+    assert ", loss " in lines[batches[-1]]                             # the mean loss, once it is known
+    assert any(line.startswith("  validation: batch 1 of 1") for line in lines)
+    assert lines[batches[-1] + 2].startswith("epoch 2/2 ")              # then validation, then the epoch's line
+
+
+@pytest.mark.e2e
+def test_a_run_out_of_time_budget_stops_with_its_files_and_a_resume_trains_the_rest(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path / "inputs")
+    argv = TINY + ["--epochs", "3", "--time_budget", "0.01", "--name", "short"]   # 0.6 s: spent before epoch 2
+    code, out, err = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "time budget reached after epoch 1 of 3" in out and "its files are written" in out
+    assert "python train.py --name short --resume" in out
+    assert len(log_rows(tmp_path, "short")) == 1 and os.path.isfile(tmp_path / "models" / "short" / "last.pth")
+    code, out, err = run_main(train.main, ["--name", "short", "--resume", "--time_budget", "0"], tmp_path, monkeypatch,
+                              capsys)
+    assert code == 0 and "time_budget 0.01 -> 0" in out and "time budget reached" not in out, err
+    assert [int(r["epoch"]) for r in log_rows(tmp_path, "short")] == [1, 2, 3]

@@ -2,6 +2,7 @@
 model.json, a log.csv - ends in success or one UserError, never a traceback, whatever the document holds."""
 import json
 import os
+import tempfile
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -9,7 +10,9 @@ from hypothesis import strategies as st
 
 import compare
 import config
+import outputs
 import predict
+import predictor
 import rundir
 from utils import UserError
 
@@ -37,7 +40,7 @@ DESCRIPTION = {"format": "unet-toolkit-model/1", "arch": "UNet", "deep_supervisi
                "input_channels": 1, "num_classes": 1, "class_mode": "sigmoid", "class_names": ["0"],
                "input_size": [32, 32], "size_multiple": 16, "input_dtype": "uint8",
                "normalize": {"mode": "imagenet", "pmin": 1.0, "pmax": 99.8, "per_image": False, "full_range": 255.0},
-               "crop": False, "target": "masks"}
+               "crop": False, "target": "masks", "scale": [1.0, 1.0]}
 
 
 @BOUNDED
@@ -52,6 +55,8 @@ def test_any_model_json_gives_a_checked_config_or_one_message(tmp_path, changes)
         settings_cfg, _ = predict.settings_from_description(json.loads(json.dumps(description, default=str)),
                                                             rundir.RunFolder(str(tmp_path)))
         config.check(settings_cfg)
+        scale = predictor.recorded_scale(description, cfg, str(tmp_path / "model.json"))
+        assert scale is None or all(0 < s <= predictor.MAX_SCALE for s in scale)
     except UserError:
         return
 
@@ -67,3 +72,48 @@ def test_any_log_csv_is_read_or_named_as_broken(tmp_path, content):
     except UserError:
         return
     assert all(float(r["val_iou"]) == float(r["val_iou"]) for r in rows)    # numbers where the table reads them
+
+
+NAMES = ("a", "b", "images", "masks")
+MAKE = {"plain": lambda p: None, "data set": lambda p: [os.makedirs(os.path.join(p, d)) for d in ("images", "masks")],
+        "run": lambda p: open(os.path.join(p, rundir.CONFIG), "w").close(),
+        "export": lambda p: open(os.path.join(p, outputs.EXPORT_MARKER), "w").close()}
+
+
+def holds(folder):
+    """What the guard must see in folder, said independently of outputs.py: a data set, a run or an export."""
+    isdir, exists = os.path.isdir, os.path.lexists
+    return (isdir(os.path.join(folder, "images")) and isdir(os.path.join(folder, "masks"))) or \
+        exists(os.path.join(folder, rundir.CONFIG)) or exists(os.path.join(folder, outputs.EXPORT_MARKER))
+
+
+@BOUNDED
+@given(layout=st.dictionaries(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(tuple),
+                              st.sampled_from(sorted(MAKE)), max_size=6), data=st.data())
+def test_the_guard_refuses_exactly_the_places_among_a_users_files(layout, data):
+    """Any tree of data sets, runs and exports, any folder a script is asked to write (mostly one of the tree's, or
+    a new one in it): refused (one UserError) if and only if it or a folder above it holds one of them, or it holds
+    a run folder; never anything else."""
+    anywhere = st.lists(st.sampled_from(NAMES + ("new",)), min_size=1, max_size=4).map(tuple)
+    in_tree = sorted({parts[:k] for parts in layout for k in range(1, len(parts) + 1)})
+    target = data.draw(st.one_of(st.sampled_from(in_tree), anywhere) if in_tree else anywhere)
+    target += data.draw(st.lists(st.sampled_from(NAMES + ("new",)), max_size=1).map(tuple))
+    with tempfile.TemporaryDirectory() as root:
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            for parts, kind in sorted(layout.items()):
+                os.makedirs(os.path.join(*parts), exist_ok=True)
+                MAKE[kind](os.path.join(*parts))
+            path = os.path.join(*target)
+            above = [os.path.join(*target[:k]) for k in range(1, len(target) + 1)]
+            expected = any(holds(f) for f in above if os.path.isdir(f)) or (os.path.isdir(path) and any(
+                os.path.lexists(os.path.join(path, c, rundir.CONFIG)) for c in os.listdir(path)))
+            try:
+                outputs.check_place(path, f"--flag {path}", "a script", "Pass another --flag")
+                refused = False
+            except UserError as e:
+                refused = str(e).startswith(f"--flag {path} is inside ")
+            assert refused == expected, (layout, target)
+        finally:
+            os.chdir(cwd)

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import utils
 from utils import UserError, atomic_write, count_params, load_yaml, resolve_device, save_yaml, seed_everything, str2bool
 
 
@@ -86,3 +87,18 @@ def test_a_progress_bar_shows_on_a_terminal_after_a_while_and_never_in_a_log(mon
         monkeypatch.setattr(utils, "PROGRESS_AFTER", delay)
         assert list(utils.progress_bar(range(3), "predicting")) == [0, 1, 2]      # every item, in order
         assert ("predicting" in stream.getvalue()) == shown, (delay, stream.getvalue())
+
+
+def test_a_dropped_worker_connection_in_the_resource_sharer_thread_is_quiet_and_nothing_else_is():
+    import multiprocessing.resource_sharer as resource_sharer
+    seen = []
+    hook = utils.quiet_worker_disconnects(lambda *exc: seen.append(exc[0]))
+    caught_there = "try:\n    raise ConnectionResetError(104, 'reset')\nexcept ConnectionResetError:\n    hook(*sys.exc_info())\n"
+    exec(compile(caught_there, resource_sharer.__file__, "exec"), {"hook": hook, "sys": sys})   # as its thread does
+    assert seen == []
+    for error in (ConnectionResetError(104, "reset"), ValueError("a bug")):
+        try:
+            raise error                         # raised here: not the resource sharer
+        except Exception:
+            hook(*sys.exc_info())
+    assert seen == [ConnectionResetError, ValueError]
