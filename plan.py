@@ -55,7 +55,7 @@ SMALLER_CROPS = (0.75, 0.5) # then crops this much smaller a side (of the planne
 MIN_CROP = 64               # the smallest crop side the plan makes smaller crops down to, and the smallest it splits
                             # one or two images into regions for
 TIMING_SECONDS = 1.5        # the plan times the planned network's training steps for about this long ...
-TIMED_STEPS = (3, 30)       # ... at least and at most this many, after one untimed step (the first allocates)
+TIMED_STEPS = (2, 30)       # ... at least and at most this many, after one untimed step (the first allocates)
 
 
 @dataclass
@@ -639,13 +639,19 @@ def fits(s, m, cfg, given):
     return fit >= (cfg["epochs"] if "epochs" in given else sensible)
 
 
-START_SECONDS = 10.0        # what a run costs besides its epochs, as much as the plan counts: PLACEHOLDER
-EPOCH_SECONDS = 0.0         # what an epoch costs besides its steps and validation images: PLACEHOLDER
+# What the timed steps leave out, measured on the demo sets on a 2-core CPU (docs/training.md#how-long-a-run-takes):
+START_SECONDS = 5.0         # a run's seconds besides its epochs, from the plan's line on: the data loaded, the network
+                            # built, the first steps' warm-up, the last files and curves.png (4-5 s measured)
+WORKERS_COST = (1.15, 0.3)  # --loader workers (crops, or --loader workers): its worker processes take about 15% of
+                            # the steps' CPU, and start again each epoch (0.3 s): a real epoch of the em set took
+                            # 1.1-1.5x its timed steps and validation; on the memory loader 0.94-1.04x
 
 
 def epoch_seconds(s, cfg, speed):
-    """An epoch's expected seconds: its optimizer steps, its validation inputs, and EPOCH_SECONDS."""
-    return steps_per_epoch(s, cfg) * speed.step + validation_inputs(s, cfg) * speed.image + EPOCH_SECONDS
+    """An epoch's expected seconds: its optimizer steps, its validation inputs, and what the workers loader adds
+    (the loader loaders.choose_loader takes for crops; the memory loader otherwise, unless --loader workers)."""
+    share, start = WORKERS_COST if cfg["crop"] or cfg["loader"] == "workers" else (1.0, 0.0)
+    return steps_per_epoch(s, cfg) * speed.step * share + validation_inputs(s, cfg) * speed.image + start
 
 
 def validation_inputs(s, cfg):

@@ -217,13 +217,18 @@ def budget_message(cfg, run, epoch, seconds):
             "--time_budget sets another, 0 none)")
 
 
+RECENT_EPOCHS = 3       # the next epoch is expected to take as long as the longest of this many recent ones: on a
+                        # shared machine an epoch took up to twice the mean, and the mean let a run end 4 s late
+
+
 def out_of_time(deadline, seconds, rt):
     """Whether the next epoch would end after the deadline (time.monotonic, FINISH_SECONDS before the budget's end;
-    None: no time budget), by the mean of this process's epochs so far (`seconds`; none yet: the first epoch always
-    runs). Under torchrun the processes decide together: one out of time stops them all, at the same epoch."""
+    None: no time budget), if it takes as long as the longest of this process's RECENT_EPOCHS (`seconds`: their
+    durations; none yet: the first epoch always runs). Under torchrun the processes decide together: one out of
+    time stops them all, at the same epoch."""
     if deadline is None or not seconds:
         return False
-    late = torch.tensor(float(time.monotonic() + sum(seconds) / len(seconds) > deadline), device=rt.device)
+    late = torch.tensor(float(time.monotonic() + max(seconds[-RECENT_EPOCHS:]) > deadline), device=rt.device)
     return distributed.all_reduce_sum(late, rt).item() > 0
 
 

@@ -426,7 +426,7 @@ def test_a_timed_plan_says_how_long_the_run_takes_and_plans_as_an_untimed_one_wi
     assert f"on this CPU ({step:.2f} s a step, 1500 steps, plus validation)" in line   # the planned network, timed
     assert asked[-1]["base_channels"] == 32 and asked[-1]["input_w"] == 128 and asked[-1]["batch_size"] == 2
     steps_alone = 1500 * step
-    assert steps_alone <= seconds_said(line) <= 1.2 * steps_alone + plan.START_SECONDS + 125 * plan.EPOCH_SECONDS
+    assert steps_alone <= seconds_said(line) <= 1.5 * steps_alone           # validation and loading are the rest
     assert plan.expected(LARGE, CPU, cfg) == ""                        # not timed: nothing said
 
 

@@ -105,7 +105,8 @@ def test_a_time_budget_stops_before_an_epoch_that_would_end_after_it():
     now = time.monotonic()
     assert not train.out_of_time(None, [5.0], rt)                       # no budget
     assert not train.out_of_time(now - 100, [], rt)                     # the first epoch always runs
-    assert train.out_of_time(now + 100, [150.0, 250.0], rt)            # a mean epoch of 200 s would end after it
+    assert train.out_of_time(now + 100, [50.0, 150.0, 20.0, 30.0], rt)  # the longest recent epoch would end after it
+    assert not train.out_of_time(now + 100, [150.0, 20.0, 30.0, 40.0], rt)   # ... but 150 s was not recent
     assert not train.out_of_time(now + 1e6, [150.0, 250.0], rt)
     assert train.progress(60, 2, 3, now + 1e6) == "(elapsed 1m00s, about 1m30s left)"   # the budget ends later
     assert train.progress(60, 2, 3, now - 5) == "(elapsed 1m00s, about 0s left: the time budget)"
